@@ -1,0 +1,1 @@
+"""Backbones, the paper's model and the frozen-feature cache."""
