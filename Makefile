@@ -1,0 +1,47 @@
+# MammoFlow — the two quick-start commands are `make run` and `make test`.
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+VENV := .venv
+PY := $(VENV)/bin/python
+UV ?= $(shell command -v uv 2>/dev/null)
+export PYTHONHASHSEED := 0
+export TF_CPP_MIN_LOG_LEVEL := 2
+export GX_ANALYTICS_ENABLED := false
+export MLFLOW_ENABLE_ASYNC_LOGGING ?= false
+
+.PHONY: help venv run test lint typecheck unit integration bench ui clean-venv
+
+help: ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
+
+# The venv is (re)built from the lock whenever pyproject.toml or uv.lock change.
+$(VENV)/.installed: pyproject.toml uv.lock
+	@if [ -z "$(UV)" ]; then python3 -m pip install --quiet --disable-pip-version-check uv==0.13.8; fi
+	@UV=$$(command -v uv || echo "python3 -m uv"); $$UV sync --frozen --python python3.11
+	@touch $@
+
+venv: $(VENV)/.installed ## create .venv from uv.lock
+
+run: venv ## the whole pipeline on the embedded sample data (dvc repro)
+	$(VENV)/bin/dvc repro
+	$(VENV)/bin/mammoflow status
+
+test: venv lint typecheck ## lint, type-check and the whole test suite
+	$(VENV)/bin/pytest -q
+
+lint: venv ## ruff lint + format check
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+typecheck: venv ## mypy
+	$(VENV)/bin/mypy
+
+unit: venv ## fast unit tests only
+	$(VENV)/bin/pytest -q tests/unit -m "not slow"
+
+bench: venv ## benchmarks (print JSON)
+	$(PY) benchmarks/bench_convert.py
+	$(PY) benchmarks/bench_training.py
+
+clean-venv: ## remove .venv
+	rm -rf $(VENV)

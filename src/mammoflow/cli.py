@@ -1,0 +1,163 @@
+"""The `mammoflow` command line: each command loads the config and calls one stage function."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from collections.abc import Callable
+from functools import wraps
+from pathlib import Path
+from typing import Annotated, Any, Literal, ParamSpec, TypeVar
+
+import typer
+from rich.console import Console
+
+from mammoflow.config import Config, ConfigError, load_config
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
+
+app = typer.Typer(
+    name="mammoflow",
+    help="MammoFlow: reproducible transfer-learning studies on mammograms (MIAS, CMMD).",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
+ingest_app = typer.Typer(help="Ingest a raw dataset into a manifest.", no_args_is_help=True)
+app.add_typer(ingest_app, name="ingest")
+
+console = Console(stderr=True)
+out = Console()
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+ParamsOpt = Annotated[Path, typer.Option("--params", "-p", help="Parameters file.")]
+OnBad = Literal["fail", "quarantine"]
+
+
+def _friendly(func: Callable[P, R]) -> Callable[P, R]:
+    """Turn expected errors (bad input, bad params) into one readable message and exit code 2."""
+
+    @wraps(func)
+    def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        try:
+            return func(*args, **kwargs)
+        except (ConfigError, ValueError, FileNotFoundError) as exc:
+            console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+            raise typer.Exit(code=2) from None
+
+    return wrapper
+
+
+def _config(params: Path) -> Config:
+    return load_config(params)
+
+
+def _echo(summary: dict[str, Any]) -> None:
+    out.print_json(json.dumps(summary, default=str))
+
+
+@app.command()
+@_friendly
+def sample(
+    out_dir: Annotated[Path, typer.Option("--out", help="Folder to write the sample into.")],
+    seed: Annotated[int | None, typer.Option(help="Seed (default: params sample.seed).")] = None,
+    params: ParamsOpt = Path("params.yaml"),
+) -> None:
+    """Write the embedded synthetic sample: a MIAS-shaped folder and a CMMD-shaped DICOM tree."""
+    from mammoflow.data.sample import make_sample
+
+    s = _config(params).sample
+    res = make_sample(
+        out_dir,
+        seed=s.seed if seed is None else seed,
+        mias_patients=s.mias_patients,
+        cmmd_patients=s.cmmd_patients,
+        size=s.size,
+    )
+    _echo({"out": str(out_dir), "result": str(res)})
+
+
+@ingest_app.command("mias")
+@_friendly
+def ingest_mias_cmd(
+    source: Annotated[Path, typer.Argument(help="all-mias.tar.gz or an extracted folder.")],
+    out_dir: Annotated[Path, typer.Option("--out", help="Output folder for manifest.parquet.")],
+    dataset: Annotated[str, typer.Option(help="Dataset name recorded in the manifest.")] = "mias",
+    on_bad_file: Annotated[OnBad, typer.Option(help="fail | quarantine")] = "fail",
+) -> None:
+    """Ingest the MIAS archive (or folder) into OUT/manifest.parquet."""
+    from mammoflow.data.mias import ingest_mias
+
+    res = ingest_mias(source, out_dir, dataset=dataset, on_bad_file=on_bad_file)
+    _echo({"manifest": str(res.manifest_path), "images": len(res.frame), "bad": len(res.bad)})
+
+
+@ingest_app.command("cmmd")
+@_friendly
+def ingest_cmmd_cmd(
+    source: Annotated[Path, typer.Argument(help="TCIA tree: CMMD/<patient>/<study>/<series>/*.dcm")],
+    clinical: Annotated[Path, typer.Option(help="CMMD_clinicaldata_revision.xlsx or a CSV export.")],
+    out_dir: Annotated[Path, typer.Option("--out", help="Output folder for manifest.parquet.")],
+    dataset: Annotated[str, typer.Option(help="Dataset name recorded in the manifest.")] = "cmmd",
+    on_bad_file: Annotated[OnBad, typer.Option(help="fail | quarantine")] = "fail",
+) -> None:
+    """Ingest a CMMD DICOM tree joined with its clinical table."""
+    from mammoflow.data.cmmd import ingest_cmmd
+
+    res = ingest_cmmd(source, clinical, out_dir, dataset=dataset, on_bad_file=on_bad_file)
+    _echo({"manifest": str(res.manifest_path), "images": len(res.frame), "bad": len(res.bad)})
+
+
+@ingest_app.command("dataset")
+@_friendly
+def ingest_dataset_cmd(dataset: str, params: ParamsOpt = Path("params.yaml")) -> None:
+    """Pipeline stage: ingest data/raw/DATASET into data/interim/DATASET."""
+    from mammoflow.stages import ingest_stage
+
+    _echo(ingest_stage(_config(params), dataset))
+
+
+@app.command("acquire")
+@_friendly
+def acquire_cmd(dataset: str, params: ParamsOpt = Path("params.yaml")) -> None:
+    """Pipeline stage: bring DATASET's raw files to data/raw/DATASET."""
+    from mammoflow.stages import acquire_stage
+
+    _echo(acquire_stage(_config(params), dataset))
+
+
+@app.command("validate")
+@_friendly
+def validate_cmd(dataset: str, params: ParamsOpt = Path("params.yaml")) -> None:
+    """Pipeline stage: Great Expectations checks on DATASET's manifest."""
+    from mammoflow.stages import validate_stage
+
+    _echo(validate_stage(_config(params), dataset))
+
+
+@app.command("convert")
+@_friendly
+def convert_cmd(dataset: str, params: ParamsOpt = Path("params.yaml")) -> None:
+    """Pipeline stage: raw images → padded PNGs in data/processed/DATASET."""
+    from mammoflow.stages import convert_stage
+
+    _echo(convert_stage(_config(params), dataset, progress=sys.stderr.isatty()))
+
+
+@app.command("config")
+@_friendly
+def config_cmd(params: ParamsOpt = Path("params.yaml")) -> None:
+    """Validate params.yaml and print the resolved configuration."""
+    _echo(_config(params).model_dump(mode="json", by_alias=True))
+
+
+def main() -> None:
+    """Console-script entry point."""
+    app()
+
+
+if __name__ == "__main__":
+    main()

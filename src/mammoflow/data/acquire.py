@@ -1,0 +1,149 @@
+"""Acquire: bring a dataset's raw files to ``data/raw/<name>`` (the DVC-tracked raw copy).
+
+* ``acquire: sample`` generates the embedded synthetic dataset deterministically.
+* ``acquire: local`` takes an archive (``all-mias.tar.gz``) or a folder already on disk; a folder
+  is hard-linked where possible (no second copy of a large DICOM tree on the same disk).
+
+The target is built in a temporary sibling folder and swapped in at the end, so a failure never
+leaves a half-written raw folder behind.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tarfile
+import tempfile
+from pathlib import Path
+
+from mammoflow.config import DatasetConfig, SampleConfig
+
+
+class AcquireError(ValueError):
+    """A dataset's source cannot be acquired; the message names the path and the fix."""
+
+
+CLINICAL_SUFFIXES = (".xlsx", ".csv")
+
+
+def safe_extract(archive: Path, dest: Path) -> list[str]:
+    """Extract a tar archive, refusing members that would escape ``dest``.
+
+    Returns:
+        The member names extracted (files only).
+    """
+    try:
+        tar = tarfile.open(archive)
+    except (tarfile.TarError, OSError) as exc:
+        raise AcquireError(f"{archive}: not a readable tar archive ({exc})") from None
+    names: list[str] = []
+    with tar:
+        for member in tar.getmembers():
+            target = (dest / member.name).resolve()
+            if not target.is_relative_to(dest.resolve()) or member.issym() or member.islnk():
+                raise AcquireError(
+                    f"{archive}: member {member.name!r} would be written outside the target "
+                    "folder (or is a link); refusing to extract an unsafe archive"
+                )
+            if member.isfile():
+                names.append(member.name)
+        tar.extractall(dest, filter="data")
+    return names
+
+
+def _link_or_copy_tree(src: Path, dest: Path) -> None:
+    def _copy(s: str, d: str) -> object:
+        try:
+            os.link(s, d)
+            return d
+        except OSError:
+            return shutil.copy2(s, d)
+
+    shutil.copytree(src, dest, copy_function=_copy)
+
+
+def _swap_in(staging: Path, target: Path) -> None:
+    """Move ``staging`` to ``target``; an older target is moved aside first, then removed."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    old = None
+    if target.exists():
+        old = target.with_name(f".{target.name}.old")
+        if old.exists():
+            shutil.rmtree(old)
+        target.rename(old)
+    staging.rename(target)
+    if old is not None:
+        shutil.rmtree(old)
+
+
+def acquire_local(ds: DatasetConfig, target: Path) -> Path:
+    """Copy (hard-link) or extract a local source into ``target``."""
+    src = Path(ds.source)
+    if not src.exists():
+        raise AcquireError(
+            f"dataset source {str(src)!r} does not exist; put the files there or fix "
+            "'datasets.<name>.source' in params.yaml"
+        )
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        payload = staging / "payload"
+        if src.is_file():
+            payload.mkdir()
+            names = safe_extract(src, payload)
+            if ds.kind == "cmmd" and not any(n.endswith(".dcm") for n in names):
+                raise AcquireError(f"{src}: archive holds no .dcm files; expected a TCIA CMMD tree")
+        elif ds.kind == "cmmd":
+            payload.mkdir()
+            _link_or_copy_tree(src, payload / "CMMD")
+        else:
+            _link_or_copy_tree(src, payload)
+        if ds.kind == "cmmd":
+            if ds.clinical is None or not Path(ds.clinical).is_file():
+                raise AcquireError(
+                    f"clinical table {str(ds.clinical)!r} not found; set 'clinical' to "
+                    "CMMD_clinicaldata_revision.xlsx (or a CSV export)"
+                )
+            shutil.copy2(ds.clinical, payload / Path(ds.clinical).name)
+        _swap_in(payload, target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+def acquire_sample(ds: DatasetConfig, sample: SampleConfig, target: Path) -> Path:
+    """Generate the embedded sample and keep the part of kind ``ds.kind``."""
+    from mammoflow.data.sample import make_sample
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        make_sample(
+            staging,
+            seed=sample.seed,
+            mias_patients=sample.mias_patients,
+            cmmd_patients=sample.cmmd_patients,
+            size=sample.size,
+        )
+        _swap_in(staging / ds.kind, target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+def acquire(ds: DatasetConfig, sample: SampleConfig, target: Path) -> Path:
+    """Acquire one dataset into ``target`` according to ``ds.acquire``."""
+    if ds.acquire == "sample":
+        return acquire_sample(ds, sample, target)
+    return acquire_local(ds, target)
+
+
+def find_clinical(raw_dir: Path) -> Path:
+    """The clinical table at the top of an acquired CMMD folder."""
+    found = sorted(p for p in raw_dir.iterdir() if p.suffix.lower() in CLINICAL_SUFFIXES)
+    if len(found) != 1:
+        raise AcquireError(
+            f"{raw_dir}: expected exactly one clinical table (.xlsx or .csv) at the top, "
+            f"found {[p.name for p in found]!r}"
+        )
+    return found[0]

@@ -1,0 +1,53 @@
+"""The project's canonical file layout, in one place (dvc.yaml mirrors it)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where each stage reads and writes, relative to the project root."""
+
+    root: Path = Path()
+
+    def raw(self, dataset: str) -> Path:
+        """Raw files as acquired (DVC out of `acquire`)."""
+        return self.root / "data" / "raw" / dataset
+
+    def interim(self, dataset: str) -> Path:
+        """Ingested manifest (DVC out of `ingest`)."""
+        return self.root / "data" / "interim" / dataset
+
+    def processed(self, dataset: str) -> Path:
+        """Converted PNGs and their manifest (DVC out of `convert`)."""
+        return self.root / "data" / "processed" / dataset
+
+    def splits(self, dataset: str) -> Path:
+        """The split file (DVC out of `split`)."""
+        return self.root / "data" / "splits" / f"{dataset}.parquet"
+
+    def validation(self, dataset: str) -> Path:
+        """Great Expectations results and data docs."""
+        return self.root / "reports" / "validation" / dataset
+
+    def models(self, dataset: str, backbone: str) -> Path:
+        """Per-fold models and histories of one backbone."""
+        return self.root / "models" / dataset / backbone
+
+    def metrics(self, dataset: str, backbone: str) -> Path:
+        """DVC metrics JSON of one backbone."""
+        return self.root / "metrics" / dataset / f"{backbone}.json"
+
+    def plots(self, dataset: str, backbone: str) -> Path:
+        """DVC plots data (confusion matrix, ROC) of one backbone."""
+        return self.root / "plots" / dataset / backbone
+
+    def features(self) -> Path:
+        """Frozen-prefix feature cache (not a DVC out: a pure cache)."""
+        return self.root / ".cache" / "features"
+
+    def reports(self) -> Path:
+        """Comparison reports."""
+        return self.root / "reports"
