@@ -68,11 +68,13 @@ def breast_bbox(
     threshold: float | None = None,
     margin: float = 0.02,
     max_side: int = 256,
+    otsu_fraction: float = 1.0 / 3.0,
 ) -> BBox:
     """Bounding box of the largest bright region (the breast) of a mammogram.
 
-    The image is block-averaged to at most ``max_side`` pixels a side, thresholded (Otsu
-    unless ``threshold`` is given), lightly opened to detach labels and noise, and the
+    The image is block-averaged to at most ``max_side`` pixels a side, thresholded (at
+    ``otsu_fraction`` of Otsu's threshold unless ``threshold`` is given: Otsu alone cuts into
+    the fatty periphery of the breast), lightly opened to detach labels and noise, and the
     largest connected component's box is scaled back and widened by ``margin`` (a fraction
     of each side).
 
@@ -83,7 +85,7 @@ def breast_bbox(
     _check_image(img)
     height, width = img.shape
     small, factor = _block_reduce(np.asarray(img, dtype=np.float32), max_side)
-    t = otsu_threshold(small) if threshold is None else float(threshold)
+    t = otsu_fraction * otsu_threshold(small) if threshold is None else float(threshold)
     mask = small > t
     if mask.any():
         opened = ndimage.binary_opening(mask, structure=np.ones((3, 3), dtype=bool))
@@ -135,9 +137,7 @@ def resize_to_fit(img: FloatImage, size: int) -> FloatImage:
     src = np.ascontiguousarray(img, dtype=np.float32)
     if (out_h, out_w) == src.shape:
         return src.copy()
-    resized = Image.fromarray(src, mode="F").resize(
-        (out_w, out_h), resample=Image.Resampling.LANCZOS
-    )
+    resized = Image.fromarray(src).resize((out_w, out_h), resample=Image.Resampling.LANCZOS)
     return np.asarray(resized, dtype=np.float32).copy()
 
 

@@ -92,9 +92,7 @@ def parse_header(data: bytes, name: str = "<bytes>") -> tuple[int, int, int, int
         )
         raise PgmError(f"{name}: wrong magic number {magic!r}, expected b'P5': {hint}")
     if len(data) < 3 or data[2:3] not in _WHITESPACE + b"#":
-        raise PgmError(
-            f"{name}: bad PGM header: magic {data[:3]!r} must be followed by whitespace"
-        )
+        raise PgmError(f"{name}: bad PGM header: magic {data[:3]!r} must be followed by whitespace")
     width, pos = _next_token(data, 2, name, "width")
     height, pos = _next_token(data, pos, name, "height")
     maxval, pos = _next_token(data, pos, name, "maxval")
@@ -110,9 +108,7 @@ def parse_header(data: bytes, name: str = "<bytes>") -> tuple[int, int, int, int
             f"{name}: bad PGM header: width {width} and height {height} must both be at least 1"
         )
     if not 0 < maxval < 65536:
-        raise PgmError(
-            f"{name}: bad PGM header: maxval {maxval} must be between 1 and 65535"
-        )
+        raise PgmError(f"{name}: bad PGM header: maxval {maxval} must be between 1 and 65535")
     return width, height, maxval, pos + 1
 
 
@@ -146,9 +142,7 @@ def parse_pgm(data: bytes, name: str = "<bytes>") -> PgmImage:
         )
     dtype = np.dtype(np.uint8) if sample == 1 else np.dtype(">u2")
     raster = np.frombuffer(data, dtype=dtype, count=width * height, offset=offset)
-    pixels = raster.reshape(height, width).astype(
-        np.uint8 if sample == 1 else np.uint16, copy=True
-    )
+    pixels = raster.reshape(height, width).astype(np.uint8 if sample == 1 else np.uint16, copy=True)
     top = int(pixels.max())
     if top > maxval:
         raise PgmError(

@@ -22,9 +22,7 @@ def invert(arr: np.ndarray) -> np.ndarray:
     return (1.0 - np.asarray(arr, dtype=np.float32)).astype(np.float32)
 
 
-def window(
-    arr: np.ndarray, center: float, width: float, function: str = "LINEAR"
-) -> np.ndarray:
+def window(arr: np.ndarray, center: float, width: float, function: str = "LINEAR") -> np.ndarray:
     """Apply a DICOM window (PS3.3 C.11.2.1.2) and scale the output to [0, 1].
 
     Args:
@@ -42,10 +40,7 @@ def window(
         if width < 1:
             raise ValueError(f"Window Width {width} must be >= 1 for the LINEAR VOI function")
         c, w = center - 0.5, width - 1.0
-        if w == 0:
-            out = (x > c).astype(np.float64)
-        else:
-            out = np.clip((x - c) / w + 0.5, 0.0, 1.0)
+        out = (x > c).astype(np.float64) if w == 0 else np.clip((x - c) / w + 0.5, 0.0, 1.0)
     elif func == "LINEAR_EXACT":
         if width <= 0:
             raise ValueError(f"Window Width {width} must be > 0 for LINEAR_EXACT")

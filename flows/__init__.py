@@ -1,0 +1,1 @@
+"""Prefect flows: thin sequences of tasks that call mammoflow.stages."""

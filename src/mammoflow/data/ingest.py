@@ -1,0 +1,128 @@
+"""What every ingestion shares: the result, the error, and bad-file bookkeeping.
+
+Ingestion collects every bad file before deciding. With ``on_bad_file="fail"`` it raises one
+:class:`IngestError` listing them all and writes nothing; with ``"quarantine"`` it writes the
+manifest of the good images plus ``quarantine.json`` naming each bad file and its reason. The
+user's files are never moved or deleted.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import pandas as pd
+
+from mammoflow.data.manifest import (
+    CLASSES,
+    MANIFEST_NAME,
+    ManifestRow,
+    atomic_write_json,
+    read_manifest,
+    to_frame,
+    write_manifest,
+)
+
+OnBadFile = Literal["fail", "quarantine"]
+QUARANTINE_NAME = "quarantine.json"
+
+
+class IngestError(ValueError):
+    """Ingestion found bad input; the message lists every bad file and its reason."""
+
+
+@dataclass(frozen=True)
+class IngestResult:
+    """What an ingestion wrote."""
+
+    frame: pd.DataFrame
+    manifest_path: Path
+    bad: list[tuple[str, str]] = field(default_factory=list)  # (path, reason)
+    counts: dict[str, int] = field(default_factory=dict)  # label → images
+    quarantine_path: Path | None = None
+
+
+@dataclass
+class BadFiles:
+    """Accumulates ``(path, reason)`` pairs in the order they are found."""
+
+    items: list[tuple[str, str]] = field(default_factory=list)
+
+    def add(self, path: str | Path, reason: str) -> None:
+        """Record one bad file."""
+        self.items.append((str(path), reason))
+
+    def paths(self) -> set[str]:
+        """The paths recorded so far."""
+        return {p for p, _ in self.items}
+
+    def __bool__(self) -> bool:
+        return bool(self.items)
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+
+def check_policy(on_bad_file: str) -> OnBadFile:
+    """Validate the ``on_bad_file`` argument."""
+    if on_bad_file not in ("fail", "quarantine"):
+        raise ValueError(f"on_bad_file must be 'fail' or 'quarantine', got {on_bad_file!r}")
+    return on_bad_file  # type: ignore[return-value]
+
+
+def format_bad(kind: str, source: Path | str, bad: Sequence[tuple[str, str]]) -> str:
+    """One message listing every bad file, for :class:`IngestError`."""
+    lines = "\n".join(f"  - {path}: {reason}" for path, reason in bad)
+    return (
+        f"{kind} ingest of {source} found {len(bad)} bad file(s); nothing was written. "
+        "Fix or remove them, or rerun with on_bad_file='quarantine' to ingest the rest:\n"
+        f"{lines}"
+    )
+
+
+def label_counts(kind: str, labels: Iterable[str]) -> dict[str, int]:
+    """Images per label, every class of ``kind`` present (zero when absent)."""
+    seen = Counter(labels)
+    return {name: int(seen.get(name, 0)) for name in CLASSES[kind]}
+
+
+def finish(
+    *,
+    kind: str,
+    source: Path | str,
+    rows: Sequence[ManifestRow],
+    bad: BadFiles,
+    out_dir: Path,
+    on_bad_file: OnBadFile,
+) -> IngestResult:
+    """Raise on bad files under "fail"; else write manifest.parquet and quarantine.json.
+
+    ``quarantine.json`` is written on every successful run (an empty list when all files
+    were good) so a stale one never outlives the data it described.
+    """
+    if bad and on_bad_file == "fail":
+        raise IngestError(format_bad(kind, source, bad.items))
+    frame = to_frame(rows)
+    out_dir = Path(out_dir)
+    manifest_path = out_dir / MANIFEST_NAME
+    write_manifest(frame, manifest_path)
+    quarantine_path = out_dir / QUARANTINE_NAME
+    atomic_write_json(
+        quarantine_path,
+        {
+            "dataset_kind": kind,
+            "source": str(source),
+            "bad": [{"path": p, "reason": r} for p, r in bad.items],
+        },
+    )
+    frame = read_manifest(manifest_path)  # exactly what is on disk, with the schema's dtypes
+    return IngestResult(
+        frame=frame,
+        manifest_path=manifest_path,
+        bad=list(bad.items),
+        counts=label_counts(kind, frame["label"].tolist()),
+        quarantine_path=quarantine_path,
+    )

@@ -1,0 +1,448 @@
+"""The paper's transfer-learning model, split at a frozen prefix and a trainable tail + head.
+
+Model (per backbone)::
+
+    raw grey image (any size, values in [0, 255])
+      → Resizing(input_size) → grey replicated to 3 channels → the backbone's own preprocess_input
+      → frozen prefix (inputs → the cut tensor)                      ← cacheable features
+      → tail (cut tensor → base output; the last N weighted layers trainable)
+      → GlobalAveragePooling2D | Flatten → Dense(head_units, relu) → BatchNormalization
+      → Dropout(p) → Dense(n_classes, softmax, float32)
+
+Trainable layers (``model.trainable_layers`` = N):
+    N counts layers that own *trainable* weights, excluding BatchNormalization (i.e. conv,
+    depthwise-conv and dense layers), taken from the output backwards in the graph's topological
+    order. Weightless layers (pooling, activation, add, concatenate) do not count. Keras' own
+    ``base.layers[-N:]`` would count those, so VGG16's ``N=3`` there unfreezes only 2 convs; here it
+    unfreezes block5_conv1..3. BatchNormalization layers are always frozen and always run in
+    inference mode (the tail is called with ``training=False``), also inside the tail.
+
+Where the graph is cut:
+    ResNet50 and InceptionV3 have residual / branching graphs, so "the last N layers" is not a
+    single tensor in general. The prefix/tail cut is placed at the *latest single-tensor point*
+    (a block boundary: a tensor every input→output path passes through) at or before the first
+    trainable layer. Layers between the cut and the first trainable layer belong to the tail but
+    stay frozen: with N=3, ResNet50's tail is the whole ``conv5_block3`` (cut at
+    ``conv5_block2_out``; its three convs trainable) and InceptionV3's tail is the whole
+    ``mixed10`` block (cut at ``mixed9``; the last three convs in topological order trainable).
+
+Keras is imported lazily, so this module is cheap to import.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from functools import cache
+from pathlib import Path
+from typing import Any, Literal
+
+from mammoflow.models.backbones import BackboneSpec, get_spec, input_size_for
+from mammoflow.models.weights import WeightsInfo, resolve_weights
+
+Pooling = Literal["avg", "flatten"]
+PRECISIONS = ("float32", "mixed_bfloat16", "mixed_float16")
+
+
+class ModelBuildError(ValueError):
+    """A model setting cannot be honoured; the message names the value and the fix."""
+
+
+@dataclass(frozen=True)
+class CutPlan:
+    """Where a base model is split.
+
+    Attributes:
+        cut_layer: the layer whose (single) output is the prefix output / tail input.
+        cut_index: its index in ``base.layers``.
+        trainable: names of the tail layers left trainable (the last N weighted layers).
+        tail_layers: names of all layers after the cut (frozen or not).
+    """
+
+    cut_layer: str
+    cut_index: int
+    trainable: tuple[str, ...]
+    tail_layers: tuple[str, ...]
+
+
+@dataclass
+class BackboneModel:
+    """A built backbone split into a frozen prefix and a tail.
+
+    Attributes:
+        name: registry name.
+        spec: registry entry.
+        base: the ``keras.applications`` model (include_top=False), all layers frozen.
+        input_size: square input size in pixels.
+        trainable_layers: N.
+        plan: the cut.
+        precision: Keras dtype policy the model was built under.
+        weights: which weights were loaded.
+        prefix: frozen model ``image (preprocessed RGB) → cut tensor``.
+        tail: model ``cut tensor → base output`` sharing layers with ``base`` (never trained
+            directly; :func:`trainable_tail_and_head` clones it), or None when N = 0.
+    """
+
+    name: str
+    spec: BackboneSpec
+    base: Any
+    input_size: int
+    trainable_layers: int
+    plan: CutPlan
+    precision: str
+    weights: WeightsInfo
+    prefix: Any
+    tail: Any | None
+
+    @property
+    def feature_shape(self) -> tuple[int, ...]:
+        """Shape of one prefix output (the cached feature), without the batch axis."""
+        return tuple(int(d) for d in self.prefix.output.shape[1:])
+
+
+def check_precision(precision: str) -> str:
+    """Validate a resolved precision (a Keras dtype policy name).
+
+    Raises:
+        ModelBuildError: for anything but float32 / mixed_bfloat16 / mixed_float16.
+    """
+    if precision not in PRECISIONS:
+        raise ModelBuildError(
+            f"precision {precision!r} is not a dtype policy; use one of {PRECISIONS!r} "
+            "(resolve 'auto' with mammoflow.models.features.resolve_precision first)"
+        )
+    return precision
+
+
+@contextlib.contextmanager
+def dtype_policy(precision: str) -> Iterator[None]:
+    """Build layers under Keras dtype policy ``precision``, restoring the old one afterwards."""
+    import keras
+
+    check_precision(precision)
+    old = keras.config.dtype_policy()
+    keras.config.set_dtype_policy(precision)
+    try:
+        yield
+    finally:
+        keras.config.set_dtype_policy(old)
+
+
+@cache
+def _custom_layers() -> dict[str, type]:
+    import keras
+
+    from mammoflow.models.backbones import preprocess_function
+
+    @keras.saving.register_keras_serializable(package="mammoflow")
+    class GreyToRGB(keras.layers.Layer):
+        """Replicate a 1-channel image to 3 channels (3-channel input passes through)."""
+
+        def call(self, x: Any) -> Any:
+            if x.shape[-1] == 1:
+                return keras.ops.concatenate([x, x, x], axis=-1)
+            return x
+
+        def compute_output_shape(self, input_shape: tuple[Any, ...]) -> tuple[Any, ...]:
+            return (*input_shape[:-1], 3)
+
+    @keras.saving.register_keras_serializable(package="mammoflow")
+    class BackbonePreprocess(keras.layers.Layer):
+        """Apply backbone ``backbone``'s own ``preprocess_input`` to RGB in [0, 255]."""
+
+        def __init__(self, backbone: str, **kwargs: Any) -> None:
+            super().__init__(**kwargs)
+            get_spec(backbone)
+            self.backbone = backbone
+            self._fn = preprocess_function(backbone)
+
+        def call(self, x: Any) -> Any:
+            return self._fn(keras.ops.cast(x, "float32"))
+
+        def compute_output_shape(self, input_shape: tuple[Any, ...]) -> tuple[Any, ...]:
+            return input_shape
+
+        def get_config(self) -> dict[str, Any]:
+            return {**super().get_config(), "backbone": self.backbone}
+
+    return {"GreyToRGB": GreyToRGB, "BackbonePreprocess": BackbonePreprocess}
+
+
+def custom_objects() -> dict[str, type]:
+    """Custom layers to pass to ``keras.models.load_model`` for an exported full model."""
+    return dict(_custom_layers())
+
+
+def _is_batchnorm(layer: Any) -> bool:
+    import keras
+
+    return isinstance(layer, keras.layers.BatchNormalization)
+
+
+def weighted_layers(base: Any) -> list[str]:
+    """Names of the layers N counts, in topological order.
+
+    Layers with weights, except BatchNormalization and Normalization (whose weights are
+    statistics, never trained). Independent of the layers' current ``trainable`` flags.
+    """
+    import keras
+
+    stats = (keras.layers.BatchNormalization, keras.layers.Normalization)
+    return [layer.name for layer in base.layers if layer.weights and not isinstance(layer, stats)]
+
+
+def single_tensor_cuts(base: Any) -> list[int]:
+    """Indices ``i`` of ``base.layers`` after which exactly one tensor (layer i's output) is live.
+
+    ``base.layers`` of a functional model is a topological order sorted by depth, so every tensor
+    that dominates the output (a block boundary) shows up here.
+    """
+    layers = base.layers
+    last_use: dict[int, int] = {}
+    for i, layer in enumerate(layers):
+        for node in layer._inbound_nodes:
+            for t in node.input_tensors:
+                last_use[id(t)] = max(last_use.get(id(t), -1), i)
+    live: set[int] = set()
+    cuts: list[int] = []
+    for i, layer in enumerate(layers):
+        for t in list(live):
+            if last_use.get(t, -1) <= i:
+                live.discard(t)
+        outs = [id(t) for node in layer._inbound_nodes for t in node.output_tensors]
+        live.update(t for t in outs if last_use.get(t, len(layers)) > i)
+        if i == len(layers) - 1 or (len(live) == 1 and live == set(outs)):
+            cuts.append(i)
+    return cuts
+
+
+def plan_cut(base: Any, trainable_layers: int) -> CutPlan:
+    """Choose the trainable layers and the single-tensor cut for ``base``.
+
+    Raises:
+        ModelBuildError: if ``trainable_layers`` is negative or exceeds the weighted layers.
+    """
+    weighted = weighted_layers(base)
+    if not 0 <= trainable_layers <= len(weighted):
+        raise ModelBuildError(
+            f"model.trainable_layers={trainable_layers} is out of range for {base.name!r}, which "
+            f"has {len(weighted)} layers with weights; use 0..{len(weighted)}"
+        )
+    trainable = tuple(weighted[len(weighted) - trainable_layers :])
+    names = [layer.name for layer in base.layers]
+    first = names.index(trainable[0]) if trainable else len(names)
+    cut = max(i for i in single_tensor_cuts(base) if i < first)
+    return CutPlan(
+        cut_layer=names[cut],
+        cut_index=cut,
+        trainable=trainable,
+        tail_layers=tuple(names[cut + 1 :]),
+    )
+
+
+def build_base(
+    backbone: str, input_size: int, weights: WeightsInfo, precision: str = "float32"
+) -> Any:
+    """Build ``keras.applications.<backbone>(include_top=False)`` for RGB ``input_size`` px.
+
+    Raises:
+        ModelBuildError: if the weights file does not fit the architecture.
+    """
+    from mammoflow.models.backbones import constructor
+
+    ctor = constructor(backbone)
+    with dtype_policy(precision):
+        try:
+            return ctor(
+                include_top=False,
+                weights=weights.keras_arg,
+                input_shape=(input_size, input_size, 3),
+            )
+        except ValueError as exc:
+            raise ModelBuildError(
+                f"cannot load weights {weights.path!r} into {backbone!r}: {exc}; the file must "
+                "hold no-top weights of the same architecture (or use model.weights: none)"
+            ) from exc
+
+
+def frozen_prefix(base: Any, trainable_layers: int) -> Any:
+    """The frozen model ``base.input → output of the cut layer`` (shares layers with ``base``)."""
+    import keras
+
+    plan = plan_cut(base, trainable_layers)
+    prefix = keras.Model(base.input, base.layers[plan.cut_index].output, name=f"{base.name}_prefix")
+    prefix.trainable = False
+    return prefix
+
+
+def load_backbone(
+    name: str,
+    *,
+    weights: WeightsInfo | str = "none",
+    trainable_layers: int = 3,
+    input_size: int | None = None,
+    precision: str = "float32",
+    keras_home: Path | str | None = None,
+) -> BackboneModel:
+    """Build backbone ``name`` and split it into frozen prefix and tail.
+
+    Args:
+        name: registry name.
+        weights: a resolved :class:`WeightsInfo` or a ``model.weights`` string.
+        trainable_layers: N (see module docstring).
+        input_size: square size; default the backbone's native size.
+        precision: Keras dtype policy (float32, mixed_bfloat16, mixed_float16).
+        keras_home: Keras home for the ImageNet cache.
+    """
+    import keras
+
+    spec = get_spec(name)
+    size = input_size_for(name, input_size)
+    check_precision(precision)
+    info = (
+        weights
+        if isinstance(weights, WeightsInfo)
+        else resolve_weights(name, weights, keras_home=keras_home)
+    )
+    base = build_base(name, size, info, precision)
+    plan = plan_cut(base, trainable_layers)
+    cut_tensor = base.layers[plan.cut_index].output
+    prefix = keras.Model(base.input, cut_tensor, name=f"{name}_prefix")
+    tail = (
+        keras.Model(cut_tensor, base.output, name=f"{name}_tail_shared")
+        if plan.tail_layers
+        else None
+    )
+    base.trainable = False
+    return BackboneModel(
+        name=name,
+        spec=spec,
+        base=base,
+        input_size=size,
+        trainable_layers=trainable_layers,
+        plan=plan,
+        precision=precision,
+        weights=info,
+        prefix=prefix,
+        tail=tail,
+    )
+
+
+def _fresh_tail(bb: BackboneModel) -> Any:
+    """An independent copy of the tail (own layers, same initial weights, trainable flags set)."""
+    import keras
+
+    if bb.tail is None:
+        return None
+    with dtype_policy(bb.precision):
+        tail = keras.Model.from_config(bb.tail.get_config())
+    tail.set_weights(bb.tail.get_weights())
+    tail.trainable = True
+    keep = set(bb.plan.trainable)
+    for layer in tail.layers:
+        layer.trainable = layer.name in keep and not _is_batchnorm(layer)
+    return tail
+
+
+def trainable_tail_and_head(
+    bb: BackboneModel,
+    n_classes: int,
+    *,
+    head_units: int = 512,
+    dropout: float = 0.5,
+    pooling: Pooling = "avg",
+) -> Any:
+    """The trainable model ``cut tensor (cached feature) → class probabilities``.
+
+    A fresh copy of the tail (initial weights from the backbone) is made on every call, so each
+    fold starts from the same weights. The tail runs with ``training=False`` (BatchNorm in
+    inference mode); only the last N weighted layers and the head are trainable.
+
+    Raises:
+        ModelBuildError: for fewer than 2 classes or an unknown pooling.
+    """
+    import keras
+
+    if n_classes < 2:
+        raise ModelBuildError(f"n_classes={n_classes}; a classifier needs at least 2 classes")
+    if pooling not in ("avg", "flatten"):
+        raise ModelBuildError(f"pooling={pooling!r}; use 'avg' or 'flatten'")
+    tail = _fresh_tail(bb)
+    with dtype_policy(bb.precision):
+        features = keras.Input(shape=bb.feature_shape, name="features")
+        x = tail(features, training=False) if tail is not None else features
+        x = (
+            keras.layers.GlobalAveragePooling2D(name="head_pool")(x)
+            if pooling == "avg"
+            else keras.layers.Flatten(name="head_flatten")(x)
+        )
+        x = keras.layers.Dense(head_units, activation="relu", name="head_dense")(x)
+        x = keras.layers.BatchNormalization(name="head_bn")(x)
+        x = keras.layers.Dropout(dropout, name="head_dropout")(x)
+        out = keras.layers.Dense(
+            n_classes, activation="softmax", dtype="float32", name="predictions"
+        )(x)
+    return keras.Model(features, out, name=f"{bb.name}_tail_head")
+
+
+def compile_model(model: Any, learning_rate: float, momentum: float) -> Any:
+    """Compile with SGD(learning_rate, momentum) and categorical cross-entropy (+ accuracy)."""
+    import keras
+
+    model.compile(
+        optimizer=keras.optimizers.SGD(learning_rate=learning_rate, momentum=momentum),
+        loss="categorical_crossentropy",
+        metrics=["accuracy"],
+    )
+    return model
+
+
+def preprocessing_model(bb: BackboneModel, *, resize: bool = True) -> Any:
+    """``grey (any size, [0, 255]) → Resizing → 3 channels → preprocess_input`` as a Keras model."""
+    import keras
+
+    layers = _custom_layers()
+    shape = (None, None, 1) if resize else (bb.input_size, bb.input_size, 1)
+    inp = keras.Input(shape=shape, name="image")
+    x = inp
+    if resize:
+        x = keras.layers.Resizing(bb.input_size, bb.input_size, dtype="float32", name="resize")(x)
+    x = layers["GreyToRGB"](name="grey_to_rgb", dtype="float32")(x)
+    x = layers["BackbonePreprocess"](bb.name, name="preprocess", dtype="float32")(x)
+    return keras.Model(inp, x, name=f"{bb.name}_preprocess")
+
+
+def full_model(bb: BackboneModel, tail_and_head: Any, *, augment: bool = False) -> Any:
+    """End-to-end model for export / serving, or for training without a feature cache.
+
+    ``raw grey (any size, [0, 255]) → [augmentation] → resize → 3 channels → preprocess_input →
+    frozen prefix → tail + head``. With ``augment`` a random horizontal flip and a small rotation
+    run (training only) after resizing.
+    """
+    import keras
+
+    layers = _custom_layers()
+    inp = keras.Input(shape=(None, None, 1), name="image")
+    x = keras.layers.Resizing(bb.input_size, bb.input_size, dtype="float32", name="resize")(inp)
+    if augment:
+        x = keras.layers.RandomFlip("horizontal", dtype="float32", name="aug_flip")(x)
+        x = keras.layers.RandomRotation(
+            0.05, fill_mode="constant", dtype="float32", name="aug_rot"
+        )(x)
+    x = layers["GreyToRGB"](name="grey_to_rgb", dtype="float32")(x)
+    x = layers["BackbonePreprocess"](bb.name, name="preprocess", dtype="float32")(x)
+    x = bb.prefix(x, training=False)
+    out = tail_and_head(x)
+    return keras.Model(inp, out, name=f"{bb.name}_full")
+
+
+def trainable_layer_names(model: Any) -> list[str]:
+    """Names of layers (recursing into sub-models) that own trainable weights."""
+    out: list[str] = []
+    for layer in model.layers:
+        if hasattr(layer, "layers") and layer.layers:
+            out.extend(trainable_layer_names(layer) if layer.trainable else [])
+        elif layer.trainable_weights:
+            out.append(layer.name)
+    return out

@@ -1,0 +1,419 @@
+"""Frozen-prefix feature cache, image loading and precision selection.
+
+The frozen prefix of a backbone never changes during training, so its outputs are computed once
+per :class:`CacheKey` (dataset, backbone, converted-image content hash, weights sha256, N and cut
+layer, input size, precision) and stored as ``<cache_dir>/<dataset>-<backbone>-<digest>.npy`` plus
+a ``.json`` sidecar (written atomically, sidecar last). Every fold, epoch and tuning trial with the
+same key reuses them; changing the images, the weights or N changes the key (a miss).
+
+With ``train.augment`` on, images differ every epoch, so caching is off (and the log says so):
+:func:`prepare_inputs` then returns the images for end-to-end training.
+
+Keras / TensorFlow are imported lazily.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import json
+import logging
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from mammoflow.data.manifest import atomic_write_bytes, atomic_write_json, sha256_file
+from mammoflow.models.build import BackboneModel, check_precision, preprocessing_model
+
+log = logging.getLogger(__name__)
+
+#: Bump when the stored layout or the preprocessing changes (invalidates every cache entry).
+CACHE_FORMAT = 1
+DEFAULT_CACHE_DIR = Path(".cache/features")
+
+#: ``progress(done, total)`` — called after every batch.
+BatchProgress = Callable[[int, int], None]
+
+
+class FeatureError(ValueError):
+    """Images or settings unusable for feature extraction; the message names them."""
+
+
+# ----------------------------------------------------------------------------- precision
+
+
+def cpu_supports_bf16(cpuinfo: str | None = None) -> bool:
+    """True if the CPU flags include ``amx_bf16`` or ``avx512_bf16``.
+
+    Args:
+        cpuinfo: text of /proc/cpuinfo (read when None; unreadable → False).
+    """
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
+        except OSError:
+            return False
+    flags: set[str] = set()
+    for line in cpuinfo.splitlines():
+        if line.startswith("flags"):
+            flags.update(line.partition(":")[2].split())
+    return bool(flags & {"amx_bf16", "avx512_bf16"})
+
+
+def gpu_bf16_support() -> bool | None:
+    """None without a GPU; otherwise whether every visible GPU has compute capability ≥ 8.0."""
+    import tensorflow as tf
+
+    gpus = tf.config.list_physical_devices("GPU")
+    if not gpus:
+        return None
+    caps = [tf.config.experimental.get_device_details(g).get("compute_capability") for g in gpus]
+    return all(c is not None and tuple(c) >= (8, 0) for c in caps)
+
+
+def resolve_precision(
+    setting: str, *, cpuinfo: str | None = None, gpu_bf16: bool | str | None = "detect"
+) -> str:
+    """Turn ``train.precision`` into a Keras dtype policy name.
+
+    ``auto`` → ``mixed_bfloat16`` on a GPU with bf16 (compute capability ≥ 8.0) or, without a
+    GPU, on a CPU with AMX / AVX512-BF16; otherwise ``float32``.
+
+    Args:
+        setting: ``auto``, ``float32``, ``mixed_bfloat16`` or ``mixed_float16``.
+        cpuinfo: /proc/cpuinfo text override (tests).
+        gpu_bf16: GPU answer override (tests); ``"detect"`` asks TensorFlow.
+
+    Raises:
+        FeatureError: for an unknown setting.
+    """
+    if setting != "auto":
+        try:
+            return check_precision(setting)
+        except ValueError as exc:
+            raise FeatureError(f"train.precision={setting!r}: {exc}") from None
+    gpu = gpu_bf16_support() if gpu_bf16 == "detect" else gpu_bf16
+    if gpu is not None:
+        return "mixed_bfloat16" if gpu else "float32"
+    return "mixed_bfloat16" if cpu_supports_bf16(cpuinfo) else "float32"
+
+
+# ----------------------------------------------------------------------------- images
+
+
+def images_hash(frame: pd.DataFrame) -> str:
+    """sha256 over the sorted ``image_id`` + converted-content hash of every row.
+
+    Uses ``converted_sha256`` when present, else hashes the file at ``converted_path``.
+
+    Raises:
+        FeatureError: a row has neither a hash nor a readable converted file.
+    """
+    h = hashlib.sha256()
+    has_sha = "converted_sha256" in frame.columns
+    for row in frame.sort_values("image_id").itertuples(index=False):
+        digest = getattr(row, "converted_sha256", None) if has_sha else None
+        if not isinstance(digest, str) or not digest:
+            path = Path(str(row.converted_path))
+            if not path.is_file():
+                raise FeatureError(
+                    f"image {row.image_id!r}: converted file {str(path)!r} not found; "
+                    "run `mammoflow convert` first"
+                )
+            digest = sha256_file(path)
+        h.update(f"{row.image_id}\t{digest}\n".encode())
+    return h.hexdigest()
+
+
+def _png_dataset(paths: Sequence[str], size: int) -> Any:
+    import tensorflow as tf
+
+    def load(path: Any) -> Any:
+        raw = tf.io.read_file(path)
+        # uint16 decoding scales 8-bit PNGs by 257, so one division maps both depths to [0, 255].
+        img = tf.io.decode_png(raw, channels=1, dtype=tf.uint16)
+        img = tf.cast(img, tf.float32) / 257.0
+        return tf.image.resize(img, (size, size), method="bilinear", antialias=False)
+
+    ds = tf.data.Dataset.from_tensor_slices(list(paths))
+    return ds.map(load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+
+
+def load_images(paths: Sequence[Path | str], size: int) -> np.ndarray:
+    """Load grey PNGs (8- or 16-bit) as float32 ``(n, size, size, 1)`` in [0, 255], bilinear-resized.
+
+    Raises:
+        FeatureError: a file is missing.
+    """
+    import tensorflow as tf
+
+    strs = [str(p) for p in paths]
+    missing = [p for p in strs if not Path(p).is_file()]
+    if missing:
+        raise FeatureError(f"{len(missing)} image files not found, e.g. {missing[0]!r}")
+    if not strs:
+        return np.zeros((0, size, size, 1), np.float32)
+    batches = _png_dataset(strs, size).batch(64).prefetch(tf.data.AUTOTUNE)
+    return np.concatenate([b.numpy() for b in batches], axis=0)
+
+
+# ----------------------------------------------------------------------------- extraction
+
+
+def extract_features(
+    bb: BackboneModel,
+    images: np.ndarray | Sequence[Path | str],
+    *,
+    batch_size: int = 16,
+    progress: BatchProgress | None = None,
+) -> np.ndarray:
+    """Run the frozen prefix over images, batched, with tf.data prefetching.
+
+    Args:
+        bb: the backbone (its precision decides the compute dtype).
+        images: grey float array ``(n, h, w, 1)`` in [0, 255], or PNG paths.
+        batch_size: images per forward pass.
+        progress: ``progress(done, total)`` after each batch.
+
+    Returns:
+        float32 array ``(n, *bb.feature_shape)``.
+    """
+    import tensorflow as tf
+
+    if batch_size < 1:
+        raise FeatureError(f"batch_size={batch_size}; use a positive batch size")
+    if isinstance(images, np.ndarray):
+        total = len(images)
+        ds = tf.data.Dataset.from_tensor_slices(images.astype(np.float32, copy=False))
+        resize = images.shape[1:3] != (bb.input_size, bb.input_size)
+        if resize:
+            size = bb.input_size
+            ds = ds.map(lambda x: tf.image.resize(x, (size, size), method="bilinear"))
+    else:
+        paths = [str(p) for p in images]
+        total = len(paths)
+        ds = _png_dataset(paths, bb.input_size)
+    out = np.zeros((total, *bb.feature_shape), np.float32)
+    if total == 0:
+        return out
+    pre = preprocessing_model(bb, resize=False)
+    prefix = bb.prefix
+
+    @tf.function(reduce_retracing=True)
+    def forward(x: Any) -> Any:
+        return tf.cast(prefix(pre(x, training=False), training=False), tf.float32)
+
+    done = 0
+    for batch in ds.batch(batch_size).prefetch(tf.data.AUTOTUNE):
+        feats = forward(batch).numpy()
+        out[done : done + len(feats)] = feats
+        done += len(feats)
+        if progress is not None:
+            progress(done, total)
+    return out
+
+
+@contextlib.contextmanager
+def rich_progress(description: str) -> Iterator[BatchProgress]:
+    """A rich progress bar as a :data:`BatchProgress` callback."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
+
+    with Progress(
+        "[progress.description]{task.description}",
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeRemainingColumn(),
+        transient=True,
+    ) as bar:
+        task = bar.add_task(description, total=None)
+
+        def update(done: int, total: int) -> None:
+            bar.update(task, completed=done, total=total)
+
+        yield update
+
+
+# ----------------------------------------------------------------------------- the cache
+
+
+@dataclass(frozen=True)
+class CacheKey:
+    """Everything the prefix features depend on."""
+
+    dataset: str
+    backbone: str
+    images_sha256: str
+    weights_sha256: str
+    trainable_layers: int
+    cut_layer: str
+    input_size: int
+    precision: str
+    format: int = CACHE_FORMAT
+
+    @property
+    def digest(self) -> str:
+        """sha256 of the canonical JSON of the key."""
+        text = json.dumps(asdict(self), sort_keys=True)
+        return hashlib.sha256(text.encode()).hexdigest()
+
+    def stem(self) -> str:
+        """File stem ``<dataset>-<backbone>-<digest[:16]>``."""
+        return f"{self.dataset}-{self.backbone}-{self.digest[:16]}"
+
+
+@dataclass
+class FeatureSet:
+    """Cached prefix features for a set of images (rows in ``image_ids`` order)."""
+
+    image_ids: tuple[str, ...]
+    features: np.ndarray
+    key: CacheKey | None = None
+    hit: bool = False
+    seconds: float = 0.0
+    _index: dict[str, int] = field(default_factory=dict, repr=False)
+
+    def rows(self, ids: Sequence[str]) -> np.ndarray:
+        """Features for ``ids`` in that order.
+
+        Raises:
+            FeatureError: an id has no features.
+        """
+        if not self._index:
+            self._index = {k: i for i, k in enumerate(self.image_ids)}
+        try:
+            return self.features[[self._index[i] for i in ids]]
+        except KeyError as exc:
+            raise FeatureError(
+                f"no features for image {exc.args[0]!r}; rebuild the cache"
+            ) from None
+
+
+@dataclass
+class ImageSet:
+    """Grey images ``(n, size, size, 1)`` in [0, 255] for end-to-end training (no cache)."""
+
+    image_ids: tuple[str, ...]
+    images: np.ndarray
+    _index: dict[str, int] = field(default_factory=dict, repr=False)
+
+    def rows(self, ids: Sequence[str]) -> np.ndarray:
+        """Images for ``ids`` in that order.
+
+        Raises:
+            FeatureError: an id has no image.
+        """
+        if not self._index:
+            self._index = {k: i for i, k in enumerate(self.image_ids)}
+        try:
+            return self.images[[self._index[i] for i in ids]]
+        except KeyError as exc:
+            raise FeatureError(f"no image for {exc.args[0]!r}") from None
+
+
+def cache_key(frame: pd.DataFrame, bb: BackboneModel, dataset: str) -> CacheKey:
+    """The cache key of ``frame``'s converted images through ``bb``'s prefix."""
+    return CacheKey(
+        dataset=dataset,
+        backbone=bb.name,
+        images_sha256=images_hash(frame),
+        weights_sha256=bb.weights.sha256,
+        trainable_layers=bb.trainable_layers,
+        cut_layer=bb.plan.cut_layer,
+        input_size=bb.input_size,
+        precision=bb.precision,
+    )
+
+
+def _load(stem: Path, key: CacheKey, ids: tuple[str, ...]) -> np.ndarray | None:
+    meta_path, data_path = stem.with_suffix(".json"), stem.with_suffix(".npy")
+    if not (meta_path.is_file() and data_path.is_file()):
+        return None
+    try:
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+        arr = np.load(data_path, allow_pickle=False)
+    except (OSError, ValueError) as exc:
+        log.warning("feature cache %s unreadable (%s); recomputing", data_path, exc)
+        return None
+    if (
+        meta.get("key") != asdict(key)
+        or tuple(meta.get("image_ids", ())) != ids
+        or len(arr) != len(ids)
+    ):
+        log.warning("feature cache %s does not match its key; recomputing", data_path)
+        return None
+    return np.asarray(arr, dtype=np.float32)
+
+
+def cached_features(
+    frame: pd.DataFrame,
+    bb: BackboneModel,
+    *,
+    dataset: str,
+    cache_dir: Path | str = DEFAULT_CACHE_DIR,
+    batch_size: int = 16,
+    progress: BatchProgress | None = None,
+) -> FeatureSet:
+    """Prefix features for every row of ``frame`` (manifest rows with ``converted_path``).
+
+    Loads ``<cache_dir>/<stem>.npy`` on a hit; on a miss extracts and writes it atomically.
+    """
+    t0 = time.perf_counter()
+    ordered = frame.sort_values("image_id").reset_index(drop=True)
+    ids = tuple(str(i) for i in ordered["image_id"])
+    key = cache_key(ordered, bb, dataset)
+    stem = Path(cache_dir) / key.stem()
+    arr = _load(stem, key, ids)
+    if arr is not None:
+        log.info("feature cache hit: %s (%d images)", stem.with_suffix(".npy"), len(ids))
+        return FeatureSet(ids, arr, key, hit=True, seconds=time.perf_counter() - t0)
+    log.info("feature cache miss: %s; extracting %d images", stem.with_suffix(".npy"), len(ids))
+    arr = extract_features(
+        bb, list(ordered["converted_path"].astype(str)), batch_size=batch_size, progress=progress
+    )
+    buf = io.BytesIO()
+    np.save(buf, arr, allow_pickle=False)
+    atomic_write_bytes(stem.with_suffix(".npy"), buf.getvalue())
+    atomic_write_json(
+        stem.with_suffix(".json"),
+        {
+            "key": asdict(key),
+            "digest": key.digest,
+            "image_ids": list(ids),
+            "shape": list(arr.shape),
+        },
+    )
+    return FeatureSet(ids, arr, key, hit=False, seconds=time.perf_counter() - t0)
+
+
+def prepare_inputs(
+    frame: pd.DataFrame,
+    bb: BackboneModel,
+    *,
+    dataset: str,
+    feature_cache: bool = True,
+    augment: bool = False,
+    cache_dir: Path | str = DEFAULT_CACHE_DIR,
+    batch_size: int = 16,
+    progress: BatchProgress | None = None,
+) -> FeatureSet | ImageSet:
+    """Cached features when allowed, else the images (augmentation or ``train.feature_cache: false``)."""
+    if feature_cache and not augment:
+        return cached_features(
+            frame,
+            bb,
+            dataset=dataset,
+            cache_dir=cache_dir,
+            batch_size=batch_size,
+            progress=progress,
+        )
+    why = "train.augment is on" if augment else "train.feature_cache is off"
+    log.info("feature cache disabled: %s; training end to end on images", why)
+    ordered = frame.sort_values("image_id").reset_index(drop=True)
+    images = load_images(list(ordered["converted_path"].astype(str)), bb.input_size)
+    return ImageSet(tuple(str(i) for i in ordered["image_id"]), images)
