@@ -98,8 +98,12 @@ def ingest_mias_cmd(
 @ingest_app.command("cmmd")
 @_friendly
 def ingest_cmmd_cmd(
-    source: Annotated[Path, typer.Argument(help="TCIA tree: CMMD/<patient>/<study>/<series>/*.dcm")],
-    clinical: Annotated[Path, typer.Option(help="CMMD_clinicaldata_revision.xlsx or a CSV export.")],
+    source: Annotated[
+        Path, typer.Argument(help="TCIA tree: CMMD/<patient>/<study>/<series>/*.dcm")
+    ],
+    clinical: Annotated[
+        Path, typer.Option(help="CMMD_clinicaldata_revision.xlsx or a CSV export.")
+    ],
     out_dir: Annotated[Path, typer.Option("--out", help="Output folder for manifest.parquet.")],
     dataset: Annotated[str, typer.Option(help="Dataset name recorded in the manifest.")] = "cmmd",
     on_bad_file: Annotated[OnBad, typer.Option(help="fail | quarantine")] = "fail",

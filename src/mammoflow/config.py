@@ -12,7 +12,14 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 DEFAULT_PARAMS = Path("params.yaml")
 
@@ -40,12 +47,14 @@ class DatasetConfig(_Section):
 
     kind: Literal["mias", "cmmd"]
     acquire: Literal["sample", "local"] = "local"
-    source: Path
+    source: Path | None = None
     clinical: Path | None = None
 
     @model_validator(mode="after")
-    def _cmmd_needs_clinical(self) -> DatasetConfig:
-        if self.kind == "cmmd" and self.clinical is None:
+    def _local_needs_source(self) -> DatasetConfig:
+        if self.acquire == "local" and self.source is None:
+            raise ValueError("a dataset with acquire: local needs 'source' (archive or folder)")
+        if self.acquire == "local" and self.kind == "cmmd" and self.clinical is None:
             raise ValueError("a cmmd dataset needs 'clinical' (the clinical .xlsx or .csv)")
         return self
 
@@ -92,14 +101,24 @@ class SplitConfig(_Section):
 class ModelConfig(_Section):
     """Backbones and the paper's classification head."""
 
-    backbones: list[Literal["vgg16", "vgg19", "resnet50", "inception_v3"]] = Field(
-        default_factory=lambda: list(BACKBONE_NAMES), min_length=1
-    )
+    backbones: list[str] = Field(default_factory=lambda: list(BACKBONE_NAMES), min_length=1)
     weights: str = "none"
     trainable_layers: Annotated[int, Field(ge=0, le=50)] = 3
     head_units: Annotated[int, Field(ge=8, le=8192)] = 512
     dropout: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.5
     input_size: Annotated[int, Field(ge=32, le=1024)] | None = None
+
+    @field_validator("backbones")
+    @classmethod
+    def _known_backbones(cls, value: list[str]) -> list[str]:
+        from mammoflow.models.backbones import BACKBONE_NAMES as known
+
+        unknown = [b for b in value if b not in known]
+        if unknown:
+            raise ValueError(f"unknown backbone(s) {unknown!r}; registered: {list(known)!r}")
+        if len(set(value)) != len(value):
+            raise ValueError(f"backbones listed twice in {value!r}")
+        return value
 
 
 class TrainConfig(_Section):

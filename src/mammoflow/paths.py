@@ -32,6 +32,10 @@ class Layout:
         """Great Expectations results and data docs."""
         return self.root / "reports" / "validation" / dataset
 
+    def validation_metrics(self, dataset: str) -> Path:
+        """DVC metrics summary of the validation."""
+        return self.root / "metrics" / "validation" / f"{dataset}.json"
+
     def models(self, dataset: str, backbone: str) -> Path:
         """Per-fold models and histories of one backbone."""
         return self.root / "models" / dataset / backbone

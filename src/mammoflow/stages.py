@@ -37,7 +37,9 @@ def ingest_stage(cfg: Config, dataset: str, layout: Layout | None = None) -> dic
     if ds.kind == "mias":
         from mammoflow.data.mias import ingest_mias
 
-        result = ingest_mias(raw, layout.interim(dataset), dataset=dataset, on_bad_file=cfg.ingest.on_bad_file)
+        result = ingest_mias(
+            raw, layout.interim(dataset), dataset=dataset, on_bad_file=cfg.ingest.on_bad_file
+        )
     else:
         from mammoflow.data.cmmd import ingest_cmmd
 
@@ -58,20 +60,36 @@ def ingest_stage(cfg: Config, dataset: str, layout: Layout | None = None) -> dic
 
 
 def validate_stage(cfg: Config, dataset: str, layout: Layout | None = None) -> dict[str, Any]:
-    """Run the Great Expectations suite on the ingested manifest."""
-    from mammoflow.data.manifest import read_manifest
-    from mammoflow.data.validate import validate_manifest
+    """Run the Great Expectations suite on the ingested manifest.
+
+    Writes the GE JSON result and data docs under ``reports/validation/<dataset>`` and a small
+    DVC metrics file; raises :class:`ValidationFailed` listing the failed expectations.
+    """
+    from mammoflow.data.manifest import atomic_write_json, read_manifest
+    from mammoflow.data.validate import ValidationFailed, validate_manifest
 
     layout = layout or Layout()
     frame = read_manifest(layout.interim(dataset))
-    report = validate_manifest(
-        frame,
-        kind=cfg.dataset(dataset).kind,
-        reports_dir=layout.validation(dataset),
-        dataset=dataset,
-        fail_on_error=cfg.validate_.fail_on_error,
-    )
-    return {"dataset": dataset, "success": report.success, "reports_dir": str(layout.validation(dataset))}
+    summary: dict[str, Any] = {"dataset": dataset, "images": len(frame)}
+    try:
+        report = validate_manifest(
+            frame,
+            kind=cfg.dataset(dataset).kind,
+            reports_dir=layout.validation(dataset),
+            dataset=dataset,
+            fail_on_error=cfg.validate_.fail_on_error,
+        )
+    except ValidationFailed as exc:
+        summary |= {"success": False, "failed": len(exc.report.failures)}
+        atomic_write_json(layout.validation_metrics(dataset), summary)
+        raise
+    summary |= {
+        "success": report.success,
+        "expectations": len(report.outcomes),
+        "failed": len(report.failures),
+    }
+    atomic_write_json(layout.validation_metrics(dataset), summary)
+    return summary
 
 
 def convert_stage(
@@ -87,7 +105,12 @@ def convert_stage(
         cfg.convert,
         progress=progress,
     )
-    return {"dataset": dataset, "converted": result.converted, "skipped": result.skipped}
+    return {
+        "dataset": dataset,
+        "converted": len(result.converted),
+        "skipped": len(result.skipped),
+        "seconds": round(result.seconds, 2),
+    }
 
 
 def processed_manifest(dataset: str, layout: Layout | None = None) -> Path:

@@ -16,7 +16,6 @@ import pytest
 from pydicom.uid import generate_uid
 
 from mammoflow.data.cmmd import ingest_cmmd, read_clinical
-from mammoflow.data.ingest import IngestError
 from mammoflow.data.mias import ingest_mias
 from mammoflow.data.sample import mammogram_dicom
 
@@ -143,11 +142,13 @@ def test_cmmd_tree_from_real_labels(clinical: pd.DataFrame, tmp_path: Path) -> N
                 unlabelled.add(path)
     assert any(folder.name.startswith("1.000000-NA-") for folder in root.rglob("1.000000-NA-*"))
     assert len(unlabelled) == 6  # the real CMMD often images both breasts but labels one
-    with pytest.raises(IngestError, match=r"found 6 bad file\(s\)"):
-        ingest_cmmd(root, CMMD_SHEET, tmp_path / "fail")
-    result = ingest_cmmd(root, CMMD_SHEET, tmp_path / "out", on_bad_file="quarantine")
-    assert {Path(p) for p, _ in result.bad} == unlabelled
-    assert all(reason.startswith("no clinical row for patient") for _, reason in result.bad)
+    # a side without a clinical row (the other side has one) is listed, not a bad file
+    result = ingest_cmmd(root, CMMD_SHEET, tmp_path / "out")
+    assert result.bad == []
+    assert {Path(p) for p, _ in result.unlabelled} == unlabelled
+    assert all("for the other side only" in reason for _, reason in result.unlabelled)
+    listed = json.loads((tmp_path / "out" / "unlabelled.json").read_text())["unlabelled"]
+    assert {Path(item["path"]) for item in listed} == unlabelled
     truth = {
         (str(r["ID1"]), str(r["LeftRight"])): str(r["classification"]).lower()
         for r in clinical.to_dict("records")

@@ -232,15 +232,35 @@ def _extra_dicom(sample: SampleResult, patient: str, side: str, number: int) -> 
 
 def test_image_without_clinical_row(sample: SampleResult, prior: tuple[Path, bytes, bytes]) -> None:
     patient, side = _one_sided(sample)
-    other = "L" if side == "R" else "R"
-    path = _extra_dicom(sample, patient, other, 7)
+    path = _series(sample, patient) / "1-1.dcm"
+    ds = pydicom.dcmread(path)
+    ds.PatientID = "D9-9999"  # a patient the clinical table does not know at all
+    ds.save_as(path, enforce_file_format=True)
     with pytest.raises(IngestError) as err:
         ingest_cmmd(sample.cmmd_dir, sample.clinical_path, prior[0])
     assert str(err.value) == FAIL_HEAD.format(source=sample.cmmd_dir, n=1) + (
-        f"  - {path}: no clinical row for patient {patient} side {other} in "
+        f"  - {path}: no clinical row for patient D9-9999 side {side} in "
         f"{sample.clinical_path}; add the row or remove the image"
     )
     _assert_untouched(prior)
+
+
+def test_unlabelled_side_is_listed_not_dropped(sample: SampleResult, tmp_path: Path) -> None:
+    patient, side = _one_sided(sample)
+    other = "L" if side == "R" else "R"
+    path = _extra_dicom(sample, patient, other, 7)
+    result = ingest_cmmd(sample.cmmd_dir, sample.clinical_path, tmp_path / "out")
+    assert result.bad == []
+    assert result.unlabelled == [
+        (
+            str(path),
+            f"patient {patient} has a clinical row for the other side only; side {other} "
+            f"has no label in {sample.clinical_path}",
+        )
+    ]
+    assert str(path) not in set(result.frame["raw_path"])
+    listed = json.loads((tmp_path / "out" / "unlabelled.json").read_text())
+    assert listed["unlabelled"] == [{"path": str(path), "reason": result.unlabelled[0][1]}]
 
 
 def test_dicom_without_pixel_data(sample: SampleResult, prior: tuple[Path, bytes, bytes]) -> None:
@@ -308,8 +328,10 @@ def test_duplicate_files_and_repeated_views(
 
 def test_quarantine(sample: SampleResult, tmp_path: Path) -> None:
     patient, side = _one_sided(sample)
-    other = "L" if side == "R" else "R"
-    path = _extra_dicom(sample, patient, other, 7)
+    path = _extra_dicom(sample, patient, side, 7)
+    ds = pydicom.dcmread(path)
+    del ds.PixelData
+    ds.save_as(path, enforce_file_format=True)
     out = tmp_path / "q"
     result = ingest_cmmd(sample.cmmd_dir, sample.clinical_path, out, on_bad_file="quarantine")
     assert len(result.frame) == 2 * len(sample.cmmd_labels)

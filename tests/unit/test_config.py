@@ -44,7 +44,10 @@ def test_wrong_type_and_range_are_named_together() -> None:
 def test_literal_lists_allowed_values() -> None:
     raw = _raw()
     raw["split"]["group_by"] = "study"
-    with pytest.raises(ConfigError, match=r"'split.group_by': bad value 'study': allowed values are 'patient' or 'image'"):
+    with pytest.raises(
+        ConfigError,
+        match=r"'split.group_by': bad value 'study': allowed values are 'patient' or 'image'",
+    ):
         parse_config(raw)
 
 
@@ -64,7 +67,7 @@ def test_pipeline_dataset_must_be_defined() -> None:
 
 def test_cmmd_needs_clinical() -> None:
     raw = _raw()
-    del raw["datasets"]["cmmd"]["clinical"]
+    del raw["datasets"]["cmmd"]["clinical"]  # a local CMMD needs its clinical table
     with pytest.raises(ConfigError, match="clinical"):
         parse_config(raw)
 
@@ -95,5 +98,5 @@ def test_overrides() -> None:
 
 def test_config_is_frozen() -> None:
     cfg = load_config(ROOT / "params.yaml")
-    with pytest.raises(Exception):  # noqa: B017,PT011 - pydantic raises ValidationError on frozen models
+    with pytest.raises(Exception):  # noqa: B017 - pydantic raises ValidationError on frozen models
         cfg.train.epochs = 3  # type: ignore[misc]

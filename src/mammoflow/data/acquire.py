@@ -62,6 +62,35 @@ def _link_or_copy_tree(src: Path, dest: Path) -> None:
     shutil.copytree(src, dest, copy_function=_copy)
 
 
+def _link_cmmd_tree(src: Path, dest: Path) -> None:
+    """Hard-link (or copy) a TCIA tree, renaming study and series folders pseudonymously.
+
+    TCIA folder names embed a (shifted) study date, e.g. ``07-18-2010-NA-NA-79377``; dates must
+    not reach manifests, so ``<patient>/<study>/<series>/1-N.dcm`` becomes
+    ``<patient>/study-K/series-K/1-N.dcm`` with K the folder's rank in sorted order.
+    """
+    files = sorted(p for p in src.rglob("*") if p.is_file() and p.suffix.lower() == ".dcm")
+    studies: dict[Path, str] = {}
+    series: dict[Path, str] = {}
+    for path in files:
+        rel = path.relative_to(src)
+        if len(rel.parts) != 4:
+            raise AcquireError(
+                f"{path}: expected CMMD/<patient>/<study>/<series>/1-N.dcm (the TCIA layout), "
+                f"found {len(rel.parts) - 1} folder level(s) under {src}"
+            )
+        patient, study, serie, name = rel.parts
+        skey, rkey = src / patient / study, src / patient / study / serie
+        studies.setdefault(skey, f"study-{sum(k.parent == skey.parent for k in studies) + 1}")
+        series.setdefault(rkey, f"series-{sum(k.parent == rkey.parent for k in series) + 1}")
+        target = dest / patient / studies[skey] / series[rkey] / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            os.link(path, target)
+        except OSError:
+            shutil.copy2(path, target)
+
+
 def _swap_in(staging: Path, target: Path) -> None:
     """Move ``staging`` to ``target``; an older target is moved aside first, then removed."""
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -78,6 +107,8 @@ def _swap_in(staging: Path, target: Path) -> None:
 
 def acquire_local(ds: DatasetConfig, target: Path) -> Path:
     """Copy (hard-link) or extract a local source into ``target``."""
+    if ds.source is None:
+        raise AcquireError("dataset has no 'source'; set datasets.<name>.source in params.yaml")
     src = Path(ds.source)
     if not src.exists():
         raise AcquireError(
@@ -95,7 +126,7 @@ def acquire_local(ds: DatasetConfig, target: Path) -> Path:
                 raise AcquireError(f"{src}: archive holds no .dcm files; expected a TCIA CMMD tree")
         elif ds.kind == "cmmd":
             payload.mkdir()
-            _link_or_copy_tree(src, payload / "CMMD")
+            _link_cmmd_tree(src, payload / "CMMD")
         else:
             _link_or_copy_tree(src, payload)
         if ds.kind == "cmmd":

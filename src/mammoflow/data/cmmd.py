@@ -4,8 +4,10 @@ The tree is ``CMMD/<patient>/<study>/<series>/1-N.dcm`` as the NBIA Data Retriev
 every ``.dcm`` under ``source`` is read. Laterality comes from ImageLaterality (else
 Laterality), the view from ViewPosition (else ViewCodeSequence), and the label from the clinical
 row of (PatientID, side), so a woman with a benign and a malignant breast is labelled per side.
-An image without a clinical row is reported as a bad file, never dropped silently. Note that in
-the real CMMD many women have images of both breasts but a clinical row for one side only.
+An image of a patient with no clinical row at all is a bad file. In the real CMMD many women have
+images of both breasts but a clinical row (a lesion) for one side only: those images of the other
+side carry no label for this study, so they are left out of the manifest and listed, each with its
+reason, in ``unlabelled.json`` and the result; they never vanish silently.
 
 Only pseudonymous values reach the manifest: the dataset's patient ID (``D1-0001``), side, view,
 ``image_id`` such as ``D1-0001_L_CC`` (``_2``, ``_3`` … on repeats), and in ``extras`` the
@@ -199,10 +201,20 @@ def _dicom_files(source: Path) -> list[Path]:
     )
 
 
+@dataclass(frozen=True)
+class _Unlabelled:
+    reason: str
+
+
 def _examine(
     path: Path, clinical: Mapping[tuple[str, str], ClinicalRow], clinical_name: str
-) -> _Image | str:
-    """Read one DICOM and join it to the clinical table; return the image or why it is bad."""
+) -> _Image | _Unlabelled | str:
+    """Read one DICOM and join it to the clinical table.
+
+    Returns:
+        The image; :class:`_Unlabelled` for a side without a clinical row of a patient who has
+        one for the other side; or the reason the file is bad.
+    """
     try:
         image = read_dicom(path)
     except DicomError as exc:
@@ -214,6 +226,11 @@ def _examine(
     if image.laterality is None:
         return "no ImageLaterality or Laterality (L/R) in the DICOM header"
     row = clinical.get((image.patient_id, image.laterality))
+    if row is None and any(p == image.patient_id for p, _ in clinical):
+        return _Unlabelled(
+            f"patient {image.patient_id} has a clinical row for the other side only; "
+            f"side {image.laterality} has no label in {clinical_name}"
+        )
     if row is None:
         return (
             f"no clinical row for patient {image.patient_id} side {image.laterality} in "
@@ -288,11 +305,14 @@ def ingest_cmmd(
             f"{source}: no .dcm files found; expected CMMD/<patient>/<study>/<series>/1-N.dcm"
         )
     bad = BadFiles()
+    unlabelled = BadFiles()
     good: list[_Image] = []
     for path in files:
         result = _examine(path, table, str(clinical))
         if isinstance(result, str):
             bad.add(path, result)
+        elif isinstance(result, _Unlabelled):
+            unlabelled.add(path, result.reason)
         else:
             good.append(result)
     by_sha: dict[str, list[_Image]] = {}
@@ -331,4 +351,12 @@ def ingest_cmmd(
         )
         for image_id, image in zip(ids, good, strict=True)
     ]
-    return finish(kind=KIND, source=source, rows=rows, bad=bad, out_dir=out_dir, on_bad_file=policy)
+    return finish(
+        kind=KIND,
+        source=source,
+        rows=rows,
+        bad=bad,
+        out_dir=out_dir,
+        on_bad_file=policy,
+        unlabelled=unlabelled.items,
+    )

@@ -28,6 +28,7 @@ from mammoflow.data.manifest import (
 
 OnBadFile = Literal["fail", "quarantine"]
 QUARANTINE_NAME = "quarantine.json"
+UNLABELLED_NAME = "unlabelled.json"
 
 
 class IngestError(ValueError):
@@ -43,6 +44,7 @@ class IngestResult:
     bad: list[tuple[str, str]] = field(default_factory=list)  # (path, reason)
     counts: dict[str, int] = field(default_factory=dict)  # label → images
     quarantine_path: Path | None = None
+    unlabelled: list[tuple[str, str]] = field(default_factory=list)  # (path, reason)
 
 
 @dataclass
@@ -97,6 +99,7 @@ def finish(
     bad: BadFiles,
     out_dir: Path,
     on_bad_file: OnBadFile,
+    unlabelled: Sequence[tuple[str, str]] = (),
 ) -> IngestResult:
     """Raise on bad files under "fail"; else write manifest.parquet and quarantine.json.
 
@@ -118,6 +121,14 @@ def finish(
             "bad": [{"path": p, "reason": r} for p, r in bad.items],
         },
     )
+    atomic_write_json(
+        out_dir / UNLABELLED_NAME,
+        {
+            "dataset_kind": kind,
+            "source": str(source),
+            "unlabelled": [{"path": p, "reason": r} for p, r in unlabelled],
+        },
+    )
     frame = read_manifest(manifest_path)  # exactly what is on disk, with the schema's dtypes
     return IngestResult(
         frame=frame,
@@ -125,4 +136,5 @@ def finish(
         bad=list(bad.items),
         counts=label_counts(kind, frame["label"].tolist()),
         quarantine_path=quarantine_path,
+        unlabelled=list(unlabelled),
     )

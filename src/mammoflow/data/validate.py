@@ -569,10 +569,10 @@ def validate_manifest(
     return report
 
 
-def validate_stage(
+def validate_manifest_file(
     manifest_path: Path, kind: str, dataset: str, reports_dir: Path, cfg: ValidateConfig
 ) -> ValidationReport:
-    """Read a manifest parquet file and validate it (the CLI / DVC / Prefect entry point)."""
+    """Read a manifest parquet file (or its directory) and validate it."""
     return validate_manifest(
         read_manifest(Path(manifest_path)),
         kind,
