@@ -111,11 +111,11 @@ class ModelConfig(_Section):
     @field_validator("backbones")
     @classmethod
     def _known_backbones(cls, value: list[str]) -> list[str]:
-        from mammoflow.models.backbones import BACKBONE_NAMES as known
+        from mammoflow.models.backbones import BACKBONE_NAMES as KNOWN
 
-        unknown = [b for b in value if b not in known]
+        unknown = [b for b in value if b not in KNOWN]
         if unknown:
-            raise ValueError(f"unknown backbone(s) {unknown!r}; registered: {list(known)!r}")
+            raise ValueError(f"unknown backbone(s) {unknown!r}; registered: {list(KNOWN)!r}")
         if len(set(value)) != len(value):
             raise ValueError(f"backbones listed twice in {value!r}")
         return value
