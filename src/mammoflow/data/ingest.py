@@ -99,7 +99,7 @@ def finish(
     bad: BadFiles,
     out_dir: Path,
     on_bad_file: OnBadFile,
-    unlabelled: Sequence[tuple[str, str]] = (),
+    unlabelled: Sequence[tuple[str, str]] | None = None,
 ) -> IngestResult:
     """Raise on bad files under "fail"; else write manifest.parquet and quarantine.json.
 
@@ -121,14 +121,15 @@ def finish(
             "bad": [{"path": p, "reason": r} for p, r in bad.items],
         },
     )
-    atomic_write_json(
-        out_dir / UNLABELLED_NAME,
-        {
-            "dataset_kind": kind,
-            "source": str(source),
-            "unlabelled": [{"path": p, "reason": r} for p, r in unlabelled],
-        },
-    )
+    if unlabelled is not None:  # kinds that can have unlabelled images always write the list
+        atomic_write_json(
+            out_dir / UNLABELLED_NAME,
+            {
+                "dataset_kind": kind,
+                "source": str(source),
+                "unlabelled": [{"path": p, "reason": r} for p, r in unlabelled],
+            },
+        )
     frame = read_manifest(manifest_path)  # exactly what is on disk, with the schema's dtypes
     return IngestResult(
         frame=frame,
@@ -136,5 +137,5 @@ def finish(
         bad=list(bad.items),
         counts=label_counts(kind, frame["label"].tolist()),
         quarantine_path=quarantine_path,
-        unlabelled=list(unlabelled),
+        unlabelled=list(unlabelled or ()),
     )
