@@ -68,13 +68,14 @@ def validate_stage(cfg: Config, dataset: str, layout: Layout | None = None) -> d
     from mammoflow.data.manifest import atomic_write_json, read_manifest
     from mammoflow.data.validate import ValidationFailed, validate_manifest
 
+    kind = cfg.dataset(dataset).kind
     layout = layout or Layout()
     frame = read_manifest(layout.interim(dataset))
     summary: dict[str, Any] = {"dataset": dataset, "images": len(frame)}
     try:
         report = validate_manifest(
             frame,
-            kind=cfg.dataset(dataset).kind,
+            kind=kind,
             reports_dir=layout.validation(dataset),
             dataset=dataset,
             fail_on_error=cfg.validate_.fail_on_error,
@@ -98,6 +99,7 @@ def convert_stage(
     """Convert every ingested image to a padded PNG under ``data/processed/<dataset>``."""
     from mammoflow.data.convert import convert_dataset
 
+    cfg.dataset(dataset)
     layout = layout or Layout()
     result = convert_dataset(
         layout.interim(dataset) / "manifest.parquet",
