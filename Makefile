@@ -10,7 +10,7 @@ export TF_CPP_MIN_LOG_LEVEL := 2
 export GX_ANALYTICS_ENABLED := false
 export MLFLOW_ENABLE_ASYNC_LOGGING ?= false
 
-.PHONY: help venv run test lint typecheck unit integration bench ui clean-venv
+.PHONY: help venv run test lint typecheck unit integration bench ui serve clean-venv
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -43,6 +43,9 @@ unit: venv ## fast unit tests only
 bench: venv ## benchmarks (print JSON)
 	$(PY) benchmarks/bench_convert.py
 	$(PY) benchmarks/bench_training.py
+
+serve: venv ## local Prefect server + worker running the scheduled deployments (Ctrl-C stops)
+	infra/serve.sh
 
 clean-venv: ## remove .venv
 	rm -rf $(VENV)

@@ -229,6 +229,7 @@ def main() -> None:
             "gpus": [d.name for d in tf.config.list_physical_devices("GPU")],
             "python": platform.python_version(),
             "tensorflow": tf.__version__,
+            "load_avg_1m_at_start": round(os.getloadavg()[0], 2),
         },
         "batch_size": args.batch_size,
     }
@@ -242,6 +243,7 @@ def main() -> None:
             result["full_mias"] = full_mias(Path(tmp))
             result["full_mias_study_s"] = result["full_mias"]["full_mias_study_s"]
     result["total_s"] = round(time.perf_counter() - t0, 1)
+    result["machine"]["load_avg_1m_at_end"] = round(os.getloadavg()[0], 2)
     print(json.dumps(result, indent=2))
 
 

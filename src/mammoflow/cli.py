@@ -151,6 +151,65 @@ def convert_cmd(dataset: str, params: ParamsOpt = Path("params.yaml")) -> None:
     _echo(convert_stage(_config(params), dataset, progress=sys.stderr.isatty()))
 
 
+@app.command("split")
+@_friendly
+def split_cmd(dataset: str, params: ParamsOpt = Path("params.yaml")) -> None:
+    """Pipeline stage: held-out test set + K folds grouped by patient → data/splits/DATASET."""
+    from mammoflow.stages import split_stage
+
+    _echo(split_stage(_config(params), dataset))
+
+
+@app.command("train")
+@_friendly
+def train_cmd(
+    dataset: Annotated[str, typer.Option(help="Dataset name (params.yaml datasets).")],
+    backbone: Annotated[
+        list[str] | None, typer.Option(help="Backbone(s); default: model.backbones.")
+    ] = None,
+    params: ParamsOpt = Path("params.yaml"),
+) -> None:
+    """K-fold training + held-out test of each backbone, tracked in MLflow (resumable)."""
+    from mammoflow.stages import train_stage
+
+    cfg = _config(params)
+    for name in backbone or cfg.model.backbones:
+        _echo(train_stage(cfg, dataset, name, progress=True))
+
+
+@app.command("evaluate")
+@_friendly
+def evaluate_cmd(
+    dataset: Annotated[str, typer.Option(help="Dataset name.")],
+    params: ParamsOpt = Path("params.yaml"),
+) -> None:
+    """Rank the backbones on the held-out test set and promote the champion in the registry."""
+    from mammoflow.stages import evaluate_stage
+
+    _echo(evaluate_stage(_config(params), dataset))
+
+
+@app.command("compare")
+@_friendly
+def compare_cmd(
+    dataset: Annotated[
+        list[str] | None, typer.Option(help="Dataset(s); default: pipeline.datasets.")
+    ] = None,
+    write: Annotated[bool, typer.Option(help="Write reports/comparison.md and .html.")] = True,
+    params: ParamsOpt = Path("params.yaml"),
+) -> None:
+    """Print the paper-style comparison (from MLflow) and write the reports."""
+    from mammoflow import report
+    from mammoflow.stages import compare_stage
+
+    res = compare_stage(_config(params), dataset, write=write)
+    for name, table in res["tables"].items():
+        out.print(report.console_table(name, table))
+    if write:
+        out.print(f"Reports: {res['markdown']} and reports/comparison.html")
+    out.print("MLflow UI: run `make ui`, then open http://127.0.0.1:5000")
+
+
 @app.command("config")
 @_friendly
 def config_cmd(params: ParamsOpt = Path("params.yaml")) -> None:

@@ -144,6 +144,13 @@ class EvaluateConfig(_Section):
     ci: Annotated[float, Field(gt=0.5, lt=1.0)] = 0.95
 
 
+class TrackingConfig(_Section):
+    """MLflow logging and the model registry."""
+
+    log_models: Literal["all", "final", "none"] = "all"
+    registry_metric: str = "test_f1_macro"
+
+
 class Config(_Section):
     """The whole of params.yaml."""
 
@@ -157,6 +164,7 @@ class Config(_Section):
     model: ModelConfig = Field(default_factory=ModelConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 

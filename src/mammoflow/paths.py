@@ -44,6 +44,10 @@ class Layout:
         """DVC metrics JSON of one backbone."""
         return self.root / "metrics" / dataset / f"{backbone}.json"
 
+    def champion(self, dataset: str) -> Path:
+        """Which backbone won on ``dataset`` (DVC metrics of `evaluate`)."""
+        return self.root / "metrics" / dataset / "champion.json"
+
     def plots(self, dataset: str, backbone: str) -> Path:
         """DVC plots data (confusion matrix, ROC) of one backbone."""
         return self.root / "plots" / dataset / backbone

@@ -118,3 +118,131 @@ def convert_stage(
 def processed_manifest(dataset: str, layout: Layout | None = None) -> Path:
     """Path of the converted manifest of ``dataset``."""
     return (layout or Layout()).processed(dataset) / "manifest.parquet"
+
+
+def split_stage(cfg: Config, dataset: str, layout: Layout | None = None) -> dict[str, Any]:
+    """Held-out test set + stratified K folds, grouped by patient; written to data/splits."""
+    from mammoflow.data.manifest import read_manifest
+    from mammoflow.split import fold_summary, make_splits, write_splits
+
+    cfg.dataset(dataset)
+    layout = layout or Layout()
+    frame = read_manifest(layout.processed(dataset))
+    splits = make_splits(
+        frame,
+        test_size=cfg.split.test_size,
+        k_folds=cfg.split.k_folds,
+        group_by=cfg.split.group_by,
+        seed=cfg.split.seed,
+    )
+    digest = write_splits(splits, layout.splits(dataset))
+    return {"dataset": dataset, "split_hash": digest, "images": fold_summary(splits)}
+
+
+def train_stage(
+    cfg: Config,
+    dataset: str,
+    backbone: str,
+    layout: Layout | None = None,
+    progress: bool = False,
+) -> dict[str, Any]:
+    """K-fold training of one backbone on one dataset, tracked in MLflow (resumable)."""
+    from mammoflow.study import run_study
+
+    cfg.dataset(dataset)
+    if backbone not in cfg.model.backbones:
+        raise ValueError(
+            f"backbone {backbone!r} is not in model.backbones {cfg.model.backbones!r}; add it there"
+        )
+    result = run_study(cfg, dataset, backbone, layout=layout, progress=progress)
+    return {
+        "dataset": dataset,
+        "backbone": backbone,
+        "trained_folds": result.trained_folds,
+        "resumed_folds": result.resumed_folds,
+        "cv_f1_macro_mean": result.cv.get("f1_macro_mean"),
+        "test_f1_macro": result.test.get("f1_macro"),
+        "parent_run_id": result.parent_run_id,
+        "seconds": {k: round(v, 1) for k, v in result.seconds.items()},
+    }
+
+
+def evaluate_stage(cfg: Config, dataset: str, layout: Layout | None = None) -> dict[str, Any]:
+    """Pick the best backbone of ``dataset`` and promote it in the MLflow registry."""
+    import json
+
+    from mammoflow.data.manifest import atomic_write_json
+    from mammoflow.tracking import Tracker
+
+    cfg.dataset(dataset)
+    layout = layout or Layout()
+    metric = cfg.tracking.registry_metric
+    key = metric.removeprefix("test_")
+    scores: dict[str, float] = {}
+    runs: dict[str, str] = {}
+    for backbone in cfg.model.backbones:
+        path = layout.metrics(dataset, backbone)
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"{path}: missing; run `mammoflow train --dataset {dataset} --backbone {backbone}`"
+            )
+        summary = json.loads(path.read_text(encoding="utf-8"))
+        value = summary["test"].get(key)
+        scores[backbone] = float("nan") if value is None else float(value)
+        runs[backbone] = summary["mlflow_test_run_id"]
+    ranked = sorted(scores, key=lambda b: (scores[b] == scores[b], scores[b]), reverse=True)
+    best = ranked[0]
+    out: dict[str, Any] = {"dataset": dataset, "metric": metric, "scores": scores, "best": best}
+    if cfg.tracking.log_models != "none":
+        out["registry"] = Tracker(root=layout.root).promote(
+            dataset, runs[best], metric, scores[best]
+        )
+    atomic_write_json(layout.champion(dataset), out)
+    return out
+
+
+def compare_stage(
+    cfg: Config,
+    datasets: list[str] | None = None,
+    layout: Layout | None = None,
+    *,
+    write: bool = True,
+) -> dict[str, Any]:
+    """The paper-style comparison from MLflow: reports/comparison.md and .html."""
+    import json
+
+    from mammoflow import report
+    from mammoflow.data.manifest import atomic_write_text
+    from mammoflow.tracking import Tracker
+
+    layout = layout or Layout()
+    tracker = Tracker(root=layout.root)
+    names = datasets or list(cfg.pipeline.datasets)
+    tables: dict[str, list[list[str]]] = {}
+    figures: dict[str, bytes] = {}
+    for dataset in names:
+        cfg.dataset(dataset)
+        wanted: dict[str, str | None] = {}
+        for backbone in cfg.model.backbones:
+            path = layout.metrics(dataset, backbone)
+            run_id = None
+            if path.is_file():
+                run_id = json.loads(path.read_text(encoding="utf-8")).get("mlflow_parent_run_id")
+            wanted[backbone] = run_id
+        rows = tracker.study_rows(dataset, wanted)
+        if not rows:
+            continue
+        tables[dataset] = report.comparison_table(rows)
+        if write:
+            figures[dataset] = report.figure_png(report.comparison_figure(rows, dataset))
+    if not tables:
+        raise ValueError(f"no finished MLflow runs for {names!r}; run the training first")
+    notes = [
+        f"Split: {cfg.split.group_by}-level, test {cfg.split.test_size:.0%}, "
+        f"{cfg.split.k_folds} folds; weights: {cfg.model.weights}; epochs {cfg.train.epochs}."
+    ]
+    atomic_write_text(layout.reports() / "comparison.md", report.markdown(tables, notes))
+    atomic_write_text(
+        layout.reports() / "comparison.html", report.html_report(tables, figures, notes)
+    )
+    return {"tables": tables, "markdown": str(layout.reports() / "comparison.md")}

@@ -3,7 +3,9 @@
 Inputs are either cached prefix features (:class:`~mammoflow.models.features.FeatureSet`, the fast
 path: only the tail + head run) or images (:class:`~mammoflow.models.features.ImageSet`: the full
 model runs every step, e.g. with augmentation). Each fold starts from the backbone's tail weights
-and a freshly initialised head, seeded with ``train.seed + fold``.
+and the same freshly initialised head (seeded with ``train.seed``); shuffling and dropout are
+seeded with ``train.seed + fold``. One compiled model serves every fold (reset between folds), so
+Keras traces its functions once per backbone, not once per fold.
 """
 
 from __future__ import annotations
@@ -59,7 +61,10 @@ class FoldResult:
         val_ids / val_true / val_prob: validation images, labels, class probabilities.
         test_ids / test_true / test_prob: the same for the held-out test set.
         class_weights: class index → weight used for the loss (None: unweighted).
-        timing: seconds for ``build``, ``fit``, ``predict``; ``epochs_run``.
+        timing: seconds for ``build`` (first fold only), ``reset``, ``fit``, ``predict``;
+            ``epochs_run``.
+        info: provenance to record with the result: backbone, weights (source, path, sha256),
+            precision, input size, cut layer, trainable layers, feature-cache key digest and hit.
     """
 
     fold: int
@@ -73,6 +78,24 @@ class FoldResult:
     test_prob: np.ndarray
     class_weights: dict[int, float] | None
     timing: dict[str, float]
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+def provenance(bb: BackboneModel, inputs: FeatureSet | ImageSet) -> dict[str, Any]:
+    """What a result was trained from (for tracking): backbone, weights, precision, cut, cache."""
+    key = inputs.key if isinstance(inputs, FeatureSet) else None
+    hit = inputs.hit if isinstance(inputs, FeatureSet) else False
+    return {
+        "backbone": bb.name,
+        "weights": bb.weights.as_dict(),
+        "precision": bb.precision,
+        "input_size": bb.input_size,
+        "trainable_layers": bb.trainable_layers,
+        "cut_layer": bb.plan.cut_layer,
+        "trainable": list(bb.plan.trainable),
+        "feature_cache": key.digest if key is not None else None,
+        "feature_cache_hit": hit,
+    }
 
 
 def balanced_class_weights(y: np.ndarray, n_classes: int) -> dict[int, float]:
@@ -128,38 +151,111 @@ class _EpochHook:
         return Hook()
 
 
+class _Runner:
+    """One compiled model reused by every fold: traced once, reset to its initial state per fold.
+
+    Rebuilding and recompiling per fold would re-trace the train / test / predict functions
+    (about a second each on CPU); resetting the variables gives every fold the same start.
+    """
+
+    def __init__(
+        self,
+        inputs: FeatureSet | ImageSet,
+        bb: BackboneModel,
+        model_cfg: ModelConfig,
+        train_cfg: TrainConfig,
+        n_classes: int,
+        pooling: Pooling,
+    ) -> None:
+        import keras
+
+        keras.utils.set_random_seed(train_cfg.seed)
+        self.tail_head = trainable_tail_and_head(
+            bb,
+            n_classes,
+            head_units=model_cfg.head_units,
+            dropout=model_cfg.dropout,
+            pooling=pooling,
+        )
+        self.model = (
+            self.tail_head
+            if isinstance(inputs, FeatureSet)
+            else full_model(bb, self.tail_head, augment=train_cfg.augment)
+        )
+        compile_model(self.model, train_cfg.learning_rate, train_cfg.momentum)
+        self.model.optimizer.build(self.model.trainable_variables)
+        self._start = [v.numpy() for v in self.model.variables]
+        self._opt_start = [v.numpy() for v in self.model.optimizer.variables]
+
+    def reset(self) -> None:
+        """Restore the initial weights and optimizer state (momentum, iteration count)."""
+        for var, value in zip(self.model.variables, self._start, strict=True):
+            var.assign(value)
+        for var, value in zip(self.model.optimizer.variables, self._opt_start, strict=True):
+            var.assign(value)
+
+    def snapshot(self) -> Any:
+        """An independent copy of the trained tail + head (for the fold's result)."""
+        import keras
+
+        copy = keras.Model.from_config(self.tail_head.get_config())
+        copy.set_weights(self.tail_head.get_weights())
+        return copy
+
+
+def recalibrate_batchnorm(model: Any, x: np.ndarray) -> None:
+    """Set the moving statistics of the trainable BatchNorm layers to their exact training values.
+
+    With few steps per fold (48 images at batch 16 = 3 steps an epoch) the moving averages are
+    still dominated by their initial values (mean 0, variance 1) after training, so inference
+    normalises with the wrong statistics and predictions collapse to one class. One full-batch
+    pass with momentum 0 replaces them by the training set's own statistics (as SWA's bn_update
+    does). Frozen BatchNorm layers of the backbone are untouched (they always run in inference).
+    """
+    layers = [
+        layer
+        for layer in _all_layers(model)
+        if layer.__class__.__name__ == "BatchNormalization" and layer.trainable
+    ]
+    if not layers or len(x) == 0:
+        return
+    saved = [layer.momentum for layer in layers]
+    for layer in layers:
+        layer.momentum = 0.0
+    try:
+        model(x, training=True)
+    finally:
+        for layer, momentum in zip(layers, saved, strict=True):
+            layer.momentum = momentum
+
+
+def _all_layers(model: Any) -> list[Any]:
+    out: list[Any] = []
+    for layer in getattr(model, "layers", []):
+        out.append(layer)
+        out.extend(_all_layers(layer))
+    return out
+
+
 def _fit_one(
+    runner: _Runner,
     inputs: FeatureSet | ImageSet,
-    bb: BackboneModel,
     *,
     fold: int,
     n_folds: int,
     train_rows: pd.DataFrame,
     val_rows: pd.DataFrame,
     test_rows: pd.DataFrame,
-    model_cfg: ModelConfig,
     train_cfg: TrainConfig,
     n_classes: int,
-    pooling: Pooling,
     progress: ProgressHook | None,
 ) -> FoldResult:
     import keras
 
     t0 = time.perf_counter()
+    runner.reset()
     keras.utils.set_random_seed(train_cfg.seed + fold)
-    tail_head = trainable_tail_and_head(
-        bb,
-        n_classes,
-        head_units=model_cfg.head_units,
-        dropout=model_cfg.dropout,
-        pooling=pooling,
-    )
-    model = (
-        tail_head
-        if isinstance(inputs, FeatureSet)
-        else full_model(bb, tail_head, augment=train_cfg.augment)
-    )
-    compile_model(model, train_cfg.learning_rate, train_cfg.momentum)
+    model = runner.model
     t_build = time.perf_counter() - t0
 
     x_tr = inputs.rows(list(train_rows["image_id"]))
@@ -193,6 +289,7 @@ def _fit_one(
         shuffle=True,
         verbose=0,
     )
+    recalibrate_batchnorm(model, x_tr)
     t_fit = time.perf_counter() - t1
 
     t2 = time.perf_counter()
@@ -210,7 +307,7 @@ def _fit_one(
     history = {k: [float(v) for v in vals] for k, vals in hist.history.items()}
     return FoldResult(
         fold=fold,
-        model=tail_head,
+        model=runner.snapshot(),
         history=history,
         val_ids=val_ids,
         val_true=val_true,
@@ -220,7 +317,7 @@ def _fit_one(
         test_prob=np.asarray(test_prob, np.float32),
         class_weights=weights,
         timing={
-            "build_s": t_build,
+            "reset_s": t_build,
             "fit_s": t_fit,
             "predict_s": t_pred,
             "epochs_run": float(len(history.get("loss", []))),
@@ -267,24 +364,27 @@ def train_folds(
     unknown = [f for f in chosen if f not in available]
     if unknown:
         raise TrainError(f"folds {unknown!r} are not in the splits (available: {available!r})")
+    t0 = time.perf_counter()
+    runner = _Runner(inputs, bb, model_cfg, train_cfg, n_classes, pooling)
+    build_s = time.perf_counter() - t0
     results: list[FoldResult] = []
     for fold in chosen:
         if progress is not None:
             progress(TrainEvent("fold_start", fold, len(chosen), epochs=train_cfg.epochs))
         result = _fit_one(
+            runner,
             inputs,
-            bb,
             fold=fold,
             n_folds=len(chosen),
             train_rows=cv[cv["fold"] != fold],
             val_rows=cv[cv["fold"] == fold],
             test_rows=test,
-            model_cfg=model_cfg,
             train_cfg=train_cfg,
             n_classes=n_classes,
-            pooling=pooling,
             progress=progress,
         )
+        result.timing["build_s"] = build_s if not results else 0.0
+        result.info = provenance(bb, inputs)
         results.append(result)
         if progress is not None:
             progress(TrainEvent("fold_end", fold, len(chosen), epochs=train_cfg.epochs))
@@ -313,20 +413,23 @@ def train_final(
         raise TrainError("splits have no 'cv' rows to train the final model on")
     if progress is not None:
         progress(TrainEvent("fold_start", 0, 1, epochs=train_cfg.epochs))
+    t0 = time.perf_counter()
+    runner = _Runner(inputs, bb, model_cfg, train_cfg, n_classes, pooling)
+    build_s = time.perf_counter() - t0
     result = _fit_one(
+        runner,
         inputs,
-        bb,
         fold=0,
         n_folds=1,
         train_rows=cv,
         val_rows=cv.iloc[0:0],
         test_rows=splits[splits["split"] == "test"],
-        model_cfg=model_cfg,
         train_cfg=train_cfg,
         n_classes=n_classes,
-        pooling=pooling,
         progress=progress,
     )
+    result.timing["build_s"] = build_s
+    result.info = provenance(bb, inputs)
     if progress is not None:
         progress(TrainEvent("fold_end", 0, 1, epochs=train_cfg.epochs))
     return result

@@ -51,6 +51,8 @@ def test_smoke_loss_decreases_and_bn_frozen(name: str, dataset: tuple) -> None:
         feats, splits, bb, model_cfg=MODEL, train_cfg=TRAIN, n_classes=3, progress=events.append
     )
     assert [r.fold for r in results] == [1, 2]
+    assert results[0].info["weights"] == {"source": "none", "path": None, "sha256": "none"}
+    assert results[0].info["cut_layer"] == bb.plan.cut_layer and results[0].info["feature_cache"]
     for r in results:
         loss = r.history["loss"]
         assert len(loss) == TRAIN.epochs and loss[-1] < loss[0], loss

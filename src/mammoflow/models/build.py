@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
 from typing import Any, Literal
@@ -82,6 +82,7 @@ class BackboneModel:
         prefix: frozen model ``image (preprocessed RGB) → cut tensor``.
         tail: model ``cut tensor → base output`` sharing layers with ``base`` (never trained
             directly; :func:`trainable_tail_and_head` clones it), or None when N = 0.
+        compiled: traced functions reused across calls (e.g. the feature extractor).
     """
 
     name: str
@@ -94,6 +95,7 @@ class BackboneModel:
     weights: WeightsInfo
     prefix: Any
     tail: Any | None
+    compiled: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def feature_shape(self) -> tuple[int, ...]:

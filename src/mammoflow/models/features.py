@@ -202,13 +202,16 @@ def extract_features(
     out = np.zeros((total, *bb.feature_shape), np.float32)
     if total == 0:
         return out
-    pre = preprocessing_model(bb, resize=False)
-    prefix = bb.prefix
+    forward: Any = bb.compiled.get("extract")
+    if forward is None:
+        pre = preprocessing_model(bb, resize=False)
+        prefix = bb.prefix
 
-    @tf.function(reduce_retracing=True)
-    def forward(x: Any) -> Any:
-        return tf.cast(prefix(pre(x, training=False), training=False), tf.float32)
+        @tf.function(reduce_retracing=True)
+        def forward(x: Any) -> Any:
+            return tf.cast(prefix(pre(x, training=False), training=False), tf.float32)
 
+        bb.compiled["extract"] = forward
     done = 0
     for batch in ds.batch(batch_size).prefetch(tf.data.AUTOTUNE):
         feats = forward(batch).numpy()

@@ -1,0 +1,252 @@
+"""Prefect flows for MammoFlow: thin sequences of tasks that call :mod:`mammoflow.stages`.
+
+Every task loads the config from ``params_path`` and calls one stage function, the same function
+the DVC stage calls through the CLI; nothing here holds pipeline logic. The project root (where
+``data/``, ``reports/``, ``metrics/`` … live) is the folder that holds ``params_path``, as with
+DVC; relative dataset ``source`` paths in params.yaml resolve from the working directory, which
+for a deployment is the project checkout.
+
+Flows:
+    data_flow      acquire → ingest → validate → convert, per dataset
+    train_flow     split per dataset, then K-fold training of each backbone (one task each)
+    evaluate_flow  best backbone per dataset into the MLflow registry, then the comparison report
+    pipeline_flow  the three in order
+
+Training runs one task at a time by default (2 CPU cores); set ``MAMMOFLOW_DASK_ADDRESS`` or pass
+``dask_address`` to send the backbone tasks to a Dask cluster instead. Training tasks carry the
+tag ``mammoflow-train``: ``prefect concurrency-limit create mammoflow-train 1`` on a server caps
+them across all flow runs and workers (without a server the tag is a no-op).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, ParamSpec, TypeVar
+
+from prefect import Flow, Task, flow, task
+from prefect.client.schemas.objects import TaskRun
+from prefect.futures import PrefectFuture, wait
+from prefect.states import State
+from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
+
+from mammoflow import stages
+from mammoflow.config import Config, load_config
+from mammoflow.paths import Layout
+
+DASK_ADDRESS_ENV = "MAMMOFLOW_DASK_ADDRESS"
+TRAIN_TAG = "mammoflow-train"
+IO_RETRIES = 2
+IO_RETRY_DELAYS: list[float] = [2.0, 10.0]
+
+Summary = dict[str, Any]
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+def _load(params_path: str) -> tuple[Config, Layout]:
+    """Load the config; the project root is the folder holding the params file."""
+    return load_config(params_path), Layout(root=Path(params_path).parent)
+
+
+def transient_io_error(task: Task[..., Any], task_run: TaskRun, state: State[Any]) -> bool:
+    """Retry only on OS-level I/O errors (a busy disk or NFS hiccup), never on bad input."""
+    try:
+        state.result()
+    except OSError:
+        return True
+    except Exception:
+        return False
+    return False
+
+
+@task(task_run_name="plan")
+def plan(
+    params_path: str, datasets: list[str] | None = None, backbones: list[str] | None = None
+) -> dict[str, list[str]]:
+    """Resolve which datasets and backbones a run covers (params.yaml unless given)."""
+    cfg, _ = _load(params_path)
+    names = list(datasets or cfg.pipeline.datasets)
+    for name in names:
+        cfg.dataset(name)
+    return {"datasets": names, "backbones": list(backbones or cfg.model.backbones)}
+
+
+@task(
+    task_run_name="acquire-{dataset}",
+    retries=IO_RETRIES,
+    retry_delay_seconds=IO_RETRY_DELAYS,
+    retry_condition_fn=transient_io_error,
+)
+def acquire(params_path: str, dataset: str) -> Summary:
+    """Bring the raw files of ``dataset`` to data/raw/<dataset>."""
+    cfg, layout = _load(params_path)
+    return stages.acquire_stage(cfg, dataset, layout=layout)
+
+
+@task(
+    task_run_name="ingest-{dataset}",
+    retries=IO_RETRIES,
+    retry_delay_seconds=IO_RETRY_DELAYS,
+    retry_condition_fn=transient_io_error,
+)
+def ingest(params_path: str, dataset: str) -> Summary:
+    """Parse the raw files into data/interim/<dataset>/manifest.parquet."""
+    cfg, layout = _load(params_path)
+    return stages.ingest_stage(cfg, dataset, layout=layout)
+
+
+@task(
+    task_run_name="validate-{dataset}",
+    retries=IO_RETRIES,
+    retry_delay_seconds=IO_RETRY_DELAYS,
+    retry_condition_fn=transient_io_error,
+)
+def validate(params_path: str, dataset: str) -> Summary:
+    """Great Expectations checks on the ingested manifest."""
+    cfg, layout = _load(params_path)
+    return stages.validate_stage(cfg, dataset, layout=layout)
+
+
+@task(
+    task_run_name="convert-{dataset}",
+    retries=IO_RETRIES,
+    retry_delay_seconds=IO_RETRY_DELAYS,
+    retry_condition_fn=transient_io_error,
+)
+def convert(params_path: str, dataset: str) -> Summary:
+    """Convert the raw images to padded PNGs under data/processed/<dataset>."""
+    cfg, layout = _load(params_path)
+    return stages.convert_stage(cfg, dataset, layout=layout, progress=False)
+
+
+@task(
+    task_run_name="split-{dataset}",
+    retries=IO_RETRIES,
+    retry_delay_seconds=IO_RETRY_DELAYS,
+    retry_condition_fn=transient_io_error,
+)
+def split(params_path: str, dataset: str) -> Summary:
+    """Patient-grouped held-out test set and K folds of ``dataset``."""
+    cfg, layout = _load(params_path)
+    return stages.split_stage(cfg, dataset, layout=layout)
+
+
+# Training resumes finished folds, so one retry after a transient I/O error is cheap.
+@task(
+    task_run_name="train-{dataset}-{backbone}",
+    tags=[TRAIN_TAG],
+    retries=1,
+    retry_delay_seconds=30,
+    retry_condition_fn=transient_io_error,
+)
+def train_backbone(params_path: str, dataset: str, backbone: str) -> Summary:
+    """K-fold training of one backbone on one dataset, tracked in MLflow, tested on hold-out."""
+    cfg, layout = _load(params_path)
+    return stages.train_stage(cfg, dataset, backbone, layout=layout, progress=False)
+
+
+@task(
+    task_run_name="evaluate-{dataset}",
+    retries=IO_RETRIES,
+    retry_delay_seconds=IO_RETRY_DELAYS,
+    retry_condition_fn=transient_io_error,
+)
+def evaluate(params_path: str, dataset: str) -> Summary:
+    """Pick the best backbone on ``dataset`` and promote it in the MLflow model registry."""
+    cfg, layout = _load(params_path)
+    return stages.evaluate_stage(cfg, dataset, layout=layout)
+
+
+@task(
+    task_run_name="report",
+    retries=IO_RETRIES,
+    retry_delay_seconds=IO_RETRY_DELAYS,
+    retry_condition_fn=transient_io_error,
+)
+def report(params_path: str, datasets: list[str]) -> Summary:
+    """The comparison report (reports/comparison.md and .html) from MLflow."""
+    cfg, layout = _load(params_path)
+    return stages.compare_stage(cfg, datasets, layout=layout)
+
+
+def one_thread() -> TaskRunner[Any]:
+    """A runner that runs one task at a time (training and conversion use every core)."""
+    return ThreadPoolTaskRunner(max_workers=1)
+
+
+def task_runner_for(address: str | None = None) -> TaskRunner[Any]:
+    """The Dask runner for ``address`` (or ``$MAMMOFLOW_DASK_ADDRESS``), else one thread."""
+    address = address or os.environ.get(DASK_ADDRESS_ENV) or None
+    if address:
+        from prefect_dask import DaskTaskRunner
+
+        return DaskTaskRunner(address=address)
+    return one_thread()
+
+
+def with_task_runner(base: Flow[P, R], address: str | None = None) -> Flow[P, R]:
+    """``base`` with :func:`task_runner_for` ``address`` as its task runner."""
+    return base.with_options(task_runner=task_runner_for(address))
+
+
+def _results(futures: list[PrefectFuture[Summary]]) -> list[Summary]:
+    wait(futures)
+    return [f.result() for f in futures]
+
+
+@flow(name="mammoflow-data", task_runner=one_thread())
+def data_flow(params_path: str = "params.yaml", datasets: list[str] | None = None) -> list[Summary]:
+    """Acquire → ingest → validate → convert each dataset (params.yaml's list by default)."""
+    names = plan(params_path, datasets)["datasets"]
+    last: list[PrefectFuture[Summary]] = []
+    for name in names:
+        got = acquire.submit(params_path, name)
+        parsed = ingest.submit(params_path, name, wait_for=[got], return_state=False)
+        checked = validate.submit(params_path, name, wait_for=[parsed], return_state=False)
+        last.append(convert.submit(params_path, name, wait_for=[checked], return_state=False))
+    return _results(last)
+
+
+@flow(name="mammoflow-train-backbones", task_runner=one_thread())
+def train_backbones_flow(
+    params_path: str, datasets: list[str], backbones: list[str]
+) -> list[Summary]:
+    """One training task per (dataset, backbone); the task runner sets the concurrency."""
+    return _results([train_backbone.submit(params_path, d, b) for d in datasets for b in backbones])
+
+
+@flow(name="mammoflow-train")
+def train_flow(
+    params_path: str = "params.yaml",
+    datasets: list[str] | None = None,
+    backbones: list[str] | None = None,
+    dask_address: str | None = None,
+) -> list[Summary]:
+    """Split each dataset, then train every backbone on it (on Dask if an address is set)."""
+    todo = plan(params_path, datasets, backbones)
+    for name in todo["datasets"]:
+        split(params_path, name)
+    trainer = with_task_runner(train_backbones_flow, dask_address)
+    return trainer(params_path, todo["datasets"], todo["backbones"])
+
+
+@flow(name="mammoflow-evaluate")
+def evaluate_flow(params_path: str = "params.yaml", datasets: list[str] | None = None) -> Summary:
+    """Promote each dataset's best backbone in the registry, then write the comparison report."""
+    names = plan(params_path, datasets)["datasets"]
+    champions = [evaluate(params_path, name) for name in names]
+    return {"champions": champions, "report": report(params_path, names)}
+
+
+@flow(name="mammoflow-pipeline")
+def pipeline_flow(
+    params_path: str = "params.yaml",
+    datasets: list[str] | None = None,
+    backbones: list[str] | None = None,
+    dask_address: str | None = None,
+) -> Summary:
+    """The whole study: data, training, evaluation."""
+    data = data_flow(params_path, datasets)
+    trained = train_flow(params_path, datasets, backbones, dask_address)
+    return {"data": data, "train": trained, "evaluate": evaluate_flow(params_path, datasets)}

@@ -1,0 +1,208 @@
+"""Figures and the paper-style comparison (markdown, HTML), from plain numbers.
+
+Figure functions are pure (arrays in, matplotlib figure out); the comparison is built from the
+per-backbone summaries (the train stage's metrics JSON or MLflow parent runs).
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+PAPER_METRICS = (
+    ("accuracy", "Accuracy"),
+    ("precision_macro", "Precision"),
+    ("recall_macro", "Recall"),
+    ("f1_macro", "F1"),
+)
+
+
+def _plt() -> Any:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def confusion_figure(y_true: np.ndarray, y_prob: np.ndarray, class_names: Sequence[str]) -> Any:
+    """Confusion matrix heat map with counts."""
+    from mammoflow.metrics import confusion_matrix
+
+    plt = _plt()
+    cm = confusion_matrix(y_true, np.asarray(y_prob).argmax(axis=1), len(class_names))
+    fig, ax = plt.subplots(figsize=(3.6, 3.2), dpi=100)
+    ax.imshow(cm, cmap="Blues")
+    ax.set_xticks(range(len(class_names)), class_names, rotation=30)
+    ax.set_yticks(range(len(class_names)), class_names)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("actual")
+    for i in range(cm.shape[0]):
+        for j in range(cm.shape[1]):
+            ax.text(j, i, str(cm[i, j]), ha="center", va="center")
+    fig.tight_layout()
+    return fig
+
+
+def roc_figure(y_true: np.ndarray, y_prob: np.ndarray, class_names: Sequence[str]) -> Any:
+    """ROC curve of the malignant class (the last) against the rest."""
+    from mammoflow.metrics import binary_roc_auc, roc_points
+
+    plt = _plt()
+    pts = roc_points(y_true, y_prob)
+    prob = np.asarray(y_prob)
+    auc = binary_roc_auc(np.asarray(y_true) == prob.shape[1] - 1, prob[:, -1])
+    fig, ax = plt.subplots(figsize=(3.6, 3.2), dpi=100)
+    ax.plot([p["fpr"] for p in pts], [p["tpr"] for p in pts], label=f"AUC {auc:.3f}")
+    ax.plot([0, 1], [0, 1], ls="--", c="grey", lw=0.8)
+    ax.set_xlabel("false positive rate")
+    ax.set_ylabel(f"true positive rate ({class_names[-1]})")
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    return fig
+
+
+def curves_figure(history: Mapping[str, Sequence[float]]) -> Any:
+    """Training curves: loss and accuracy per epoch, train and validation."""
+    plt = _plt()
+    fig, axes = plt.subplots(1, 2, figsize=(7, 3), dpi=100)
+    for ax, metric in zip(axes, ("loss", "accuracy"), strict=True):
+        for key, style in ((metric, "-"), (f"val_{metric}", "--")):
+            if key in history:
+                ax.plot(range(1, len(history[key]) + 1), history[key], style, label=key)
+        ax.set_xlabel("epoch")
+        ax.set_title(metric)
+        ax.legend()
+    fig.tight_layout()
+    return fig
+
+
+def folds_figure(fold_metrics: Mapping[int, Mapping[str, float]], title: str) -> Any:
+    """The paper's four metrics per fold, as points, with the mean."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(5, 3), dpi=100)
+    for x, (key, _label) in enumerate(PAPER_METRICS):
+        vals = [m[key] for m in fold_metrics.values() if key in m and math.isfinite(m[key])]
+        ax.scatter([x] * len(vals), vals, alpha=0.6)
+        if vals:
+            ax.hlines(float(np.mean(vals)), x - 0.25, x + 0.25, colors="k")
+    ax.set_xticks(range(len(PAPER_METRICS)), [lbl for _, lbl in PAPER_METRICS])
+    ax.set_ylim(0, 1.05)
+    ax.set_title(f"{title}: validation folds")
+    fig.tight_layout()
+    return fig
+
+
+def comparison_figure(rows: Sequence[Mapping[str, Any]], dataset: str) -> Any:
+    """Bars of CV mean ± std of the paper's metrics, one group per backbone."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(7, 3.4), dpi=100)
+    width = 0.8 / max(len(rows), 1)
+    for i, row in enumerate(rows):
+        means = [row["cv"].get(f"{k}_mean", math.nan) for k, _ in PAPER_METRICS]
+        stds = [row["cv"].get(f"{k}_std", 0.0) for k, _ in PAPER_METRICS]
+        xs = np.arange(len(PAPER_METRICS)) + i * width
+        ax.bar(xs, means, width, yerr=stds, capsize=2, label=row["backbone"])
+    ax.set_xticks(
+        np.arange(len(PAPER_METRICS)) + 0.4 - width / 2, [lbl for _, lbl in PAPER_METRICS]
+    )
+    ax.set_ylim(0, 1.05)
+    ax.set_title(f"{dataset}: {len(rows)} backbones, K-fold mean ± std")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def _pct(v: float | None) -> str:
+    return "–" if v is None or not math.isfinite(v) else f"{100 * v:.1f}"
+
+
+def comparison_table(rows: Sequence[Mapping[str, Any]]) -> list[list[str]]:
+    """The paper's Tables 2–3 layout: per backbone, CV mean ± std and test value [95 % CI]."""
+    header = ["Backbone"] + [lbl for _, lbl in PAPER_METRICS] + ["Test F1 [95% CI]", "Test AUC"]
+    out = [header]
+    for row in rows:
+        cells = [row["backbone"]]
+        for key, _ in PAPER_METRICS:
+            cells.append(
+                f"{_pct(row['cv'].get(f'{key}_mean'))} ± {_pct(row['cv'].get(f'{key}_std'))}"
+            )
+        ci = row.get("test_ci", {}).get("f1_macro", {})
+        cells.append(
+            f"{_pct(row['test'].get('f1_macro'))} [{_pct(ci.get('low'))}, {_pct(ci.get('high'))}]"
+        )
+        cells.append(_pct(row["test"].get("roc_auc")))
+        out.append(cells)
+    return out
+
+
+def markdown(tables: Mapping[str, list[list[str]]], notes: Sequence[str] = ()) -> str:
+    """The comparison as markdown, one table per dataset."""
+    lines = ["# MammoFlow comparison", ""]
+    for dataset, table in tables.items():
+        lines += [f"## {dataset}", "", "| " + " | ".join(table[0]) + " |"]
+        lines.append("|" + "---|" * len(table[0]))
+        lines += ["| " + " | ".join(r) + " |" for r in table[1:]]
+        lines.append("")
+    lines += [
+        "Values in %: validation mean ± std over the K folds; test = held-out patients, "
+        "95 % CI by patient-level bootstrap.",
+        *notes,
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def figure_png(fig: Any) -> bytes:
+    """Render a figure to PNG bytes (and close it)."""
+    plt = _plt()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", metadata={"Software": None})
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def html_report(
+    tables: Mapping[str, list[list[str]]], figures: Mapping[str, bytes], notes: Sequence[str] = ()
+) -> str:
+    """A self-contained HTML page with the tables and the figures inlined."""
+    parts = [
+        "<!doctype html><html><head><meta charset='utf-8'><title>MammoFlow comparison</title>",
+        "<style>body{font-family:sans-serif;margin:2em}table{border-collapse:collapse}"
+        "td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}"
+        "td:first-child{text-align:left}</style></head><body><h1>MammoFlow comparison</h1>",
+    ]
+    for dataset, table in tables.items():
+        parts.append(f"<h2>{html.escape(dataset)}</h2><table><tr>")
+        parts += [f"<th>{html.escape(c)}</th>" for c in table[0]]
+        parts.append("</tr>")
+        for row in table[1:]:
+            parts.append("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>")
+        parts.append("</table>")
+        if dataset in figures:
+            b64 = base64.b64encode(figures[dataset]).decode()
+            parts.append(
+                f"<p><img alt='{html.escape(dataset)}' src='data:image/png;base64,{b64}'></p>"
+            )
+    parts += [f"<p>{html.escape(n)}</p>" for n in notes]
+    parts.append("</body></html>")
+    return "\n".join(parts)
+
+
+def console_table(dataset: str, table: list[list[str]]) -> Any:
+    """A rich table for the terminal."""
+    from rich.table import Table
+
+    t = Table(title=f"{dataset} — validation mean ± std (%), test [95% CI]")
+    for i, col in enumerate(table[0]):
+        t.add_column(col, justify="left" if i == 0 else "right")
+    for row in table[1:]:
+        t.add_row(*row)
+    return t

