@@ -25,7 +25,7 @@ venv: $(VENV)/.installed ## create .venv from uv.lock
 
 run: venv ## the whole pipeline on the embedded sample data (dvc repro)
 	$(VENV)/bin/dvc repro
-	$(VENV)/bin/mammoflow status
+	$(VENV)/bin/mammoflow compare --no-write
 
 test: venv lint typecheck ## lint, type-check and the whole test suite
 	$(VENV)/bin/pytest -q
@@ -43,6 +43,11 @@ unit: venv ## fast unit tests only
 bench: venv ## benchmarks (print JSON)
 	$(PY) benchmarks/bench_convert.py
 	$(PY) benchmarks/bench_training.py
+
+ui: venv ## MLflow UI on the local store (http://127.0.0.1:5000)
+	@echo "MLflow UI: http://127.0.0.1:$${MLFLOW_UI_PORT:-5000}  (Ctrl-C stops)"
+	$(VENV)/bin/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db \
+		--default-artifact-root $(CURDIR)/mlartifacts --host 127.0.0.1 --port $${MLFLOW_UI_PORT:-5000}
 
 serve: venv ## local Prefect server + worker running the scheduled deployments (Ctrl-C stops)
 	infra/serve.sh

@@ -857,6 +857,15 @@ class Stack:
             raise StackError("cannot start the stack; missing:\n  - " + "\n  - ".join(missing))
         self._prepare_state()
         self.secrets()
+        ports = {
+            "postgres": ["pg_port"],
+            "seaweedfs": list(GRPC_PORT_FIELDS),
+            "mlflow": ["mlflow_port"],
+            "prefect": ["prefect_port"],
+        }
+        for service, fields in ports.items():  # fail before starting anything
+            if self.pid(service) is None:
+                self._check_ports_free(service, fields)
         self.start_seaweedfs()  # starts in the background while PostgreSQL comes up
         self.start_postgres()
         self.ensure_databases()
@@ -967,6 +976,8 @@ def main(argv: list[str] | None = None) -> int:
     remote.add_argument("--repo", type=Path, default=ROOT)
     args = parser.parse_args(argv)
 
+    from mammoflow.storage import StorageError
+
     overrides = {}
     if args.command == "up":
         overrides = {name: getattr(args, name) for name in PORT_FIELDS}
@@ -997,7 +1008,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"{args.repo / '.dvc' / 'config.local'}); credentials come from the "
                 f"environment: source {stack.env_file}"
             )
-    except StackError as exc:
+    except (StackError, StorageError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     return 0

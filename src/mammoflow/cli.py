@@ -51,6 +51,17 @@ def _friendly(func: Callable[P, R]) -> Callable[P, R]:
     return wrapper
 
 
+def _interrupt_on_sigterm() -> None:
+    """Turn SIGTERM (a scheduler or `kill` stopping us) into KeyboardInterrupt, so open MLflow
+    runs are marked FAILED on the way out instead of being left RUNNING."""
+    import signal
+
+    def handler(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    signal.signal(signal.SIGTERM, handler)
+
+
 def _config(params: Path) -> Config:
     return load_config(params)
 
@@ -172,6 +183,7 @@ def train_cmd(
     """K-fold training + held-out test of each backbone, tracked in MLflow (resumable)."""
     from mammoflow.stages import train_stage
 
+    _interrupt_on_sigterm()
     cfg = _config(params)
     for name in backbone or cfg.model.backbones:
         _echo(train_stage(cfg, dataset, name, progress=True))
@@ -208,6 +220,18 @@ def compare_cmd(
     if write:
         out.print(f"Reports: {res['markdown']} and reports/comparison.html")
     out.print("MLflow UI: run `make ui`, then open http://127.0.0.1:5000")
+
+
+@app.command("deploy")
+@_friendly
+def deploy_cmd(
+    pool: Annotated[str, typer.Option(help="Prefect process work pool.")] = "mammoflow-pool",
+    params: ParamsOpt = Path("params.yaml"),
+) -> None:
+    """Register the scheduled Prefect deployments (nightly validation, weekly retrain)."""
+    from mammoflow.deploy import deploy_all
+
+    _echo({"deployments": deploy_all(work_pool=pool, params_path=str(params))})
 
 
 @app.command("config")

@@ -46,7 +46,7 @@ class Layout:
 
     def champion(self, dataset: str) -> Path:
         """Which backbone won on ``dataset`` (DVC metrics of `evaluate`)."""
-        return self.root / "metrics" / dataset / "champion.json"
+        return self.root / "metrics" / "champion" / f"{dataset}.json"
 
     def plots(self, dataset: str, backbone: str) -> Path:
         """DVC plots data (confusion matrix, ROC) of one backbone."""

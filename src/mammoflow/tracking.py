@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import io
 import json
 import logging
 import math
@@ -311,18 +312,20 @@ class Tracker:
             logged = self._client.create_logged_model(
                 run.info.experiment_id, name=MODEL_NAME, source_run_id=run_id
             )
-            info = Model.log(
-                artifact_path=None,
-                name=MODEL_NAME,
-                flavor=mlflow.keras,
-                run_id=run_id,
-                model_id=logged.model_id,
-                model=model,
-                signature=signature,
-                input_example=input_example,
-                save_exported_model=True,
-                pip_requirements=_pip_requirements(),
-            )
+            # Keras' export prints its whole signature to stdout; keep the stage output readable.
+            with contextlib.redirect_stdout(io.StringIO()):
+                info = Model.log(
+                    artifact_path=None,
+                    name=MODEL_NAME,
+                    flavor=mlflow.keras,
+                    run_id=run_id,
+                    model_id=logged.model_id,
+                    model=model,
+                    signature=signature,
+                    input_example=input_example,
+                    save_exported_model=True,
+                    pip_requirements=_pip_requirements(),
+                )
             self._client.set_tag(run_id, "mammoflow.model_uri", info.model_uri)
         return str(info.model_uri)
 
