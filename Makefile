@@ -18,7 +18,7 @@ help: ## list the targets
 # The venv is (re)built from the lock whenever pyproject.toml or uv.lock change.
 $(VENV)/.installed: pyproject.toml uv.lock
 	@if [ -z "$(UV)" ]; then python3 -m pip install --quiet --disable-pip-version-check uv==0.13.8; fi
-	@UV=$$(command -v uv || echo "python3 -m uv"); $$UV sync --frozen --python python3.11
+	@UV=$$(command -v uv || echo "python3 -m uv"); $$UV sync --frozen --compile-bytecode --python python3.11
 	@touch $@
 
 venv: $(VENV)/.installed ## create .venv from uv.lock

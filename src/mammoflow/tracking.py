@@ -293,10 +293,10 @@ class Tracker:
             self._client.log_dict(run_id, obj, artifact_file)
 
     def log_model(self, run_id: str, model: Any, input_example: Any) -> str:
-        """Log a Keras model (Keras 3 flavor, exported SavedModel) with signature and example.
+        """Log a Keras model (Keras 3 flavor, ``.keras`` format) with signature and example.
 
-        The exported format needs no MammoFlow code to load, so ``mlflow models predict`` and
-        ``serve`` work anywhere. The model is attached to ``run_id`` explicitly (no active run).
+        The full model is built from stock Keras layers only, so it loads without MammoFlow's
+        code and ``mlflow models predict`` / ``serve`` work anywhere. The model is attached to ``run_id`` explicitly (no active run).
         Returns the model URI, also set as the run's ``mammoflow.model_uri`` tag.
         """
         import mlflow
@@ -323,7 +323,7 @@ class Tracker:
                     model=model,
                     signature=signature,
                     input_example=input_example,
-                    save_exported_model=True,
+                    save_exported_model=False,
                     pip_requirements=_pip_requirements(),
                 )
             self._client.set_tag(run_id, "mammoflow.model_uri", info.model_uri)

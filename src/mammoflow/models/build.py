@@ -132,48 +132,56 @@ def dtype_policy(precision: str) -> Iterator[None]:
 
 
 @cache
-def _custom_layers() -> dict[str, type]:
-    import keras
+def _grey_affine(name: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-channel ``(scale, offset)`` of backbone ``name``'s ``preprocess_input`` on grey input.
+
+    Every registered ``preprocess_input`` (caffe: BGR flip and mean subtraction; tf: scale to
+    [-1, 1]; torch: ImageNet mean/std; none) is a per-channel affine map, and on a grey image
+    replicated to 3 channels the BGR flip is a no-op. Probing the function itself at 0, 1 and 255
+    recovers the map exactly, so the model uses Keras' numbers, not a copy of them.
+
+    Raises:
+        ModelBuildError: the function is not per-channel affine (a new backbone needing a
+            different preprocessing layer).
+    """
+    import numpy as np
 
     from mammoflow.models.backbones import preprocess_function
 
-    @keras.saving.register_keras_serializable(package="mammoflow")
-    class GreyToRGB(keras.layers.Layer):
-        """Replicate a 1-channel image to 3 channels (3-channel input passes through)."""
+    probe = np.stack([np.full((1, 1, 3), v, np.float32) for v in (0.0, 1.0, 255.0)])
+    out = np.asarray(preprocess_function(name)(probe.copy()), dtype=np.float64)[:, 0, 0, :]
+    offset, scale = out[0], out[1] - out[0]
+    if np.any(scale == 0) or not np.allclose(out[2], scale * 255.0 + offset, rtol=1e-5, atol=1e-3):
+        raise ModelBuildError(
+            f"preprocess_input of {name!r} is not a per-channel affine map on grey images; "
+            "its preprocessing needs its own layer"
+        )
+    return tuple(float(v) for v in scale), tuple(float(v) for v in offset)
 
-        def call(self, x: Any) -> Any:
-            if x.shape[-1] == 1:
-                return keras.ops.concatenate([x, x, x], axis=-1)
-            return x
 
-        def compute_output_shape(self, input_shape: tuple[Any, ...]) -> tuple[Any, ...]:
-            return (*input_shape[:-1], 3)
+def grey_preprocess(name: str, x: Any) -> Any:
+    """Grey ``(…, 1)`` in [0, 255] → 3 channels → backbone ``name``'s preprocess_input.
 
-    @keras.saving.register_keras_serializable(package="mammoflow")
-    class BackbonePreprocess(keras.layers.Layer):
-        """Apply backbone ``backbone``'s own ``preprocess_input`` to RGB in [0, 255]."""
+    Built from stock Keras layers only (Concatenate, Normalization), so a saved model loads
+    without MammoFlow's code (``mlflow models serve`` anywhere).
+    """
+    import keras
 
-        def __init__(self, backbone: str, **kwargs: Any) -> None:
-            super().__init__(**kwargs)
-            get_spec(backbone)
-            self.backbone = backbone
-            self._fn = preprocess_function(backbone)
-
-        def call(self, x: Any) -> Any:
-            return self._fn(keras.ops.cast(x, "float32"))
-
-        def compute_output_shape(self, input_shape: tuple[Any, ...]) -> tuple[Any, ...]:
-            return input_shape
-
-        def get_config(self) -> dict[str, Any]:
-            return {**super().get_config(), "backbone": self.backbone}
-
-    return {"GreyToRGB": GreyToRGB, "BackbonePreprocess": BackbonePreprocess}
+    scale, offset = _grey_affine(name)
+    rgb = keras.layers.Concatenate(axis=-1, name="grey_to_rgb", dtype="float32")([x, x, x])
+    if all(v == 1.0 for v in scale) and all(v == 0.0 for v in offset):
+        return rgb
+    # Normalization computes (x - mean) / sqrt(variance) = scale * x + offset
+    mean = [-o / s for s, o in zip(scale, offset, strict=True)]
+    variance = [1.0 / (s * s) for s in scale]
+    return keras.layers.Normalization(
+        mean=mean, variance=variance, name="preprocess", dtype="float32"
+    )(rgb)
 
 
 def custom_objects() -> dict[str, type]:
-    """Custom layers to pass to ``keras.models.load_model`` for an exported full model."""
-    return dict(_custom_layers())
+    """Custom layers needed to load a saved full model: none (stock Keras layers only)."""
+    return {}
 
 
 def _is_batchnorm(layer: Any) -> bool:
@@ -404,14 +412,12 @@ def preprocessing_model(bb: BackboneModel, *, resize: bool = True) -> Any:
     """``grey (any size, [0, 255]) → Resizing → 3 channels → preprocess_input`` as a Keras model."""
     import keras
 
-    layers = _custom_layers()
     shape = (None, None, 1) if resize else (bb.input_size, bb.input_size, 1)
     inp = keras.Input(shape=shape, name="image")
     x = inp
     if resize:
         x = keras.layers.Resizing(bb.input_size, bb.input_size, dtype="float32", name="resize")(x)
-    x = layers["GreyToRGB"](name="grey_to_rgb", dtype="float32")(x)
-    x = layers["BackbonePreprocess"](bb.name, name="preprocess", dtype="float32")(x)
+    x = grey_preprocess(bb.name, x)
     return keras.Model(inp, x, name=f"{bb.name}_preprocess")
 
 
@@ -424,7 +430,6 @@ def full_model(bb: BackboneModel, tail_and_head: Any, *, augment: bool = False) 
     """
     import keras
 
-    layers = _custom_layers()
     inp = keras.Input(shape=(None, None, 1), name="image")
     x = keras.layers.Resizing(bb.input_size, bb.input_size, dtype="float32", name="resize")(inp)
     if augment:
@@ -432,8 +437,7 @@ def full_model(bb: BackboneModel, tail_and_head: Any, *, augment: bool = False) 
         x = keras.layers.RandomRotation(
             0.05, fill_mode="constant", dtype="float32", name="aug_rot"
         )(x)
-    x = layers["GreyToRGB"](name="grey_to_rgb", dtype="float32")(x)
-    x = layers["BackbonePreprocess"](bb.name, name="preprocess", dtype="float32")(x)
+    x = grey_preprocess(bb.name, x)
     x = bb.prefix(x, training=False)
     out = tail_and_head(x)
     return keras.Model(inp, out, name=f"{bb.name}_full")
