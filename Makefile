@@ -10,7 +10,7 @@ export TF_CPP_MIN_LOG_LEVEL := 2
 export GX_ANALYTICS_ENABLED := false
 export MLFLOW_ENABLE_ASYNC_LOGGING ?= false
 
-.PHONY: help venv run test lint typecheck unit integration bench ui serve clean-venv
+.PHONY: help venv run test lint typecheck unit integration bench ui serve stack-up stack-down stack-status clean-venv
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -51,6 +51,15 @@ ui: venv ## MLflow UI on the local store (http://127.0.0.1:5000)
 
 serve: venv ## local Prefect server + worker running the scheduled deployments (Ctrl-C stops)
 	infra/serve.sh
+
+stack-up: venv ## start the local team stack (PostgreSQL, SeaweedFS S3, MLflow, Prefect), no Docker
+	$(PY) -m infra.local.stack up
+
+stack-down: ## stop the local team stack (data kept in infra/local/state/)
+	$(PY) -m infra.local.stack down
+
+stack-status: ## health of the local team stack
+	$(PY) -m infra.local.stack status
 
 clean-venv: ## remove .venv
 	rm -rf $(VENV)

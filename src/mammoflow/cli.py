@@ -26,6 +26,8 @@ app = typer.Typer(
 )
 ingest_app = typer.Typer(help="Ingest a raw dataset into a manifest.", no_args_is_help=True)
 app.add_typer(ingest_app, name="ingest")
+storage_app = typer.Typer(help="S3 storage of the team stack.", no_args_is_help=True)
+app.add_typer(storage_app, name="storage")
 
 console = Console(stderr=True)
 out = Console()
@@ -232,6 +234,21 @@ def deploy_cmd(
     from mammoflow.deploy import deploy_all
 
     _echo({"deployments": deploy_all(work_pool=pool, params_path=str(params))})
+
+
+@storage_app.command("check")
+@_friendly
+def storage_check_cmd(
+    bucket: Annotated[str, typer.Option(help="Bucket to check.")],
+    prefix: Annotated[str, typer.Option(help="Key prefix for the round-trip object.")] = "",
+    endpoint: Annotated[str | None, typer.Option(help="S3 endpoint (default: from env).")] = None,
+) -> None:
+    """Check credentials, bucket and a write/read/delete round trip before a long run."""
+    from mammoflow.storage import check_storage
+
+    report = check_storage(bucket, prefix, endpoint_url=endpoint)
+    _echo(report.to_dict())
+    report.raise_for_error()
 
 
 @app.command("config")

@@ -1,0 +1,109 @@
+"""`dvc repro` end to end in a temporary clone: run, no-op, a param change, push/pull."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+ROOT = Path(__file__).resolve().parents[2]
+BIN = Path(sys.executable).parent
+
+
+def _run(cmd: list[str], cwd: Path) -> str:
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    res = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
+    assert res.returncode == 0, f"{cmd} failed:\n{res.stdout[-4000:]}\n{res.stderr[-4000:]}"
+    return res.stdout + res.stderr
+
+
+def _ran(output: str) -> list[str]:
+    return re.findall(r"Running stage '([^']+)'", output)
+
+
+@pytest.fixture(scope="module")
+def clone(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A copy of the tracked project files, as a fresh git repo, with small params."""
+    dest = tmp_path_factory.mktemp("clone") / "project"
+    files = subprocess.run(
+        ["git", "ls-files", "-co", "--exclude-standard"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split()
+    for rel in files:
+        src = ROOT / rel
+        if src.is_file() and not rel.startswith(("metrics/", "plots/")) and rel != "dvc.lock":
+            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dest / rel)
+    raw = yaml.safe_load((dest / "params.yaml").read_text())
+    raw["pipeline"]["datasets"] = ["sample_mias"]
+    raw["sample"].update({"mias_patients": 15, "size": 64})
+    raw["convert"].update({"size": 64, "workers": 1})
+    raw["split"]["k_folds"] = 3
+    raw["model"].update({"backbones": ["vgg16"], "input_size": 32})
+    raw["train"].update({"epochs": 1, "batch_size": 8})
+    raw["evaluate"]["bootstrap"] = 20
+    raw["tracking"]["log_models"] = "final"
+    (dest / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+    remote = dest.parent / "remote"
+    for cmd in (
+        ["git", "init", "-q"],
+        ["git", "-c", "user.email=t@t", "-c", "user.name=t", "add", "-A"],
+        ["git", "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-qm", "clone"],
+    ):
+        subprocess.run(cmd, cwd=dest, check=True)
+    _run(["dvc", "remote", "add", "-d", "-f", "--local", "test", str(remote)], dest)
+    return dest
+
+
+def test_repro_noop_param_change_and_push_pull(clone: Path) -> None:
+    first = _ran(_run(["dvc", "repro"], clone))
+    assert first[:4] == [
+        "acquire@sample_mias",
+        "ingest@sample_mias",
+        "validate@sample_mias",
+        "convert@sample_mias",
+    ]
+    assert first[4:] == [
+        "split@sample_mias",
+        "train@sample_mias-vgg16",
+        "evaluate@sample_mias",
+        "report",
+    ]
+    assert (clone / "reports/comparison.md").is_file()
+    metrics = _run(["dvc", "metrics", "show", "--json"], clone)
+    assert "f1_macro_mean" in metrics and "vgg16" in metrics
+
+    assert _ran(_run(["dvc", "repro"], clone)) == []  # nothing changed: nothing runs
+
+    raw = yaml.safe_load((clone / "params.yaml").read_text())
+    raw["train"]["epochs"] = 2
+    (clone / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+    assert _ran(_run(["dvc", "repro"], clone)) == [
+        "train@sample_mias-vgg16",
+        "evaluate@sample_mias",
+        "report",
+    ]
+
+    _run(["dvc", "push"], clone)
+    processed = clone / "data/processed/sample_mias"
+    before = {p.relative_to(processed): p.read_bytes() for p in processed.rglob("*") if p.is_file()}
+    shutil.rmtree(clone / "data")
+    shutil.rmtree(clone / "models")
+    shutil.rmtree(clone / ".dvc/cache")
+    _run(["dvc", "pull"], clone)
+    after = {p.relative_to(processed): p.read_bytes() for p in processed.rglob("*") if p.is_file()}
+    assert after == before
+    assert (clone / "models/sample_mias/vgg16/head.keras").is_file()
+    assert _ran(_run(["dvc", "repro"], clone)) == []  # pulled outputs are up to date

@@ -1,0 +1,131 @@
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from mammoflow import report
+from mammoflow.config import load_config
+from mammoflow.study import _finite, dvc_data_hash, study_params
+from mammoflow.tracking import config_hash, experiment_name, registered_model_name
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _row(backbone: str, f1: float) -> dict:
+    return {
+        "backbone": backbone,
+        "cv": {
+            "accuracy_mean": 0.8,
+            "accuracy_std": 0.05,
+            "f1_macro_mean": f1,
+            "f1_macro_std": 0.1,
+            "precision_macro_mean": 0.7,
+            "precision_macro_std": 0.02,
+            "recall_macro_mean": 0.6,
+            "recall_macro_std": math.nan,
+        },
+        "test": {"f1_macro": 0.5, "roc_auc": 0.9},
+        "test_ci": {"f1_macro": {"low": 0.3, "high": 0.7}},
+    }
+
+
+def test_comparison_table_layout() -> None:
+    table = report.comparison_table([_row("vgg16", 0.75), _row("resnet50", 0.5)])
+    assert table[0] == [
+        "Backbone",
+        "Accuracy",
+        "Precision",
+        "Recall",
+        "F1",
+        "Test F1 [95% CI]",
+        "Test AUC",
+    ]
+    assert table[1] == [
+        "vgg16",
+        "80.0 ± 5.0",
+        "70.0 ± 2.0",
+        "60.0 ± –",
+        "75.0 ± 10.0",
+        "50.0 [30.0, 70.0]",
+        "90.0",
+    ]
+
+
+def test_markdown_and_html() -> None:
+    tables = {"sample_mias": report.comparison_table([_row("vgg16", 0.75)])}
+    md = report.markdown(tables, ["note <b>"])
+    assert "## sample_mias" in md and "| vgg16 | 80.0 ± 5.0 |" in md
+    png = report.figure_png(report.comparison_figure([_row("vgg16", 0.75)], "sample_mias"))
+    assert png.startswith(b"\x89PNG")
+    page = report.html_report(tables, {"sample_mias": png}, ["note <b>"])
+    assert "note &lt;b&gt;" in page and "data:image/png;base64," in page
+
+
+def test_figures_render() -> None:
+    y = np.array([0, 1, 2, 2, 1, 0])
+    p = np.eye(3)[[0, 1, 2, 1, 1, 0]] * 0.8 + 0.2 / 3
+    for fig in (
+        report.confusion_figure(y, p, ["normal", "benign", "malignant"]),
+        report.roc_figure(y, p, ["normal", "benign", "malignant"]),
+        report.curves_figure({"loss": [1.0, 0.5], "val_loss": [1.1, 0.9]}),
+        report.folds_figure({1: {"accuracy": 0.5, "f1_macro": 0.4}}, "vgg16"),
+    ):
+        assert report.figure_png(fig).startswith(b"\x89PNG")
+
+
+def test_study_params_exclude_backbone_list() -> None:
+    cfg = load_config(ROOT / "params.yaml")
+    params = study_params(cfg, "sample_mias")
+    assert "model.backbones" not in params
+    assert params["dataset.kind"] == "mias"
+    assert "train.epochs" in params and "split.k_folds" in params
+    assert not any(k.startswith(("sample.", "ingest.", "datasets.")) for k in params)
+
+
+def test_config_hash_changes_with_each_input() -> None:
+    base = config_hash({"a": 1}, "d1", "s1")
+    assert base == config_hash({"a": 1}, "d1", "s1")
+    assert (
+        len(
+            {
+                base,
+                config_hash({"a": 2}, "d1", "s1"),
+                config_hash({"a": 1}, "d2", "s1"),
+                config_hash({"a": 1}, "d1", "s2"),
+            }
+        )
+        == 4
+    )
+
+
+def test_names() -> None:
+    assert experiment_name("mias") == "mammoflow-mias"
+    assert registered_model_name("cmmd") == "mammoflow-cmmd"
+
+
+def test_dvc_data_hash(tmp_path: Path) -> None:
+    assert dvc_data_hash("x", tmp_path) == "unknown"
+    lock = {
+        "schema": "2.0",
+        "stages": {"convert@x": {"outs": [{"path": "data/processed/x", "md5": "abc.dir"}]}},
+    }
+    (tmp_path / "dvc.lock").write_text(yaml.safe_dump(lock))
+    assert dvc_data_hash("x", tmp_path) == "abc.dir"
+
+
+def test_finite_makes_strict_json() -> None:
+    assert _finite({"a": math.nan, "b": [1.0, math.inf], "c": "s"}) == {
+        "a": None,
+        "b": [1.0, None],
+        "c": "s",
+    }
+
+
+@pytest.mark.parametrize("bad", [math.nan])
+def test_table_handles_missing_values(bad: float) -> None:
+    row = _row("vgg19", bad)
+    assert report.comparison_table([row])[1][4] == "– ± 10.0"
