@@ -151,6 +151,120 @@ class TrackingConfig(_Section):
     registry_metric: str = "test_f1_macro"
 
 
+#: Validation metrics a tuning study can optimise (keys of ``metrics.compute_metrics``; a
+#: per-class ``f1_<class>`` / ``precision_<class>`` / ``recall_<class>`` is accepted as well).
+TUNE_METRICS = (
+    "accuracy",
+    "balanced_accuracy",
+    "roc_auc",
+    "sensitivity",
+    "specificity",
+    "f1_macro",
+    "f1_weighted",
+    "precision_macro",
+    "precision_weighted",
+    "recall_macro",
+    "recall_weighted",
+)
+
+
+class FloatRange(_Section):
+    """A float search range; ``log: true`` samples log-uniformly (``low`` must be > 0)."""
+
+    low: float
+    high: float
+    log: bool = False
+
+    @model_validator(mode="after")
+    def _ordered(self) -> FloatRange:
+        if self.low > self.high:
+            raise ValueError(f"low {self.low} is above high {self.high}")
+        if self.log and self.low <= 0:
+            raise ValueError(f"a log range needs low > 0 (got {self.low})")
+        return self
+
+
+def _range_within(rng: FloatRange, name: str, low: float, high: float, high_open: bool) -> None:
+    too_high = rng.high >= high if high_open else rng.high > high
+    if rng.low < low or too_high:
+        bound = f"{high})" if high_open else f"{high}]"
+        raise ValueError(f"{name} range [{rng.low}, {rng.high}] must lie in [{low}, {bound}")
+
+
+_CLASS_WEIGHTS: tuple[Literal["balanced", "none"], ...] = ("balanced", "none")
+
+
+class TuneSpace(_Section):
+    """The Optuna search space: lists are categorical choices, ranges are floats."""
+
+    head_units: list[Annotated[int, Field(ge=8, le=8192)]] = Field(
+        default_factory=lambda: [128, 256, 512, 1024], min_length=1
+    )
+    dropout: FloatRange = Field(default_factory=lambda: FloatRange(low=0.1, high=0.6))
+    learning_rate: FloatRange = Field(
+        default_factory=lambda: FloatRange(low=1e-5, high=1e-1, log=True)
+    )
+    momentum: FloatRange = Field(default_factory=lambda: FloatRange(low=0.5, high=0.99))
+    batch_size: list[Annotated[int, Field(ge=1, le=1024)]] = Field(
+        default_factory=lambda: [8, 16, 32], min_length=1
+    )
+    trainable_layers: list[Annotated[int, Field(ge=0, le=50)]] = Field(
+        default_factory=lambda: [1, 2, 3, 4], min_length=1
+    )
+    class_weight: list[Literal["balanced", "none"]] = Field(
+        default_factory=lambda: list(_CLASS_WEIGHTS), min_length=1
+    )
+
+    @model_validator(mode="after")
+    def _ranges_fit_the_model(self) -> TuneSpace:
+        _range_within(self.dropout, "dropout", 0.0, 1.0, high_open=True)
+        if self.learning_rate.low <= 0:
+            raise ValueError("learning_rate range must be above 0")
+        _range_within(self.learning_rate, "learning_rate", 0.0, 1.0, high_open=False)
+        _range_within(self.momentum, "momentum", 0.0, 1.0, high_open=True)
+        for name in ("head_units", "batch_size", "trainable_layers", "class_weight"):
+            values = getattr(self, name)
+            if len(set(values)) != len(values):
+                raise ValueError(f"{name} lists a choice twice: {values!r}")
+        return self
+
+
+class TuneConfig(_Section):
+    """Hyperparameter search (Optuna): space, objective, sampler, pruner and storage."""
+
+    direction: Literal["maximize", "minimize"] = "maximize"
+    metric: str = "f1_macro"  # mean over the CV folds of this validation metric
+    n_trials: Annotated[int, Field(ge=1, le=100_000)] = 20
+    timeout: Annotated[float, Field(gt=0)] | None = None  # seconds per invocation; null = none
+    seed: int = 42  # TPE seed (worker i of a parallel run uses seed + i)
+    sampler_startup_trials: Annotated[int, Field(ge=0, le=1000)] = 5
+    pruner: Literal["median", "hyperband", "none"] = "median"
+    pruner_startup_trials: Annotated[int, Field(ge=0, le=1000)] = 3
+    pruner_warmup_folds: Annotated[int, Field(ge=0, le=20)] = 0
+    storage: str = "sqlite:///optuna.db"  # env MAMMOFLOW_OPTUNA_STORAGE overrides
+    workers: Annotated[int, Field(ge=1, le=64)] = 1
+    use_best: bool = False  # train stage: apply tuning/<dataset>-<backbone>.json
+    space: TuneSpace = Field(default_factory=TuneSpace)
+
+    @field_validator("metric")
+    @classmethod
+    def _known_metric(cls, value: str) -> str:
+        per_class = value.startswith(("f1_", "precision_", "recall_"))
+        if value not in TUNE_METRICS and not per_class:
+            raise ValueError(f"unknown metric {value!r}; choose one of {list(TUNE_METRICS)!r}")
+        return value
+
+    @field_validator("storage")
+    @classmethod
+    def _storage_url(cls, value: str) -> str:
+        if "://" not in value:
+            raise ValueError(
+                f"storage {value!r} is not a database URL; use e.g. sqlite:///optuna.db or "
+                "postgresql://user:password@host:5432/optuna"
+            )
+        return value
+
+
 class Config(_Section):
     """The whole of params.yaml."""
 
@@ -165,6 +279,7 @@ class Config(_Section):
     train: TrainConfig = Field(default_factory=TrainConfig)
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    tune: TuneConfig = Field(default_factory=TuneConfig)
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 

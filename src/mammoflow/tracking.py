@@ -2,6 +2,8 @@
 
 * Store: ``MLFLOW_TRACKING_URI`` when set (a team server), else SQLite at ``./mlflow.db`` with
   artifacts under ``./mlartifacts/`` — no server needed.
+  A server is probed first (:func:`check_server`): down or unable to reach its database, it
+  is a :class:`TrackingUnavailable` error within seconds, not minutes of MLflow retries.
 * One experiment per dataset, ``mammoflow-<dataset>``.
 * Per pipeline execution one parent run per backbone (named after it), and under it one nested
   run per fold (``fold-1`` … ``fold-k``) and one for the held-out test evaluation (``test``).
@@ -20,6 +22,7 @@ import json
 import logging
 import math
 import os
+import re
 import tempfile
 import time
 from collections.abc import Iterator, Mapping, Sequence
@@ -35,12 +38,20 @@ TAG_BACKBONE = "mammoflow.backbone"
 TAG_FOLD = "mammoflow.fold"
 TAG_DATASET = "mammoflow.dataset"
 MODEL_NAME = "model"
+TAG_STUDY = "mammoflow.study"  # Optuna study name (tuning runs)
+TAG_TRIAL = "mammoflow.trial"  # Optuna trial number
+TAG_TRIAL_STATE = "mammoflow.trial_state"  # complete | pruned | failed
 _BATCH = 100  # MLflow log_batch accepts at most 100 params / tags and 1000 metrics per call
 
 
 def experiment_name(dataset: str) -> str:
     """``mammoflow-<dataset>``."""
     return f"mammoflow-{dataset}"
+
+
+def tuning_experiment_name(dataset: str) -> str:
+    """``mammoflow-<dataset>-tuning``: Optuna studies, kept apart from the training runs."""
+    return f"mammoflow-{dataset}-tuning"
 
 
 def registered_model_name(dataset: str) -> str:
@@ -74,6 +85,97 @@ def _quiet_mlflow() -> None:
     os.environ.setdefault("DO_NOT_TRACK", "true")
 
 
+# MLflow's own defaults (7 retries with exponential backoff, 120 s per request) turn a dead
+# tracking server into minutes of silence; these apply unless the environment sets them.
+HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "3", "MLFLOW_HTTP_REQUEST_TIMEOUT": "60"}
+PROBE_TIMEOUT_S = 10.0  # per probe request (no retries)
+_STACK_HINT = (
+    "check the server with `python -m infra.local.stack status` (the local team stack; "
+    "`python -m infra.local.stack up` starts what is down, logs in infra/local/state/logs/) "
+    "or the server's own logs, or unset MLFLOW_TRACKING_URI to track into ./mlflow.db"
+)
+
+
+class TrackingUnavailable(ValueError):  # noqa: N818 (the documented name)
+    """The MLflow tracking server cannot be reached or cannot serve requests."""
+
+
+def _short_reason(exc: BaseException) -> str:
+    """``[Errno 111] Connection refused`` out of requests' nested messages, else the text."""
+    text = str(exc)
+    found = re.search(r"\[Errno -?\d+\][^'\")]*", text)
+    if found:
+        return found.group(0).strip()
+    if "timeout" in text.lower() or "timed out" in text.lower():
+        return "timed out"
+    return text[:300]
+
+
+def check_server(uri: str, timeout: float = PROBE_TIMEOUT_S) -> None:
+    """Fail fast unless the HTTP tracking server at ``uri`` is up and can reach its store.
+
+    Probes ``GET /health`` (is the server there) and one API call, an experiment search (can it
+    reach its database), each once, without retries, within ``timeout`` seconds. Credentials
+    (``MLFLOW_TRACKING_USERNAME`` / ``_PASSWORD`` / ``_TOKEN``) are sent as MLflow sends them.
+
+    Raises:
+        TrackingUnavailable: naming ``uri``, the server's reason and where to look.
+    """
+    from mlflow.exceptions import MlflowException
+    from mlflow.utils.credentials import get_default_host_creds
+    from mlflow.utils.rest_utils import http_request
+
+    creds = get_default_host_creds(uri)
+
+    def request(endpoint: str, method: str, **kwargs: Any) -> Any:
+        try:
+            return http_request(
+                creds,
+                endpoint,
+                method,
+                max_retries=0,
+                backoff_factor=0,
+                timeout=timeout,
+                raise_on_status=False,
+                **kwargs,
+            )
+        except MlflowException as exc:
+            raise TrackingUnavailable(
+                f"cannot reach the MLflow tracking server {uri} (MLFLOW_TRACKING_URI): "
+                f"{_short_reason(exc)}; {_STACK_HINT}"
+            ) from None
+
+    health = request("/health", "GET")
+    if health.status_code >= 500:  # other answers: the API call below decides
+        raise TrackingUnavailable(
+            f"the MLflow tracking server {uri} is unhealthy: GET /health answered "
+            f"{health.status_code} {health.text.strip()[:200]!r}; {_STACK_HINT}"
+        )
+    endpoint = "/api/2.0/mlflow/experiments/search"
+    answer = request(endpoint, "POST", json={"max_results": 1})
+    if answer.status_code == 200:
+        return
+    if answer.status_code == 429:  # up but rate-limiting: MLflow's retries are made for that
+        log.warning("MLflow tracking server %s is rate-limiting requests (429)", uri)
+        return
+    try:
+        body = answer.json()
+        reason = f"{body.get('error_code', '')}: {body.get('message', '')}".strip(": ")
+    except ValueError:
+        reason = answer.text.strip()
+    reason = reason[:500] or answer.reason
+    if answer.status_code in (401, 403):
+        fix = "set MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD (or _TOKEN) for it"
+    elif answer.status_code >= 500:
+        fix = f"the server cannot serve requests (is its database up?); {_STACK_HINT}"
+    else:
+        fix = f"is {uri} an MLflow tracking server? {_STACK_HINT}"
+    raise TrackingUnavailable(
+        f"the MLflow tracking server {uri} answered {answer.status_code} to {endpoint}: "
+        f"{reason}; {fix}"
+    )
+
+
 @dataclass
 class Tracker:
     """An MLflow client bound to one store; every call names its run explicitly."""
@@ -89,6 +191,10 @@ class Tracker:
 
         self.uri = self.uri or tracking_uri(self.root)
         t0 = time.perf_counter()
+        if self.uri.startswith(("http://", "https://")):
+            for key, value in HTTP_DEFAULTS.items():
+                os.environ.setdefault(key, value)
+            check_server(self.uri)  # fail fast, not after minutes of retries
         self._client = MlflowClient(tracking_uri=self.uri, registry_uri=self.uri)
         self.seconds += time.perf_counter() - t0
 
@@ -220,6 +326,65 @@ class Tracker:
                 self.end(run_id, "FAILED")
             raise
         self.end(run_id, "FINISHED")
+
+    # ------------------------------------------------------------------ tuning (Optuna)
+
+    def tuning_experiment_id(self, dataset: str) -> str:
+        """Get or create the dataset's tuning experiment (``mammoflow-<dataset>-tuning``)."""
+        name = tuning_experiment_name(dataset)
+        with self.timed():
+            exp = self._client.get_experiment_by_name(name)
+            if exp is not None:
+                if exp.lifecycle_stage == "deleted":
+                    self._client.restore_experiment(exp.experiment_id)
+                return str(exp.experiment_id)
+            return str(
+                self._client.create_experiment(
+                    name,
+                    artifact_location=artifact_root(self.root),
+                    tags={TAG_DATASET: dataset, TAG_ROLE: "tuning"},
+                )
+            )
+
+    def open_study_parent(
+        self,
+        experiment_id: str,
+        study_name: str,
+        tags: Mapping[str, str],
+        params: Mapping[str, Any],
+        run_id: str | None = None,
+    ) -> tuple[str, bool]:
+        """Reopen the parent run of an Optuna study, or create it.
+
+        A study is identified by its storage and name, so the caller passes the parent it
+        recorded in the study (``run_id``); it is reopened if this store has it, else a new
+        parent is created. Trials of the study (from any worker or invocation) are nested under
+        it with :meth:`start_child` (role ``trial``). Returns ``(run_id, resumed)``.
+        """
+        from mlflow.exceptions import MlflowException
+
+        with self.timed():
+            if run_id:
+                try:
+                    run = self._client.get_run(run_id)
+                except MlflowException:
+                    run = None
+                if (
+                    run is not None
+                    and run.info.lifecycle_stage == "active"
+                    and run.info.experiment_id == experiment_id
+                ):
+                    self._client.update_run(run_id, status="RUNNING")
+                    self._log_tags(run_id, tags)
+                    return run_id, True
+            run = self._client.create_run(
+                experiment_id,
+                run_name=study_name,
+                tags={TAG_ROLE: "study", TAG_STUDY: study_name, **tags},
+            )
+            new_id = str(run.info.run_id)
+            self._log_params(new_id, params)
+            return new_id, False
 
     # ------------------------------------------------------------------ logging
 

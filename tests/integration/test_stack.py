@@ -7,9 +7,11 @@ directory removed). Skipped only where the PostgreSQL server binaries or ``weed`
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
+import signal
 import stat
 import subprocess
 import sys
@@ -22,6 +24,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+import yaml
 from infra.local import stack as stack_mod
 
 from mammoflow import storage
@@ -34,6 +37,8 @@ PHI_NEEDLES = [FAKE_PHI["PatientName"], FAKE_PHI["AccessionNumber"], FAKE_PHI["I
 AUTH_SERVICE = "mlflow-auth"
 PYTHON = sys.executable
 DVC = str(Path(sys.executable).with_name("dvc"))
+PREFECT = str(Path(sys.executable).with_name("prefect"))
+SAMPLE = "sample_cmmd"  # DICOM with planted fake PHI in its headers
 
 
 def _skip_reason() -> str | None:
@@ -342,6 +347,209 @@ def test_mlflow_basic_auth(stack: stack_mod.Stack) -> None:
     assert isinstance(json.loads(body), dict)
 
 
+# ------------------------------------------------------------------------------- the project
+
+
+def _sample_params() -> dict[str, Any]:
+    """params.yaml shrunk to one tiny sample dataset and one small backbone."""
+    raw = yaml.safe_load((stack_mod.ROOT / "params.yaml").read_text(encoding="utf-8"))
+    raw["pipeline"]["datasets"] = [SAMPLE]
+    raw["sample"].update({"cmmd_patients": 18, "size": 64})
+    raw["convert"].update({"size": 64, "workers": 1})
+    raw["split"].update({"k_folds": 3, "test_size": 0.2})
+    raw["model"].update({"backbones": ["vgg16"], "input_size": 32})
+    raw["train"].update({"epochs": 1, "batch_size": 8})
+    raw["evaluate"]["bootstrap"] = 20
+    raw["tracking"]["log_models"] = "final"
+    return raw
+
+
+def _bucket_keys(bucket: str) -> list[str]:
+    pages = storage.s3_client().get_paginator("list_objects_v2").paginate(Bucket=bucket)
+    return [o["Key"] for page in pages for o in page.get("Contents", []) or []]
+
+
+def test_sample_pipeline_on_the_stack(
+    stack: stack_mod.Stack,
+    stack_env: dict[str, str],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The project's own stages, unchanged, tracked on the stack: only the environment differs."""
+    from mlflow import MlflowClient
+
+    from mammoflow import stages
+    from mammoflow.config import parse_config
+    from mammoflow.paths import Layout
+    from mammoflow.tracking import registered_model_name
+
+    uri = stack_env["MLFLOW_TRACKING_URI"]
+    assert os.environ["MLFLOW_TRACKING_URI"] == uri  # stack_env applied it (and restores it)
+    raw = _sample_params()
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw), encoding="utf-8")
+    cfg = parse_config(raw)
+    monkeypatch.chdir(tmp_path)
+    layout = Layout(tmp_path)
+    for stage in (stages.acquire_stage, stages.ingest_stage, stages.convert_stage):
+        stage(cfg, SAMPLE, layout)
+    stages.split_stage(cfg, SAMPLE, layout)
+    trained = stages.train_stage(cfg, SAMPLE, "vgg16", layout)
+    champion = stages.evaluate_stage(cfg, SAMPLE, layout)
+    parent_id = trained["parent_run_id"]
+    assert trained["trained_folds"] == [1, 2, 3]
+    # nothing went to the embedded store
+    assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "mlartifacts").exists()
+
+    # The runs are rows in the stack's PostgreSQL.
+    with stack.connect("mlflow") as conn:
+        status = conn.execute(
+            "SELECT status FROM runs WHERE run_uuid = %s", (parent_id,)
+        ).fetchone()
+        children = conn.execute(
+            "SELECT r.name, r.status FROM runs r JOIN tags t ON t.run_uuid = r.run_uuid "
+            "WHERE t.key = 'mlflow.parentRunId' AND t.value = %s ORDER BY r.name",
+            (parent_id,),
+        ).fetchall()
+    assert status == ("FINISHED",)
+    assert children == [(n, "FINISHED") for n in ("fold-1", "fold-2", "fold-3", "test")]
+
+    # The logged model's files are objects in the MLflow bucket (proxied by the server).
+    client = MlflowClient(uri)
+    summary = json.loads(layout.metrics(SAMPLE, "vgg16").read_text(encoding="utf-8"))
+    model_uri = client.get_run(summary["mlflow_test_run_id"]).data.tags["mammoflow.model_uri"]
+    model_id = model_uri.rstrip("/").rsplit("/", 1)[-1]
+    keys = _bucket_keys(stack_mod.MLFLOW_BUCKET)
+    mlmodel = [k for k in keys if model_id in k and k.endswith("/MLmodel")]
+    assert mlmodel, (model_uri, keys)
+    assert any(model_id in k and k.endswith(".keras") for k in keys), keys
+
+    # The registry (in PostgreSQL too) names the champion.
+    version = client.get_model_version_by_alias(registered_model_name(SAMPLE), "champion")
+    assert version.version == champion["registry"]["version"]
+    assert champion["best"] == "vgg16"
+
+
+def _descendants(pid: int) -> list[Any]:
+    import psutil
+
+    with contextlib.suppress(psutil.Error):
+        return list(psutil.Process(pid).children(recursive=True))
+    return []
+
+
+def _stop_tree(proc: subprocess.Popen[Any], grace: float = 10.0) -> None:
+    """Stop a subprocess started in its own session and every process it started."""
+    import psutil
+
+    kids = _descendants(proc.pid)
+    if proc.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=grace)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    for kid in kids:  # a flow run may have left its process group
+        with contextlib.suppress(psutil.Error):
+            kid.kill()
+    psutil.wait_procs(kids, timeout=5)
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(proc.pid, signal.SIGKILL)
+
+
+def _drain_prefect_workers() -> None:
+    """Flush the in-process Prefect log and event workers while their server is still up."""
+    import inspect
+
+    from prefect.events.worker import EventsWorker
+    from prefect.logging.handlers import APILogWorker
+    from prefect.utilities.asyncutils import run_coro_as_sync
+
+    async def drain() -> None:
+        for pending in (APILogWorker.instance().drain(), EventsWorker.drain_all()):
+            if inspect.isawaitable(pending):
+                await pending
+
+    with contextlib.suppress(RuntimeError):
+        run_coro_as_sync(drain())
+
+
+def test_prefect_deployment_runs_through_a_worker_on_the_stack(
+    stack: stack_mod.Stack, stack_env: dict[str, str], tmp_path: Path
+) -> None:
+    """deploy_all on the stack's Prefect server; a process worker runs the triggered data flow."""
+    from prefect import get_client
+    from prefect.client.schemas.objects import FlowRun
+    from prefect.deployments import run_deployment
+    from prefect.settings import PREFECT_API_URL, PREFECT_HOME, temporary_settings
+
+    from mammoflow.deploy import deploy_all
+
+    api_url = stack_env["PREFECT_API_URL"]
+    home = tmp_path / "prefect-home"
+    home.mkdir()
+    project = tmp_path / "project"
+    project.mkdir()
+    raw = yaml.safe_load((stack_mod.ROOT / "params.yaml").read_text(encoding="utf-8"))
+    raw["sample"].update({"mias_patients": 6, "cmmd_patients": 4, "size": 64})
+    raw["convert"].update({"size": 64, "workers": 1})
+    params = project / "params.yaml"
+    params.write_text(yaml.safe_dump(raw, sort_keys=False), encoding="utf-8")
+    pool = f"stack-test-{uuid.uuid4().hex[:8]}"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+    env |= {
+        "PREFECT_API_URL": api_url,
+        "PREFECT_HOME": str(home),
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "GX_ANALYTICS_ENABLED": "false",
+    }
+    log = tmp_path / "worker.log"
+    with temporary_settings(updates={PREFECT_API_URL: api_url, PREFECT_HOME: home}):
+        ids = deploy_all(
+            work_pool=pool,
+            project_dir=stack_mod.ROOT,
+            params_path=str(params),
+            datasets=["sample_mias"],
+        )
+        assert "mammoflow-data/nightly-validation" in ids
+        # sync here (no event loop): a FlowRun, not a coroutine
+        run: FlowRun = run_deployment("mammoflow-data/nightly-validation", timeout=0)  # type: ignore[assignment]
+        with log.open("wb") as out:
+            worker = subprocess.Popen(
+                [PREFECT, "worker", "start", "--pool", pool, "--type", "process", "--run-once"],
+                cwd=tmp_path,
+                env=env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        try:
+            deadline = time.monotonic() + 150
+            while True:
+                with get_client(sync_client=True) as client:
+                    final = client.read_flow_run(run.id)
+                if final.state is not None and final.state.is_final():
+                    break
+                tail = log.read_text(errors="replace")[-3000:]
+                assert time.monotonic() < deadline, f"{final.state!r} after 150 s:\n{tail}"
+                time.sleep(1)
+        finally:
+            _stop_tree(worker)
+            _drain_prefect_workers()
+    tail = log.read_text(errors="replace")[-3000:]
+    assert final.state.is_completed(), f"{final.state!r}\n{tail}"
+    assert final.deployment_id == ids["mammoflow-data/nightly-validation"]
+    assert (project / "data" / "processed" / "sample_mias" / "manifest.parquet").is_file()
+    assert not (project / "data" / "processed" / "sample_cmmd").exists()
+    with stack.connect("prefect") as conn:
+        row = conn.execute(
+            "SELECT state_type FROM flow_run WHERE id = %s", (str(run.id),)
+        ).fetchone()
+    assert row is not None and str(row[0]).endswith("COMPLETED")
+
+
 def _post_json(url: str, payload: dict[str, Any]) -> tuple[int, dict[str, Any]]:
     import urllib.error
     import urllib.request
@@ -360,10 +568,15 @@ def _post_json(url: str, payload: dict[str, Any]) -> tuple[int, dict[str, Any]]:
 
 
 def test_postgres_outage_gives_clear_error_then_recovers(
-    stack: stack_mod.Stack, stack_env: dict[str, str], logged_run: dict[str, Any]
+    stack: stack_mod.Stack,
+    stack_env: dict[str, str],
+    logged_run: dict[str, Any],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     import mlflow
     from mlflow.exceptions import MlflowException
+
+    from mammoflow.tracking import Tracker, TrackingUnavailable
 
     tracking_uri = stack_env["MLFLOW_TRACKING_URI"]
     client = mlflow.MlflowClient(tracking_uri)
@@ -384,12 +597,43 @@ def test_postgres_outage_gives_clear_error_then_recovers(
         assert status == 503 and body["error_code"] == "TEMPORARILY_UNAVAILABLE"
         assert "Connection refused" in body["message"]
         assert f"port {stack.config.pg_port}" in body["message"]
+        # The project's Tracker fails at once, with MLflow's own retry defaults (minutes of
+        # backoff on a 503) in place: it names the server, the server's reason and the fix.
+        monkeypatch.delenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES")
+        monkeypatch.delenv("MLFLOW_HTTP_REQUEST_TIMEOUT")
+        started = time.monotonic()
+        with pytest.raises(TrackingUnavailable) as unavailable:
+            Tracker()
+        assert time.monotonic() - started < 30
+        text = str(unavailable.value)
+        assert tracking_uri in text and "503" in text, text
+        assert "TEMPORARILY_UNAVAILABLE" in text and "Connection refused" in text, text
+        assert "python -m infra.local.stack status" in text, text
+        assert stack.secrets()["pg_password"] not in text
     finally:
         stack.start_service("postgres")
     run = client.create_run(exp_id)
     client.log_metric(run.info.run_id, "auc", 0.8)
     client.set_terminated(run.info.run_id)
     assert client.get_run(run.info.run_id).info.status == "FINISHED"
+    assert Tracker().uri == tracking_uri  # the probe passes again
+    assert os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] == "3"  # setdefault, not override
+
+
+def test_tracker_fails_fast_when_the_server_is_unreachable(
+    stack_env: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from mammoflow.tracking import Tracker, TrackingUnavailable
+
+    dead = f"http://127.0.0.1:{stack_mod.free_port()}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", dead)
+    monkeypatch.delenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES")
+    started = time.monotonic()
+    with pytest.raises(TrackingUnavailable, match="Connection refused") as unavailable:
+        Tracker()
+    assert time.monotonic() - started < 30
+    assert f"cannot reach the MLflow tracking server {dead}" in str(unavailable.value)
+    assert "python -m infra.local.stack status" in str(unavailable.value)
 
 
 # ------------------------------------------------------------------------------- privacy
