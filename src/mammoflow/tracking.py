@@ -466,11 +466,19 @@ class Tracker:
         """
         import mlflow
         import mlflow.keras
-        from mlflow.models import Model, infer_signature
+        from mlflow.models import Model
 
         _patch_keras_input_example()
+        import numpy as np
+        from mlflow.models.signature import ModelSignature
+        from mlflow.types.schema import Schema, TensorSpec
+
         output = model.predict(input_example, verbose=0)
-        signature = infer_signature(input_example, output)
+        # any image size: the model resizes itself, so height and width stay variable (-1)
+        signature = ModelSignature(
+            inputs=Schema([TensorSpec(np.dtype("float32"), (-1, -1, -1, 1))]),
+            outputs=Schema([TensorSpec(np.dtype("float32"), (-1, int(output.shape[-1])))]),
+        )
         with self.timed():
             mlflow.set_tracking_uri(self.uri)
             run = self._client.get_run(run_id)
