@@ -170,6 +170,27 @@ def report(params_path: str, datasets: list[str]) -> Summary:
     return stages.compare_stage(cfg, datasets, layout=layout)
 
 
+@task(
+    task_run_name="tune-{dataset}-{backbone}",
+    tags=[TRAIN_TAG],
+    retries=1,
+    retry_delay_seconds=30,
+    retry_condition_fn=transient_io_error,
+)
+def tune_backbone(
+    params_path: str,
+    dataset: str,
+    backbone: str,
+    n_trials: int | None = None,
+    workers: int | None = None,
+) -> Summary:
+    """Optuna study of one backbone on one dataset; best params to tuning/<dataset>-<backbone>.json."""
+    cfg, layout = _load(params_path)
+    return stages.tune_stage(
+        cfg, dataset, backbone, layout=layout, n_trials=n_trials, workers=workers
+    )
+
+
 def one_thread() -> TaskRunner[Any]:
     """A runner that runs one task at a time (training and conversion use every core)."""
     return ThreadPoolTaskRunner(max_workers=1)
@@ -250,3 +271,22 @@ def pipeline_flow(
     data = data_flow(params_path, datasets)
     trained = train_flow(params_path, datasets, backbones, dask_address)
     return {"data": data, "train": trained, "evaluate": evaluate_flow(params_path, datasets)}
+
+
+@flow(name="mammoflow-tune", task_runner=one_thread())
+def tune_flow(
+    params_path: str = "params.yaml",
+    datasets: list[str] | None = None,
+    backbones: list[str] | None = None,
+    n_trials: int | None = None,
+    workers: int | None = None,
+) -> list[Summary]:
+    """Split each dataset, then one Optuna study per (dataset, backbone). Not in pipeline_flow."""
+    todo = plan(params_path, datasets, backbones)
+    for name in todo["datasets"]:
+        split(params_path, name)
+    return [
+        tune_backbone(params_path, d, b, n_trials, workers)
+        for d in todo["datasets"]
+        for b in todo["backbones"]
+    ]

@@ -191,6 +191,30 @@ def train_cmd(
         _echo(train_stage(cfg, dataset, name, progress=True))
 
 
+@app.command("tune")
+@_friendly
+def tune_cmd(
+    dataset: Annotated[str, typer.Option(help="Dataset name (params.yaml datasets).")],
+    backbone: Annotated[str, typer.Option(help="Backbone to tune (any registered one).")],
+    n_trials: Annotated[
+        int | None,
+        typer.Option(
+            "--n-trials", min=1, help="Study size, complete + pruned (default: tune.n_trials)."
+        ),
+    ] = None,
+    workers: Annotated[
+        int | None,
+        typer.Option(min=1, help="Worker processes sharing the study (>1 needs PostgreSQL)."),
+    ] = None,
+    params: ParamsOpt = Path("params.yaml"),
+) -> None:
+    """Optuna search over tune.space; best params → tuning/DATASET-BACKBONE.json (resumable)."""
+    from mammoflow.stages import tune_stage
+
+    _interrupt_on_sigterm()
+    _echo(tune_stage(_config(params), dataset, backbone, n_trials=n_trials, workers=workers))
+
+
 @app.command("evaluate")
 @_friendly
 def evaluate_cmd(

@@ -246,3 +246,18 @@ def compare_stage(
         layout.reports() / "comparison.html", report.html_report(tables, figures, notes)
     )
     return {"tables": tables, "markdown": str(layout.reports() / "comparison.md")}
+
+
+def tune_stage(
+    cfg: Config,
+    dataset: str,
+    backbone: str,
+    layout: Layout | None = None,
+    n_trials: int | None = None,
+    workers: int | None = None,
+) -> dict[str, Any]:
+    """Optuna study of ``backbone`` on ``dataset``; best params → tuning/<dataset>-<backbone>.json."""
+    from mammoflow.tune import run_tuning
+
+    cfg.dataset(dataset)
+    return run_tuning(cfg, dataset, backbone, n_trials, workers, layout or Layout())

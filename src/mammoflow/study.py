@@ -200,6 +200,10 @@ def run_study(
 
     t_start = time.perf_counter()
     layout = layout or Layout()
+    if cfg.tune.use_best:
+        from mammoflow.tune import apply_best, best_params_path
+
+        cfg = apply_best(cfg, dataset, backbone, best_params_path(dataset, backbone, layout))
     kind = cfg.dataset(dataset).kind
     class_names = CLASSES[kind]
     n_classes = len(class_names)

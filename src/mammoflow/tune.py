@@ -446,9 +446,15 @@ class Objective:
     def inputs(self, trainable_layers: int) -> tuple[Any, Any]:
         """``(backbone, features)`` for N = ``trainable_layers`` (one cache entry per N)."""
         if trainable_layers not in self._inputs:
+            import keras
+
             from mammoflow.models.build import load_backbone
             from mammoflow.models.features import prepare_inputs
 
+            # Without pretrained weights (model.weights: none) the backbone is randomly
+            # initialised: seed it, so every worker process trains the same tail and trials
+            # from different processes (and reruns) compare like with like.
+            keras.utils.set_random_seed(self.cfg.train.seed)
             bb = load_backbone(
                 self.backbone,
                 weights=self.cfg.model.weights,
@@ -578,7 +584,7 @@ def _counts(study: optuna.Study) -> dict[str, int]:
     }
 
 
-def _optimize(job: _Job) -> None:
+def _optimize(job: _Job, tracker: Any | None = None) -> None:
     """One worker: optimise until the study holds ``n_trials`` complete + pruned trials."""
     import optuna
     from optuna.trial import TrialState
@@ -592,7 +598,7 @@ def _optimize(job: _Job) -> None:
     remaining = job.n_trials - counts["complete"] - counts["pruned"]
     if remaining <= 0:
         return
-    tracker = Tracker(root=layout.root)
+    tracker = tracker or Tracker(root=layout.root)
     trial_log = MlflowTrialLog(
         tracker,
         job.experiment_id,
@@ -618,7 +624,17 @@ def _optimize(job: _Job) -> None:
 
 
 def _worker_main(job: _Job) -> None:
-    """Entry point of a worker process (spawned: TensorFlow is not fork-safe)."""
+    """Entry point of a worker process (spawned: TensorFlow is not fork-safe).
+
+    SIGTERM (the coordinator stopping it) becomes KeyboardInterrupt, so the running trial is
+    marked FAIL in Optuna and FAILED in MLflow on the way out.
+    """
+    import signal
+
+    def interrupt(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    signal.signal(signal.SIGTERM, interrupt)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     logging.basicConfig(level=logging.INFO, format=f"[worker {job.worker}] %(message)s")
     _optimize(job)
@@ -759,7 +775,7 @@ def run_tuning(
     with tracker.run_guard(parent_id):
         t_opt = time.perf_counter()
         if workers == 1:
-            _optimize(jobs[0])
+            _optimize(jobs[0], tracker)
         else:
             _run_workers(jobs)
         optimize_s = time.perf_counter() - t_opt

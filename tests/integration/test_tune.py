@@ -180,8 +180,10 @@ def learnable(
     """The same tiny project with every image's grey level set by its class (plus noise).
 
     On the sample itself (small lesions seen at 32 px through random weights) a head that does
-    not learn scores about as well as one that does; here learning reaches F1 = 1 in two
-    epochs, so a region of the space where the head cannot learn is unambiguously bad.
+    not learn scores about as well as one that does. Here a trained head reaches F1 = 1 on the
+    first fold in two epochs, while the classes are close enough in grey level (100/125/150,
+    noise 4) that an untrained (random) head is no better than chance: a region of the space
+    where the head cannot learn is unambiguously bad. Initialisation is seeded (train.seed).
     """
     import numpy as np
     from PIL import Image
@@ -201,7 +203,7 @@ def learnable(
     for path, label in zip(frame["converted_path"], frame["label_index"], strict=True):
         with Image.open(path) as im:
             shape = np.asarray(im).shape
-        grey = np.clip(40 + 80 * int(label) + rng.normal(0, 10, shape), 0, 255)
+        grey = np.clip(100 + 25 * int(label) + rng.normal(0, 4, shape), 0, 255)
         Image.fromarray(grey.astype(np.uint8)).save(path)
     frame["converted_sha256"] = [sha256_file(Path(p)) for p in frame["converted_path"]]
     write_manifest(frame, layout.processed(DATASET) / "manifest.parquet")

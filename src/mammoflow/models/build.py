@@ -43,6 +43,7 @@ from mammoflow.models.weights import WeightsInfo, resolve_weights
 
 Pooling = Literal["avg", "flatten"]
 PRECISIONS = ("float32", "mixed_bfloat16", "mixed_float16")
+RANDOM_INIT_SEED = 0  # initialisation of a backbone built with model.weights: none
 
 
 class ModelBuildError(ValueError):
@@ -259,9 +260,15 @@ def build_base(
     Raises:
         ModelBuildError: if the weights file does not fit the architecture.
     """
+    import keras
+
     from mammoflow.models.backbones import constructor
 
     ctor = constructor(backbone)
+    if weights.source == "none":
+        # Random weights must be the same in every process: the feature cache is keyed on
+        # "none", and a cached prefix must meet the tail of the same initialisation.
+        keras.utils.set_random_seed(RANDOM_INIT_SEED)
     with dtype_policy(precision):
         try:
             return ctor(
