@@ -702,7 +702,14 @@ def test_down_stops_everything_and_keeps_the_data(
     stack.down(extra=[AUTH_SERVICE])
     assert all(not s.running for s in stack.status())
     for port in (stack.config.pg_port, stack.config.s3_port, stack.config.mlflow_port):
-        assert not stack_mod.port_open(stack.config.host, port)
+        # killed worker processes release their sockets a moment after the group is signalled
+        deadline = time.monotonic() + 15
+        while stack_mod.port_open(stack.config.host, port) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        listeners = subprocess.run(
+            ["ss", "-ltnp", f"sport = :{port}"], capture_output=True, text=True, check=False
+        ).stdout
+        assert not stack_mod.port_open(stack.config.host, port), f"port {port}:\n{listeners}"
     stack.start_service("postgres")
     stack.start_service("seaweedfs")
     run_id = logged_run["run_id"]
