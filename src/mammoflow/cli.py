@@ -241,8 +241,9 @@ def compare_cmd(
     from mammoflow.stages import compare_stage
 
     res = compare_stage(_config(params), dataset, write=write)
+    wide = Console(width=max(out.width, 112))  # the paper's seven columns need the room
     for name, table in res["tables"].items():
-        out.print(report.console_table(name, table))
+        wide.print(report.console_table(name, table))
     if write:
         out.print(f"Reports: {res['markdown']} and reports/comparison.html")
     out.print("MLflow UI: run `make ui`, then open http://127.0.0.1:5000")
