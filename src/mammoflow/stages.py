@@ -241,10 +241,11 @@ def compare_stage(
         f"Split: {cfg.split.group_by}-level, test {cfg.split.test_size:.0%}, "
         f"{cfg.split.k_folds} folds; weights: {cfg.model.weights}; epochs {cfg.train.epochs}."
     ]
-    atomic_write_text(layout.reports() / "comparison.md", report.markdown(tables, notes))
-    atomic_write_text(
-        layout.reports() / "comparison.html", report.html_report(tables, figures, notes)
-    )
+    if write:
+        atomic_write_text(layout.reports() / "comparison.md", report.markdown(tables, notes))
+        atomic_write_text(
+            layout.reports() / "comparison.html", report.html_report(tables, figures, notes)
+        )
     return {"tables": tables, "markdown": str(layout.reports() / "comparison.md")}
 
 

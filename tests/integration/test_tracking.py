@@ -320,3 +320,13 @@ def test_http_tracking_server(project: tuple[Path, Config], tmp_path: Path) -> N
         os.environ.pop("MLFLOW_TRACKING_URI", None)
         os.killpg(server.pid, signal.SIGTERM)
         server.wait(timeout=30)
+
+
+def test_compare_reads_mlflow_and_writes_only_when_asked(project: tuple[Path, Config]) -> None:
+    root, cfg = project
+    res = stages.compare_stage(cfg, [DATASET], Layout(root), write=False)
+    assert [row[0] for row in res["tables"][DATASET][1:]] == BACKBONES
+    assert not (root / "reports" / "comparison.md").exists()
+    stages.compare_stage(cfg, [DATASET], Layout(root), write=True)
+    assert f"## {DATASET}" in (root / "reports" / "comparison.md").read_text()
+    assert "data:image/png;base64," in (root / "reports" / "comparison.html").read_text()

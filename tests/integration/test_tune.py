@@ -235,7 +235,9 @@ def test_pruning_stops_a_trial_in_a_bad_region(learnable: tuple[Path, Config]) -
     good1, good2, bad = study.trials
     first = {t.number: t.intermediate_values[1] for t in study.trials}
     assert good1.state == good2.state == TrialState.COMPLETE, first
-    assert bad.state == TrialState.PRUNED, f"lr=1, momentum=0.99 not pruned; fold-1 F1 per trial: {first}"
+    assert bad.state == TrialState.PRUNED, (
+        f"lr=1, momentum=0.99 not pruned; fold-1 F1 per trial: {first}"
+    )
     assert len(bad.intermediate_values) < 3  # it really stopped before the last fold
     assert bad.params["learning_rate"] == 1.0
     _, runs = _study_runs(root, res["parent_run_id"])

@@ -21,6 +21,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 MANIFEST_NAME = "manifest.parquet"
+_UMASK = os.umask(0)
+os.umask(_UMASK)
 
 #: Class names per dataset kind, in label_index order.
 CLASSES: dict[str, tuple[str, ...]] = {
@@ -123,6 +125,7 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp's 0600 would make outputs private to root
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
             fh.flush()
