@@ -544,9 +544,14 @@ class Tracker:
         """
         latest = {r.data.tags.get(TAG_BACKBONE): r for r in self.parents(dataset)}
         rows = []
+        from mlflow.exceptions import MlflowException
+
         for backbone, run_id in wanted.items():
-            with self.timed():
-                run = self._client.get_run(run_id) if run_id else latest.get(backbone)
+            run = None
+            if run_id:
+                with self.timed(), contextlib.suppress(MlflowException):
+                    run = self._client.get_run(run_id)  # absent if it was logged to another store
+            run = run or latest.get(backbone)
             if run is None:
                 continue
             m = dict(run.data.metrics)
