@@ -171,6 +171,19 @@ def _raw_example(frame: pd.DataFrame, size: int = 96) -> np.ndarray:
     return np.asarray(small, dtype=np.float32)[None, ..., None]
 
 
+def _log_evaluation(
+    tracker: Any, run_id: str, y: np.ndarray, prob: np.ndarray, class_names: tuple[str, ...]
+) -> None:
+    """Classification report, confusion matrix and ROC curve of one evaluation, to its run."""
+    from mammoflow.report import confusion_figure, roc_figure
+
+    tracker.log_text(
+        run_id, _classification_report(y, prob, class_names), "classification_report.txt"
+    )
+    tracker.log_figure(run_id, confusion_figure(y, prob, class_names), "confusion_matrix.png")
+    tracker.log_figure(run_id, roc_figure(y, prob, class_names), "roc_curve.png")
+
+
 ProgressFactory = Callable[[str], AbstractContextManager[Any]]
 
 
@@ -193,7 +206,7 @@ def run_study(
     from mammoflow import metrics as mt
     from mammoflow.models.build import load_backbone
     from mammoflow.models.features import prepare_inputs, resolve_precision, rich_progress
-    from mammoflow.report import confusion_figure, curves_figure, folds_figure, roc_figure
+    from mammoflow.report import curves_figure, folds_figure
     from mammoflow.split import read_splits, split_hash
     from mammoflow.tracking import TAG_BACKBONE, TAG_DATASET, TAG_FOLD, Tracker, config_hash
     from mammoflow.train import TrainEvent, train_final, train_folds
@@ -328,21 +341,9 @@ def run_study(
                 )
                 tracker.log_history(run_id, res.history)
                 tracker.log_metrics(run_id, m, prefix="val_")
-                tracker.log_metrics(run_id, {k: v for k, v in res.timing.items()}, prefix="time_")
+                tracker.log_metrics(run_id, res.timing, prefix="time_")
                 tracker.log_dict(run_id, fold_predictions[fold], "predictions.json")
-                tracker.log_text(
-                    run_id,
-                    _classification_report(res.val_true, res.val_prob, class_names),
-                    "classification_report.txt",
-                )
-                tracker.log_figure(
-                    run_id,
-                    confusion_figure(res.val_true, res.val_prob, class_names),
-                    "confusion_matrix.png",
-                )
-                tracker.log_figure(
-                    run_id, roc_figure(res.val_true, res.val_prob, class_names), "roc_curve.png"
-                )
+                _log_evaluation(tracker, run_id, res.val_true, res.val_prob, class_names)
                 tracker.log_figure(run_id, curves_figure(res.history), "training_curves.png")
                 if log_models == "all":
                     from mammoflow.models.build import full_model
@@ -381,21 +382,7 @@ def run_study(
                 tracker.log_dict(test_run_id, test_rec, "predictions.json")
                 tm = mt.compute_metrics(res.test_true, res.test_prob, class_names)
                 tracker.log_metrics(test_run_id, tm, prefix="test_")
-                tracker.log_text(
-                    test_run_id,
-                    _classification_report(res.test_true, res.test_prob, class_names),
-                    "classification_report.txt",
-                )
-                tracker.log_figure(
-                    test_run_id,
-                    confusion_figure(res.test_true, res.test_prob, class_names),
-                    "confusion_matrix.png",
-                )
-                tracker.log_figure(
-                    test_run_id,
-                    roc_figure(res.test_true, res.test_prob, class_names),
-                    "roc_curve.png",
-                )
+                _log_evaluation(tracker, test_run_id, res.test_true, res.test_prob, class_names)
                 if log_models in ("all", "final"):
                     from mammoflow.models.build import full_model
 

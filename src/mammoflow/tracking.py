@@ -214,9 +214,8 @@ class Tracker:
 
     # ------------------------------------------------------------------ experiments and runs
 
-    def experiment_id(self, dataset: str) -> str:
-        """Get or create the dataset's experiment."""
-        name = experiment_name(dataset)
+    def _experiment(self, name: str, tags: Mapping[str, str]) -> str:
+        """Get (restoring a deleted one) or create the experiment ``name``."""
         with self.timed():
             exp = self._client.get_experiment_by_name(name)
             if exp is not None:
@@ -225,11 +224,13 @@ class Tracker:
                 return str(exp.experiment_id)
             return str(
                 self._client.create_experiment(
-                    name,
-                    artifact_location=artifact_root(self.root),
-                    tags={TAG_DATASET: dataset},
+                    name, artifact_location=artifact_root(self.root), tags=dict(tags)
                 )
             )
+
+    def experiment_id(self, dataset: str) -> str:
+        """Get or create the dataset's experiment."""
+        return self._experiment(experiment_name(dataset), {TAG_DATASET: dataset})
 
     def open_parent(
         self,
@@ -331,20 +332,9 @@ class Tracker:
 
     def tuning_experiment_id(self, dataset: str) -> str:
         """Get or create the dataset's tuning experiment (``mammoflow-<dataset>-tuning``)."""
-        name = tuning_experiment_name(dataset)
-        with self.timed():
-            exp = self._client.get_experiment_by_name(name)
-            if exp is not None:
-                if exp.lifecycle_stage == "deleted":
-                    self._client.restore_experiment(exp.experiment_id)
-                return str(exp.experiment_id)
-            return str(
-                self._client.create_experiment(
-                    name,
-                    artifact_location=artifact_root(self.root),
-                    tags={TAG_DATASET: dataset, TAG_ROLE: "tuning"},
-                )
-            )
+        return self._experiment(
+            tuning_experiment_name(dataset), {TAG_DATASET: dataset, TAG_ROLE: "tuning"}
+        )
 
     def open_study_parent(
         self,
