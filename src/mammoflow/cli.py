@@ -37,6 +37,7 @@ R = TypeVar("R")
 
 ParamsOpt = Annotated[Path, typer.Option("--params", "-p", help="Parameters file.")]
 OnBad = Literal["fail", "quarantine"]
+Pseudonymize = Literal["none", "hmac"]
 
 
 def _friendly(func: Callable[P, R]) -> Callable[P, R]:
@@ -104,7 +105,7 @@ def ingest_mias_cmd(
     """Ingest the MIAS archive (or folder) into OUT/manifest.parquet."""
     from mammoflow.data.mias import ingest_mias
 
-    res = ingest_mias(source, out_dir, dataset=dataset, on_bad_file=on_bad_file)
+    res = ingest_mias(source, out_dir, dataset=dataset, on_bad_file=on_bad_file, interface="cli")
     _echo({"manifest": str(res.manifest_path), "images": len(res.frame), "bad": len(res.bad)})
 
 
@@ -120,11 +121,32 @@ def ingest_cmmd_cmd(
     out_dir: Annotated[Path, typer.Option("--out", help="Output folder for manifest.parquet.")],
     dataset: Annotated[str, typer.Option(help="Dataset name recorded in the manifest.")] = "cmmd",
     on_bad_file: Annotated[OnBad, typer.Option(help="fail | quarantine")] = "fail",
+    min_size: Annotated[
+        int, typer.Option(min=1, help="Refuse images whose short side has fewer pixels.")
+    ] = 256,
+    accept_for_processing: Annotated[
+        bool, typer.Option(help="Take FOR PROCESSING (raw detector) images too.")
+    ] = False,
+    pseudonymize: Annotated[
+        Pseudonymize,
+        typer.Option(help="none | hmac (PatientID → HMAC with env MAMMOFLOW_PSEUDONYM_KEY)."),
+    ] = "none",
 ) -> None:
     """Ingest a CMMD DICOM tree joined with its clinical table."""
     from mammoflow.data.cmmd import ingest_cmmd
+    from mammoflow.data.pseudonym import pseudonymizer
 
-    res = ingest_cmmd(source, clinical, out_dir, dataset=dataset, on_bad_file=on_bad_file)
+    res = ingest_cmmd(
+        source,
+        clinical,
+        out_dir,
+        dataset=dataset,
+        on_bad_file=on_bad_file,
+        min_size=min_size,
+        accept_for_processing=accept_for_processing,
+        pseudonymizer=pseudonymizer(pseudonymize),
+        interface="cli",
+    )
     _echo({"manifest": str(res.manifest_path), "images": len(res.frame), "bad": len(res.bad)})
 
 

@@ -69,9 +69,12 @@ class SampleConfig(_Section):
 
 
 class IngestConfig(_Section):
-    """Ingestion policy for bad raw files."""
+    """Ingestion: bad-file policy, acceptance rules for DICOM, pseudonymisation."""
 
     on_bad_file: Literal["fail", "quarantine"] = "fail"
+    min_size: Annotated[int, Field(ge=1, le=65535)] = 256  # short side, pixels
+    accept_for_processing: bool = False  # take FOR PROCESSING (raw detector) DICOMs too
+    pseudonymize: Literal["none", "hmac"] = "none"  # hmac: key from MAMMOFLOW_PSEUDONYM_KEY
 
 
 class ConvertConfig(_Section):

@@ -25,6 +25,41 @@ def acquire_stage(cfg: Config, dataset: str, layout: Layout | None = None) -> di
     return {"dataset": dataset, "raw_dir": str(target), "files": n_files}
 
 
+def min_size(cfg: Config, dataset: str) -> int:
+    """``ingest.min_size``; for the embedded sample, at most its images' own short side.
+
+    The sample is deliberately small (``sample.size``, 256 px by default) so that the pipeline
+    runs on a laptop; the rule exists to refuse thumbnails and test patterns in real data.
+    """
+    ds = cfg.dataset(dataset)
+    if ds.acquire != "sample":
+        return cfg.ingest.min_size
+    from mammoflow.data.sample import image_shape
+
+    return min(cfg.ingest.min_size, *image_shape(ds.kind, cfg.sample.size))
+
+
+def cmmd_root(dataset: str, layout: Layout | None = None) -> Path:
+    """The source root of an acquired CMMD dataset; its manifest's ``raw_path`` is relative to it."""
+    return (layout or Layout()).raw(dataset) / "CMMD"
+
+
+def raw_files(cfg: Config, dataset: str, layout: Layout | None = None) -> dict[str, Path] | None:
+    """Manifest ``raw_path`` → file on disk for a DICOM dataset (``None`` for MIAS).
+
+    Raises:
+        PseudonymKeyError: ``ingest.pseudonymize: hmac`` without the key in the environment.
+    """
+    if cfg.dataset(dataset).kind != "cmmd":
+        return None
+    from mammoflow.data.cmmd import dicom_files
+    from mammoflow.data.pseudonym import locate_raw, pseudonymizer
+
+    root = cmmd_root(dataset, layout)
+    files = dicom_files(root) if root.is_dir() else []
+    return locate_raw(files, root, pseudonymizer(cfg.ingest.pseudonymize))
+
+
 def ingest_stage(cfg: Config, dataset: str, layout: Layout | None = None) -> dict[str, Any]:
     """Parse the raw files into ``data/interim/<dataset>/manifest.parquet``."""
     from mammoflow.data.acquire import find_clinical
@@ -38,17 +73,26 @@ def ingest_stage(cfg: Config, dataset: str, layout: Layout | None = None) -> dic
         from mammoflow.data.mias import ingest_mias
 
         result = ingest_mias(
-            raw, layout.interim(dataset), dataset=dataset, on_bad_file=cfg.ingest.on_bad_file
+            raw,
+            layout.interim(dataset),
+            dataset=dataset,
+            on_bad_file=cfg.ingest.on_bad_file,
+            interface="params",
         )
     else:
         from mammoflow.data.cmmd import ingest_cmmd
+        from mammoflow.data.pseudonym import pseudonymizer
 
         result = ingest_cmmd(
-            raw / "CMMD",
+            cmmd_root(dataset, layout),
             find_clinical(raw),
             layout.interim(dataset),
             dataset=dataset,
             on_bad_file=cfg.ingest.on_bad_file,
+            min_size=min_size(cfg, dataset),
+            accept_for_processing=cfg.ingest.accept_for_processing,
+            pseudonymizer=pseudonymizer(cfg.ingest.pseudonymize),
+            interface="params",
         )
     return {
         "dataset": dataset,
@@ -79,6 +123,8 @@ def validate_stage(cfg: Config, dataset: str, layout: Layout | None = None) -> d
             reports_dir=layout.validation(dataset),
             dataset=dataset,
             fail_on_error=cfg.validate_.fail_on_error,
+            min_size=min_size(cfg, dataset),
+            raw_files=raw_files(cfg, dataset, layout),
         )
     except ValidationFailed as exc:
         summary |= {"success": False, "failed": len(exc.report.failures)}
@@ -106,6 +152,7 @@ def convert_stage(
         layout.processed(dataset),
         cfg.convert,
         progress=progress,
+        raw_files=raw_files(cfg, dataset, layout),
     )
     return {
         "dataset": dataset,

@@ -15,8 +15,9 @@ import pandas as pd
 import pytest
 from pydicom.uid import generate_uid
 
-from mammoflow.data.cmmd import ingest_cmmd, read_clinical
+from mammoflow.data.cmmd import dicom_files, ingest_cmmd, read_clinical
 from mammoflow.data.mias import ingest_mias
+from mammoflow.data.pseudonym import Pseudonymizer, is_date_shaped, locate_raw
 from mammoflow.data.sample import mammogram_dicom
 
 DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"
@@ -143,12 +144,17 @@ def test_cmmd_tree_from_real_labels(clinical: pd.DataFrame, tmp_path: Path) -> N
     assert any(folder.name.startswith("1.000000-NA-") for folder in root.rglob("1.000000-NA-*"))
     assert len(unlabelled) == 6  # the real CMMD often images both breasts but labels one
     # a side without a clinical row (the other side has one) is listed, not a bad file
-    result = ingest_cmmd(root, CMMD_SHEET, tmp_path / "out")
+    result = ingest_cmmd(root, CMMD_SHEET, tmp_path / "out", min_size=16)  # 32 x 24 images
     assert result.bad == []
-    assert {Path(p) for p, _ in result.unlabelled} == unlabelled
+    on_disk = locate_raw(dicom_files(root), root, Pseudonymizer())
+    assert {on_disk[p] for p, _ in result.unlabelled} == unlabelled
     assert all("for the other side only" in reason for _, reason in result.unlabelled)
     listed = json.loads((tmp_path / "out" / "unlabelled.json").read_text())["unlabelled"]
-    assert {Path(item["path"]) for item in listed} == unlabelled
+    assert {on_disk[item["path"]] for item in listed} == unlabelled
+    # raw paths are relative to the download folder, TCIA's dated study folders replaced
+    for stored in [*result.frame["raw_path"], *(item["path"] for item in listed)]:
+        assert not stored.startswith("/") and on_disk[stored].is_file()
+        assert not any(is_date_shaped(part) for part in stored.split("/")), stored
     truth = {
         (str(r["ID1"]), str(r["LeftRight"])): str(r["classification"]).lower()
         for r in clinical.to_dict("records")

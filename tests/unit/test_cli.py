@@ -63,3 +63,42 @@ def test_ingest_reports_missing_raw(project: Path) -> None:
     result = runner.invoke(app, ["ingest", "dataset", "sample_mias"])
     assert result.exit_code == 2
     assert "raw data missing; run `mammoflow acquire sample_mias` first" in result.output
+
+
+def _flat_field(root: Path) -> int:
+    """Mark every DICOM under ``root`` as a flat-field QC image; return how many."""
+    import pydicom
+
+    files = sorted(root.rglob("*.dcm"))
+    for path in files:
+        ds = pydicom.dcmread(path)
+        ds.ViewPosition = "FLATFIELD"
+        ds.save_as(path, enforce_file_format=True)
+    return len(files)
+
+
+def test_ingest_hints_and_exit_codes_per_interface(project: Path) -> None:
+    """CLI ingest hints at --on-bad-file, the pipeline stage at the params key; quarantine of
+    every file exits non-zero."""
+    from mammoflow.data.sample import make_sample
+
+    sample = make_sample(project / "s", seed=1, mias_patients=2, cmmd_patients=2, size=64)
+    n = _flat_field(sample.cmmd_dir)
+    base = ["ingest", "cmmd", str(sample.cmmd_dir), "--clinical", str(sample.clinical_path)]
+    result = runner.invoke(app, [*base, "--out", "o", "--min-size", "32"])
+    assert result.exit_code == 2
+    assert "rerun with --on-bad-file quarantine" in result.output
+    assert "on_bad_file=" not in result.output and "ingest.on_bad_file" not in result.output
+    result = runner.invoke(
+        app, [*base, "--out", "o", "--min-size", "32", "--on-bad-file", "quarantine"]
+    )
+    assert result.exit_code == 2
+    assert f"0 images ingested, {n} quarantined" in " ".join(result.output.split())
+    assert not (project / "o" / "manifest.parquet").exists()
+
+    assert runner.invoke(app, ["acquire", "sample_cmmd"]).exit_code == 0
+    _flat_field(project / "data/raw/sample_cmmd")
+    result = runner.invoke(app, ["ingest", "dataset", "sample_cmmd"])
+    assert result.exit_code == 2
+    assert "set ingest.on_bad_file: quarantine in params.yaml" in " ".join(result.output.split())
+    assert "--on-bad-file" not in result.output

@@ -100,3 +100,20 @@ def test_config_is_frozen() -> None:
     cfg = load_config(ROOT / "params.yaml")
     with pytest.raises(Exception):  # noqa: B017 - pydantic raises ValidationError on frozen models
         cfg.train.epochs = 3  # type: ignore[misc]
+
+
+def test_ingest_keys_defaults_and_bad_values() -> None:
+    cfg = load_config(ROOT / "params.yaml")
+    assert (cfg.ingest.min_size, cfg.ingest.accept_for_processing, cfg.ingest.pseudonymize) == (
+        256,
+        False,
+        "none",
+    )
+    raw = _raw()
+    raw["ingest"].update({"pseudonymize": "sha1", "min_size": 0, "accept_for_processing": "maybe"})
+    with pytest.raises(ConfigError) as exc:
+        parse_config(raw)
+    msg = str(exc.value)
+    assert "'ingest.pseudonymize': bad value 'sha1': allowed values are 'none' or 'hmac'" in msg
+    assert "'ingest.min_size': bad value 0" in msg
+    assert "'ingest.accept_for_processing': bad value 'maybe'" in msg

@@ -242,3 +242,22 @@ def test_unsafe_image_id_is_a_failure(tmp_path: Path, loader) -> None:
     with pytest.raises(ConvertError, match="not usable as a file name"):
         convert_dataset(frame, tmp_path / "out", CFG, progress=False, loader=loader)
     assert not (tmp_path / "escape.png").exists()
+
+
+def test_pseudonymous_raw_paths_are_found_and_never_quoted(tmp_path: Path, loader) -> None:
+    frame = make_manifest(tmp_path, n=3)
+    real = {f"h{i:012x}.pgm": Path(p) for i, p in enumerate(frame["raw_path"])}
+    frame["raw_path"] = list(real)
+    out = tmp_path / "out"
+    result = convert_dataset(frame, out, CFG, progress=False, loader=loader, raw_files=real)
+    assert len(result.converted) == 3
+    assert list(read_manifest(result.manifest_path)["raw_path"]) == list(real)
+    real["h000000000001.pgm"].write_bytes(b"P5\n60 80\n255\n" + b"\x00" * 10)
+    real["h000000000002.pgm"].unlink()
+    frame.loc[1, "raw_sha256"] = sha256_file(real["h000000000001.pgm"])
+    with pytest.raises(ConvertError) as info:
+        convert_dataset(frame, out, CFG, progress=False, loader=loader, raw_files=real)
+    msg = str(info.value)
+    assert "h000000000001.pgm" in msg and "raw file h000000000002.pgm not found" in msg
+    assert str(tmp_path) not in msg
+    assert ".pgm" not in msg.replace("h000000000001.pgm", "").replace("h000000000002.pgm", "")

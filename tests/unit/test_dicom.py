@@ -23,9 +23,12 @@ from pydicom.uid import (
 
 from mammoflow.data import transforms
 from mammoflow.data.dicom import (
+    Acceptance,
     DicomError,
+    acceptance_problem,
     normalise_laterality,
     normalise_view,
+    qc_marker,
     read_dicom,
 )
 from mammoflow.data.readers import load_raw
@@ -162,6 +165,7 @@ def test_no_phi_in_result(tmp_path: Path) -> None:
         "view",
         "modality",
         "voi",
+        "image_type",
     }
     text = repr({k: v for k, v in dataclasses.asdict(image).items() if k != "pixels"})
     for secret in PHI.values():
@@ -282,10 +286,10 @@ def test_no_pixel_data(tmp_path: Path) -> None:
     with pytest.raises(DicomError) as err:
         read_dicom(path)
     assert str(err.value) == (
-        f"{path}: no pixel data (transfer syntax 1.2.840.10008.1.2.1 (Explicit VR Little "
-        "Endian)); the file holds only a header (e.g. a structured report or a header-only "
-        "download): re-download it"
+        f"{path}: not an image (SOP class 1.2.840.10008.5.1.4.1.1.1.2 (Digital Mammography X-Ray "
+        "Image Storage - For Presentation), Modality MG, no Pixel Data): remove it from the source"
     )
+    assert "re-download" not in str(err.value)
 
 
 def _compressed(ds: Dataset, syntax: UID, frame: bytes) -> Dataset:
@@ -422,3 +426,187 @@ def test_jpeg_ls_encoding_unavailable_is_skipped_with_reason() -> None:
             "errors for JPEG-LS are covered by test_undecodable_jpeg_ls_names_syntax_and_hint"
         )
     pytest.skip("JPEG-LS encoder present but round trip not written yet")  # pragma: no cover
+
+
+# ------------------------------------------------------------------ acceptance rules (headers)
+
+SMALL = Acceptance(min_size=8)  # the synthetic images here are 16 x 12
+
+
+def _header(**tags: Any) -> Dataset:
+    return _dataset(_breast(), **tags)
+
+
+def test_a_plain_mammogram_is_accepted(tmp_path: Path) -> None:
+    assert acceptance_problem(_header(), SMALL) is None
+    assert read_dicom(_write(tmp_path, _header()), SMALL).view == "CC"
+
+
+@pytest.mark.parametrize(
+    ("tags", "sop", "modality", "no_pixels"),
+    [
+        (  # an X-ray radiation dose report, as GE and Hologic write them
+            {"SOPClassUID": "1.2.840.10008.5.1.4.1.1.88.67", "Modality": "SR"},
+            "1.2.840.10008.5.1.4.1.1.88.67 (X-Ray Radiation Dose SR Storage)",
+            "SR",
+            False,
+        ),
+        (
+            {"SOPClassUID": "1.2.840.10008.5.1.4.1.1.11.1", "Modality": "PR"},
+            "1.2.840.10008.5.1.4.1.1.11.1 (Grayscale Softcopy Presentation State Storage)",
+            "PR",
+            False,
+        ),
+        (
+            {"SOPClassUID": "1.2.840.10008.5.1.4.1.1.88.59", "Modality": "KO"},
+            "1.2.840.10008.5.1.4.1.1.88.59 (Key Object Selection Document Storage)",
+            "KO",
+            False,
+        ),
+        (  # an image SOP class with Modality SR is still no image
+            {"Modality": "SR"},
+            "1.2.840.10008.5.1.4.1.1.1.2 (Digital Mammography X-Ray Image Storage - For "
+            "Presentation)",
+            "SR",
+            False,
+        ),
+        (  # header only
+            {"PixelData": None},
+            "1.2.840.10008.5.1.4.1.1.1.2 (Digital Mammography X-Ray Image Storage - For "
+            "Presentation)",
+            "MG",
+            True,
+        ),
+    ],
+)
+def test_not_an_image(
+    tmp_path: Path, tags: dict[str, Any], sop: str, modality: str, no_pixels: bool
+) -> None:
+    ds = _header()
+    for key, value in tags.items():
+        if value is None:
+            delattr(ds, key)
+        else:
+            setattr(ds, key, value)
+    expected = (
+        f"not an image (SOP class {sop}, Modality {modality}"
+        f"{', no Pixel Data' if no_pixels else ''}): remove it from the source"
+    )
+    assert acceptance_problem(ds, SMALL) == expected
+    path = _write(tmp_path, ds)
+    with pytest.raises(DicomError) as err:
+        read_dicom(path, SMALL)
+    assert str(err.value) == f"{path}: {expected}"
+    with pytest.raises(DicomError, match="not an image"):  # conversion refuses it too
+        read_dicom(path)
+
+
+@pytest.mark.parametrize(
+    ("tags", "marker"),
+    [
+        (  # a Hologic flat-field exposure: Secondary Capture with ViewPosition FLATFIELD
+            {"ViewPosition": "FLATFIELD", "SOPClassUID": "1.2.840.10008.5.1.4.1.1.7"},
+            "ViewPosition 'FLATFIELD'",
+        ),
+        ({"ImageType": ["ORIGINAL", "PRIMARY", "QC"]}, "ImageType 'ORIGINAL/PRIMARY/QC'"),
+        ({"ImageType": ["DERIVED", "FLAT_FIELD"]}, "ImageType 'DERIVED/FLAT_FIELD'"),
+        ({"SeriesDescription": "ACR Phantom"}, "SeriesDescription 'ACR Phantom'"),
+        ({"SeriesDescription": "Detector calibration"}, "SeriesDescription 'Detector calibration'"),
+        ({"SeriesDescription": "flat-field"}, "SeriesDescription 'flat-field'"),
+    ],
+)
+def test_quality_control_images_are_refused(
+    tmp_path: Path, tags: dict[str, Any], marker: str
+) -> None:
+    ds = _header(**tags)
+    expected = (
+        f"quality-control or calibration image ({marker}), not a patient mammogram: remove it "
+        "from the source"
+    )
+    assert acceptance_problem(ds, SMALL) == expected
+    path = _write(tmp_path, ds)
+    with pytest.raises(DicomError) as err:
+        read_dicom(path, SMALL)
+    assert str(err.value) == f"{path}: {expected}"
+
+
+def test_qc_words_are_whole_words() -> None:
+    for text in ("L CC", "R MLO TOMO", "Aquarius", "QCX", "FLATTENED"):
+        assert qc_marker("CC", ["ORIGINAL", "PRIMARY"], text) is None, text
+    assert qc_marker("MLO", "ORIGINAL\\PRIMARY", None) is None
+    assert qc_marker("flat field") == "ViewPosition 'flat field'"
+
+
+@pytest.mark.parametrize(
+    ("tags", "marker"),
+    [
+        ({"PresentationIntentType": "FOR PROCESSING"}, "PresentationIntentType 'FOR PROCESSING'"),
+        (
+            {"ImageType": ["ORIGINAL", "PRIMARY", "", "FOR PROCESSING"]},
+            "ImageType 'ORIGINAL/PRIMARY/FOR PROCESSING'",
+        ),
+        (
+            {"SOPClassUID": "1.2.840.10008.5.1.4.1.1.1.2.1"},
+            "SOP class 1.2.840.10008.5.1.4.1.1.1.2.1 (Digital Mammography X-Ray Image Storage - "
+            "For Processing)",
+        ),
+    ],
+)
+def test_for_processing_is_refused_unless_accepted(
+    tmp_path: Path, tags: dict[str, Any], marker: str
+) -> None:
+    ds = _header(PhotometricInterpretation="MONOCHROME1", **tags)  # GE raw: MONOCHROME1, no VOI
+    expected = (
+        f"FOR PROCESSING image ({marker}): raw detector data, not meant for reading; ingest the "
+        "FOR PRESENTATION image of the same view instead, or set "
+        "ingest.accept_for_processing: true to take raw images"
+    )
+    assert acceptance_problem(ds, SMALL) == expected
+    path = _write(tmp_path, ds)
+    with pytest.raises(DicomError) as err:
+        read_dicom(path, SMALL)
+    assert str(err.value) == f"{path}: {expected}"
+    accepting = dataclasses.replace(SMALL, accept_for_processing=True)
+    assert acceptance_problem(ds, accepting) is None
+    assert read_dicom(path, accepting).photometric == "MONOCHROME1"
+
+
+@pytest.mark.parametrize(("rows", "columns"), [(1, 2), (4, 4), (16, 7)])
+def test_images_below_min_size_are_refused(tmp_path: Path, rows: int, columns: int) -> None:
+    ds = _dataset(np.full((rows, columns), 100, dtype=np.uint16))
+    expected = (
+        f"image is {columns}x{rows} pixels, its short side below the minimum of 8: a thumbnail "
+        "or test pattern, not a mammogram; remove it from the source, or lower ingest.min_size "
+        "if such small images are intended"
+    )
+    assert acceptance_problem(ds, SMALL) == expected
+    path = _write(tmp_path, ds)
+    with pytest.raises(DicomError) as err:
+        read_dicom(path, SMALL)
+    assert str(err.value) == f"{path}: {expected}"
+    assert read_dicom(path).pixels.shape == (rows, columns)  # conversion applies no size rule
+
+
+def test_min_size_boundary_and_default() -> None:
+    assert acceptance_problem(_dataset(np.ones((8, 9), dtype=np.uint16)), SMALL) is None
+    assert Acceptance().min_size == 256
+    assert "minimum of 256" in str(acceptance_problem(_header(), Acceptance()))
+    with pytest.raises(ValueError, match="min_size must be at least 1 pixel, got 0"):
+        Acceptance(min_size=0)
+
+
+def test_rules_apply_in_order() -> None:
+    """A flat-field SR is "not an image" first; a tiny QC image is QC before it is small."""
+    ds = _header(ViewPosition="FLATFIELD", Modality="SR")
+    assert str(acceptance_problem(ds, SMALL)).startswith("not an image")
+    tiny_qc = _dataset(np.ones((2, 2), dtype=np.uint16), ViewPosition="FLATFIELD")
+    assert str(acceptance_problem(tiny_qc, SMALL)).startswith("quality-control")
+
+
+def test_multi_frame_is_still_refused(tmp_path: Path) -> None:
+    frames = np.stack([_breast(), _breast()])
+    ds = _dataset(_breast())
+    ds.NumberOfFrames = 2
+    ds.PixelData = frames.astype("<u2").tobytes()
+    with pytest.raises(DicomError, match=r"pixel array has shape \(2, 16, 12\); expected one"):
+        read_dicom(_write(tmp_path, ds), SMALL)

@@ -141,6 +141,16 @@ def _wrong_dims(f: pd.DataFrame) -> pd.DataFrame:
     return f
 
 
+def _flat_field(f: pd.DataFrame) -> pd.DataFrame:
+    f.loc[0, "view"] = "FLATFIELD"
+    return f
+
+
+def _qc_image_type(f: pd.DataFrame) -> pd.DataFrame:
+    f.loc[1, "extras"] = json.dumps({"image_type": "ORIGINAL/PRIMARY/QC"})
+    return f
+
+
 CASES: list[tuple[str, Callable[[pd.DataFrame], pd.DataFrame], list[str]]] = [
     ("duplicate id", _dup_id, ["expect_column_values_to_be_unique on 'image_id'", "mdb001"]),
     (
@@ -161,6 +171,12 @@ CASES: list[tuple[str, Callable[[pd.DataFrame], pd.DataFrame], list[str]]] = [
     ("constant", _constant, ["on 'intensity_std'", "intensity not constant", "mdb003"]),
     ("split pair", _split_pair, ["'film_pair_patients'", "one patient", "mdb001", "mdb002"]),
     ("wrong dims", _wrong_dims, ["'width=raw_actual_width'", "[31, 30]", "mdb001"]),
+    (
+        "flat field",
+        _flat_field,
+        ["view is a mammography view", "FLATFIELD", "no QC or calibration image", "mdb001"],
+    ),
+    ("QC image type", _qc_image_type, ["no QC or calibration image", "QC", "mdb002"]),
 ]
 
 
@@ -195,3 +211,12 @@ def test_unknown_kind_and_film_pairs() -> None:
     assert mias_film_pair("mdb001") == mias_film_pair("mdb002") == "mdb001+mdb002"
     assert mias_film_pair("mdb322") == "mdb321+mdb322"
     assert mias_film_pair("IMG_1") is None
+
+
+def test_minimum_size(good: pd.DataFrame, tmp_path: Path) -> None:
+    report = validate_manifest(good, "mias", tmp_path / "a", "unit_mias", min_size=30)
+    assert "short side at least 30 pixels (ingest.min_size)" in {o.check for o in report.outcomes}
+    with pytest.raises(ValidationFailed) as info:
+        validate_manifest(good, "mias", tmp_path / "b", "unit_mias", min_size=31)
+    msg = str(info.value)
+    assert "short side at least 31 pixels" in msg and "mdb001" in msg

@@ -9,9 +9,16 @@ images of both breasts but a clinical row (a lesion) for one side only: those im
 side carry no label for this study, so they are left out of the manifest and listed, each with its
 reason, in ``unlabelled.json`` and the result; they never vanish silently.
 
-Only pseudonymous values reach the manifest: the dataset's patient ID (``D1-0001``), side, view,
-``image_id`` such as ``D1-0001_L_CC`` (``_2``, ``_3`` … on repeats), and in ``extras`` the
-abnormality, subtype and an age band by decade (``"50-59"``, ``"90+"``), never the exact age.
+Each file first passes the acceptance rules of :func:`mammoflow.data.dicom.acceptance_problem`
+(an image, not QC, not FOR PROCESSING unless accepted, large enough); a refused file is a bad
+file with its own reason.
+
+Only pseudonymous values reach the manifest: the dataset's patient ID (``D1-0001``), or with a
+keyed :class:`~mammoflow.data.pseudonym.Pseudonymizer` its HMAC, side, view, ``image_id`` such as
+``D1-0001_L_CC`` (``_2``, ``_3`` … on repeats), and in ``extras`` the abnormality, subtype and
+an age band by decade (``"50-59"``, ``"90+"``), never the exact age. ``raw_path`` is relative to
+the source root with date-bearing folder names replaced (every name keyed under ``hmac``), and
+bad-file messages, ``quarantine.json`` and ``unlabelled.json`` use the same paths and IDs.
 """
 
 from __future__ import annotations
@@ -24,17 +31,20 @@ from typing import Any
 
 import pandas as pd
 
-from mammoflow.data.dicom import DicomError, read_dicom
+from mammoflow.data.dicom import DEFAULT_MIN_SIZE, Acceptance, DicomError, read_dicom
 from mammoflow.data.ingest import (
     BadFiles,
     IngestError,
     IngestResult,
+    Interface,
     OnBadFile,
     check_policy,
     finish,
     format_bad,
+    hint,
 )
 from mammoflow.data.manifest import ManifestRow, label_index, sha256_file
+from mammoflow.data.pseudonym import Pseudonymizer
 from mammoflow.data.readers import DICOM_SUFFIXES, raw_stats
 
 KIND = "cmmd"
@@ -110,11 +120,12 @@ def load_clinical_frame(path: Path) -> pd.DataFrame:
 
 
 def parse_clinical(
-    frame: pd.DataFrame, name: str = "clinical table"
+    frame: pd.DataFrame, name: str = "clinical table", pseudonymizer: Pseudonymizer | None = None
 ) -> dict[tuple[str, str], ClinicalRow]:
     """Validate clinical rows into ``(patient_id, side) → ClinicalRow``.
 
-    Row numbers in messages are spreadsheet rows (the header is row 1).
+    Row numbers in messages are spreadsheet rows (the header is row 1). With a keyed
+    ``pseudonymizer`` the patient IDs (keys, rows and messages) are its pseudonyms.
 
     Raises:
         ClinicalTableError: listing every bad row (empty ID, side not L/R, unknown
@@ -124,9 +135,11 @@ def parse_clinical(
     first_seen: dict[tuple[str, str], int] = {}
     problems: list[str] = []
     has_subtype = "subtype" in frame.columns
+    pz = pseudonymizer or Pseudonymizer()
     for index, record in enumerate(frame.to_dict("records")):
         number = index + 2
         patient = _text(record.get("ID1"))
+        patient = pz.patient(patient) if patient is not None else None
         where = f"{name} row {number}"
         if patient is None:
             problems.append(f"{where}: empty ID1; every row needs a patient ID such as 'D1-0001'")
@@ -174,14 +187,16 @@ def parse_clinical(
     return rows
 
 
-def read_clinical(path: Path) -> dict[tuple[str, str], ClinicalRow]:
+def read_clinical(
+    path: Path, pseudonymizer: Pseudonymizer | None = None
+) -> dict[tuple[str, str], ClinicalRow]:
     """Read and validate the CMMD clinical table (.xlsx or .csv export)."""
-    return parse_clinical(load_clinical_frame(path), str(path))
+    return parse_clinical(load_clinical_frame(path), str(path), pseudonymizer)
 
 
 @dataclass
 class _Image:
-    path: Path
+    path: str  # the stored raw_path
     patient_id: str
     side: str
     view: str | None
@@ -195,7 +210,8 @@ class _Image:
     clinical: ClinicalRow
 
 
-def _dicom_files(source: Path) -> list[Path]:
+def dicom_files(source: Path) -> list[Path]:
+    """Every DICOM file under ``source``, sorted."""
     return sorted(
         p for p in source.rglob("*") if p.is_file() and p.suffix.lower() in DICOM_SUFFIXES
     )
@@ -207,40 +223,46 @@ class _Unlabelled:
 
 
 def _examine(
-    path: Path, clinical: Mapping[tuple[str, str], ClinicalRow], clinical_name: str
+    path: Path,
+    stored: str,
+    clinical: Mapping[tuple[str, str], ClinicalRow],
+    clinical_name: str,
+    rules: Acceptance,
+    pz: Pseudonymizer,
 ) -> _Image | _Unlabelled | str:
-    """Read one DICOM and join it to the clinical table.
+    """Read one DICOM, apply the acceptance rules and join it to the clinical table.
 
     Returns:
         The image; :class:`_Unlabelled` for a side without a clinical row of a patient who has
         one for the other side; or the reason the file is bad.
     """
     try:
-        image = read_dicom(path)
+        image = read_dicom(path, rules)
     except DicomError as exc:
         return str(exc).removeprefix(f"{path}: ")
     if image.modality not in (None, "MG"):
-        return f"modality {image.modality!r} is not MG (mammography); remove the file"
+        return f"modality {image.modality!r} is not MG (mammography); remove it from the source"
     if image.patient_id is None:
         return "no PatientID in the DICOM header; cannot join the clinical table"
     if image.laterality is None:
         return "no ImageLaterality or Laterality (L/R) in the DICOM header"
-    row = clinical.get((image.patient_id, image.laterality))
-    if row is None and any(p == image.patient_id for p, _ in clinical):
+    patient = pz.patient(image.patient_id)
+    row = clinical.get((patient, image.laterality))
+    if row is None and any(p == patient for p, _ in clinical):
         return _Unlabelled(
-            f"patient {image.patient_id} has a clinical row for the other side only; "
+            f"patient {patient} has a clinical row for the other side only; "
             f"side {image.laterality} has no label in {clinical_name}"
         )
     if row is None:
         return (
-            f"no clinical row for patient {image.patient_id} side {image.laterality} in "
+            f"no clinical row for patient {patient} side {image.laterality} in "
             f"{clinical_name}; add the row or remove the image"
         )
     mean, std = raw_stats(image.pixels)
     height, width = image.pixels.shape
     return _Image(
-        path=path,
-        patient_id=image.patient_id,
+        path=stored,
+        patient_id=patient,
         side=image.laterality,
         view=image.view,
         sha256=sha256_file(path),
@@ -256,6 +278,7 @@ def _examine(
             "photometric": image.photometric,
             "transfer_syntax": image.transfer_syntax,
             "voi": image.voi,
+            "image_type": image.image_type,
         },
         clinical=row,
     )
@@ -278,41 +301,58 @@ def ingest_cmmd(
     out_dir: Path,
     dataset: str = "cmmd",
     on_bad_file: OnBadFile = "fail",
+    *,
+    min_size: int = DEFAULT_MIN_SIZE,
+    accept_for_processing: bool = False,
+    pseudonymizer: Pseudonymizer | None = None,
+    interface: Interface = "python",
 ) -> IngestResult:
     """Ingest a CMMD-shaped DICOM tree joined with its clinical table.
 
     Args:
         source: the TCIA download folder (holding ``CMMD/<patient>/...``) or any folder above
-            the ``.dcm`` files; ``raw_path`` points at these files, which are never moved.
+            the ``.dcm`` files, which are never moved; ``raw_path`` is relative to it.
         clinical: CMMD_clinicaldata_revision.xlsx or a CSV export with the same columns.
         out_dir: where manifest.parquet and quarantine.json go.
         dataset: the manifest's ``dataset`` value.
         on_bad_file: "fail" raises :class:`IngestError` listing every bad file and writes
             nothing; "quarantine" writes the good images plus ``out_dir/quarantine.json``.
+        min_size: refuse images whose short side has fewer pixels.
+        accept_for_processing: take FOR PROCESSING (raw detector) images too.
+        pseudonymizer: maps patient IDs and raw paths (default: IDs kept, dates removed).
+        interface: the spelling of hints in messages (Python argument, CLI option, params key).
 
     Raises:
         ClinicalTableError: the clinical table is unreadable or has bad rows.
-        IngestError: no DICOM files, or bad files under "fail".
+        IngestError: no DICOM files, bad files under "fail", or no image left.
     """
     policy = check_policy(on_bad_file)
+    pz = pseudonymizer or Pseudonymizer()
+    rules = Acceptance(
+        min_size=min_size,
+        accept_for_processing=accept_for_processing,
+        min_size_hint=hint("min_size", interface),
+        for_processing_hint=hint("accept_for_processing", interface),
+    )
     source, clinical, out_dir = Path(source), Path(clinical), Path(out_dir)
     if not source.is_dir():
         raise IngestError(f"{source}: not a folder; pass the TCIA download folder (holding CMMD/)")
-    table = read_clinical(clinical)
-    files = _dicom_files(source)
+    table = read_clinical(clinical, pz)
+    files = dicom_files(source)
     if not files:
         raise IngestError(
             f"{source}: no .dcm files found; expected CMMD/<patient>/<study>/<series>/1-N.dcm"
         )
+    stored = pz.raw_paths(files, source)
     bad = BadFiles()
     unlabelled = BadFiles()
     good: list[_Image] = []
     for path in files:
-        result = _examine(path, table, str(clinical))
+        result = _examine(path, stored[path], table, str(clinical), rules, pz)
         if isinstance(result, str):
-            bad.add(path, result)
+            bad.add(stored[path], result)
         elif isinstance(result, _Unlabelled):
-            unlabelled.add(path, result.reason)
+            unlabelled.add(stored[path], result.reason)
         else:
             good.append(result)
     by_sha: dict[str, list[_Image]] = {}
@@ -324,12 +364,12 @@ def ingest_cmmd(
             for image in copies:
                 bad.add(
                     image.path,
-                    f"duplicate image: identical bytes in {[str(c.path) for c in copies]}",
+                    f"duplicate image: identical bytes in {[c.path for c in copies]}",
                 )
     good = [image for image in good if id(image) not in duplicates]
     bad.items.sort()
     if bad and policy == "fail":
-        raise IngestError(format_bad("CMMD", source, bad.items))
+        raise IngestError(format_bad("CMMD", source, bad.items, interface))
     ids = assign_image_ids([(i.patient_id, i.side, i.view) for i in good])
     rows = [
         ManifestRow(
@@ -340,7 +380,7 @@ def ingest_cmmd(
             view=image.view,
             label=image.clinical.label,
             label_index=label_index(KIND, image.clinical.label),
-            raw_path=str(image.path),
+            raw_path=image.path,
             raw_sha256=image.sha256,
             width=image.width,
             height=image.height,
@@ -359,4 +399,5 @@ def ingest_cmmd(
         out_dir=out_dir,
         on_bad_file=policy,
         unlabelled=unlabelled.items,
+        interface=interface,
     )

@@ -9,6 +9,10 @@ conversion parameters and the PNG's sha256; an image whose three still match is 
 output manifest ``out_dir/manifest.parquet`` is the input manifest with ``converted_path`` and
 ``converted_sha256`` filled. Bad images are collected and reported together; nothing written
 by an earlier run is deleted, and every file is written atomically (temp + rename).
+
+A pseudonymous ``raw_path`` (relative to the source root, see :mod:`mammoflow.data.pseudonym`)
+is found on disk through the ``raw_files`` mapping; messages quote the manifest's ``raw_path``,
+never the file's real location.
 """
 
 from __future__ import annotations
@@ -103,7 +107,8 @@ class ConvertResult:
 @dataclass(frozen=True)
 class _Task:
     image_id: str
-    raw_path: str
+    raw_path: str  # the file on disk
+    shown_path: str  # the manifest's raw_path, for messages
     manifest_sha256: str | None
     png_path: str
     params: Mapping[str, Any]
@@ -203,7 +208,9 @@ def _convert_one(task: _Task, loader: Loader | None) -> _Outcome:
                 "(letters, digits, '.', '_', '-' only)"
             )
         if not raw.is_file():
-            raise FileNotFoundError(f"raw file {raw} not found; re-run ingest or restore it")
+            raise FileNotFoundError(
+                f"raw file {task.shown_path} not found; re-run ingest or restore it"
+            )
         raw_sha = sha256_file(raw)
         if task.manifest_sha256 and raw_sha != task.manifest_sha256:
             raise ValueError(
@@ -224,7 +231,7 @@ def _convert_one(task: _Task, loader: Loader | None) -> _Outcome:
         atomic_write_bytes(png, data)
         return _Outcome(task.image_id, "converted", raw_sha, sha256_bytes(data))
     except Exception as exc:  # collected and reported together by the caller
-        reason = str(exc) or type(exc).__name__
+        reason = (str(exc) or type(exc).__name__).replace(str(raw), task.shown_path)
         return _Outcome(task.image_id, "failed", reason=f"{type(exc).__name__}: {reason}")
 
 
@@ -321,6 +328,7 @@ def convert_dataset(
     cfg: ConvertConfig,
     progress: bool = True,
     loader: Loader | None = None,
+    raw_files: Mapping[str, Path] | None = None,
 ) -> ConvertResult:
     """Convert every image of a manifest to PNG under ``out_dir`` (see module docstring).
 
@@ -331,6 +339,8 @@ def convert_dataset(
         progress: show a rich progress bar.
         loader: ``path -> 2-D float [0, 1]`` decoder; a picklable top-level function.
             Defaults to :func:`mammoflow.data.readers.load_raw`.
+        raw_files: manifest ``raw_path`` → file on disk, for pseudonymous raw paths; a path
+            not in it (or no mapping) is read as it is written.
 
     Returns:
         Which images were converted and which skipped as unchanged.
@@ -356,10 +366,12 @@ def convert_dataset(
         image_id = str(row.image_id)
         png_paths[image_id] = (images_dir / f"{image_id}.png").as_posix()
         sha = row.raw_sha256
+        shown = str(row.raw_path)
         tasks.append(
             _Task(
                 image_id=image_id,
-                raw_path=str(row.raw_path),
+                raw_path=str((raw_files or {}).get(shown, shown)),
+                shown_path=shown,
                 manifest_sha256=str(sha) if isinstance(sha, str) and sha else None,
                 png_path=png_paths[image_id],
                 params=params,
@@ -375,7 +387,7 @@ def convert_dataset(
     for task in tasks:
         out = outcomes[task.image_id]
         if out.status == "failed":
-            failures.append(ConvertFailure(task.image_id, task.raw_path, out.reason))
+            failures.append(ConvertFailure(task.image_id, task.shown_path, out.reason))
             continue  # keep the earlier state entry (its PNG was not touched)
         state[task.image_id] = {
             "raw_sha256": out.raw_sha256,

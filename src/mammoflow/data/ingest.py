@@ -3,7 +3,12 @@
 Ingestion collects every bad file before deciding. With ``on_bad_file="fail"`` it raises one
 :class:`IngestError` listing them all and writes nothing; with ``"quarantine"`` it writes the
 manifest of the good images plus ``quarantine.json`` naming each bad file and its reason. The
-user's files are never moved or deleted.
+user's files are never moved or deleted. A run that would leave no image at all (every file bad
+or unlabelled) is an error under either policy: an empty manifest is never written.
+
+Hints name settings in the spelling of the interface in use (:data:`Interface`): the Python
+argument (``on_bad_file='quarantine'``), the command-line option (``--on-bad-file quarantine``)
+or the params key (``ingest.on_bad_file: quarantine``, for DVC and Prefect).
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ from mammoflow.data.manifest import (
 )
 
 OnBadFile = Literal["fail", "quarantine"]
+Interface = Literal["python", "cli", "params"]
 QUARANTINE_NAME = "quarantine.json"
 UNLABELLED_NAME = "unlabelled.json"
 
@@ -75,14 +81,66 @@ def check_policy(on_bad_file: str) -> OnBadFile:
     return on_bad_file  # type: ignore[return-value]
 
 
-def format_bad(kind: str, source: Path | str, bad: Sequence[tuple[str, str]]) -> str:
+_SPELLINGS: dict[str, dict[Interface, str]] = {
+    "quarantine": {
+        "python": "rerun with on_bad_file='quarantine'",
+        "cli": "rerun with --on-bad-file quarantine",
+        "params": "set ingest.on_bad_file: quarantine in params.yaml",
+    },
+    "min_size": {
+        "python": "pass a smaller min_size",
+        "cli": "pass a smaller --min-size",
+        "params": "lower ingest.min_size in params.yaml",
+    },
+    "accept_for_processing": {
+        "python": "pass accept_for_processing=True",
+        "cli": "pass --accept-for-processing",
+        "params": "set ingest.accept_for_processing: true in params.yaml",
+    },
+}
+
+
+def hint(setting: str, interface: Interface) -> str:
+    """How to change ``setting`` (``quarantine``, ``min_size``, …) in ``interface``'s spelling."""
+    try:
+        return _SPELLINGS[setting][interface]
+    except KeyError:
+        raise ValueError(
+            f"no hint for setting {setting!r} and interface {interface!r}; settings: "
+            f"{sorted(_SPELLINGS)!r}, interfaces: ['python', 'cli', 'params']"
+        ) from None
+
+
+def _lines(items: Sequence[tuple[str, str]]) -> str:
+    return "\n".join(f"  - {path}: {reason}" for path, reason in items)
+
+
+def format_bad(
+    kind: str,
+    source: Path | str,
+    bad: Sequence[tuple[str, str]],
+    interface: Interface = "python",
+) -> str:
     """One message listing every bad file, for :class:`IngestError`."""
-    lines = "\n".join(f"  - {path}: {reason}" for path, reason in bad)
     return (
         f"{kind} ingest of {source} found {len(bad)} bad file(s); nothing was written. "
-        "Fix or remove them, or rerun with on_bad_file='quarantine' to ingest the rest:\n"
-        f"{lines}"
+        f"Fix or remove them, or {hint('quarantine', interface)} to ingest the rest:\n"
+        f"{_lines(bad)}"
     )
+
+
+def format_empty(
+    kind: str,
+    source: Path | str,
+    bad: Sequence[tuple[str, str]],
+    unlabelled: Sequence[tuple[str, str]] = (),
+) -> str:
+    """The message of a run that would ingest no image at all, for :class:`IngestError`."""
+    parts = [f"{kind.upper()} ingest of {source}: 0 images ingested, {len(bad)} quarantined"]
+    if unlabelled:
+        parts.append(f", {len(unlabelled)} unlabelled")
+    parts.append("; nothing was written. Every file was refused:\n")
+    return "".join(parts) + _lines([*bad, *unlabelled])
 
 
 def label_counts(kind: str, labels: Iterable[str]) -> dict[str, int]:
@@ -100,14 +158,20 @@ def finish(
     out_dir: Path,
     on_bad_file: OnBadFile,
     unlabelled: Sequence[tuple[str, str]] | None = None,
+    interface: Interface = "python",
 ) -> IngestResult:
     """Raise on bad files under "fail"; else write manifest.parquet and quarantine.json.
 
     ``quarantine.json`` is written on every successful run (an empty list when all files
     were good) so a stale one never outlives the data it described.
+
+    Raises:
+        IngestError: bad files under "fail", or no image left to ingest (under either policy).
     """
     if bad and on_bad_file == "fail":
-        raise IngestError(format_bad(kind, source, bad.items))
+        raise IngestError(format_bad(kind, source, bad.items, interface))
+    if not rows:
+        raise IngestError(format_empty(kind, source, bad.items, unlabelled or ()))
     frame = to_frame(rows)
     out_dir = Path(out_dir)
     manifest_path = out_dir / MANIFEST_NAME

@@ -27,6 +27,7 @@ from mammoflow.data.ingest import (
     BadFiles,
     IngestError,
     IngestResult,
+    Interface,
     OnBadFile,
     check_policy,
     finish,
@@ -470,6 +471,7 @@ def ingest_mias(
     out_dir: Path,
     dataset: str = "mias",
     on_bad_file: OnBadFile = "fail",
+    interface: Interface = "python",
 ) -> IngestResult:
     """Ingest MIAS from the distributed archive (all-mias.tar.gz) or an extracted folder.
 
@@ -484,6 +486,7 @@ def ingest_mias(
         dataset: the manifest's ``dataset`` value.
         on_bad_file: "fail" raises :class:`IngestError` listing every bad file and writes nothing;
             "quarantine" writes the good images plus ``out_dir/quarantine.json``.
+        interface: the spelling of hints in messages (Python argument, CLI option, params key).
 
     Raises:
         IngestError: bad files under "fail", or a source without a usable Info.txt.
@@ -514,7 +517,7 @@ def ingest_mias(
         )
     good = _cross_check(scan, images, problems, missing_where, bad)
     if bad and policy == "fail":
-        raise IngestError(format_bad("MIAS", source, sorted(bad.items)))
+        raise IngestError(format_bad("MIAS", source, sorted(bad.items), interface))
     if source.is_file():
         wanted = {f.member: f.sha256 for f in good if f.member is not None}
         wanted.update({name: "" for name in scan.extra_members})
@@ -546,4 +549,12 @@ def ingest_mias(
             )
         )
     bad.items.sort()
-    return finish(kind=KIND, source=source, rows=rows, bad=bad, out_dir=out_dir, on_bad_file=policy)
+    return finish(
+        kind=KIND,
+        source=source,
+        rows=rows,
+        bad=bad,
+        out_dir=out_dir,
+        on_bad_file=policy,
+        interface=interface,
+    )

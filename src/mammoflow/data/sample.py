@@ -401,10 +401,20 @@ def _xlsx_bytes(rows: list[tuple[object, ...]]) -> bytes:
     return fixed.getvalue()
 
 
+def image_shape(kind: str, size: int) -> tuple[int, int]:
+    """``(rows, columns)`` of the sample's images of ``kind`` at ``size`` (MIAS square, CMMD
+    ``size`` rows by ``size - size // 6`` columns)."""
+    if kind == "mias":
+        return size, size
+    if kind == "cmmd":
+        return size, size - size // 6
+    raise ValueError(f"unknown dataset kind {kind!r}; expected 'mias' or 'cmmd'")
+
+
 def _make_cmmd(
     rng: np.random.Generator, seed: int, cmmd_dir: Path, patients: int, size: int
 ) -> tuple[list[Path], Path, dict[tuple[str, str], str]]:
-    shape = (size, size - size // 6)
+    shape = image_shape("cmmd", size)
     sides: list[tuple[str, str]] = []
     for index in range(patients):
         patient = f"D1-{index + 1:04d}"

@@ -3,7 +3,10 @@
 The suite checks the manifest's columns and, through derived columns computed here, the files
 behind it: raw (and converted) files present and readable, decoded sizes as declared, sha256 of
 converted PNGs, and the patient structure (a MIAS film pair belongs to one patient, no image is
-shared across patients, a patient has at most two breasts). Everything is written under
+shared across patients, a patient has at most two breasts), and that every image is a patient
+mammogram: a known view, no QC/calibration exposure, the short side at least ``min_size``
+pixels (ingestion refuses these already; the suite proves the manifest holds none). Everything
+is written under
 ``reports_dir``: ``validation.json`` (atomically) and ``data_docs/index.html``.
 """
 
@@ -14,7 +17,7 @@ import os
 import re
 import shutil
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -34,6 +37,9 @@ REPORT_NAME = "validation.json"
 DOCS_DIR = "data_docs"
 #: Unexpected values / image IDs quoted per failed expectation.
 EXAMPLES = 10
+
+#: Mammography view codes (DICOM ViewPosition for MG); an unknown view is null in the manifest.
+MAMMO_VIEWS = ("CC", "MLO", "ML", "LM", "LMO", "FB", "SIO", "XCCL", "XCCM", "AT", "CV")
 
 _MIAS_ID = re.compile(r"mdb(\d+)", re.IGNORECASE)
 _HEADER_BYTES = 4096
@@ -178,14 +184,20 @@ def image_size(path: Path) -> tuple[int, int]:
         return int(im.size[0]), int(im.size[1])
 
 
-def probe_file(path_str: object, root: Path | None, hash_file: bool = False) -> FileProbe | None:
+def probe_file(
+    path_str: object,
+    root: Path | None,
+    hash_file: bool = False,
+    files: Mapping[str, Path] | None = None,
+) -> FileProbe | None:
     """Check one file: present, header readable, size (and sha256 when ``hash_file``).
 
-    Returns ``None`` when ``path_str`` is empty (nothing to check).
+    ``files`` maps pseudonymous paths to the files on disk. Returns ``None`` when ``path_str``
+    is empty (nothing to check).
     """
     if not isinstance(path_str, str) or not path_str:
         return None
-    path = Path(path_str)
+    path = Path((files or {}).get(path_str, path_str))
     if root is not None and not path.is_absolute():
         path = root / path
     if not path.is_file():
@@ -193,15 +205,19 @@ def probe_file(path_str: object, root: Path | None, hash_file: bool = False) -> 
     try:
         width, height = image_size(path)
     except Exception as exc:  # any decoder error is reported as data
-        return FileProbe(problem=f"unreadable: {path_str} ({type(exc).__name__}: {exc})")
+        detail = str(exc).replace(str(path), path_str)
+        return FileProbe(problem=f"unreadable: {path_str} ({type(exc).__name__}: {detail})")
     return FileProbe(width=width, height=height, sha256=sha256_file(path) if hash_file else None)
 
 
 def probe_files(
-    paths: Sequence[object], root: Path | None = None, hash_files: bool = False
+    paths: Sequence[object],
+    root: Path | None = None,
+    hash_files: bool = False,
+    files: Mapping[str, Path] | None = None,
 ) -> list[FileProbe | None]:
     """:func:`probe_file` for each path."""
-    return [probe_file(p, root, hash_files) for p in paths]
+    return [probe_file(p, root, hash_files, files) for p in paths]
 
 
 # --------------------------------------------------------------------------- derived columns (pure)
@@ -216,6 +232,20 @@ def mias_film_pair(image_id: object) -> str | None:
         return None
     first = (int(match.group(1)) + 1) // 2 * 2 - 1
     return f"mdb{first:03d}+mdb{first + 1:03d}"
+
+
+def image_qc_marker(view: object, extras: object) -> str | None:
+    """What marks a manifest row as a QC/calibration image (its view or extras' ImageType)."""
+    from mammoflow.data.dicom import qc_marker
+
+    image_type = None
+    if isinstance(extras, str) and extras:
+        try:
+            details = json.loads(extras)
+        except ValueError:
+            details = {}
+        image_type = details.get("image_type") if isinstance(details, dict) else None
+    return qc_marker(view if isinstance(view, str) else None, image_type)
 
 
 def _nunique_by(frame: pd.DataFrame, key: str, value: str) -> pd.Series:
@@ -246,6 +276,13 @@ def derive_columns(
         out["expected_label_index"] = _obj(
             [classes.index(v) if v in classes else None for v in out["label"]]
         )
+    if {"width", "height"} <= set(out.columns):
+        out["short_side"] = out[["width", "height"]].min(axis=1)
+    if "view" in out:
+        extras = out["extras"] if "extras" in out else pd.Series([None] * len(out))
+        out["qc_marker"] = _obj(
+            [image_qc_marker(v, e) for v, e in zip(out["view"], extras, strict=True)]
+        )
     out["raw_file_problem"] = _obj([p.problem if p else None for p in raw])
     out["raw_actual_width"] = _obj([p.width if p else None for p in raw])
     out["raw_actual_height"] = _obj([p.height if p else None for p in raw])
@@ -268,8 +305,13 @@ def derive_columns(
 # --------------------------------------------------------------------------- the suite
 
 
-def build_expectations(kind: str, dataset: str, converted: bool) -> list[Expectation]:
-    """The expectations for a manifest of ``kind`` (and its converted PNGs)."""
+def build_expectations(
+    kind: str, dataset: str, converted: bool, min_size: int = 1
+) -> list[Expectation]:
+    """The expectations for a manifest of ``kind`` (and its converted PNGs).
+
+    ``min_size`` is the smallest short side in pixels an image may have (``ingest.min_size``).
+    """
     import great_expectations as gx
 
     e = gx.expectations
@@ -305,6 +347,17 @@ def build_expectations(kind: str, dataset: str, converted: bool) -> list[Expecta
         ),
         e.ExpectColumnValuesToBeNull(
             column="raw_file_problem", description="raw file present and readable"
+        ),
+        e.ExpectColumnValuesToBeInSet(
+            column="view", value_set=list(MAMMO_VIEWS), description="view is a mammography view"
+        ),
+        e.ExpectColumnValuesToBeNull(
+            column="qc_marker", description="no QC or calibration image (flat field, phantom)"
+        ),
+        e.ExpectColumnValuesToBeBetween(
+            column="short_side",
+            min_value=min_size,
+            description=f"short side at least {min_size} pixels (ingest.min_size)",
         ),
         e.ExpectColumnValuesToBeBetween(column="width", min_value=1, description="width > 0"),
         e.ExpectColumnValuesToBeBetween(column="height", min_value=1, description="height > 0"),
@@ -514,6 +567,8 @@ def validate_manifest(
     *,
     fail_on_error: bool = True,
     root: Path | None = None,
+    min_size: int = 1,
+    raw_files: Mapping[str, Path] | None = None,
 ) -> ValidationReport:
     """Validate a manifest with the GE suite; write ``validation.json`` and data docs.
 
@@ -524,6 +579,8 @@ def validate_manifest(
         dataset: dataset name (the manifest's ``dataset`` column must equal it).
         fail_on_error: raise :class:`ValidationFailed` when any expectation fails.
         root: directory relative file paths are resolved against (default: the cwd).
+        min_size: the smallest short side in pixels (``ingest.min_size``).
+        raw_files: pseudonymous ``raw_path`` → file on disk (see :mod:`mammoflow.data.pseudonym`).
 
     Raises:
         ValueError: unknown ``kind``.
@@ -538,14 +595,14 @@ def validate_manifest(
     derived = derive_columns(
         frame,
         kind,
-        probe_files(raw_paths, root),
+        probe_files(raw_paths, root, files=raw_files),
         probe_files(frame["converted_path"].tolist(), root, hash_files=True) if converted else None,
     )
     docs_dir = reports_dir / DOCS_DIR
     staging = Path(tempfile.mkdtemp(prefix=".data_docs.", dir=reports_dir))
     try:
         success, outcomes = run_suite(
-            derived, build_expectations(kind, dataset, converted), dataset, staging
+            derived, build_expectations(kind, dataset, converted, min_size), dataset, staging
         )
         old = reports_dir / f".data_docs.old.{os.getpid()}"
         if docs_dir.exists():
