@@ -610,3 +610,17 @@ def test_multi_frame_is_still_refused(tmp_path: Path) -> None:
     ds.PixelData = frames.astype("<u2").tobytes()
     with pytest.raises(DicomError, match=r"pixel array has shape \(2, 16, 12\); expected one"):
         read_dicom(_write(tmp_path, ds), SMALL)
+
+
+def test_a_real_structured_report_is_not_an_image() -> None:
+    """pydicom's bundled test-SR.dcm, a real Comprehensive SR written by a vendor system."""
+    from pydicom.data import get_testdata_file
+
+    path = get_testdata_file("test-SR.dcm")
+    assert path is not None
+    with pytest.raises(DicomError) as err:
+        read_dicom(path, Acceptance())
+    assert str(err.value) == (
+        f"{path}: not an image (SOP class 1.2.840.10008.5.1.4.1.1.88.33 (Comprehensive SR "
+        "Storage), Modality SR, no Pixel Data): remove it from the source"
+    )
