@@ -342,6 +342,7 @@ class Stack:
             "s3_secret_key": lambda: secrets.token_urlsafe(30),
             "mlflow_admin_password": lambda: secrets.token_urlsafe(18),
             "mlflow_flask_secret_key": lambda: secrets.token_hex(32),
+            "prefect_auth_string": lambda: "mammoflow:" + secrets.token_urlsafe(24),
         }
         missing = {k: make() for k, make in generators.items() if k not in values}
         if missing:
@@ -374,6 +375,7 @@ class Stack:
             "MAMMOFLOW_MLFLOW_BUCKET": MLFLOW_BUCKET,
             "MAMMOFLOW_DVC_BUCKET": DVC_BUCKET,
             "MAMMOFLOW_DVC_REMOTE_URL": f"s3://{DVC_BUCKET}/",
+            "PREFECT_API_AUTH_STRING": sec["prefect_auth_string"],
         }
         if cfg.mlflow_auth:
             values["MLFLOW_TRACKING_USERNAME"] = "admin"
@@ -818,12 +820,16 @@ class Stack:
     def prefect_env(self) -> dict[str, str]:
         home = self.state / "prefect"
         home.mkdir(parents=True, exist_ok=True)
+        auth = self.secrets()["prefect_auth_string"]
         return {
             "PREFECT_HOME": str(home),
             "PREFECT_API_DATABASE_CONNECTION_URL": self.db_url("prefect", "postgresql+asyncpg"),
             "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
             "PREFECT_API_URL": self.config.prefect_api_url,
             "PREFECT_UI_API_URL": self.config.prefect_api_url,
+            # every API route but /health and /ready needs Basic <auth string>; the UI asks for it
+            "PREFECT_SERVER_API_AUTH_STRING": auth,
+            "PREFECT_API_AUTH_STRING": auth,
         }
 
     def start_prefect(self) -> None:
@@ -943,12 +949,16 @@ class Stack:
 # ----------------------------------------------------------------------------- CLI
 
 
+#: Env keys whose whole value is a credential (masked when printed).
+_SECRET_KEYS = ("SECRET", "PASSWORD", "AUTH_STRING", "ACCESS_KEY")
+
+
 def _mask(env: Mapping[str, str]) -> str:
-    """The env file's lines with passwords and secret keys replaced by ***."""
+    """The env file's lines with passwords, keys and auth strings replaced by ***."""
     lines = []
     for key, value in env.items():
         shown = re.sub(r"://([^:/@]+):[^@]+@", r"://\1:***@", value)
-        if "SECRET" in key or "PASSWORD" in key:
+        if any(word in key for word in _SECRET_KEYS):
             shown = "***"
         lines.append(f"export {key}={shown}")
     return "\n".join(lines)

@@ -7,6 +7,7 @@ directory removed). Skipped only where the PostgreSQL server binaries or ``weed`
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import json
 import os
@@ -169,10 +170,11 @@ def test_up_is_idempotent_and_healthy(stack: stack_mod.Stack) -> None:
 def test_prefect_server_uses_postgres(stack: stack_mod.Stack) -> None:
     import urllib.request
 
+    token = base64.b64encode(stack.secrets()["prefect_auth_string"].encode()).decode()
     request = urllib.request.Request(
         f"{stack.config.prefect_api_url}/flows/filter",
         data=b"{}",
-        headers={"Content-Type": "application/json"},
+        headers={"Content-Type": "application/json", "Authorization": f"Basic {token}"},
         method="POST",
     )
     with urllib.request.urlopen(request, timeout=10) as response:
@@ -347,6 +349,83 @@ def test_mlflow_basic_auth(stack: stack_mod.Stack) -> None:
     assert isinstance(json.loads(body), dict)
 
 
+def test_unauthenticated_requests_are_refused(stack: stack_mod.Stack) -> None:
+    """MLflow (basic-auth app), Prefect (auth string) and S3 refuse requests without credentials;
+    only the health probes stay open."""
+    import urllib.error
+    import urllib.request
+
+    cfg = stack.config
+    # Prefect: every API route but /health needs Basic <auth string>
+    version = f"{cfg.prefect_api_url}/admin/version"
+    assert stack_mod.http_get(f"{cfg.prefect_api_url}/health")[0] == 200
+    assert stack_mod.http_get(version)[0] == 401
+    assert stack_mod.http_get(version, auth=("mammoflow", "wrong-auth-string"))[0] == 401
+    user, password = stack.secrets()["prefect_auth_string"].split(":", 1)
+    assert stack_mod.http_get(version, auth=(user, password))[0] == 200
+    # MLflow with the basic-auth app
+    port = stack.auth_port  # type: ignore[attr-defined]
+    stack._wait(AUTH_SERVICE, lambda: stack._mlflow_ready(port), 180)
+    search = f"http://{cfg.host}:{port}/api/2.0/mlflow/experiments/search?max_results=1"
+    assert stack_mod.http_get(search, timeout=60)[0] == 401
+    # S3: anonymous list, read and write are refused
+    for bucket in stack_mod.BUCKETS:
+        assert stack_mod.http_get(f"{cfg.s3_endpoint}/{bucket}?list-type=2")[0] == 403
+        assert stack_mod.http_get(f"{cfg.s3_endpoint}/{bucket}/anything")[0] in (403, 404)
+        put = urllib.request.Request(
+            f"{cfg.s3_endpoint}/{bucket}/anonymous.txt", data=b"x", method="PUT"
+        )
+        with pytest.raises(urllib.error.HTTPError) as err:
+            urllib.request.urlopen(put, timeout=10)
+        assert err.value.code == 403
+    keys = storage.s3_client(
+        endpoint_url=cfg.s3_endpoint,
+        access_key_id=stack.secrets()["s3_access_key"],
+        secret_access_key=stack.secrets()["s3_secret_key"],
+    ).list_objects_v2(Bucket=stack_mod.DVC_BUCKET, Prefix="anonymous")
+    assert keys.get("KeyCount", 0) == 0
+
+
+def _tracked_and_untracked(root: Path) -> list[Path]:
+    """Files of the checkout git would see (tracked, or untracked and not ignored)."""
+    out = subprocess.run(
+        ["git", "ls-files", "-co", "--exclude-standard", "-z"],
+        cwd=root,
+        capture_output=True,
+        check=True,
+    ).stdout
+    return [root / name for name in out.decode().split("\0") if name]
+
+
+def test_no_credential_in_logs_or_outside_the_state_dir(
+    stack: stack_mod.Stack, capsys: pytest.CaptureFixture[str]
+) -> None:
+    secrets = {k: v for k, v in stack.secrets().items() if len(v) >= 12}
+    assert "prefect_auth_string" in secrets and "s3_secret_key" in secrets
+    assert stack_mod.main(["--state-dir", str(stack.state), "up"]) == 0  # idempotent, prints env
+    printed = capsys.readouterr()
+    texts = {
+        "up output": printed.out + printed.err,
+        "echo": "\n".join(stack.first_up_lines),  # type: ignore[attr-defined]
+    }
+    for log in sorted((stack.state / "logs").glob("*.log")):
+        texts[str(log)] = log.read_text(encoding="utf-8", errors="replace")
+    for path in _tracked_and_untracked(stack_mod.ROOT):
+        if path.is_file() and path.stat().st_size < 2_000_000:
+            texts[str(path)] = path.read_text(encoding="utf-8", errors="replace")
+    local_dvc = stack_mod.ROOT / ".dvc" / "config.local"
+    if local_dvc.is_file():
+        texts[str(local_dvc)] = local_dvc.read_text(encoding="utf-8")
+    leaks = sorted(
+        (where, name)
+        for where, text in texts.items()
+        for name, value in secrets.items()
+        if value in text
+    )
+    assert leaks == []
+    assert "PREFECT_API_AUTH_STRING=***" in printed.out
+
+
 # ------------------------------------------------------------------------------- the project
 
 
@@ -483,11 +562,17 @@ def test_prefect_deployment_runs_through_a_worker_on_the_stack(
     from prefect import get_client
     from prefect.client.schemas.objects import FlowRun
     from prefect.deployments import run_deployment
-    from prefect.settings import PREFECT_API_URL, PREFECT_HOME, temporary_settings
+    from prefect.settings import (
+        PREFECT_API_AUTH_STRING,
+        PREFECT_API_URL,
+        PREFECT_HOME,
+        temporary_settings,
+    )
 
     from mammoflow.deploy import deploy_all
 
     api_url = stack_env["PREFECT_API_URL"]
+    auth = stack_env["PREFECT_API_AUTH_STRING"]  # the stack's API refuses requests without it
     home = tmp_path / "prefect-home"
     home.mkdir()
     project = tmp_path / "project"
@@ -501,12 +586,15 @@ def test_prefect_deployment_runs_through_a_worker_on_the_stack(
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
     env |= {
         "PREFECT_API_URL": api_url,
+        "PREFECT_API_AUTH_STRING": auth,
         "PREFECT_HOME": str(home),
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
         "GX_ANALYTICS_ENABLED": "false",
     }
     log = tmp_path / "worker.log"
-    with temporary_settings(updates={PREFECT_API_URL: api_url, PREFECT_HOME: home}):
+    with temporary_settings(
+        updates={PREFECT_API_URL: api_url, PREFECT_API_AUTH_STRING: auth, PREFECT_HOME: home}
+    ):
         ids = deploy_all(
             work_pool=pool,
             project_dir=stack_mod.ROOT,
