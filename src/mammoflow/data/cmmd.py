@@ -238,8 +238,8 @@ def _examine(
     """
     try:
         image = read_dicom(path, rules)
-    except DicomError as exc:
-        return str(exc).removeprefix(f"{path}: ")
+    except DicomError as exc:  # the file's real path never reaches a message
+        return str(exc).removeprefix(f"{path}: ").replace(str(path), stored)
     if image.modality not in (None, "MG"):
         return f"modality {image.modality!r} is not MG (mammography); remove it from the source"
     if image.patient_id is None:
