@@ -1,18 +1,26 @@
-"""The fold loop: train the tail + head per cross-validation fold; no tracking here.
+"""A fold task: train the tail + head on one fold's rows; no tracking here.
 
 Inputs are either cached prefix features (:class:`~mammoflow.models.features.FeatureSet`, the fast
 path: only the tail + head run) or images (:class:`~mammoflow.models.features.ImageSet`: the full
-model runs every step, e.g. with augmentation). Each fold starts from the backbone's tail weights
-and the same freshly initialised head (seeded with ``train.seed``); shuffling and dropout are
-seeded with ``train.seed + fold``. One compiled model serves every fold (reset between folds), so
-Keras traces its functions once per backbone, not once per fold.
+model runs every step, e.g. with augmentation).
+
+One :class:`FoldTrainer` per (backbone, settings) serves every fold: it keeps the whole input
+array on the device once, and compiles one ``tf.function`` that runs a *whole epoch* (gather a
+batch, forward, backward, SGD update, in a graph loop) and one that predicts a batch of rows,
+both with fixed input signatures — so each is traced once and reused by every fold. Between
+folds the variables and the optimizer state are restored to their start, so every fold starts
+from the backbone's tail weights and the same freshly initialised head (seeded with
+``train.seed``); the per-epoch shuffle of fold ``k`` is seeded with ``train.seed + k``.
+
+Nothing runs a whole fold through a model in one call: training, prediction and the BatchNorm
+recalibration all go batch by batch, so memory stays bounded at any image size.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 import numpy as np
@@ -22,13 +30,14 @@ from mammoflow.config import ModelConfig, TrainConfig
 from mammoflow.models.build import (
     BackboneModel,
     Pooling,
-    compile_model,
     full_model,
     trainable_tail_and_head,
 )
-from mammoflow.models.features import FeatureSet, ImageSet
+from mammoflow.models.features import FeatureSet, ImageSet, extractor
 
 SPLIT_COLUMNS = ("image_id", "label_index", "split", "fold")
+#: Rows per prediction / statistics call on cached features (images use train.batch_size).
+FEATURE_EVAL_BATCH = 64
 
 
 class TrainError(ValueError):
@@ -52,23 +61,27 @@ ProgressHook = Callable[[TrainEvent], None]
 
 @dataclass
 class FoldResult:
-    """What one fold produced (``fold`` 0 is the final model trained on all CV rows).
+    """What one fold task produced (``fold`` 0 is the final model trained on all CV rows).
+
+    Plain data apart from ``model``: :meth:`portable` drops the Keras model so that the result
+    can cross processes (Dask); :func:`tail_head_from_weights` rebuilds it from ``weights``.
 
     Attributes:
         fold: validation fold number (1..k), or 0 for the final model.
-        model: the trained tail + head Keras model (input: prefix features).
+        weights: the trained tail + head weights (``model.get_weights()`` order).
+        model: the trained tail + head Keras model (input: prefix features), or None.
         history: per-epoch ``loss``, ``accuracy``, ``val_loss``, ``val_accuracy``.
         val_ids / val_true / val_prob: validation images, labels, class probabilities.
         test_ids / test_true / test_prob: the same for the held-out test set.
         class_weights: class index → weight used for the loss (None: unweighted).
-        timing: seconds for ``build`` (first fold only), ``reset``, ``fit``, ``predict``;
-            ``epochs_run``.
+        timing: seconds for ``build_s`` (first fold of a trainer only), ``reset_s``, ``fit_s``,
+            ``predict_s``; ``epochs_run``.
         info: provenance to record with the result: backbone, weights (source, path, sha256),
             precision, input size, cut layer, trainable layers, feature-cache key digest and hit.
     """
 
     fold: int
-    model: Any
+    weights: list[np.ndarray]
     history: dict[str, list[float]]
     val_ids: list[str]
     val_true: np.ndarray
@@ -79,6 +92,11 @@ class FoldResult:
     class_weights: dict[int, float] | None
     timing: dict[str, float]
     info: dict[str, Any] = field(default_factory=dict)
+    model: Any | None = None
+
+    def portable(self) -> FoldResult:
+        """A copy without the Keras model (picklable; for Dask workers and Prefect results)."""
+        return replace(self, model=None)
 
 
 def provenance(bb: BackboneModel, inputs: FeatureSet | ImageSet) -> dict[str, Any]:
@@ -116,117 +134,47 @@ def check_train_params(cfg: TrainConfig, n_classes: int) -> None:
         raise TrainError(f"n_classes={n_classes}; a classifier needs at least 2 classes")
 
 
-def _check_splits(splits: pd.DataFrame) -> None:
+def check_splits(splits: pd.DataFrame) -> list[int]:
+    """The CV fold numbers of ``splits``.
+
+    Raises:
+        TrainError: missing columns or no ``cv`` rows.
+    """
     missing = [c for c in SPLIT_COLUMNS if c not in splits.columns]
     if missing:
         raise TrainError(
             f"splits lack columns {missing!r}; build them with mammoflow.split.make_splits"
         )
+    folds = sorted(int(f) for f in splits.loc[splits["split"] == "cv", "fold"].unique())
+    if not folds:
+        raise TrainError("splits have no 'cv' rows; build them with make_splits(k_folds ≥ 2)")
+    return folds
 
 
-def _one_hot(y: np.ndarray, n_classes: int) -> np.ndarray:
-    return np.eye(n_classes, dtype=np.float32)[np.asarray(y, dtype=np.int64)]
+@dataclass(frozen=True)
+class FoldRows:
+    """The rows of one fold task: train on ``train``, validate on ``val``, predict ``test``."""
+
+    fold: int
+    train: pd.DataFrame
+    val: pd.DataFrame
+    test: pd.DataFrame
 
 
-class _EpochHook:
-    """Adapter from Keras callbacks to :data:`ProgressHook` (built lazily to keep keras optional)."""
+def fold_rows(splits: pd.DataFrame, fold: int) -> FoldRows:
+    """Rows of fold ``fold`` (1..k), or of the final model (``fold`` 0: every CV row, no val).
 
-    @staticmethod
-    def make(progress: ProgressHook, fold: int, n_folds: int, epochs: int) -> Any:
-        import keras
-
-        class Hook(keras.callbacks.Callback):
-            def on_epoch_end(self, epoch: int, logs: Mapping[str, float] | None = None) -> None:
-                progress(
-                    TrainEvent(
-                        "epoch_end",
-                        fold,
-                        n_folds,
-                        epoch=epoch + 1,
-                        epochs=epochs,
-                        logs={k: float(v) for k, v in (logs or {}).items()},
-                    )
-                )
-
-        return Hook()
-
-
-class _Runner:
-    """One compiled model reused by every fold: traced once, reset to its initial state per fold.
-
-    Rebuilding and recompiling per fold would re-trace the train / test / predict functions
-    (about a second each on CPU); resetting the variables gives every fold the same start.
+    Raises:
+        TrainError: an unknown fold.
     """
-
-    def __init__(
-        self,
-        inputs: FeatureSet | ImageSet,
-        bb: BackboneModel,
-        model_cfg: ModelConfig,
-        train_cfg: TrainConfig,
-        n_classes: int,
-        pooling: Pooling,
-    ) -> None:
-        import keras
-
-        keras.utils.set_random_seed(train_cfg.seed)
-        self.tail_head = trainable_tail_and_head(
-            bb,
-            n_classes,
-            head_units=model_cfg.head_units,
-            dropout=model_cfg.dropout,
-            pooling=pooling,
-        )
-        self.model = (
-            self.tail_head
-            if isinstance(inputs, FeatureSet)
-            else full_model(bb, self.tail_head, augment=train_cfg.augment)
-        )
-        compile_model(self.model, train_cfg.learning_rate, train_cfg.momentum)
-        self.model.optimizer.build(self.model.trainable_variables)
-        self._start = [v.numpy() for v in self.model.variables]
-        self._opt_start = [v.numpy() for v in self.model.optimizer.variables]
-
-    def reset(self) -> None:
-        """Restore the initial weights and optimizer state (momentum, iteration count)."""
-        for var, value in zip(self.model.variables, self._start, strict=True):
-            var.assign(value)
-        for var, value in zip(self.model.optimizer.variables, self._opt_start, strict=True):
-            var.assign(value)
-
-    def snapshot(self) -> Any:
-        """An independent copy of the trained tail + head (for the fold's result)."""
-        import keras
-
-        copy = keras.Model.from_config(self.tail_head.get_config())
-        copy.set_weights(self.tail_head.get_weights())
-        return copy
-
-
-def recalibrate_batchnorm(model: Any, x: np.ndarray) -> None:
-    """Set the moving statistics of the trainable BatchNorm layers to their exact training values.
-
-    With few steps per fold (48 images at batch 16 = 3 steps an epoch) the moving averages are
-    still dominated by their initial values (mean 0, variance 1) after training, so inference
-    normalises with the wrong statistics and predictions collapse to one class. One full-batch
-    pass with momentum 0 replaces them by the training set's own statistics (as SWA's bn_update
-    does). Frozen BatchNorm layers of the backbone are untouched (they always run in inference).
-    """
-    layers = [
-        layer
-        for layer in _all_layers(model)
-        if layer.__class__.__name__ == "BatchNormalization" and layer.trainable
-    ]
-    if not layers or len(x) == 0:
-        return
-    saved = [layer.momentum for layer in layers]
-    for layer in layers:
-        layer.momentum = 0.0
-    try:
-        model(x, training=True)
-    finally:
-        for layer, momentum in zip(layers, saved, strict=True):
-            layer.momentum = momentum
+    available = check_splits(splits)
+    cv = splits[splits["split"] == "cv"]
+    test = splits[splits["split"] == "test"]
+    if fold == 0:
+        return FoldRows(0, cv, cv.iloc[0:0], test)
+    if fold not in available:
+        raise TrainError(f"folds [{fold}] are not in the splits (available: {available!r})")
+    return FoldRows(fold, cv[cv["fold"] != fold], cv[cv["fold"] == fold], test)
 
 
 def _all_layers(model: Any) -> list[Any]:
@@ -237,92 +185,359 @@ def _all_layers(model: Any) -> list[Any]:
     return out
 
 
-def _fit_one(
-    runner: _Runner,
-    inputs: FeatureSet | ImageSet,
-    *,
-    fold: int,
-    n_folds: int,
-    train_rows: pd.DataFrame,
-    val_rows: pd.DataFrame,
-    test_rows: pd.DataFrame,
-    train_cfg: TrainConfig,
-    n_classes: int,
-    progress: ProgressHook | None,
-) -> FoldResult:
+def recalibrate_batchnorm(model: Any, batches: Callable[[], Iterator[Any]]) -> int:
+    """Set the moving statistics of ``model``'s trainable BatchNorm layers to their exact values.
+
+    With few steps per fold (48 images at batch 16 = 3 steps an epoch) the moving averages are
+    still dominated by their initial values (mean 0, variance 1) after training, so inference
+    normalises with the wrong statistics and predictions collapse to one class. This replaces
+    them by the training set's own mean and (biased) variance, as SWA's ``bn_update`` and a
+    full-batch pass with momentum 0 would — but accumulated batch by batch in float64, so the
+    result equals the one-shot statistics without ever holding the whole set in one call.
+
+    Layers are done in graph order, each with the earlier ones already recalibrated and every
+    layer in inference mode, which gives the same statistics as the one-shot training pass.
+    Frozen BatchNorm layers (the backbone's) are untouched.
+
+    Args:
+        model: a functional Keras model whose trainable BatchNorm layers are top-level layers.
+        batches: returns a fresh iterator over input batches of ``model`` (called once per layer).
+
+    Returns:
+        How many layers were recalibrated.
+    """
     import keras
 
-    t0 = time.perf_counter()
-    runner.reset()
-    keras.utils.set_random_seed(train_cfg.seed + fold)
-    model = runner.model
-    t_build = time.perf_counter() - t0
+    layers = [
+        layer
+        for layer in model.layers
+        if isinstance(layer, keras.layers.BatchNormalization) and layer.trainable
+    ]
+    for layer in layers:
+        probe = keras.Model(model.input, layer.input)
+        total, s1, s2 = 0, None, None
+        for batch in batches():
+            h = np.asarray(probe(batch, training=False), np.float64)
+            h = h.reshape(-1, h.shape[-1])
+            total += len(h)
+            s1 = h.sum(axis=0) if s1 is None else s1 + h.sum(axis=0)
+            s2 = (h * h).sum(axis=0) if s2 is None else s2 + (h * h).sum(axis=0)
+        if not total or s1 is None or s2 is None:
+            return 0
+        mean = s1 / total
+        var = np.maximum(s2 / total - mean * mean, 0.0)
+        layer.moving_mean.assign(mean.astype(np.float32))
+        layer.moving_variance.assign(var.astype(np.float32))
+    return len(layers)
 
-    x_tr = inputs.rows(list(train_rows["image_id"]))
-    y_tr = train_rows["label_index"].to_numpy(np.int64)
-    weights = (
-        balanced_class_weights(y_tr, n_classes) if train_cfg.class_weight == "balanced" else None
+
+def tail_head_from_weights(
+    bb: BackboneModel,
+    weights: Sequence[np.ndarray],
+    *,
+    model_cfg: ModelConfig,
+    n_classes: int,
+    pooling: Pooling = "avg",
+) -> Any:
+    """Rebuild a trained tail + head (e.g. from a :meth:`FoldResult.portable` result)."""
+    model = trainable_tail_and_head(
+        bb,
+        n_classes,
+        head_units=model_cfg.head_units,
+        dropout=model_cfg.dropout,
+        pooling=pooling,
     )
-    has_val = len(val_rows) > 0
-    val_ids = list(val_rows["image_id"])
-    val_true = val_rows["label_index"].to_numpy(np.int64)
-    x_val = inputs.rows(val_ids) if has_val else None
-    callbacks: list[Any] = []
-    if train_cfg.early_stopping and has_val:
-        callbacks.append(
-            keras.callbacks.EarlyStopping(
-                monitor="val_loss", patience=train_cfg.patience, restore_best_weights=True
-            )
+    model.set_weights(list(weights))
+    return model
+
+
+class FoldTrainer:
+    """Compiled training of one tail + head, reused by every fold of a (backbone, settings).
+
+    Args:
+        inputs: cached features or images of every image the folds will use.
+        bb: the backbone the inputs came from.
+        model_cfg: head settings (head_units, dropout).
+        train_cfg: epochs, batch size, optimiser, class weights, early stopping, seed.
+        n_classes: number of classes.
+        pooling: head pooling, ``avg`` or ``flatten``.
+    """
+
+    def __init__(
+        self,
+        inputs: FeatureSet | ImageSet,
+        bb: BackboneModel,
+        *,
+        model_cfg: ModelConfig,
+        train_cfg: TrainConfig,
+        n_classes: int,
+        pooling: Pooling = "avg",
+    ) -> None:
+        import keras
+        import tensorflow as tf
+
+        check_train_params(train_cfg, n_classes)
+        t0 = time.perf_counter()
+        keras.utils.set_random_seed(train_cfg.seed)
+        self.bb, self.inputs, self.cfg, self.n_classes = bb, inputs, train_cfg, n_classes
+        self.cached = isinstance(inputs, FeatureSet)
+        self.tail_head = trainable_tail_and_head(
+            bb,
+            n_classes,
+            head_units=model_cfg.head_units,
+            dropout=model_cfg.dropout,
+            pooling=pooling,
         )
-    if progress is not None:
-        callbacks.append(_EpochHook.make(progress, fold, n_folds, train_cfg.epochs))
+        self.model = (
+            self.tail_head
+            if self.cached
+            else full_model(bb, self.tail_head, augment=train_cfg.augment)
+        )
+        array = inputs.features if isinstance(inputs, FeatureSet) else inputs.images
+        self._index = {k: i for i, k in enumerate(inputs.image_ids)}
+        self._x = tf.constant(np.asarray(array, np.float32))
+        self.eval_batch = FEATURE_EVAL_BATCH if self.cached else train_cfg.batch_size
+        self.optimizer = _optimizer(train_cfg, bb.precision)
+        self.optimizer.build(self.model.trainable_variables)
+        self._train_epoch = self._compile_epoch()
+        self._predict = self._compile_predict()
+        self._start = [v.numpy() for v in self.model.variables]
+        self._opt_start = [v.numpy() for v in self.optimizer.variables]
+        self.build_s = time.perf_counter() - t0
 
-    t1 = time.perf_counter()
-    hist = model.fit(
-        x_tr,
-        _one_hot(y_tr, n_classes),
-        validation_data=(x_val, _one_hot(val_true, n_classes)) if has_val else None,
-        epochs=train_cfg.epochs,
-        batch_size=train_cfg.batch_size,
-        class_weight=weights,
-        callbacks=callbacks,
-        shuffle=True,
-        verbose=0,
-    )
-    recalibrate_batchnorm(model, x_tr)
-    t_fit = time.perf_counter() - t1
+    # ---- compiled pieces
+    def _compile_epoch(self) -> Any:
+        import keras
+        import tensorflow as tf
 
-    t2 = time.perf_counter()
-    empty = np.zeros((0, n_classes), np.float32)
-    val_prob = (
-        model.predict(x_val, batch_size=train_cfg.batch_size, verbose=0) if has_val else empty
-    )
-    test_ids = list(test_rows["image_id"])
-    test_prob = (
-        model.predict(inputs.rows(test_ids), batch_size=train_cfg.batch_size, verbose=0)
-        if test_ids
-        else empty
-    )
-    t_pred = time.perf_counter() - t2
-    history = {k: [float(v) for v in vals] for k, vals in hist.history.items()}
-    return FoldResult(
-        fold=fold,
-        model=runner.snapshot(),
-        history=history,
-        val_ids=val_ids,
-        val_true=val_true,
-        val_prob=np.asarray(val_prob, np.float32),
-        test_ids=test_ids,
-        test_true=test_rows["label_index"].to_numpy(np.int64),
-        test_prob=np.asarray(test_prob, np.float32),
-        class_weights=weights,
-        timing={
-            "reset_s": t_build,
-            "fit_s": t_fit,
-            "predict_s": t_pred,
-            "epochs_run": float(len(history.get("loss", []))),
-        },
-    )
+        model, opt, x_all = self.model, self.optimizer, self._x
+        variables = model.trainable_variables
+        batch = self.cfg.batch_size
+        scaled = isinstance(opt, keras.optimizers.LossScaleOptimizer)
+        c = self.n_classes
+
+        @tf.function(
+            input_signature=[
+                tf.TensorSpec([None], tf.int32),
+                tf.TensorSpec([None, c], tf.float32),
+                tf.TensorSpec([None], tf.float32),
+            ],
+            reduce_retracing=True,
+        )
+        def train_epoch(rows: Any, y: Any, w: Any) -> Any:
+            n = tf.shape(rows)[0]
+            loss_sum, correct = tf.constant(0.0), tf.constant(0.0)
+            for start in tf.range(0, n, batch):
+                stop = tf.minimum(start + batch, n)
+                xb = tf.gather(x_all, rows[start:stop])
+                yb, wb = y[start:stop], w[start:stop]
+                with tf.GradientTape() as tape:
+                    prob = tf.cast(model(xb, training=True), tf.float32)
+                    loss = tf.reduce_mean(keras.losses.categorical_crossentropy(yb, prob) * wb)
+                    target = opt.scale_loss(loss) if scaled else loss
+                grads = tape.gradient(target, variables)
+                opt.apply(grads, variables)
+                size = tf.cast(stop - start, tf.float32)
+                loss_sum += loss * size
+                hits = tf.equal(tf.argmax(prob, -1), tf.argmax(yb, -1))
+                correct += tf.reduce_sum(tf.cast(hits, tf.float32))
+            total = tf.cast(n, tf.float32)
+            return loss_sum / total, correct / total
+
+        return train_epoch
+
+    def _compile_predict(self) -> Any:
+        import tensorflow as tf
+
+        model, x_all = self.model, self._x
+
+        @tf.function(input_signature=[tf.TensorSpec([None], tf.int32)], reduce_retracing=True)
+        def predict_rows(rows: Any) -> Any:
+            return tf.cast(model(tf.gather(x_all, rows), training=False), tf.float32)
+
+        return predict_rows
+
+    # ---- state
+    def reset(self) -> None:
+        """Restore the initial weights and optimizer state (momentum, iteration count)."""
+        for var, value in zip(self.model.variables, self._start, strict=True):
+            var.assign(value)
+        for var, value in zip(self.optimizer.variables, self._opt_start, strict=True):
+            var.assign(value)
+
+    def rows(self, ids: Sequence[str]) -> np.ndarray:
+        """Row numbers of ``ids`` in the device array.
+
+        Raises:
+            TrainError: an id has no input.
+        """
+        try:
+            return np.asarray([self._index[i] for i in ids], np.int32)
+        except KeyError as exc:
+            raise TrainError(
+                f"no input for image {exc.args[0]!r}; rebuild the feature cache"
+            ) from None
+
+    def predict(self, ids: Sequence[str]) -> np.ndarray:
+        """Class probabilities for ``ids``, batch by batch."""
+        rows = self.rows(ids)
+        out = np.zeros((len(rows), self.n_classes), np.float32)
+        for lo in range(0, len(rows), self.eval_batch):
+            out[lo : lo + self.eval_batch] = self._predict(rows[lo : lo + self.eval_batch]).numpy()
+        return out
+
+    def _feature_batches(self, ids: Sequence[str]) -> Callable[[], Iterator[Any]]:
+        """Batches of tail inputs for ``ids`` (features; images go through the frozen prefix)."""
+        import tensorflow as tf
+
+        rows = self.rows(ids)
+        if self.cached:
+            return lambda: (
+                tf.gather(self._x, rows[lo : lo + self.eval_batch])
+                for lo in range(0, len(rows), self.eval_batch)
+            )
+        extract = extractor(self.bb)
+        return lambda: (
+            extract(tf.gather(self._x, rows[lo : lo + self.eval_batch]))
+            for lo in range(0, len(rows), self.eval_batch)
+        )
+
+    def recalibrate(self, ids: Sequence[str]) -> int:
+        """Exact BatchNorm statistics of the training rows ``ids`` (see :func:`recalibrate_batchnorm`)."""
+        return recalibrate_batchnorm(self.tail_head, self._feature_batches(ids))
+
+    def snapshot(self) -> tuple[list[np.ndarray], Any]:
+        """The trained tail + head: its weights and an independent Keras copy."""
+        import keras
+
+        weights = self.tail_head.get_weights()
+        copy = keras.Model.from_config(self.tail_head.get_config())
+        copy.set_weights(weights)
+        return weights, copy
+
+    # ---- one fold
+    def fit(
+        self, rows: FoldRows, *, progress: ProgressHook | None = None, n_folds: int = 1
+    ) -> FoldResult:
+        """Train from the initial state on ``rows.train``; predict ``rows.val`` and ``rows.test``."""
+        cfg, fold = self.cfg, rows.fold
+        t0 = time.perf_counter()
+        self.reset()
+        reset_s = time.perf_counter() - t0
+        train_ids = list(rows.train["image_id"])
+        y_tr = rows.train["label_index"].to_numpy(np.int64)
+        weights = (
+            balanced_class_weights(y_tr, self.n_classes) if cfg.class_weight == "balanced" else None
+        )
+        w_tr = (
+            np.asarray([weights[int(c)] for c in y_tr], np.float32)
+            if weights
+            else np.ones(len(y_tr), np.float32)
+        )
+        val_ids = list(rows.val["image_id"])
+        val_true = rows.val["label_index"].to_numpy(np.int64)
+        t1 = time.perf_counter()
+        history = self._epochs(train_ids, y_tr, w_tr, val_ids, val_true, fold, n_folds, progress)
+        self.recalibrate(train_ids)
+        fit_s = time.perf_counter() - t1
+        t2 = time.perf_counter()
+        test_ids = list(rows.test["image_id"])
+        val_prob, test_prob = self.predict(val_ids), self.predict(test_ids)
+        predict_s = time.perf_counter() - t2
+        trained, model = self.snapshot()
+        return FoldResult(
+            fold=fold,
+            weights=trained,
+            model=model,
+            history=history,
+            val_ids=val_ids,
+            val_true=val_true,
+            val_prob=val_prob,
+            test_ids=test_ids,
+            test_true=rows.test["label_index"].to_numpy(np.int64),
+            test_prob=test_prob,
+            class_weights=weights,
+            timing={
+                "reset_s": reset_s,
+                "fit_s": fit_s,
+                "predict_s": predict_s,
+                "epochs_run": float(len(history["loss"])),
+            },
+            info=provenance(self.bb, self.inputs),
+        )
+
+    def _epochs(
+        self,
+        train_ids: list[str],
+        y_tr: np.ndarray,
+        w_tr: np.ndarray,
+        val_ids: list[str],
+        val_true: np.ndarray,
+        fold: int,
+        n_folds: int,
+        progress: ProgressHook | None,
+    ) -> dict[str, list[float]]:
+        """The epoch loop: one compiled call per epoch, validation, early stopping."""
+        cfg = self.cfg
+        rng = np.random.default_rng(cfg.seed + fold)
+        rows, onehot = self.rows(train_ids), _one_hot(y_tr, self.n_classes)
+        history: dict[str, list[float]] = {"loss": [], "accuracy": []}
+        if val_ids:
+            history.update(val_loss=[], val_accuracy=[])
+        stopper = _EarlyStopping(cfg.patience) if cfg.early_stopping and val_ids else None
+        for epoch in range(1, cfg.epochs + 1):
+            order = rng.permutation(len(rows))
+            loss, acc = self._train_epoch(rows[order], onehot[order], w_tr[order])
+            history["loss"].append(float(loss))
+            history["accuracy"].append(float(acc))
+            if val_ids:
+                prob = self.predict(val_ids)
+                history["val_loss"].append(_cross_entropy(val_true, prob))
+                history["val_accuracy"].append(float((prob.argmax(1) == val_true).mean()))
+            if progress is not None:
+                logs = {k: v[-1] for k, v in history.items()}
+                progress(TrainEvent("epoch_end", fold, n_folds, epoch, cfg.epochs, logs))
+            if stopper is not None and stopper.stop(history["val_loss"][-1], self.model):
+                break
+        if stopper is not None:
+            stopper.restore(self.model)
+        return history
+
+
+class _EarlyStopping:
+    """Stop after ``patience`` epochs without a lower val_loss; restore the best weights."""
+
+    def __init__(self, patience: int) -> None:
+        self.patience, self.best, self.wait = patience, np.inf, 0
+        self.weights: list[np.ndarray] | None = None
+
+    def stop(self, val_loss: float, model: Any) -> bool:
+        if val_loss < self.best:
+            self.best, self.wait, self.weights = val_loss, 0, model.get_weights()
+            return False
+        self.wait += 1
+        return self.wait >= self.patience
+
+    def restore(self, model: Any) -> None:
+        if self.weights is not None:
+            model.set_weights(self.weights)
+
+
+def _optimizer(cfg: TrainConfig, precision: str) -> Any:
+    import keras
+
+    opt = keras.optimizers.SGD(learning_rate=cfg.learning_rate, momentum=cfg.momentum)
+    return keras.optimizers.LossScaleOptimizer(opt) if precision == "mixed_float16" else opt
+
+
+def _one_hot(y: np.ndarray, n_classes: int) -> np.ndarray:
+    return np.eye(n_classes, dtype=np.float32)[np.asarray(y, dtype=np.int64)]
+
+
+def _cross_entropy(y: np.ndarray, prob: np.ndarray, eps: float = 1e-7) -> float:
+    """Mean categorical cross-entropy (Keras' clipping), unweighted like Keras' val_loss."""
+    p = np.clip(prob[np.arange(len(y)), y], eps, 1.0 - eps)
+    return float(-np.log(p).mean()) if len(y) else float("nan")
 
 
 def train_folds(
@@ -336,8 +551,9 @@ def train_folds(
     folds: Sequence[int] | None = None,
     pooling: Pooling = "avg",
     progress: ProgressHook | None = None,
+    trainer: FoldTrainer | None = None,
 ) -> list[FoldResult]:
-    """Train one tail + head per CV fold; fold ``k`` validates on rows with ``fold == k``.
+    """Run the fold tasks ``folds`` (default every CV fold; 0 = the final model) in turn.
 
     Args:
         inputs: cached features or images, covering every image in ``splits``.
@@ -346,48 +562,35 @@ def train_folds(
         model_cfg: head settings (head_units, dropout).
         train_cfg: epochs, batch size, optimiser, class weights, early stopping, seed.
         n_classes: number of classes.
-        folds: subset of folds to run (default all).
+        folds: folds to run (default all CV folds).
         pooling: head pooling, ``avg`` or ``flatten``.
         progress: receives :class:`TrainEvent` values.
+        trainer: a :class:`FoldTrainer` to reuse (else one is built).
 
     Raises:
         TrainError: bad parameters, splits without CV rows, or an unknown fold.
     """
     check_train_params(train_cfg, n_classes)
-    _check_splits(splits)
-    cv = splits[splits["split"] == "cv"]
-    test = splits[splits["split"] == "test"]
-    available = sorted(int(f) for f in cv["fold"].unique())
-    if not available:
-        raise TrainError("splits have no 'cv' rows; build them with make_splits(k_folds ≥ 2)")
-    chosen = list(folds) if folds is not None else available
-    unknown = [f for f in chosen if f not in available]
-    if unknown:
-        raise TrainError(f"folds {unknown!r} are not in the splits (available: {available!r})")
-    t0 = time.perf_counter()
-    runner = _Runner(inputs, bb, model_cfg, train_cfg, n_classes, pooling)
-    build_s = time.perf_counter() - t0
-    results: list[FoldResult] = []
-    for fold in chosen:
-        if progress is not None:
-            progress(TrainEvent("fold_start", fold, len(chosen), epochs=train_cfg.epochs))
-        result = _fit_one(
-            runner,
+    chosen = list(folds) if folds is not None else check_splits(splits)
+    plans = [fold_rows(splits, f) for f in chosen]
+    if trainer is None:
+        trainer = FoldTrainer(
             inputs,
-            fold=fold,
-            n_folds=len(chosen),
-            train_rows=cv[cv["fold"] != fold],
-            val_rows=cv[cv["fold"] == fold],
-            test_rows=test,
+            bb,
+            model_cfg=model_cfg,
             train_cfg=train_cfg,
             n_classes=n_classes,
-            progress=progress,
+            pooling=pooling,
         )
-        result.timing["build_s"] = build_s if not results else 0.0
-        result.info = provenance(bb, inputs)
+    results: list[FoldResult] = []
+    for rows in plans:
+        if progress is not None:
+            progress(TrainEvent("fold_start", rows.fold, len(plans), epochs=train_cfg.epochs))
+        result = trainer.fit(rows, progress=progress, n_folds=len(plans))
+        result.timing["build_s"] = trainer.build_s if not results else 0.0
         results.append(result)
         if progress is not None:
-            progress(TrainEvent("fold_end", fold, len(chosen), epochs=train_cfg.epochs))
+            progress(TrainEvent("fold_end", rows.fold, len(plans), epochs=train_cfg.epochs))
     return results
 
 
@@ -401,35 +604,22 @@ def train_final(
     n_classes: int,
     pooling: Pooling = "avg",
     progress: ProgressHook | None = None,
+    trainer: FoldTrainer | None = None,
 ) -> FoldResult:
     """Train on every CV row (no validation, so no early stopping) and predict the test set.
 
     Returns a :class:`FoldResult` with ``fold == 0`` and empty validation arrays.
     """
-    check_train_params(train_cfg, n_classes)
-    _check_splits(splits)
-    cv = splits[splits["split"] == "cv"]
-    if cv.empty:
-        raise TrainError("splits have no 'cv' rows to train the final model on")
-    if progress is not None:
-        progress(TrainEvent("fold_start", 0, 1, epochs=train_cfg.epochs))
-    t0 = time.perf_counter()
-    runner = _Runner(inputs, bb, model_cfg, train_cfg, n_classes, pooling)
-    build_s = time.perf_counter() - t0
-    result = _fit_one(
-        runner,
+    (result,) = train_folds(
         inputs,
-        fold=0,
-        n_folds=1,
-        train_rows=cv,
-        val_rows=cv.iloc[0:0],
-        test_rows=splits[splits["split"] == "test"],
+        splits,
+        bb,
+        model_cfg=model_cfg,
         train_cfg=train_cfg,
         n_classes=n_classes,
+        folds=[0],
+        pooling=pooling,
         progress=progress,
+        trainer=trainer,
     )
-    result.timing["build_s"] = build_s
-    result.info = provenance(bb, inputs)
-    if progress is not None:
-        progress(TrainEvent("fold_end", 0, 1, epochs=train_cfg.epochs))
     return result

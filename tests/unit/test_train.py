@@ -13,10 +13,13 @@ from mammoflow.models import build
 from mammoflow.models.features import cached_features, prepare_inputs
 from mammoflow.split import make_splits
 from mammoflow.train import (
+    FoldTrainer,
     TrainError,
     TrainEvent,
     balanced_class_weights,
     check_train_params,
+    fold_rows,
+    recalibrate_batchnorm,
     train_final,
     train_folds,
 )
@@ -122,3 +125,56 @@ def test_bad_params_are_clear(dataset: tuple, tmp_path: Path) -> None:
     feats = cached_features(frame, bb, dataset="synthetic", cache_dir=tmp_path)
     with pytest.raises(TrainError, match=r"folds \[7\]"):
         train_folds(feats, splits, bb, model_cfg=MODEL, train_cfg=TRAIN, n_classes=3, folds=[7])
+
+
+def _one_shot_stats(model, x: np.ndarray) -> list[np.ndarray]:
+    """The old recalibration: the whole set in one training-mode call with momentum 0."""
+    import keras
+
+    bns = [
+        layer
+        for layer in model.layers
+        if isinstance(layer, keras.layers.BatchNormalization) and layer.trainable
+    ]
+    saved = [layer.momentum for layer in bns]
+    for layer in bns:
+        layer.momentum = 0.0
+    model(x, training=True)
+    for layer, m in zip(bns, saved, strict=True):
+        layer.momentum = m
+    return [w for layer in bns for w in (layer.moving_mean.numpy(), layer.moving_variance.numpy())]
+
+
+def test_batched_recalibration_equals_one_shot(dataset: tuple) -> None:
+    """Batch-by-batch statistics equal the one-shot full-set pass (which crashed at real sizes)."""
+    root, frame, splits = dataset
+    bb = build.load_backbone("vgg16", trainable_layers=2, input_size=32)
+    feats = cached_features(frame, bb, dataset="synthetic", cache_dir=root / "cache")
+    (r,) = train_folds(feats, splits, bb, model_cfg=MODEL, train_cfg=TRAIN, n_classes=3, folds=[1])
+    x = feats.rows(list(fold_rows(splits, 1).train["image_id"]))
+    one = build.trainable_tail_and_head(bb, 3, head_units=16, dropout=0.1)
+    one.set_weights(r.weights)
+    expected = _one_shot_stats(one, x)
+    batched = build.trainable_tail_and_head(bb, 3, head_units=16, dropout=0.1)
+    batched.set_weights(r.weights)
+    n = recalibrate_batchnorm(batched, lambda: (x[i : i + 5] for i in range(0, len(x), 5)))
+    assert n == 1
+    got = batched.get_layer("head_bn")
+    np.testing.assert_allclose(got.moving_mean.numpy(), expected[0], rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(got.moving_variance.numpy(), expected[1], rtol=1e-3, atol=1e-5)
+    # the trained fold's own statistics are these too
+    np.testing.assert_allclose(
+        r.model.get_layer("head_bn").moving_mean.numpy(), expected[0], rtol=1e-4, atol=1e-5
+    )
+
+
+def test_one_trace_per_trainer_and_epoch_overhead(dataset: tuple) -> None:
+    """Every fold reuses the compiled epoch and predict functions (no retracing per fold)."""
+    root, frame, splits = dataset
+    bb = build.load_backbone("vgg16", trainable_layers=1, input_size=32)
+    feats = cached_features(frame, bb, dataset="synthetic", cache_dir=root / "cache")
+    trainer = FoldTrainer(feats, bb, model_cfg=MODEL, train_cfg=TRAIN, n_classes=3)
+    train_folds(feats, splits, bb, model_cfg=MODEL, train_cfg=TRAIN, n_classes=3, trainer=trainer)
+    train_final(feats, splits, bb, model_cfg=MODEL, train_cfg=TRAIN, n_classes=3, trainer=trainer)
+    assert trainer._train_epoch.experimental_get_tracing_count() == 1
+    assert trainer._predict.experimental_get_tracing_count() == 1

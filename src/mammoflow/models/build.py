@@ -428,6 +428,19 @@ def preprocessing_model(bb: BackboneModel, *, resize: bool = True) -> Any:
     return keras.Model(inp, x, name=f"{bb.name}_preprocess")
 
 
+def extraction_model(bb: BackboneModel) -> Any:
+    """``grey (input_size, [0, 255]) → 3 channels → preprocess_input → frozen prefix``: the features.
+
+    The model the feature cache runs, and the frozen part of :func:`full_model` for images
+    already at ``bb.input_size``; always in inference mode.
+    """
+    import keras
+
+    inp = keras.Input(shape=(bb.input_size, bb.input_size, 1), name="image")
+    x = bb.prefix(grey_preprocess(bb.name, inp), training=False)
+    return keras.Model(inp, x, name=f"{bb.name}_extract")
+
+
 def full_model(bb: BackboneModel, tail_and_head: Any, *, augment: bool = False) -> Any:
     """End-to-end model for export / serving, or for training without a feature cache.
 

@@ -29,7 +29,7 @@ import numpy as np
 import pandas as pd
 
 from mammoflow.data.manifest import atomic_write_bytes, atomic_write_json, sha256_file
-from mammoflow.models.build import BackboneModel, check_precision, preprocessing_model
+from mammoflow.models.build import BackboneModel, check_precision, extraction_model
 
 log = logging.getLogger(__name__)
 
@@ -166,6 +166,26 @@ def load_images(paths: Sequence[Path | str], size: int) -> np.ndarray:
 # ----------------------------------------------------------------------------- extraction
 
 
+def extractor(bb: BackboneModel) -> Any:
+    """The compiled ``images (input_size) → float32 prefix features`` function of ``bb``.
+
+    Traced once per backbone (kept in ``bb.compiled``) and shared by extraction, the uncached
+    training path and BatchNorm recalibration.
+    """
+    import tensorflow as tf
+
+    forward: Any = bb.compiled.get("extract")
+    if forward is None:
+        model = extraction_model(bb)
+
+        @tf.function(reduce_retracing=True)
+        def forward(x: Any) -> Any:
+            return tf.cast(model(x, training=False), tf.float32)
+
+        bb.compiled["extract"] = forward
+    return forward
+
+
 def extract_features(
     bb: BackboneModel,
     images: np.ndarray | Sequence[Path | str],
@@ -202,16 +222,7 @@ def extract_features(
     out = np.zeros((total, *bb.feature_shape), np.float32)
     if total == 0:
         return out
-    forward: Any = bb.compiled.get("extract")
-    if forward is None:
-        pre = preprocessing_model(bb, resize=False)
-        prefix = bb.prefix
-
-        @tf.function(reduce_retracing=True)
-        def forward(x: Any) -> Any:
-            return tf.cast(prefix(pre(x, training=False), training=False), tf.float32)
-
-        bb.compiled["extract"] = forward
+    forward = extractor(bb)
     done = 0
     for batch in ds.batch(batch_size).prefetch(tf.data.AUTOTUNE):
         feats = forward(batch).numpy()
