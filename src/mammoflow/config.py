@@ -145,6 +145,8 @@ class EvaluateConfig(_Section):
 
     bootstrap: Annotated[int, Field(ge=0, le=100_000)] = 1000
     ci: Annotated[float, Field(gt=0.5, lt=1.0)] = 0.95
+    #: refit: a model trained on every CV row; ensemble: the mean of the K fold models
+    test_model: Literal["refit", "ensemble"] = "ensemble"
 
 
 class TrackingConfig(_Section):

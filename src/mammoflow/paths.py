@@ -56,6 +56,10 @@ class Layout:
         """Frozen-prefix feature cache (not a DVC out: a pure cache)."""
         return self.root / ".cache" / "features"
 
+    def fold_weights(self, key: str, backbone: str, fold: int) -> Path:
+        """A trained fold's tail + head weights (a cache for resuming an ensemble; not a DVC out)."""
+        return self.root / ".cache" / "folds" / f"{backbone}-{key[:16]}-fold-{fold}.npz"
+
     def reports(self) -> Path:
         """Comparison reports."""
         return self.root / "reports"

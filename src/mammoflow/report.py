@@ -32,6 +32,22 @@ def _plt() -> Any:
     return plt
 
 
+def classification_report_text(y: np.ndarray, prob: np.ndarray, class_names: Sequence[str]) -> str:
+    """scikit-learn's per-class precision / recall / F1 table of one evaluation."""
+    from sklearn.metrics import classification_report
+
+    return str(
+        classification_report(
+            y,
+            np.asarray(prob).argmax(axis=1),
+            labels=list(range(len(class_names))),
+            target_names=list(class_names),
+            zero_division=0,
+            digits=3,
+        )
+    )
+
+
 def confusion_figure(y_true: np.ndarray, y_prob: np.ndarray, class_names: Sequence[str]) -> Any:
     """Confusion matrix heat map with counts."""
     from mammoflow.metrics import confusion_matrix

@@ -1,37 +1,47 @@
-"""One backbone's study on one dataset: K folds + the held-out test, tracked and resumable.
+"""The train stage: plan → fold tasks → aggregate → test, for one backbone on one dataset.
 
-This is the `train` stage. It composes the pure pieces (split, features, train, metrics) and the
-tracking layout: per fold it trains the tail + head on cached frozen features, logs the fold to
-MLflow, and finally trains on all CV rows to evaluate the held-out test set with patient-level
-bootstrap confidence intervals. It writes the DVC outputs (metrics JSON, plots data, the final
-head model and the predictions) from the same numbers that go to MLflow.
+* plan: :func:`~mammoflow.inputs.load_inputs` (frame, splits, folds, identity) and the cached
+  frozen-prefix features (:func:`~mammoflow.inputs.load_features`, extracted once per key);
+* fold tasks: :func:`fold_task` is the unit of work — features and split rows in, a
+  :class:`~mammoflow.train.FoldResult` out, nothing else touched. Run here one after the other
+  on one compiled trainer, or fanned out by Prefect on Dask (:func:`remote_fold_task`), in which
+  case :func:`run_study` receives the results;
+* aggregate: CV mean/std over the folds;
+* test: ``evaluate.test_model`` — ``ensemble`` averages the K fold models' probabilities on the
+  held-out test set (no sixth fit), ``refit`` trains fold 0 on every CV row.
+
+MLflow goes through :class:`~mammoflow.tracking.StudyRun` only. Re-running the same
+configuration (params + data hash + split hash) reuses the folds that FINISHED in MLflow.
+The DVC outputs (metrics JSON, plots data, predictions, the head) come from the same numbers.
 """
 
 from __future__ import annotations
 
-import json
+import io
 import logging
 import math
-import platform
-import subprocess
-from collections.abc import Callable, Mapping
-from contextlib import AbstractContextManager, nullcontext
+import time
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
-import yaml
 
 from mammoflow.config import Config
-from mammoflow.data.manifest import CLASSES, atomic_write_json, atomic_write_text, read_manifest
+from mammoflow.data.manifest import atomic_write_bytes, atomic_write_json, atomic_write_text
+from mammoflow.inputs import StudyInputs, load_features, load_inputs
 from mammoflow.paths import Layout
+from mammoflow.provenance import device, git_state, versions
+
+if TYPE_CHECKING:
+    from mammoflow.models.build import BackboneModel
+    from mammoflow.models.features import FeatureSet, ImageSet
+    from mammoflow.tracking import Evaluation, StudyRun, Tracker
+    from mammoflow.train import FoldResult, FoldTrainer, TrainEvent
 
 log = logging.getLogger(__name__)
-
-#: Prefixes of the params that define a backbone's study (the resume key).
-STUDY_PARAM_PREFIXES = ("convert.", "split.", "model.", "train.", "evaluate.", "tracking.")
 
 
 @dataclass
@@ -47,6 +57,7 @@ class StudyResult:
     test_ci: dict[str, dict[str, float]]
     parent_run_id: str
     test_run_id: str
+    test_model: str = "refit"
     resumed_folds: list[int] = field(default_factory=list)
     trained_folds: list[int] = field(default_factory=list)
     seconds: dict[str, float] = field(default_factory=dict)
@@ -57,6 +68,7 @@ class StudyResult:
             "dataset": self.dataset,
             "backbone": self.backbone,
             "folds": len(self.fold_metrics),
+            "test_model": self.test_model,
             "cv": self.cv,
             "test": self.test,
             "test_ci": self.test_ci,
@@ -65,73 +77,350 @@ class StudyResult:
         }
 
 
-def study_params(cfg: Config, dataset: str) -> dict[str, Any]:
-    """The flattened params that define a study of ``dataset`` (backbone list excluded)."""
-    flat = cfg.flat()
-    out = {
-        k: v
-        for k, v in flat.items()
-        if k.startswith(STUDY_PARAM_PREFIXES) and k != "model.backbones"
-    }
-    ds = cfg.dataset(dataset)
-    out["dataset.name"] = dataset
-    out["dataset.kind"] = ds.kind
-    return out
+@dataclass
+class FoldOutcome:
+    """A fold as the aggregate sees it: trained now, or reused from a FINISHED MLflow run."""
+
+    fold: int
+    metrics: dict[str, float]
+    val: dict[str, Any]  # predictions record
+    test: dict[str, Any]  # predictions record on the held-out test set
+    weights: list[np.ndarray] | None = None
+    history: dict[str, list[float]] = field(default_factory=dict)
+    reused: bool = False
 
 
-def dvc_data_hash(dataset: str, root: Path = Path()) -> str:
-    """The DVC hash of ``data/processed/<dataset>`` from dvc.lock ('unknown' outside DVC)."""
-    lock = root / "dvc.lock"
-    if not lock.is_file():
-        return "unknown"
-    stages = (yaml.safe_load(lock.read_text(encoding="utf-8")) or {}).get("stages", {})
-    stage = stages.get(f"convert@{dataset}", {})
-    for out in stage.get("outs", []):
-        if out.get("path") == f"data/processed/{dataset}":
-            return str(out.get("md5", "unknown"))
-    return "unknown"
+# ----------------------------------------------------------------------------- fold tasks
 
 
-def git_state(root: Path = Path()) -> dict[str, str]:
-    """Commit and dirty flag of the project checkout ('unknown' outside git)."""
+def fold_task(
+    inp: StudyInputs,
+    bb: BackboneModel,
+    data: FeatureSet | ImageSet,
+    fold: int,
+    *,
+    trainer: FoldTrainer | None = None,
+    progress: Any | None = None,
+) -> FoldResult:
+    """The unit of work: train fold ``fold`` (0 = every CV row) and predict its val and test rows.
 
-    def run(*args: str) -> str | None:
-        try:
-            res = subprocess.run(
-                ["git", *args], cwd=root, capture_output=True, text=True, check=True, timeout=10
+    Pure: features and split rows in, a :class:`~mammoflow.train.FoldResult` out.
+    """
+    from mammoflow.train import train_folds
+
+    (res,) = train_folds(
+        data,
+        inp.splits,
+        bb,
+        model_cfg=inp.cfg.model,
+        train_cfg=inp.cfg.train,
+        n_classes=inp.n_classes,
+        folds=[fold],
+        trainer=trainer,
+        progress=progress,
+    )
+    return res
+
+
+def remote_fold_task(
+    cfg: Config, dataset: str, backbone: str, fold: int, layout: Layout | None = None
+) -> FoldResult:
+    """:func:`fold_task` in a process of its own (a Dask worker): inputs from the shared cache.
+
+    Returns the portable result (weights, no Keras model).
+    """
+    layout = layout or Layout()
+    inp = load_inputs(cfg, dataset, backbone, layout)
+    bb, data = load_features(inp, layout)
+    res = fold_task(inp, bb, data, fold).portable()
+    _save_weights(layout.fold_weights(inp.key, backbone, fold), res.weights)
+    return res
+
+
+def prepare_study(
+    cfg: Config,
+    dataset: str,
+    backbone: str,
+    layout: Layout | None = None,
+    tracker: Tracker | None = None,
+) -> list[int]:
+    """Extract (or find) the cached features and list the fold tasks still to run.
+
+    Fold 0 stands for the refit model (``evaluate.test_model: refit``). Read-only in MLflow.
+    """
+    from mammoflow.tracking import StudyRun, Tracker
+
+    layout = layout or Layout()
+    inp = load_inputs(cfg, dataset, backbone, layout)
+    load_features(inp, layout)
+    done = StudyRun.finished_names(tracker or Tracker(root=layout.root), dataset, backbone, inp.key)
+    todo = [f for f in inp.folds if f"fold-{f}" not in done]
+    if inp.cfg.evaluate.test_model == "refit" and "test" not in done:
+        todo.append(0)
+    return todo
+
+
+# ----------------------------------------------------------------------------- the study
+
+
+@dataclass
+class _Context:
+    """What the steps of one study share."""
+
+    inp: StudyInputs
+    bb: BackboneModel
+    data: FeatureSet | ImageSet
+    run: StudyRun
+    layout: Layout
+    computed: Mapping[int, FoldResult]
+    progress: bool
+    trainer: FoldTrainer | None = None
+    example: np.ndarray | None = None
+    eta: _Eta | None = None
+
+    def result(self, fold: int) -> FoldResult:
+        """Fold ``fold``'s result: handed in (Dask), else trained here on the shared trainer."""
+        if fold in self.computed:
+            return self.computed[fold]
+        from mammoflow.train import FoldTrainer
+
+        if self.trainer is None:
+            cfg = self.inp.cfg
+            self.trainer = FoldTrainer(
+                self.data,
+                self.bb,
+                model_cfg=cfg.model,
+                train_cfg=cfg.train,
+                n_classes=self.inp.n_classes,
             )
-        except (OSError, subprocess.SubprocessError):
-            return None
-        return res.stdout.strip()
+        res = fold_task(
+            self.inp,
+            self.bb,
+            self.data,
+            fold,
+            trainer=self.trainer,
+            progress=self.eta.event if self.eta else None,
+        )
+        _save_weights(self.layout.fold_weights(self.inp.key, self.bb.name, fold), res.weights)
+        return res
 
-    commit = run("rev-parse", "HEAD")
-    status = run("status", "--porcelain", "--untracked-files=no")
+    def evaluation(self, ids: Sequence[str], y: np.ndarray, prob: np.ndarray) -> Evaluation:
+        from mammoflow.metrics import compute_metrics
+        from mammoflow.tracking import Evaluation
+
+        m = compute_metrics(y, prob, self.inp.class_names)
+        return Evaluation(list(ids), y, prob, m, self.inp.class_names)
+
+    def serving(self, weights: Sequence[Sequence[np.ndarray]]) -> Any:
+        """The full serving model of one (refit) or several (ensemble) trained tails + heads."""
+        from mammoflow.models.build import ensemble_model
+        from mammoflow.train import tail_head_from_weights
+
+        cfg = self.inp.cfg
+        heads = [
+            tail_head_from_weights(
+                self.bb,
+                w,
+                model_cfg=cfg.model,
+                n_classes=self.inp.n_classes,
+                name=f"{self.bb.name}_fold_{i}",
+            )
+            for i, w in enumerate(weights, start=1)
+        ]
+        return ensemble_model(self.bb, heads)
+
+
+def run_study(
+    cfg: Config,
+    dataset: str,
+    backbone: str,
+    *,
+    layout: Layout | None = None,
+    tracker: Tracker | None = None,
+    progress: bool = False,
+    computed: Mapping[int, FoldResult] | None = None,
+) -> StudyResult:
+    """Train and evaluate ``backbone`` on ``dataset``; log it to MLflow; write the DVC outputs.
+
+    Args:
+        cfg: the configuration.
+        dataset / backbone: what to study.
+        layout: project layout.
+        tracker: MLflow tracker (default: the project's store).
+        progress: progress bar for extraction, one line per epoch with an ETA.
+        computed: fold results already computed elsewhere (Dask fold tasks), by fold number.
+    """
+    from mammoflow.tracking import StudyRun, Tracker
+
+    t_start = time.perf_counter()
+    layout = layout or Layout()
+    inp = load_inputs(cfg, dataset, backbone, layout)
+    bb, data = load_features(inp, layout, progress=progress)
+    t_features = time.perf_counter() - t_start
+    tracker = tracker or Tracker(root=layout.root)
+    run = StudyRun.open(
+        tracker,
+        dataset=dataset,
+        backbone=backbone,
+        key=inp.key,
+        tags=_tags(inp, bb, layout),
+        params=inp.params,
+    )
+    ctx = _Context(inp, bb, data, run, layout, computed or {}, progress)
+    ctx.example = _raw_example(inp.frame)
+    with run.guard():
+        finished = run.finished()
+        if progress:
+            ctx.eta = _Eta(backbone, inp.cfg.train.epochs, _fold_count(inp, finished))
+        folds = {f: _cv_fold(ctx, f, finished.get(f"fold-{f}")) for f in inp.folds}
+        test_run_id, test_rec, histories = _test(ctx, folds, finished.get("test"))
+        result = _aggregate(ctx, folds, test_rec, test_run_id)
+    result.seconds = {"features": t_features, "total": time.perf_counter() - t_start}
+    histories.update({f: o.history for f, o in folds.items() if o.history})
+    write_outputs(result, layout, {f: o.val for f, o in folds.items()}, test_rec, histories)
+    return result
+
+
+def _fold_count(inp: StudyInputs, finished: Mapping[str, Any]) -> int:
+    todo = sum(1 for f in inp.folds if f"fold-{f}" not in finished)
+    refit = inp.cfg.evaluate.test_model == "refit" and "test" not in finished
+    return todo + int(refit)
+
+
+def _cv_fold(ctx: _Context, fold: int, done: Any | None) -> FoldOutcome:
+    """Fold ``fold``: reused from its FINISHED run, else trained (or handed in) and logged."""
+    if done is not None:
+        metrics, val_rec = ctx.run.reused_fold(done)
+        test_rec = ctx.run.tracker.load_json_artifact(done.info.run_id, "test_predictions.json")
+        return FoldOutcome(fold, metrics, val_rec, test_rec, reused=True)
+    res = ctx.result(fold)
+    val = ctx.evaluation(res.val_ids, res.val_true, res.val_prob)
+    test = ctx.evaluation(res.test_ids, res.test_true, res.test_prob)
+    model = None
+    if ctx.inp.cfg.tracking.log_models == "all":
+        model = ctx.serving([res.weights])
+    run_id = ctx.run.log_fold(fold, val, res.history, res.timing, model, ctx.example)
+    ctx.run.tracker.log_dict(run_id, test.record(), "test_predictions.json")
+    return FoldOutcome(
+        fold, dict(val.metrics), val.record(), test.record(), res.weights, res.history
+    )
+
+
+def _test(
+    ctx: _Context, folds: Mapping[int, FoldOutcome], done: Any | None
+) -> tuple[str, dict[str, Any], dict[int, dict[str, list[float]]]]:
+    """The held-out test: ``(run id, predictions record, {0: refit history})``."""
+    if done is not None:
+        run_id = done.info.run_id
+        return run_id, ctx.run.tracker.load_json_artifact(run_id, "predictions.json"), {}
+    mode = ctx.inp.cfg.evaluate.test_model
+    log_model = ctx.inp.cfg.tracking.log_models in ("all", "final")
+    if mode == "refit":
+        res = ctx.result(0)
+        ev = ctx.evaluation(res.test_ids, res.test_true, res.test_prob)
+        model = ctx.serving([res.weights]) if log_model else None
+        run_id = ctx.run.log_test(ev, mode, res.history, model, ctx.example)
+        _save_head(ctx, [res.weights])
+        return run_id, ev.record(), {0: res.history}
+    first = folds[min(folds)].test
+    prob = np.mean([np.asarray(o.test["prob"], np.float32) for o in folds.values()], axis=0)
+    ev = ctx.evaluation(first["image_id"], np.asarray(first["y_true"], np.int64), prob)
+    weights = [_fold_weights(ctx, o) for o in folds.values()] if log_model else []
+    model = ctx.serving(weights) if log_model else None
+    run_id = ctx.run.log_test(ev, mode, None, model, ctx.example)
+    if weights:
+        _save_head(ctx, weights)
+    return run_id, ev.record(), {}
+
+
+def _fold_weights(ctx: _Context, outcome: FoldOutcome) -> list[np.ndarray]:
+    """A fold's trained weights: in memory, from the local fold cache, else trained again."""
+    if outcome.weights is not None:
+        return outcome.weights
+    path = ctx.layout.fold_weights(ctx.inp.key, ctx.bb.name, outcome.fold)
+    if path.is_file():
+        with np.load(path) as z:
+            return [z[f"arr_{i}"] for i in range(len(z.files))]
+    log.warning("fold %d's weights are not cached (%s); training it again", outcome.fold, path)
+    return ctx.result(outcome.fold).weights
+
+
+def _aggregate(
+    ctx: _Context, folds: Mapping[int, FoldOutcome], test_rec: Mapping[str, Any], test_run_id: str
+) -> StudyResult:
+    """CV mean/std, test metrics with patient-bootstrap CIs, logged on the parent run."""
+    from mammoflow import metrics as mt
+    from mammoflow.report import folds_figure
+
+    inp, cfg = ctx.inp, ctx.inp.cfg
+    ids, y, prob = _from_record(test_rec, inp.n_classes)
+    test = mt.compute_metrics(y, prob, inp.class_names)
+    patients = inp.patients()
+    ci = mt.bootstrap_ci(
+        y,
+        prob,
+        [patients[i] for i in ids],
+        inp.class_names,
+        n=max(cfg.evaluate.bootstrap, 1),
+        ci=cfg.evaluate.ci,
+        seed=cfg.train.seed,
+    )
+    fold_metrics = {f: o.metrics for f, o in sorted(folds.items())}
+    cv = mt.aggregate(list(fold_metrics.values()))
+    reused = [f for f, o in sorted(folds.items()) if o.reused]
+    ctx.run.finish(cv, test, ci, folds_figure(fold_metrics, inp.backbone), reused)
+    return StudyResult(
+        dataset=inp.dataset,
+        backbone=inp.backbone,
+        class_names=inp.class_names,
+        fold_metrics=fold_metrics,
+        cv=cv,
+        test=test,
+        test_ci=ci,
+        parent_run_id=ctx.run.parent_id,
+        test_run_id=test_run_id,
+        test_model=cfg.evaluate.test_model,
+        resumed_folds=reused,
+        trained_folds=[f for f, o in sorted(folds.items()) if not o.reused],
+    )
+
+
+def _tags(inp: StudyInputs, bb: BackboneModel, layout: Layout) -> dict[str, str]:
     return {
-        "git_commit": commit or "unknown",
-        "git_dirty": "unknown" if status is None else str(bool(status)).lower(),
+        "split_hash": inp.split_hash,
+        "dvc_data_hash": inp.data_hash,
+        "weights_source": bb.weights.source,
+        "weights_sha256": bb.weights.sha256,
+        "precision": inp.precision,
+        "device": device(),
+        "seed": str(inp.cfg.train.seed),
+        **git_state(layout.root),
+        **versions(),
     }
 
 
-def _device() -> str:
-    import tensorflow as tf
+class _Eta:
+    """One line per epoch with the time left for this backbone's fold tasks."""
 
-    gpus = tf.config.list_physical_devices("GPU")
-    return f"GPU x{len(gpus)}" if gpus else f"CPU ({platform.processor() or platform.machine()})"
+    def __init__(self, backbone: str, epochs: int, folds: int) -> None:
+        self.backbone, self.total = backbone, max(epochs * folds, 1)
+        self.done, self.t0 = 0, time.perf_counter()
+
+    def event(self, event: TrainEvent) -> None:
+        if event.kind != "epoch_end":
+            return
+        self.done += 1
+        left = (time.perf_counter() - self.t0) / self.done * max(self.total - self.done, 0)
+        loss = event.logs.get("loss", math.nan)
+        name = "refit" if event.fold == 0 else f"fold {event.fold}"
+        print(
+            f"  {self.backbone} {name} epoch {event.epoch}/{event.epochs} loss {loss:.4f}"
+            f"  ETA {int(left // 60)}m{int(left % 60):02d}s",
+            flush=True,
+        )
 
 
-def _versions() -> dict[str, str]:
-    import keras
-    import tensorflow as tf
-
-    return {"tensorflow_version": tf.__version__, "keras_version": keras.__version__}
-
-
-def _predictions_record(ids: list[str], y: np.ndarray, prob: np.ndarray) -> dict[str, Any]:
-    return {
-        "image_id": list(ids),
-        "y_true": [int(v) for v in y],
-        "prob": [[float(p) for p in row] for row in prob],
-    }
+# ----------------------------------------------------------------------------- outputs
 
 
 def _from_record(
@@ -141,19 +430,36 @@ def _from_record(
     return list(rec["image_id"]), np.asarray(rec["y_true"], np.int64), prob
 
 
-def _classification_report(y: np.ndarray, prob: np.ndarray, class_names: tuple[str, ...]) -> str:
-    from sklearn.metrics import classification_report
+def _save_weights(path: Path, weights: Sequence[np.ndarray]) -> None:
+    buf = io.BytesIO()
+    np.savez(buf, *weights)  # stored as arr_0, arr_1, …
+    atomic_write_bytes(path, buf.getvalue())
 
-    return str(
-        classification_report(
-            y,
-            prob.argmax(axis=1),
-            labels=list(range(len(class_names))),
-            target_names=list(class_names),
-            zero_division=0,
-            digits=3,
+
+def _save_head(ctx: _Context, weights: Sequence[Sequence[np.ndarray]]) -> None:
+    """``models/<dataset>/<backbone>/head.keras``: the test model on cached features."""
+    from mammoflow.models.build import ensemble_head
+    from mammoflow.train import tail_head_from_weights
+
+    cfg = ctx.inp.cfg
+    heads = [
+        tail_head_from_weights(
+            ctx.bb,
+            w,
+            model_cfg=cfg.model,
+            n_classes=ctx.inp.n_classes,
+            name=f"{ctx.bb.name}_fold_{i}",
         )
-    )
+        for i, w in enumerate(weights, start=1)
+    ]
+    models = ctx.layout.models(ctx.inp.dataset, ctx.inp.backbone)
+    models.mkdir(parents=True, exist_ok=True)
+    import tempfile
+
+    with tempfile.TemporaryDirectory(dir=models) as tmp:
+        path = Path(tmp) / "head.keras"
+        ensemble_head(ctx.bb, heads).save(path)
+        path.replace(models / "head.keras")
 
 
 def _raw_example(frame: pd.DataFrame, size: int = 96) -> np.ndarray:
@@ -171,281 +477,22 @@ def _raw_example(frame: pd.DataFrame, size: int = 96) -> np.ndarray:
     return np.asarray(small, dtype=np.float32)[None, ..., None]
 
 
-def _log_evaluation(
-    tracker: Any, run_id: str, y: np.ndarray, prob: np.ndarray, class_names: tuple[str, ...]
-) -> None:
-    """Classification report, confusion matrix and ROC curve of one evaluation, to its run."""
-    from mammoflow.report import confusion_figure, roc_figure
-
-    tracker.log_text(
-        run_id, _classification_report(y, prob, class_names), "classification_report.txt"
-    )
-    tracker.log_figure(run_id, confusion_figure(y, prob, class_names), "confusion_matrix.png")
-    tracker.log_figure(run_id, roc_figure(y, prob, class_names), "roc_curve.png")
-
-
-ProgressFactory = Callable[[str], AbstractContextManager[Any]]
-
-
-def run_study(
-    cfg: Config,
-    dataset: str,
-    backbone: str,
-    *,
-    layout: Layout | None = None,
-    tracker: Any | None = None,
-    progress: bool = False,
-) -> StudyResult:
-    """Train and evaluate ``backbone`` on ``dataset``; log it to MLflow; write DVC outputs.
-
-    Re-running the same configuration (params + data hash + split hash) reuses the folds that
-    already FINISHED in MLflow and trains only the rest.
-    """
-    import time
-
-    from mammoflow import metrics as mt
-    from mammoflow.models.build import load_backbone
-    from mammoflow.models.features import prepare_inputs, resolve_precision, rich_progress
-    from mammoflow.report import curves_figure, folds_figure
-    from mammoflow.split import read_splits, split_hash
-    from mammoflow.tracking import TAG_BACKBONE, TAG_DATASET, TAG_FOLD, Tracker, config_hash
-    from mammoflow.train import TrainEvent, train_final, train_folds
-
-    t_start = time.perf_counter()
-    layout = layout or Layout()
-    if cfg.tune.use_best:
-        from mammoflow.tune import apply_best, best_params_path
-
-        cfg = apply_best(cfg, dataset, backbone, best_params_path(dataset, backbone, layout))
-    kind = cfg.dataset(dataset).kind
-    class_names = CLASSES[kind]
-    n_classes = len(class_names)
-    frame = read_manifest(layout.processed(dataset))
-    if frame["converted_path"].isna().any():
-        raise ValueError(
-            f"{layout.processed(dataset)}: manifest has unconverted images; run convert"
-        )
-    splits = read_splits(layout.splits(dataset))
-    s_hash = split_hash(splits)
-    d_hash = dvc_data_hash(dataset, layout.root)
-    params = study_params(cfg, dataset)
-    key = config_hash(params, d_hash, s_hash)
-    patients = dict(zip(frame["image_id"], frame["patient_id"], strict=True))
-
-    # ---- model and cached features
-    precision = resolve_precision(cfg.train.precision)
-    bb = load_backbone(
-        backbone,
-        weights=cfg.model.weights,
-        trainable_layers=cfg.model.trainable_layers,
-        input_size=cfg.model.input_size,
-        precision=precision,
-    )
-    bar: AbstractContextManager[Any] = (
-        rich_progress(f"{dataset}/{backbone} features") if progress else nullcontext(None)
-    )
-    t0 = time.perf_counter()
-    with bar as on_batch:
-        inputs = prepare_inputs(
-            frame,
-            bb,
-            dataset=dataset,
-            feature_cache=cfg.train.feature_cache,
-            augment=cfg.train.augment,
-            cache_dir=layout.features(),
-            batch_size=cfg.train.batch_size,
-            progress=on_batch,
-        )
-    t_features = time.perf_counter() - t0
-
-    # ---- tracking: parent run for this configuration
-    tracker = tracker or Tracker(root=layout.root)
-    exp_id = tracker.experiment_id(dataset)
-    tags = {
-        TAG_DATASET: dataset,
-        "split_hash": s_hash,
-        "dvc_data_hash": d_hash,
-        "weights_source": bb.weights.source,
-        "weights_sha256": bb.weights.sha256,
-        "precision": precision,
-        "device": _device(),
-        "seed": str(cfg.train.seed),
-        **git_state(layout.root),
-        **_versions(),
-    }
-    parent_id, resumed = tracker.open_parent(exp_id, backbone, key, tags, params)
-    stale = tracker.fail_stale_children(exp_id, parent_id) if resumed else []
-    if stale:
-        log.warning("runs %s were left RUNNING by a killed process; marked FAILED", stale)
-    done = {
-        name: run
-        for name, run in tracker.children(exp_id, parent_id).items()
-        if run.info.status == "FINISHED"
-    }
-
-    def on_event(event: TrainEvent) -> None:
-        if progress and event.kind == "epoch_end":
-            loss = event.logs.get("loss", math.nan)
-            print(
-                f"  {backbone} fold {event.fold} epoch {event.epoch}/{event.epochs} "
-                f"loss {loss:.4f}",
-                flush=True,
-            )
-
-    log_models = cfg.tracking.log_models
-    example = _raw_example(frame)
-    fold_metrics: dict[int, dict[str, float]] = {}
-    fold_predictions: dict[int, dict[str, Any]] = {}
-    histories: dict[int, dict[str, list[float]]] = {}
-    resumed_folds: list[int] = []
-    trained_folds: list[int] = []
-    child_params = {**params, "backbone": backbone, "precision": precision}
-    with tracker.run_guard(parent_id):
-        folds = sorted(int(f) for f in splits.loc[splits["split"] == "cv", "fold"].unique())
-        for fold in folds:
-            name = f"fold-{fold}"
-            if name in done:
-                run_id = done[name].info.run_id
-                fold_metrics[fold] = {
-                    k.removeprefix("val_"): v
-                    for k, v in done[name].data.metrics.items()
-                    if k.startswith("val_")
-                }
-                fold_predictions[fold] = tracker.load_json_artifact(run_id, "predictions.json")
-                resumed_folds.append(fold)
-                continue
-            run_id = tracker.start_child(
-                exp_id,
-                parent_id,
-                name,
-                "fold",
-                {TAG_FOLD: str(fold), TAG_BACKBONE: backbone, TAG_DATASET: dataset},
-                {**child_params, "fold": fold},
-            )
-            with tracker.run_guard(run_id):
-                (res,) = train_folds(
-                    inputs,
-                    splits,
-                    bb,
-                    model_cfg=cfg.model,
-                    train_cfg=cfg.train,
-                    n_classes=n_classes,
-                    folds=[fold],
-                    progress=on_event,
-                )
-                m = mt.compute_metrics(res.val_true, res.val_prob, class_names)
-                fold_metrics[fold] = m
-                histories[fold] = res.history
-                fold_predictions[fold] = _predictions_record(
-                    res.val_ids, res.val_true, res.val_prob
-                )
-                tracker.log_history(run_id, res.history)
-                tracker.log_metrics(run_id, m, prefix="val_")
-                tracker.log_metrics(run_id, res.timing, prefix="time_")
-                tracker.log_dict(run_id, fold_predictions[fold], "predictions.json")
-                _log_evaluation(tracker, run_id, res.val_true, res.val_prob, class_names)
-                tracker.log_figure(run_id, curves_figure(res.history), "training_curves.png")
-                if log_models == "all":
-                    from mammoflow.models.build import full_model
-
-                    tracker.log_model(run_id, full_model(bb, res.model), example)
-            trained_folds.append(fold)
-
-        # ---- held-out test: a model on every CV row
-        if "test" in done:
-            test_run_id = done["test"].info.run_id
-            test_rec = tracker.load_json_artifact(test_run_id, "predictions.json")
-            final_model = None
-        else:
-            test_run_id = tracker.start_child(
-                exp_id,
-                parent_id,
-                "test",
-                "test",
-                {TAG_BACKBONE: backbone, TAG_DATASET: dataset},
-                child_params,
-            )
-            with tracker.run_guard(test_run_id):
-                res = train_final(
-                    inputs,
-                    splits,
-                    bb,
-                    model_cfg=cfg.model,
-                    train_cfg=cfg.train,
-                    n_classes=n_classes,
-                    progress=on_event,
-                )
-                final_model = res.model
-                histories[0] = res.history
-                test_rec = _predictions_record(res.test_ids, res.test_true, res.test_prob)
-                tracker.log_history(test_run_id, res.history)
-                tracker.log_dict(test_run_id, test_rec, "predictions.json")
-                tm = mt.compute_metrics(res.test_true, res.test_prob, class_names)
-                tracker.log_metrics(test_run_id, tm, prefix="test_")
-                _log_evaluation(tracker, test_run_id, res.test_true, res.test_prob, class_names)
-                if log_models in ("all", "final"):
-                    from mammoflow.models.build import full_model
-
-                    tracker.log_model(test_run_id, full_model(bb, res.model), example)
-
-        test_ids, test_true, test_prob = _from_record(test_rec, n_classes)
-        test_metrics = mt.compute_metrics(test_true, test_prob, class_names)
-        ci = mt.bootstrap_ci(
-            test_true,
-            test_prob,
-            [patients[i] for i in test_ids],
-            class_names,
-            n=max(cfg.evaluate.bootstrap, 1),
-            ci=cfg.evaluate.ci,
-            seed=cfg.train.seed,
-        )
-        cv = mt.aggregate([fold_metrics[f] for f in sorted(fold_metrics)])
-        tracker.log_metrics(parent_id, cv)
-        tracker.log_metrics(parent_id, test_metrics, prefix="test_")
-        tracker.log_metrics(
-            parent_id,
-            {f"test_{m}_ci_{side}": v[side] for m, v in ci.items() for side in ("low", "high")},
-        )
-        tracker.log_figure(parent_id, folds_figure(fold_metrics, backbone), "fold_metrics.png")
-        tracker.set_tags(parent_id, {"resumed_folds": json.dumps(resumed_folds)})
-
-    result = StudyResult(
-        dataset=dataset,
-        backbone=backbone,
-        class_names=class_names,
-        fold_metrics=fold_metrics,
-        cv=cv,
-        test=test_metrics,
-        test_ci=ci,
-        parent_run_id=parent_id,
-        test_run_id=test_run_id,
-        resumed_folds=resumed_folds,
-        trained_folds=trained_folds,
-        seconds={"features": t_features, "total": time.perf_counter() - t_start},
-    )
-    write_outputs(result, layout, fold_predictions, test_rec, histories, final_model)
-    return result
-
-
 def write_outputs(
     result: StudyResult,
     layout: Layout,
     fold_predictions: Mapping[int, Mapping[str, Any]],
     test_rec: Mapping[str, Any],
     histories: Mapping[int, Mapping[str, list[float]]],
-    final_model: Any | None,
 ) -> None:
-    """DVC outputs of the train stage: metrics JSON, plots data, predictions, final head."""
+    """DVC outputs of the train stage: metrics JSON, plots data, predictions, histories."""
     from mammoflow import metrics as mt
 
     ds, bbn = result.dataset, result.backbone
     atomic_write_json(layout.metrics(ds, bbn), _finite(result.summary()))
-    n = len(result.class_names)
-    _, y, prob = _from_record(test_rec, n)
+    _, y, prob = _from_record(test_rec, len(result.class_names))
     plots = layout.plots(ds, bbn)
     atomic_write_json(
-        plots / "confusion.json",
-        mt.confusion_rows(y, prob.argmax(axis=1), result.class_names),
+        plots / "confusion.json", mt.confusion_rows(y, prob.argmax(axis=1), result.class_names)
     )
     atomic_write_json(plots / "roc.json", _finite(mt.roc_points(y, prob)))
     models = layout.models(ds, bbn)
@@ -454,22 +501,21 @@ def write_outputs(
         {"test": dict(test_rec), "folds": {str(k): dict(v) for k, v in fold_predictions.items()}},
     )
     atomic_write_json(models / "history.json", {str(k): dict(v) for k, v in histories.items()})
-    if final_model is not None:
-        import tempfile
-
-        with tempfile.TemporaryDirectory(dir=models) as tmp:
-            path = Path(tmp) / "head.keras"
-            final_model.save(path)
-            path.replace(models / "head.keras")
     atomic_write_text(models / "README.txt", _models_readme(result))
 
 
 def _models_readme(result: StudyResult) -> str:
+    head = (
+        "the mean of the K fold tails + heads"
+        if result.test_model == "ensemble"
+        else "the tail + head trained on every CV row"
+    )
     return (
         f"{result.dataset} / {result.backbone}\n"
-        "head.keras: the tail + head trained on every CV row (input: cached prefix features)\n"
+        f"head.keras: the test model ({result.test_model}): {head} (input: cached prefix "
+        "features; written when tracking.log_models logs a model)\n"
         "predictions.json: per-fold validation and held-out test predictions\n"
-        "history.json: per-epoch curves (fold 0 = the final model)\n"
+        "history.json: per-epoch curves (fold 0 = the refit model)\n"
         f"MLflow parent run: {result.parent_run_id} (full serving models are in MLflow)\n"
     )
 

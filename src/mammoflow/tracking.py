@@ -664,3 +664,196 @@ def config_hash(params: Mapping[str, Any], data_hash: str, split_hash: str) -> s
         default=str,
     )
     return hashlib.sha256(text.encode()).hexdigest()
+
+
+# ----------------------------------------------------------------------------- one study
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """One set of predictions to log: ids, true labels, probabilities and their metrics."""
+
+    ids: list[str]
+    y_true: Any
+    prob: Any
+    metrics: Mapping[str, float]
+    class_names: tuple[str, ...]
+
+    def record(self) -> dict[str, Any]:
+        """The ``predictions.json`` artifact."""
+        return {
+            "image_id": list(self.ids),
+            "y_true": [int(v) for v in self.y_true],
+            "prob": [[float(p) for p in row] for row in self.prob],
+        }
+
+
+@dataclass
+class StudyRun:
+    """One (dataset, backbone) study in MLflow: a parent run with ``fold-k`` and ``test`` children.
+
+    Open it with :meth:`open` (reopens the parent of the same configuration key and marks children
+    left RUNNING by a killed process FAILED); :meth:`finished` lists the children to reuse.
+    Every method names its run explicitly; nothing uses MLflow's ambient active run.
+    """
+
+    tracker: Tracker
+    experiment_id: str
+    parent_id: str
+    dataset: str
+    backbone: str
+    child_params: dict[str, Any]
+    reopened: bool = False
+    stale: list[str] = field(default_factory=list)
+
+    @classmethod
+    def open(
+        cls,
+        tracker: Tracker,
+        *,
+        dataset: str,
+        backbone: str,
+        key: str,
+        tags: Mapping[str, str],
+        params: Mapping[str, Any],
+    ) -> StudyRun:
+        """Reopen or create the parent run of configuration ``key``."""
+        exp_id = tracker.experiment_id(dataset)
+        parent_id, reopened = tracker.open_parent(
+            exp_id, backbone, key, {TAG_DATASET: dataset, **tags}, params
+        )
+        stale = tracker.fail_stale_children(exp_id, parent_id) if reopened else []
+        if stale:
+            log.warning("runs %s were left RUNNING by a killed process; marked FAILED", stale)
+        return cls(
+            tracker,
+            exp_id,
+            parent_id,
+            dataset,
+            backbone,
+            {**params, "backbone": backbone},
+            reopened,
+            stale,
+        )
+
+    @staticmethod
+    def finished_names(tracker: Tracker, dataset: str, backbone: str, key: str) -> set[str]:
+        """Names of the FINISHED children of configuration ``key`` (read-only; for planning)."""
+        with tracker.timed():
+            exp = tracker.client.get_experiment_by_name(experiment_name(dataset))
+            if exp is None:
+                return set()
+            runs = tracker.client.search_runs(
+                [exp.experiment_id],
+                filter_string=(
+                    f"tags.`{TAG_ROLE}` = 'parent' and tags.`{TAG_KEY}` = '{key}' "
+                    f"and tags.`{TAG_BACKBONE}` = '{backbone}'"
+                ),
+                order_by=["attributes.start_time DESC"],
+                max_results=1,
+            )
+        if not runs:
+            return set()
+        children = tracker.children(exp.experiment_id, runs[0].info.run_id)
+        return {name for name, run in children.items() if run.info.status == "FINISHED"}
+
+    def finished(self) -> dict[str, Any]:
+        """FINISHED children by name (``fold-k``, ``test``): their work is reused."""
+        children = self.tracker.children(self.experiment_id, self.parent_id)
+        return {name: run for name, run in children.items() if run.info.status == "FINISHED"}
+
+    def reused_fold(self, run: Any) -> tuple[dict[str, float], dict[str, Any]]:
+        """``(validation metrics, predictions record)`` of a FINISHED fold run."""
+        metrics = {
+            k.removeprefix("val_"): v for k, v in run.data.metrics.items() if k.startswith("val_")
+        }
+        return metrics, self.tracker.load_json_artifact(run.info.run_id, "predictions.json")
+
+    def guard(self) -> contextlib.AbstractContextManager[None]:
+        """The parent: FINISHED when the block completes, FAILED on any error or interrupt."""
+        return self.tracker.run_guard(self.parent_id)
+
+    def _child(
+        self, name: str, role: str, tags: Mapping[str, str], params: Mapping[str, Any]
+    ) -> str:
+        base = {TAG_BACKBONE: self.backbone, TAG_DATASET: self.dataset}
+        return self.tracker.start_child(
+            self.experiment_id,
+            self.parent_id,
+            name,
+            role,
+            {**base, **tags},
+            {**self.child_params, **params},
+        )
+
+    def _evaluation(self, run_id: str, ev: Evaluation, prefix: str) -> None:
+        from mammoflow.report import classification_report_text, confusion_figure, roc_figure
+
+        t = self.tracker
+        t.log_metrics(run_id, ev.metrics, prefix=prefix)
+        t.log_dict(run_id, ev.record(), "predictions.json")
+        text = classification_report_text(ev.y_true, ev.prob, ev.class_names)
+        t.log_text(run_id, text, "classification_report.txt")
+        t.log_figure(
+            run_id, confusion_figure(ev.y_true, ev.prob, ev.class_names), "confusion_matrix.png"
+        )
+        t.log_figure(run_id, roc_figure(ev.y_true, ev.prob, ev.class_names), "roc_curve.png")
+
+    def log_fold(
+        self,
+        fold: int,
+        ev: Evaluation,
+        history: Mapping[str, Sequence[float]],
+        timing: Mapping[str, float],
+        model: Any | None = None,
+        example: Any | None = None,
+    ) -> str:
+        """A finished fold as child ``fold-<k>``: validation metrics, curves, predictions, model."""
+        from mammoflow.report import curves_figure
+
+        run_id = self._child(f"fold-{fold}", "fold", {TAG_FOLD: str(fold)}, {"fold": fold})
+        with self.tracker.run_guard(run_id):
+            self.tracker.log_history(run_id, history)
+            self.tracker.log_metrics(run_id, timing, prefix="time_")
+            self._evaluation(run_id, ev, "val_")
+            self.tracker.log_figure(run_id, curves_figure(history), "training_curves.png")
+            if model is not None:
+                self.tracker.log_model(run_id, model, example)
+        return run_id
+
+    def log_test(
+        self,
+        ev: Evaluation,
+        mode: str,
+        history: Mapping[str, Sequence[float]] | None = None,
+        model: Any | None = None,
+        example: Any | None = None,
+    ) -> str:
+        """The held-out test as child ``test``: metrics, predictions and the serving model."""
+        run_id = self._child("test", "test", {"mammoflow.test_model": mode}, {"test_model": mode})
+        with self.tracker.run_guard(run_id):
+            if history:
+                self.tracker.log_history(run_id, history)
+            self._evaluation(run_id, ev, "test_")
+            if model is not None:
+                self.tracker.log_model(run_id, model, example)
+        return run_id
+
+    def finish(
+        self,
+        cv: Mapping[str, float],
+        test: Mapping[str, float],
+        ci: Mapping[str, Mapping[str, float]],
+        fold_figure: Any,
+        reused_folds: Sequence[int],
+    ) -> None:
+        """Aggregates on the parent: CV mean/std, test metrics with CIs, the fold spread figure."""
+        t = self.tracker
+        t.log_metrics(self.parent_id, cv)
+        t.log_metrics(self.parent_id, test, prefix="test_")
+        t.log_metrics(
+            self.parent_id,
+            {f"test_{m}_ci_{side}": v[side] for m, v in ci.items() for side in ("low", "high")},
+        )
+        t.log_figure(self.parent_id, fold_figure, "fold_metrics.png")
+        t.set_tags(self.parent_id, {"resumed_folds": json.dumps(list(reused_folds))})

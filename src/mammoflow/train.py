@@ -238,6 +238,7 @@ def tail_head_from_weights(
     model_cfg: ModelConfig,
     n_classes: int,
     pooling: Pooling = "avg",
+    name: str | None = None,
 ) -> Any:
     """Rebuild a trained tail + head (e.g. from a :meth:`FoldResult.portable` result)."""
     model = trainable_tail_and_head(
@@ -246,6 +247,7 @@ def tail_head_from_weights(
         head_units=model_cfg.head_units,
         dropout=model_cfg.dropout,
         pooling=pooling,
+        name=name,
     )
     model.set_weights(list(weights))
     return model

@@ -260,7 +260,7 @@ def make_storage(url: str) -> optuna.storages.RDBStorage:
 
 def key_params(cfg: Config, dataset: str) -> dict[str, Any]:
     """What defines a study's objective: the untuned study params, space, metric, direction."""
-    from mammoflow.study import study_params
+    from mammoflow.provenance import study_params
 
     tuned = {f"model.{k}" for k in MODEL_KEYS} | {f"train.{k}" for k in TRAIN_KEYS}
     params = {
@@ -291,7 +291,7 @@ def study_identity(
         FileNotFoundError: the dataset has not been split yet.
     """
     from mammoflow.split import read_splits, split_hash
-    from mammoflow.study import dvc_data_hash
+    from mammoflow.provenance import dvc_data_hash
 
     layout = layout or Layout()
     splits_path = layout.splits(dataset)
@@ -695,7 +695,7 @@ def run_tuning(
     """
     from mammoflow.data.manifest import atomic_write_json
     from mammoflow.models.backbones import BACKBONE_NAMES
-    from mammoflow.study import git_state
+    from mammoflow.provenance import git_state
     from mammoflow.tracking import TAG_BACKBONE, TAG_DATASET, Tracker
 
     t_start = time.perf_counter()

@@ -9,7 +9,8 @@ import yaml
 
 from mammoflow import report
 from mammoflow.config import load_config
-from mammoflow.study import _finite, dvc_data_hash, study_params
+from mammoflow.provenance import dvc_data_hash, study_params
+from mammoflow.study import _finite
 from mammoflow.tracking import config_hash, experiment_name, registered_model_name
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -369,6 +369,7 @@ def trainable_tail_and_head(
     head_units: int = 512,
     dropout: float = 0.5,
     pooling: Pooling = "avg",
+    name: str | None = None,
 ) -> Any:
     """The trainable model ``cut tensor (cached feature) → class probabilities``.
 
@@ -400,7 +401,7 @@ def trainable_tail_and_head(
         out = keras.layers.Dense(
             n_classes, activation="softmax", dtype="float32", name="predictions"
         )(x)
-    return keras.Model(features, out, name=f"{bb.name}_tail_head")
+    return keras.Model(features, out, name=name or f"{bb.name}_tail_head")
 
 
 def compile_model(model: Any, learning_rate: float, momentum: float) -> Any:
@@ -461,6 +462,38 @@ def full_model(bb: BackboneModel, tail_and_head: Any, *, augment: bool = False) 
     x = bb.prefix(x, training=False)
     out = tail_and_head(x)
     return keras.Model(inp, out, name=f"{bb.name}_full")
+
+
+def ensemble_model(bb: BackboneModel, tail_heads: list[Any]) -> Any:
+    """The K fold models as one serving model: a shared frozen prefix, K tails, averaged.
+
+    ``raw grey (any size, [0, 255]) → resize → preprocess → frozen prefix → [tail + head]×K →
+    mean probability``. Stock Keras layers only (Average), so it loads without MammoFlow.
+    """
+    import keras
+
+    if not tail_heads:
+        raise ModelBuildError("an ensemble needs at least one fold model")
+    inp = keras.Input(shape=(None, None, 1), name="image")
+    x = keras.layers.Resizing(bb.input_size, bb.input_size, dtype="float32", name="resize")(inp)
+    x = bb.prefix(grey_preprocess(bb.name, x), training=False)
+    outs = [th(x) for th in tail_heads]
+    out = (
+        outs[0] if len(outs) == 1 else keras.layers.Average(name="fold_mean", dtype="float32")(outs)
+    )
+    return keras.Model(inp, out, name=f"{bb.name}_ensemble")
+
+
+def ensemble_head(bb: BackboneModel, tail_heads: list[Any]) -> Any:
+    """``prefix features → mean probability of the tails + heads`` (one head: itself)."""
+    import keras
+
+    if len(tail_heads) == 1:
+        return tail_heads[0]
+    features = keras.Input(shape=bb.feature_shape, name="features")
+    outs = [th(features) for th in tail_heads]
+    out = keras.layers.Average(name="fold_mean", dtype="float32")(outs)
+    return keras.Model(features, out, name=f"{bb.name}_ensemble_head")
 
 
 def trainable_layer_names(model: Any) -> list[str]:
