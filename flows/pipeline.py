@@ -8,7 +8,8 @@ for a deployment is the project checkout.
 
 Flows:
     data_flow      acquire → ingest → validate → convert, per dataset
-    train_flow     split per dataset, then K-fold training of each backbone (one task each)
+    train_flow     split per dataset, then K-fold training of each backbone: one task each, or
+                   on Dask one task per (dataset, backbone, fold), aggregated per backbone
     evaluate_flow  best backbone per dataset into the MLflow registry, then the comparison report
     pipeline_flow  the three in order
 
@@ -25,6 +26,7 @@ from pathlib import Path
 from typing import Any, ParamSpec, TypeVar
 
 from prefect import Flow, Task, flow, task
+from prefect.cache_policies import NO_CACHE
 from prefect.client.schemas.objects import TaskRun
 from prefect.futures import PrefectFuture, wait
 from prefect.states import State
@@ -33,6 +35,7 @@ from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 from mammoflow import stages
 from mammoflow.config import Config, load_config
 from mammoflow.paths import Layout
+from mammoflow.train import FoldResult
 
 DASK_ADDRESS_ENV = "MAMMOFLOW_DASK_ADDRESS"
 TRAIN_TAG = "mammoflow-train"
@@ -147,6 +150,43 @@ def train_backbone(params_path: str, dataset: str, backbone: str) -> Summary:
 
 
 @task(
+    task_run_name="features-{dataset}-{backbone}",
+    tags=[TRAIN_TAG],
+    retries=IO_RETRIES,
+    retry_delay_seconds=IO_RETRY_DELAYS,
+    retry_condition_fn=transient_io_error,
+)
+def prepare_backbone(params_path: str, dataset: str, backbone: str) -> list[int]:
+    """Extract the backbone's features once (the shared cache); return the fold tasks to run."""
+    cfg, layout = _load(params_path)
+    return stages.prepare_train_stage(cfg, dataset, backbone, layout=layout)
+
+
+@task(
+    task_run_name="fold-{dataset}-{backbone}-{fold}",
+    tags=[TRAIN_TAG],
+    cache_policy=NO_CACHE,
+    retries=1,
+    retry_delay_seconds=30,
+    retry_condition_fn=transient_io_error,
+)
+def train_fold(params_path: str, dataset: str, backbone: str, fold: int) -> FoldResult:
+    """One fold task (0 = the refit model) on the cached features; a portable result."""
+    cfg, layout = _load(params_path)
+    return stages.fold_stage(cfg, dataset, backbone, fold, layout=layout)
+
+
+@task(task_run_name="study-{dataset}-{backbone}", cache_policy=NO_CACHE)
+def finish_backbone(
+    params_path: str, dataset: str, backbone: str, results: list[FoldResult]
+) -> Summary:
+    """Aggregate the fold tasks: MLflow runs, held-out test, DVC outputs (as the train stage)."""
+    cfg, layout = _load(params_path)
+    computed = {r.fold: r for r in results}
+    return stages.train_stage(cfg, dataset, backbone, layout=layout, computed=computed)
+
+
+@task(
     task_run_name="evaluate-{dataset}",
     retries=IO_RETRIES,
     retry_delay_seconds=IO_RETRY_DELAYS,
@@ -237,6 +277,19 @@ def train_backbones_flow(
     return _results([train_backbone.submit(params_path, d, b) for d in datasets for b in backbones])
 
 
+@flow(name="mammoflow-train-folds")
+def train_folds_flow(params_path: str, datasets: list[str], backbones: list[str]) -> list[Summary]:
+    """(dataset × backbone × fold) tasks: features once per pair, folds fanned out, then aggregated."""
+    prepared = {
+        (d, b): prepare_backbone.submit(params_path, d, b) for d in datasets for b in backbones
+    }
+    finals = []
+    for (d, b), todo in prepared.items():
+        folds = [train_fold.submit(params_path, d, b, f) for f in todo.result()]
+        finals.append(finish_backbone.submit(params_path, d, b, folds))  # type: ignore[arg-type]
+    return _results(finals)
+
+
 @flow(name="mammoflow-train")
 def train_flow(
     params_path: str = "params.yaml",
@@ -244,12 +297,17 @@ def train_flow(
     backbones: list[str] | None = None,
     dask_address: str | None = None,
 ) -> list[Summary]:
-    """Split each dataset, then train every backbone on it (on Dask if an address is set)."""
+    """Split each dataset, then train every backbone on it.
+
+    With a Dask address (argument or ``$MAMMOFLOW_DASK_ADDRESS``) the folds are the tasks,
+    fanned out on the cluster; without, one task per backbone reuses one compiled trainer.
+    """
     todo = plan(params_path, datasets, backbones)
     for name in todo["datasets"]:
         split(params_path, name)
-    trainer = with_task_runner(train_backbones_flow, dask_address)
-    return trainer(params_path, todo["datasets"], todo["backbones"])
+    address = dask_address or os.environ.get(DASK_ADDRESS_ENV) or None
+    sub = train_folds_flow if address else train_backbones_flow
+    return with_task_runner(sub, address)(params_path, todo["datasets"], todo["backbones"])
 
 
 @flow(name="mammoflow-evaluate")

@@ -81,7 +81,7 @@ def load_inputs(
 
     layout = layout or Layout()
     if cfg.tune.use_best:
-        from mammoflow.tune import apply_best, best_params_path
+        from mammoflow.tuned import apply_best, best_params_path
 
         cfg = apply_best(cfg, dataset, backbone, best_params_path(dataset, backbone, layout))
     frame = read_manifest(layout.processed(dataset))

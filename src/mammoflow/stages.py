@@ -7,11 +7,15 @@ dataset name and a :class:`Layout`, does the I/O, and returns a small summary di
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from mammoflow.config import Config
 from mammoflow.paths import Layout
+
+if TYPE_CHECKING:
+    from mammoflow.train import FoldResult
 
 
 def acquire_stage(cfg: Config, dataset: str, layout: Layout | None = None) -> dict[str, Any]:
@@ -186,32 +190,62 @@ def split_stage(cfg: Config, dataset: str, layout: Layout | None = None) -> dict
     return {"dataset": dataset, "split_hash": digest, "images": fold_summary(splits)}
 
 
+def _check_backbone(cfg: Config, dataset: str, backbone: str) -> None:
+    cfg.dataset(dataset)
+    if backbone not in cfg.model.backbones:
+        raise ValueError(
+            f"backbone {backbone!r} is not in model.backbones {cfg.model.backbones!r}; add it there"
+        )
+
+
 def train_stage(
     cfg: Config,
     dataset: str,
     backbone: str,
     layout: Layout | None = None,
     progress: bool = False,
+    computed: Mapping[int, FoldResult] | None = None,
 ) -> dict[str, Any]:
-    """K-fold training of one backbone on one dataset, tracked in MLflow (resumable)."""
+    """K-fold training of one backbone on one dataset, tracked in MLflow (resumable).
+
+    ``computed``: fold results already trained by fold tasks elsewhere (Dask), by fold number.
+    """
     from mammoflow.study import run_study
 
-    cfg.dataset(dataset)
-    if backbone not in cfg.model.backbones:
-        raise ValueError(
-            f"backbone {backbone!r} is not in model.backbones {cfg.model.backbones!r}; add it there"
-        )
-    result = run_study(cfg, dataset, backbone, layout=layout, progress=progress)
+    _check_backbone(cfg, dataset, backbone)
+    result = run_study(cfg, dataset, backbone, layout=layout, progress=progress, computed=computed)
     return {
         "dataset": dataset,
         "backbone": backbone,
         "trained_folds": result.trained_folds,
         "resumed_folds": result.resumed_folds,
+        "test_model": result.test_model,
         "cv_f1_macro_mean": result.cv.get("f1_macro_mean"),
         "test_f1_macro": result.test.get("f1_macro"),
+        "fold_metrics": result.fold_metrics,
         "parent_run_id": result.parent_run_id,
         "seconds": {k: round(v, 1) for k, v in result.seconds.items()},
     }
+
+
+def prepare_train_stage(
+    cfg: Config, dataset: str, backbone: str, layout: Layout | None = None
+) -> list[int]:
+    """Extract (or find) the backbone's cached features; the fold tasks still to run (0 = refit)."""
+    from mammoflow.study import prepare_study
+
+    _check_backbone(cfg, dataset, backbone)
+    return prepare_study(cfg, dataset, backbone, layout)
+
+
+def fold_stage(
+    cfg: Config, dataset: str, backbone: str, fold: int, layout: Layout | None = None
+) -> FoldResult:
+    """One fold task in this process, from the shared feature cache (a portable result)."""
+    from mammoflow.study import remote_fold_task
+
+    _check_backbone(cfg, dataset, backbone)
+    return remote_fold_task(cfg, dataset, backbone, fold, layout)
 
 
 def evaluate_stage(cfg: Config, dataset: str, layout: Layout | None = None) -> dict[str, Any]:

@@ -2,7 +2,7 @@
 
 * plan: :func:`~mammoflow.inputs.load_inputs` (frame, splits, folds, identity) and the cached
   frozen-prefix features (:func:`~mammoflow.inputs.load_features`, extracted once per key);
-* fold tasks: :func:`fold_task` is the unit of work — features and split rows in, a
+* fold tasks: :func:`~mammoflow.train.fold_task` is the unit of work — features and split rows in, a
   :class:`~mammoflow.train.FoldResult` out, nothing else touched. Run here one after the other
   on one compiled trainer, or fanned out by Prefect on Dask (:func:`remote_fold_task`), in which
   case :func:`run_study` receives the results;
@@ -93,35 +93,6 @@ class FoldOutcome:
 # ----------------------------------------------------------------------------- fold tasks
 
 
-def fold_task(
-    inp: StudyInputs,
-    bb: BackboneModel,
-    data: FeatureSet | ImageSet,
-    fold: int,
-    *,
-    trainer: FoldTrainer | None = None,
-    progress: Any | None = None,
-) -> FoldResult:
-    """The unit of work: train fold ``fold`` (0 = every CV row) and predict its val and test rows.
-
-    Pure: features and split rows in, a :class:`~mammoflow.train.FoldResult` out.
-    """
-    from mammoflow.train import train_folds
-
-    (res,) = train_folds(
-        data,
-        inp.splits,
-        bb,
-        model_cfg=inp.cfg.model,
-        train_cfg=inp.cfg.train,
-        n_classes=inp.n_classes,
-        folds=[fold],
-        trainer=trainer,
-        progress=progress,
-    )
-    return res
-
-
 def remote_fold_task(
     cfg: Config, dataset: str, backbone: str, fold: int, layout: Layout | None = None
 ) -> FoldResult:
@@ -129,6 +100,8 @@ def remote_fold_task(
 
     Returns the portable result (weights, no Keras model).
     """
+    from mammoflow.train import fold_task
+
     layout = layout or Layout()
     inp = load_inputs(cfg, dataset, backbone, layout)
     bb, data = load_features(inp, layout)
@@ -182,7 +155,7 @@ class _Context:
         """Fold ``fold``'s result: handed in (Dask), else trained here on the shared trainer."""
         if fold in self.computed:
             return self.computed[fold]
-        from mammoflow.train import FoldTrainer
+        from mammoflow.train import FoldTrainer, fold_task
 
         if self.trainer is None:
             cfg = self.inp.cfg

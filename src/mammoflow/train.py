@@ -21,7 +21,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import pandas as pd
@@ -34,6 +34,9 @@ from mammoflow.models.build import (
     trainable_tail_and_head,
 )
 from mammoflow.models.features import FeatureSet, ImageSet, extractor
+
+if TYPE_CHECKING:
+    from mammoflow.inputs import StudyInputs
 
 SPLIT_COLUMNS = ("image_id", "label_index", "split", "fold")
 #: Rows per prediction / statistics call on cached features (images use train.batch_size).
@@ -289,6 +292,7 @@ class FoldTrainer:
             head_units=model_cfg.head_units,
             dropout=model_cfg.dropout,
             pooling=pooling,
+            seed=train_cfg.seed,
         )
         self.model = (
             self.tail_head
@@ -594,6 +598,33 @@ def train_folds(
         if progress is not None:
             progress(TrainEvent("fold_end", rows.fold, len(plans), epochs=train_cfg.epochs))
     return results
+
+
+def fold_task(
+    inp: StudyInputs,
+    bb: BackboneModel,
+    data: FeatureSet | ImageSet,
+    fold: int,
+    *,
+    trainer: FoldTrainer | None = None,
+    progress: Any | None = None,
+) -> FoldResult:
+    """The unit of work: train fold ``fold`` (0 = every CV row) and predict its val and test rows.
+
+    Pure: features and split rows in, a :class:`~mammoflow.train.FoldResult` out.
+    """
+    (res,) = train_folds(
+        data,
+        inp.splits,
+        bb,
+        model_cfg=inp.cfg.model,
+        train_cfg=inp.cfg.train,
+        n_classes=inp.n_classes,
+        folds=[fold],
+        trainer=trainer,
+        progress=progress,
+    )
+    return res
 
 
 def train_final(

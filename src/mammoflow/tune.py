@@ -28,7 +28,6 @@ Optuna, Keras and MLflow are imported lazily; the space, config and storage help
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -36,12 +35,21 @@ import socket
 import time
 import warnings
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 from mammoflow.config import Config, FloatRange, TuneConfig, TuneSpace, parse_config
 from mammoflow.paths import Layout
+from mammoflow.tuned import (
+    MODEL_KEYS,
+    PARAM_NAMES,
+    TRAIN_KEYS,
+    TuneError,
+    apply_params,
+    best_params_path,
+    overrides,
+)
 
 if TYPE_CHECKING:
     import optuna
@@ -50,17 +58,9 @@ log = logging.getLogger(__name__)
 
 STORAGE_ENV = "MAMMOFLOW_OPTUNA_STORAGE"
 BEST_FORMAT = 1
-#: Trial parameters that live in ``model`` and in ``train`` (names as in ``tune.space``).
-MODEL_KEYS = ("head_units", "dropout", "trainable_layers")
-TRAIN_KEYS = ("learning_rate", "momentum", "batch_size", "class_weight")
-PARAM_NAMES = MODEL_KEYS + TRAIN_KEYS
 #: Study parameters that do not define the objective (excluded from the study key).
 _NOT_IN_KEY = ("evaluate.", "tracking.")
 HEARTBEAT_S = 60  # RDB heartbeat: a trial silent for 3 intervals (killed worker) becomes FAIL
-
-
-class TuneError(ValueError):
-    """Bad tuning input (storage, best-params file, workers); the message says what to do."""
 
 
 # ----------------------------------------------------------------------------- search space
@@ -76,78 +76,6 @@ def suggest(trial: optuna.Trial, space: TuneSpace) -> dict[str, Any]:
         else:
             out[name] = trial.suggest_categorical(name, list(spec))
     return out
-
-
-def apply_params(cfg: Config, params: Mapping[str, Any]) -> Config:
-    """``cfg`` with trial (or best) ``params`` written into ``model`` and ``train`` (validated).
-
-    Raises:
-        TuneError: an unknown parameter name.
-        pydantic.ValidationError: a value out of the model/train range.
-    """
-    unknown = sorted(set(params) - set(PARAM_NAMES))
-    if unknown:
-        raise TuneError(f"unknown tuning parameter(s) {unknown!r}; known: {list(PARAM_NAMES)!r}")
-    model_upd = {k: params[k] for k in MODEL_KEYS if k in params}
-    train_upd = {k: params[k] for k in TRAIN_KEYS if k in params}
-    model = type(cfg.model).model_validate({**cfg.model.model_dump(), **model_upd})
-    train = type(cfg.train).model_validate({**cfg.train.model_dump(), **train_upd})
-    return cfg.model_copy(update={"model": model, "train": train})
-
-
-def overrides(params: Mapping[str, Any]) -> dict[str, Any]:
-    """Trial params as dotted params.yaml keys (``model.head_units`` …)."""
-    return {
-        f"{'model' if k in MODEL_KEYS else 'train'}.{k}": v
-        for k, v in params.items()
-        if k in PARAM_NAMES
-    }
-
-
-def best_params_path(dataset: str, backbone: str, layout: Layout | None = None) -> Path:
-    """``tuning/<dataset>-<backbone>.json`` under the project root (the tune stage's DVC out)."""
-    return (layout or Layout()).root / "tuning" / f"{dataset}-{backbone}.json"
-
-
-def read_best(path: Path | str) -> dict[str, Any]:
-    """Parse a best-params file written by :func:`run_tuning`.
-
-    Raises:
-        FileNotFoundError: no such file (the message names the command that writes it).
-        TuneError: not a best-params file.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"{path}: tuned parameters not found; run `mammoflow tune --dataset <dataset> "
-            "--backbone <backbone>` first, or set tune.use_best: false"
-        )
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise TuneError(f"{path}: not valid JSON ({exc}); run `mammoflow tune` again") from None
-    if not isinstance(data, dict) or not isinstance(data.get("params"), dict):
-        raise TuneError(f"{path}: no 'params' object; not a MammoFlow best-params file")
-    return data
-
-
-def apply_best(cfg: Config, dataset: str, backbone: str, path: Path | str) -> Config:
-    """``cfg`` with the best trial's params of ``path`` applied over ``model`` and ``train``.
-
-    Pure apart from reading ``path``. The file must have been tuned for this dataset and backbone.
-
-    Raises:
-        FileNotFoundError: the file is missing.
-        TuneError: the file belongs to another dataset/backbone or has unknown params.
-    """
-    data = read_best(path)
-    got = (data.get("dataset"), data.get("backbone"))
-    if got != (dataset, backbone):
-        raise TuneError(
-            f"{path}: tuned for dataset {got[0]!r} / backbone {got[1]!r}, not "
-            f"{dataset!r} / {backbone!r}"
-        )
-    return apply_params(cfg, data["params"])
 
 
 # ----------------------------------------------------------------------------- sampler, pruner
@@ -290,8 +218,8 @@ def study_identity(
     Raises:
         FileNotFoundError: the dataset has not been split yet.
     """
-    from mammoflow.split import read_splits, split_hash
     from mammoflow.provenance import dvc_data_hash
+    from mammoflow.split import read_splits, split_hash
 
     layout = layout or Layout()
     splits_path = layout.splits(dataset)
@@ -414,9 +342,7 @@ class Objective:
         layout: Layout | None = None,
         trial_log: TrialLog | None = None,
     ) -> None:
-        from mammoflow.data.manifest import CLASSES, read_manifest
-        from mammoflow.models.features import resolve_precision
-        from mammoflow.split import read_splits
+        from mammoflow.inputs import InputsError, load_inputs
 
         self.cfg = cfg
         self.dataset = dataset
@@ -424,20 +350,14 @@ class Objective:
         self.layout = layout or Layout()
         self.trial_log = trial_log
         self.metric = cfg.tune.metric
-        self.class_names = CLASSES[cfg.dataset(dataset).kind]
-        frame = read_manifest(self.layout.processed(dataset))
-        if frame["converted_path"].isna().any():
-            raise TuneError(
-                f"{self.layout.processed(dataset)}: manifest has unconverted images; run convert"
-            )
-        self.frame = frame
-        self.splits = read_splits(self.layout.splits(dataset))
-        self.folds = sorted(
-            int(f) for f in self.splits.loc[self.splits["split"] == "cv", "fold"].unique()
-        )
-        if not self.folds:
-            raise TuneError(f"{self.layout.splits(dataset)}: no CV folds; run split")
-        self.precision = resolve_precision(cfg.train.precision)
+        try:
+            # tuned params are the search's to choose: never apply an earlier best here
+            base = cfg.model_copy(update={"tune": cfg.tune.model_copy(update={"use_best": False})})
+            self.study_inputs = load_inputs(base, dataset, backbone, self.layout)
+        except InputsError as exc:
+            raise TuneError(str(exc)) from None
+        self.class_names = self.study_inputs.class_names
+        self.folds = list(self.study_inputs.folds)
         self._inputs: dict[int, tuple[Any, Any]] = {}
         _quiet_retracing()
         if cfg.train.augment or not cfg.train.feature_cache:
@@ -446,44 +366,27 @@ class Objective:
     def inputs(self, trainable_layers: int) -> tuple[Any, Any]:
         """``(backbone, features)`` for N = ``trainable_layers`` (one cache entry per N)."""
         if trainable_layers not in self._inputs:
-            import keras
+            from mammoflow.inputs import load_features
 
-            from mammoflow.models.build import load_backbone
-            from mammoflow.models.features import prepare_inputs
-
-            # Without pretrained weights (model.weights: none) the backbone is randomly
-            # initialised: seed it, so every worker process trains the same tail and trials
-            # from different processes (and reruns) compare like with like.
-            keras.utils.set_random_seed(self.cfg.train.seed)
-            bb = load_backbone(
-                self.backbone,
-                weights=self.cfg.model.weights,
-                trainable_layers=trainable_layers,
-                input_size=self.cfg.model.input_size,
-                precision=self.precision,
+            self._inputs[trainable_layers] = load_features(
+                self.study_inputs, self.layout, trainable_layers=trainable_layers
             )
-            feats = prepare_inputs(
-                self.frame,
-                bb,
-                dataset=self.dataset,
-                feature_cache=self.cfg.train.feature_cache,
-                augment=self.cfg.train.augment,
-                cache_dir=self.layout.features(),
-                batch_size=self.cfg.train.batch_size,
-            )
-            self._inputs[trainable_layers] = (bb, feats)
         return self._inputs[trainable_layers]
 
     def __call__(self, trial: optuna.Trial) -> float:
         import optuna
 
         from mammoflow.metrics import compute_metrics
-        from mammoflow.train import train_folds
+        from mammoflow.train import FoldTrainer, fold_task
 
         params = suggest(trial, self.cfg.tune.space)
         trial.set_user_attr("worker", _worker_id())
         cfg = apply_params(self.cfg, params)
         bb, feats = self.inputs(int(params["trainable_layers"]))
+        inp = replace(self.study_inputs, cfg=cfg)
+        trainer = FoldTrainer(
+            feats, bb, model_cfg=cfg.model, train_cfg=cfg.train, n_classes=inp.n_classes
+        )
         run_id = self.trial_log.start(trial.number, params) if self.trial_log else ""
         if run_id:
             trial.set_user_attr("mlflow_run_id", run_id)
@@ -491,15 +394,7 @@ class Objective:
         running = math.nan
         try:
             for step, fold in enumerate(self.folds, start=1):
-                (res,) = train_folds(
-                    feats,
-                    self.splits,
-                    bb,
-                    model_cfg=cfg.model,
-                    train_cfg=cfg.train,
-                    n_classes=len(self.class_names),
-                    folds=[fold],
-                )
+                res = fold_task(inp, bb, feats, fold, trainer=trainer)
                 metrics = compute_metrics(res.val_true, res.val_prob, self.class_names)
                 if self.metric not in metrics:
                     raise TuneError(

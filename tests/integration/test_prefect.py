@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 from uuid import UUID
 
+import numpy as np
 import pytest
 import yaml
 
@@ -433,25 +434,67 @@ def test_transient_io_error_is_retried(
 
 
 @pytest.mark.slow
-def test_dask_task_runner(server: Server, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The data flow's real stages, then (faked) training, on a one-worker Dask cluster."""
+def test_dask_fold_fan_out_matches_serial(
+    server: Server, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Data flow on Dask, then (dataset × backbone × fold) tasks on a 2-worker LocalCluster:
+    the same fold metrics as the serial train stage, features extracted once."""
+    import shutil
+
     from distributed import LocalCluster
     from flows.pipeline import data_flow, train_flow, with_task_runner
 
-    params = tiny_project(tmp_path)
+    from mammoflow import stages
+    from mammoflow.config import load_config
+    from mammoflow.paths import Layout
+
+    params = tiny_project(tmp_path / "dask")
+    raw = yaml.safe_load(params.read_text())
+    raw["sample"]["mias_patients"] = 12
+    raw["split"].update({"k_folds": 3, "test_size": 0.2})
+    raw["model"].update({"backbones": ["vgg16"], "input_size": 32})
+    # a learning rate that separates the classes: near-tied probabilities would let the
+    # last-bit differences of two thread schedules reorder a ROC curve
+    raw["train"].update(
+        {"epochs": 3, "batch_size": 8, "precision": "float32", "learning_rate": 0.02}
+    )
+    raw["evaluate"]["bootstrap"] = 20
+    raw["tracking"]["log_models"] = "none"
+    params.write_text(yaml.safe_dump(raw, sort_keys=False))
     with LocalCluster(
-        n_workers=1, threads_per_worker=1, processes=False, dashboard_address=None
+        n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None
     ) as cluster:
         address = cluster.scheduler_address
         summaries = with_task_runner(data_flow, address)(str(params), ["sample_mias"])
         assert summaries[0]["converted"] > 0
-        assert (tmp_path / "data" / "processed" / "sample_mias" / "manifest.parquet").is_file()
+        (fanned,) = train_flow(str(params), ["sample_mias"], ["vgg16"], dask_address=address)
+    assert fanned["trained_folds"] == [1, 2, 3] and fanned["test_model"] == "ensemble"
+    cache = list((tmp_path / "dask" / ".cache" / "features").glob("*.npy"))
+    assert len(cache) == 1, cache  # extracted once, shared by the fold tasks
 
-        calls: list[tuple[str, ...]] = []
-        _fake_stages(monkeypatch, calls)
-        trained = train_flow(str(params), ["sample_mias"], ["vgg16", "vgg19"], dask_address=address)
-        monkeypatch.setenv("MAMMOFLOW_DASK_ADDRESS", address)
-        again = train_flow(str(params), ["sample_mias"], ["resnet50"])
-    assert [t["args"] for t in trained] == [["sample_mias", "vgg16"], ["sample_mias", "vgg19"]]
-    assert again[0]["args"] == ["sample_mias", "resnet50"]
-    assert all("Dask" in t["thread"] for t in [*trained, *again]), trained
+    # the same project trained serially in one process (a fresh MLflow store)
+    serial_root = tmp_path / "serial"
+    shutil.copytree(
+        tmp_path / "dask",
+        serial_root,
+        ignore=shutil.ignore_patterns("mlflow.db*", "mlartifacts", ".cache"),
+    )
+    monkeypatch.chdir(serial_root)
+    cfg = load_config(serial_root / "params.yaml")
+    serial = stages.train_stage(cfg, "sample_mias", "vgg16", layout=Layout())
+    assert serial["trained_folds"] == fanned["trained_folds"]
+    for fold, metrics in serial["fold_metrics"].items():
+        for name, value in metrics.items():
+            assert fanned["fold_metrics"][fold][name] == pytest.approx(value, abs=1e-6), (
+                fold,
+                name,
+            )
+    assert fanned["test_f1_macro"] == pytest.approx(serial["test_f1_macro"], abs=1e-6)
+    preds = [
+        json.loads((root / "models" / "sample_mias" / "vgg16" / "predictions.json").read_text())
+        for root in (tmp_path / "dask", serial_root)
+    ]
+    for fold in ("1", "2", "3"):
+        a, b = (p["folds"][fold] for p in preds)
+        assert a["image_id"] == b["image_id"]
+        np.testing.assert_allclose(a["prob"], b["prob"], atol=1e-4)

@@ -23,7 +23,7 @@ import yaml
 from infra.local import stack as stack_mod
 from optuna.trial import TrialState
 
-from mammoflow import stages, tune
+from mammoflow import stages, tune, tuned
 from mammoflow.config import Config, parse_config
 from mammoflow.paths import Layout
 
@@ -138,10 +138,10 @@ def test_tiny_study_completes_and_records_best(project: tuple[Path, Config]) -> 
     assert best["metric"] == "f1_macro" and best["direction"] == "maximize"
 
     # with tune.use_best the train stage's config takes the tuned values
-    tuned = tune.apply_best(cfg, DATASET, BACKBONE, best_file)
-    assert tuned.model.head_units == best["params"]["head_units"]
-    assert tuned.train.learning_rate == pytest.approx(best["params"]["learning_rate"])
-    assert tuned.model.trainable_layers == best["params"]["trainable_layers"]
+    tuned_cfg = tuned.apply_best(cfg, DATASET, BACKBONE, best_file)
+    assert tuned_cfg.model.head_units == best["params"]["head_units"]
+    assert tuned_cfg.train.learning_rate == pytest.approx(best["params"]["learning_rate"])
+    assert tuned_cfg.model.trainable_layers == best["params"]["trainable_layers"]
 
     # MLflow: a parent per study, a nested run per trial with params, steps and final state
     parent, runs = _study_runs(root, res["parent_run_id"])

@@ -178,3 +178,16 @@ def test_one_trace_per_trainer_and_epoch_overhead(dataset: tuple) -> None:
     train_final(feats, splits, bb, model_cfg=MODEL, train_cfg=TRAIN, n_classes=3, trainer=trainer)
     assert trainer._train_epoch.experimental_get_tracing_count() == 1
     assert trainer._predict.experimental_get_tracing_count() == 1
+
+
+def test_fold_task_independent_of_trainer_reuse(dataset: tuple) -> None:
+    """A fold trained on a fresh trainer (a Dask worker) equals the same fold on a reused one."""
+    root, frame, splits = dataset
+    bb = build.load_backbone("vgg16", trainable_layers=2, input_size=32)
+    feats = cached_features(frame, bb, dataset="synthetic", cache_dir=root / "cache")
+    shared = train_folds(feats, splits, bb, model_cfg=MODEL, train_cfg=TRAIN, n_classes=3)
+    (fresh,) = train_folds(
+        feats, splits, bb, model_cfg=MODEL, train_cfg=TRAIN, n_classes=3, folds=[2]
+    )
+    np.testing.assert_allclose(shared[1].history["loss"], fresh.history["loss"], rtol=1e-6)
+    np.testing.assert_allclose(shared[1].val_prob, fresh.val_prob, rtol=1e-5, atol=1e-6)

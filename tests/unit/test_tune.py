@@ -11,7 +11,7 @@ import pytest
 import yaml
 from pydantic import ValidationError
 
-from mammoflow import tune
+from mammoflow import tune, tuned
 from mammoflow.config import Config, ConfigError, TuneConfig, TuneSpace, load_config, parse_config
 from mammoflow.paths import Layout
 
@@ -154,23 +154,23 @@ def test_apply_best_round_trip(tmp_path: Path) -> None:
     path = tune.best_params_path("sample_mias", "vgg16", layout)
     assert path == tmp_path / "tuning" / "sample_mias-vgg16.json"
     _write_best(path)
-    out = tune.apply_best(_cfg(use_best=True), "sample_mias", "vgg16", path)
+    out = tuned.apply_best(_cfg(use_best=True), "sample_mias", "vgg16", path)
     assert out.model.head_units == 256 and out.train.learning_rate == 0.003
 
 
 def test_apply_best_refuses_other_dataset_and_missing_file(tmp_path: Path) -> None:
     path = _write_best(tmp_path / "best.json", backbone="resnet50")
     with pytest.raises(tune.TuneError, match="resnet50"):
-        tune.apply_best(_cfg(), "sample_mias", "vgg16", path)
+        tuned.apply_best(_cfg(), "sample_mias", "vgg16", path)
     with pytest.raises(FileNotFoundError, match="mammoflow tune"):
-        tune.apply_best(_cfg(), "sample_mias", "vgg16", tmp_path / "absent.json")
+        tuned.apply_best(_cfg(), "sample_mias", "vgg16", tmp_path / "absent.json")
     bad = tmp_path / "bad.json"
     bad.write_text("{not json")
     with pytest.raises(tune.TuneError, match="not valid JSON"):
-        tune.apply_best(_cfg(), "sample_mias", "vgg16", bad)
+        tuned.apply_best(_cfg(), "sample_mias", "vgg16", bad)
     bad.write_text("[1, 2]")
     with pytest.raises(tune.TuneError, match="params"):
-        tune.apply_best(_cfg(), "sample_mias", "vgg16", bad)
+        tuned.apply_best(_cfg(), "sample_mias", "vgg16", bad)
 
 
 # ----------------------------------------------------------------------------- pruner

@@ -260,18 +260,13 @@ def build_base(
     Raises:
         ModelBuildError: if the weights file does not fit the architecture.
     """
-    import keras
 
     from mammoflow.models.backbones import constructor
 
     ctor = constructor(backbone)
-    if weights.source == "none":
-        # Random weights must be the same in every process: the feature cache is keyed on
-        # "none", and a cached prefix must meet the tail of the same initialisation.
-        keras.utils.set_random_seed(RANDOM_INIT_SEED)
     with dtype_policy(precision):
         try:
-            return ctor(
+            base = ctor(
                 include_top=False,
                 weights=weights.keras_arg,
                 input_shape=(input_size, input_size, 3),
@@ -281,6 +276,39 @@ def build_base(
                 f"cannot load weights {weights.path!r} into {backbone!r}: {exc}; the file must "
                 "hold no-top weights of the same architecture (or use model.weights: none)"
             ) from exc
+    if weights.source == "none":
+        # Random weights must be the same in every process: the feature cache is keyed on
+        # "none", and a cached prefix must meet the tail of the same initialisation.
+        seeded_init(base, RANDOM_INIT_SEED)
+    return base
+
+
+def seeded_init(model: Any, seed: int) -> None:
+    """Re-initialise every weight of ``model`` from a private NumPy generator seeded with ``seed``.
+
+    Keras initialisers without a seed draw from Python's global ``random`` module, which other
+    threads of the process (a Dask worker's, a server's) may advance at any time; this does not.
+    Kernels: Glorot uniform (Keras' default); biases, BN beta and moving means: 0; BN gamma and
+    moving variances: 1.
+    """
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    for var in model.weights:
+        name = var.path.rsplit("/", 1)[-1]
+        shape = tuple(int(d) for d in var.shape)
+        if "kernel" in name and len(shape) >= 2:
+            receptive = int(np.prod(shape[:-2])) if len(shape) > 2 else 1
+            fan_in, fan_out = shape[-2] * receptive, shape[-1] * receptive
+            if "depthwise" in name:
+                fan_out = shape[-2] * receptive
+            limit = np.sqrt(6.0 / (fan_in + fan_out))
+            value = rng.uniform(-limit, limit, shape)
+        elif name in ("gamma", "moving_variance"):
+            value = np.ones(shape)
+        else:
+            value = np.zeros(shape)
+        var.assign(value.astype(np.float32))
 
 
 def frozen_prefix(base: Any, trainable_layers: int) -> Any:
@@ -370,6 +398,7 @@ def trainable_tail_and_head(
     dropout: float = 0.5,
     pooling: Pooling = "avg",
     name: str | None = None,
+    seed: int = 0,
 ) -> Any:
     """The trainable model ``cut tensor (cached feature) → class probabilities``.
 
@@ -395,11 +424,19 @@ def trainable_tail_and_head(
             if pooling == "avg"
             else keras.layers.Flatten(name="head_flatten")(x)
         )
-        x = keras.layers.Dense(head_units, activation="relu", name="head_dense")(x)
+        # explicit seeds: the head is the same in every process and thread (see seeded_init)
+        glorot = keras.initializers.GlorotUniform
+        x = keras.layers.Dense(
+            head_units, activation="relu", kernel_initializer=glorot(seed), name="head_dense"
+        )(x)
         x = keras.layers.BatchNormalization(name="head_bn")(x)
-        x = keras.layers.Dropout(dropout, name="head_dropout")(x)
+        x = keras.layers.Dropout(dropout, seed=seed + 1, name="head_dropout")(x)
         out = keras.layers.Dense(
-            n_classes, activation="softmax", dtype="float32", name="predictions"
+            n_classes,
+            activation="softmax",
+            kernel_initializer=glorot(seed + 2),
+            dtype="float32",
+            name="predictions",
         )(x)
     return keras.Model(features, out, name=name or f"{bb.name}_tail_head")
 
