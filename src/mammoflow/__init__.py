@@ -1,1 +1,5 @@
 """MammoFlow."""
+
+from mammoflow import quiet
+
+quiet.install()
