@@ -256,6 +256,7 @@ def compare_cmd(
         list[str] | None, typer.Option(help="Dataset(s); default: pipeline.datasets.")
     ] = None,
     write: Annotated[bool, typer.Option(help="Write reports/comparison.md and .html.")] = True,
+    table: Annotated[bool, typer.Option(help="Print the comparison table.")] = True,
     params: ParamsOpt = Path("params.yaml"),
 ) -> None:
     """Print the paper-style comparison (from MLflow) and write the reports."""
@@ -264,8 +265,8 @@ def compare_cmd(
 
     res = compare_stage(_config(params), dataset, write=write)
     wide = Console(width=max(out.width, 112))  # the paper's seven columns need the room
-    for name, table in res["tables"].items():
-        wide.print(report.console_table(name, table))
+    for name, rows in res["tables"].items() if table else ():
+        wide.print(report.console_table(name, rows))
     if write:
         out.print(f"Reports: {res['markdown']} and reports/comparison.html")
     out.print("MLflow UI: run `make ui`, then open http://127.0.0.1:5000")

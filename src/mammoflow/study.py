@@ -250,7 +250,7 @@ def run_study(
         result = _aggregate(ctx, folds, test_rec, test_run_id)
     result.seconds = {"features": t_features, "total": time.perf_counter() - t_start}
     histories.update({f: o.history for f, o in folds.items() if o.history})
-    write_outputs(result, layout, {f: o.val for f, o in folds.items()}, test_rec, histories)
+    write_outputs(result, layout, folds, test_rec, histories)
     return result
 
 
@@ -373,21 +373,33 @@ def _tags(inp: StudyInputs, bb: BackboneModel, layout: Layout) -> dict[str, str]
 
 
 class _Eta:
-    """One line per epoch with the time left for this backbone's fold tasks."""
+    """Progress lines with the time left for this backbone's fold tasks.
 
-    def __init__(self, backbone: str, epochs: int, folds: int) -> None:
-        self.backbone, self.total = backbone, max(epochs * folds, 1)
+    One line when a fold ends, and one per epoch when epochs are slow (at most every
+    ``every_s`` seconds), so a real study shows its ETA and the sample's log stays short.
+    """
+
+    def __init__(self, backbone: str, epochs: int, folds: int, every_s: float = 10.0) -> None:
+        self.backbone, self.total, self.every_s = backbone, max(epochs * folds, 1), every_s
         self.done, self.t0 = 0, time.perf_counter()
+        self.last = self.t0
 
     def event(self, event: TrainEvent) -> None:
         if event.kind != "epoch_end":
             return
         self.done += 1
-        left = (time.perf_counter() - self.t0) / self.done * max(self.total - self.done, 0)
+        now = time.perf_counter()
+        fold_end = event.epoch == event.epochs
+        if not fold_end and now - self.last < self.every_s:
+            return
+        self.last = now
+        left = (now - self.t0) / self.done * max(self.total - self.done, 0)
         loss = event.logs.get("loss", math.nan)
+        val = event.logs.get("val_accuracy")
         name = "refit" if event.fold == 0 else f"fold {event.fold}"
+        extra = f" val_acc {val:.3f}" if val is not None else ""
         print(
-            f"  {self.backbone} {name} epoch {event.epoch}/{event.epochs} loss {loss:.4f}"
+            f"  {self.backbone} {name} epoch {event.epoch}/{event.epochs} loss {loss:.4f}{extra}"
             f"  ETA {int(left // 60)}m{int(left % 60):02d}s",
             flush=True,
         )
@@ -453,7 +465,7 @@ def _raw_example(frame: pd.DataFrame, size: int = 96) -> np.ndarray:
 def write_outputs(
     result: StudyResult,
     layout: Layout,
-    fold_predictions: Mapping[int, Mapping[str, Any]],
+    folds: Mapping[int, FoldOutcome],
     test_rec: Mapping[str, Any],
     histories: Mapping[int, Mapping[str, list[float]]],
 ) -> None:
@@ -471,7 +483,11 @@ def write_outputs(
     models = layout.models(ds, bbn)
     atomic_write_json(
         models / "predictions.json",
-        {"test": dict(test_rec), "folds": {str(k): dict(v) for k, v in fold_predictions.items()}},
+        {
+            "test": dict(test_rec),
+            "folds": {str(k): o.val for k, o in folds.items()},
+            "fold_test": {str(k): o.test for k, o in folds.items()},
+        },
     )
     atomic_write_json(models / "history.json", {str(k): dict(v) for k, v in histories.items()})
     atomic_write_text(models / "README.txt", _models_readme(result))
@@ -487,7 +503,8 @@ def _models_readme(result: StudyResult) -> str:
         f"{result.dataset} / {result.backbone}\n"
         f"head.keras: the test model ({result.test_model}): {head} (input: cached prefix "
         "features; written when tracking.log_models logs a model)\n"
-        "predictions.json: per-fold validation and held-out test predictions\n"
+        "predictions.json: the test model's held-out test predictions ('test'), each fold "
+        "model's validation ('folds') and test ('fold_test') predictions\n"
         "history.json: per-epoch curves (fold 0 = the refit model)\n"
         f"MLflow parent run: {result.parent_run_id} (full serving models are in MLflow)\n"
     )
