@@ -316,11 +316,11 @@ def ceiling(convs: list[tuple[int, int, int, int, int]], precision: str, batch: 
     return _conv_flops(convs) * batch / best / 1e9
 
 
-def tail_efficiency(work: Path, n_epochs: int = 3) -> dict[str, Any]:
+def tail_efficiency(work: Path, setting: str = "auto", n_epochs: int = 3) -> dict[str, Any]:
     """VGG16 tail training on real MIAS features at 224 px vs the conv ceiling, side by side."""
     frame = mias_frame(MIAS_ARCHIVE.resolve(), work / "mias_png")
     splits = make_splits(frame, test_size=0.1, k_folds=5, seed=42)
-    precision = resolve_precision("auto")
+    precision = resolve_precision(setting)
     bb = build.load_backbone("vgg16", trainable_layers=3, precision=precision)
     feats = cached_features(frame, bb, dataset="mias", cache_dir=work / "cache")
     cfg = TrainConfig(epochs=n_epochs, batch_size=16, precision=precision, seed=42)
@@ -398,6 +398,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--skip-extract", action="store_true")
     parser.add_argument("--skip-small", action="store_true", help="skip the naive-vs-cached study")
+    parser.add_argument("--precision", default="auto", help="train.precision of the tail timing")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     import tensorflow as tf
@@ -418,7 +419,7 @@ def main() -> None:
         result["extract_img_per_s"] = bench_extraction(args.n_extract, args.batch_size)
         result["extract_images"] = args.n_extract
     with tempfile.TemporaryDirectory(prefix="mammoflow-bench-") as tmp:
-        result["tail"] = tail_efficiency(Path(tmp))
+        result["tail"] = tail_efficiency(Path(tmp), args.precision)
         result["tail_efficiency"] = result["tail"]["tail_efficiency"]
         result["overhead"] = epoch_overhead(Path(tmp))
         result["epoch_overhead_s"] = result["overhead"]["epoch_overhead_s"]

@@ -77,9 +77,19 @@ def artifact_root(root: Path | str = ".") -> str | None:
     return (Path(root) / "mlartifacts").resolve().as_uri()
 
 
+class _NoPipVersionWarning(logging.Filter):
+    """uv-built environments have no pip; MLflow warns about it on every model it logs."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Failed to resolve installed pip version" not in record.getMessage()
+
+
 def _quiet_mlflow() -> None:
     for name in ("mlflow", "alembic", "mlflow.store.db.utils"):
         logging.getLogger(name).setLevel(logging.WARNING)
+    env_log = logging.getLogger("mlflow.utils.environment")
+    if not any(isinstance(f, _NoPipVersionWarning) for f in env_log.filters):
+        env_log.addFilter(_NoPipVersionWarning())
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     os.environ.setdefault("DO_NOT_TRACK", "true")

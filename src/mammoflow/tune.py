@@ -40,6 +40,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 from mammoflow.config import Config, FloatRange, TuneConfig, TuneSpace, parse_config
+from mammoflow.data.manifest import atomic_write_json
 from mammoflow.paths import Layout
 from mammoflow.tuned import (
     MODEL_KEYS,
@@ -53,6 +54,8 @@ from mammoflow.tuned import (
 
 if TYPE_CHECKING:
     import optuna
+
+    from mammoflow.tracking import Tracker
 
 log = logging.getLogger(__name__)
 
@@ -251,7 +254,7 @@ class MlflowTrialLog:
 
     def __init__(
         self,
-        tracker: Any,
+        tracker: Tracker,
         experiment_id: str,
         parent_id: str,
         study: str,
@@ -479,7 +482,7 @@ def _counts(study: optuna.Study) -> dict[str, int]:
     }
 
 
-def _optimize(job: _Job, tracker: Any | None = None) -> None:
+def _optimize(job: _Job, tracker: Tracker | None = None) -> None:
     """One worker: optimise until the study holds ``n_trials`` complete + pruned trials."""
     import optuna
     from optuna.trial import TrialState
@@ -568,7 +571,7 @@ def run_tuning(
     layout: Layout | None = None,
     *,
     timeout: float | None = None,
-    tracker: Any | None = None,
+    tracker: Tracker | None = None,
 ) -> dict[str, Any]:
     """Tune ``backbone`` on ``dataset``: the study, its MLflow runs and the best-params file.
 
@@ -588,19 +591,100 @@ def run_tuning(
         trial, ``trials_per_min`` of this invocation, seconds, MLflow parent run, best-params
         path.
     """
-    from mammoflow.data.manifest import atomic_write_json
-    from mammoflow.models.backbones import BACKBONE_NAMES
-    from mammoflow.provenance import git_state
-    from mammoflow.tracking import TAG_BACKBONE, TAG_DATASET, Tracker
+    from mammoflow.tracking import Tracker
 
     t_start = time.perf_counter()
     layout = layout or Layout()
+    req = _request(cfg, dataset, backbone, n_trials, workers, timeout, layout)
+    study = open_study(cfg, req.study, req.storage)  # creates the tables before the workers
+    for key, value in {"dataset": dataset, "backbone": backbone, "metric": cfg.tune.metric}.items():
+        study.set_user_attr(key, value)
+    before = _counts(study)
+    tracker = tracker or Tracker(root=layout.root)
+    job, resumed = _open_parent(cfg, req, study, tracker, layout)
+    log.info(
+        "study %s (%s) on %s: %d complete, %d pruned; target %d trials, %d worker(s)",
+        req.study,
+        "resumed" if resumed else "new",
+        redact_url(req.storage),
+        before["complete"],
+        before["pruned"],
+        req.n_trials,
+        req.workers,
+    )
+    with tracker.run_guard(job.parent_id):
+        t_opt = time.perf_counter()
+        if req.workers == 1:
+            _optimize(job, tracker)
+        else:
+            _run_workers([replace(job, worker=i) for i in range(req.workers)])
+        optimize_s = time.perf_counter() - t_opt
+        study = open_study(cfg, req.study, req.storage)
+        after = _counts(study)
+        finished = sum(after[k] - before[k] for k in ("complete", "pruned", "fail"))
+        per_min = finished / (optimize_s / 60.0) if optimize_s > 0 else 0.0
+        record = _best_record(cfg, req, study, after, job.parent_id)
+        path = best_params_path(dataset, backbone, layout)
+        atomic_write_json(path, record)
+        importances = _log_study(tracker, job.parent_id, study, cfg, record, per_min)
+    return {
+        "dataset": dataset,
+        "backbone": backbone,
+        "study_name": req.study,
+        "storage": redact_url(req.storage),
+        "resumed": resumed,
+        "workers": req.workers,
+        "trials": after,
+        "new_trials": finished,
+        "best_value": record["best_value"],
+        "best_trial": record["best_trial"],
+        "best_params": record["params"],
+        "importances": importances,
+        "trials_per_min": round(per_min, 3),
+        "seconds": {
+            "optimize": round(optimize_s, 2),
+            "total": round(time.perf_counter() - t_start, 2),
+        },
+        "parent_run_id": job.parent_id,
+        "best_path": str(path),
+    }
+
+
+@dataclass(frozen=True)
+class _Request:
+    """A checked tuning request: what, how many, where."""
+
+    dataset: str
+    backbone: str
+    n_trials: int
+    workers: int
+    timeout: float | None
+    storage: str
+    study: str
+    hashes: dict[str, str]
+
+
+def _request(
+    cfg: Config,
+    dataset: str,
+    backbone: str,
+    n_trials: int | None,
+    workers: int | None,
+    timeout: float | None,
+    layout: Layout,
+) -> _Request:
+    """Defaults from ``tune``, checked; the study's name and storage.
+
+    Raises:
+        TuneError: unknown backbone, non-positive counts, several workers on SQLite.
+    """
+    from mammoflow.models.backbones import BACKBONE_NAMES
+
     cfg.dataset(dataset)
     if backbone not in BACKBONE_NAMES:
         raise TuneError(f"unknown backbone {backbone!r}; choose one of {list(BACKBONE_NAMES)!r}")
     n_trials = n_trials or cfg.tune.n_trials
     workers = workers or cfg.tune.workers
-    timeout = timeout if timeout is not None else cfg.tune.timeout
     if n_trials < 1 or workers < 1:
         raise TuneError(f"n_trials={n_trials}, workers={workers}: both must be at least 1")
     storage = resolve_storage(cfg.tune.storage, layout.root)
@@ -611,123 +695,96 @@ def run_tuning(
             "URL, e.g. from `python -m infra.local.stack up`, or use one worker"
         )
     name, storage, hashes = study_identity(cfg, dataset, backbone, layout)
-    s_hash, d_hash = hashes["split_hash"], hashes["dvc_data_hash"]
-    study = open_study(cfg, name, storage)  # creates the tables and the study before workers
-    for key, value in {"dataset": dataset, "backbone": backbone, "metric": cfg.tune.metric}.items():
-        study.set_user_attr(key, value)
-    before = _counts(study)
+    return _Request(
+        dataset=dataset,
+        backbone=backbone,
+        n_trials=n_trials,
+        workers=workers,
+        timeout=timeout if timeout is not None else cfg.tune.timeout,
+        storage=storage,
+        study=name,
+        hashes=hashes,
+    )
 
-    tracker = tracker or Tracker(root=layout.root)
-    exp_id = tracker.tuning_experiment_id(dataset)
+
+def _open_parent(
+    cfg: Config, req: _Request, study: optuna.Study, tracker: Tracker, layout: Layout
+) -> tuple[_Job, bool]:
+    """The study's MLflow parent run (reopened through the study's user attribute)."""
+    from mammoflow.provenance import git_state
+    from mammoflow.tracking import TAG_BACKBONE, TAG_DATASET
+
+    exp_id = tracker.tuning_experiment_id(req.dataset)
     parent_params = {
-        **key_params(cfg, dataset),
-        "backbone": backbone,
-        "tune.n_trials": n_trials,
+        **key_params(cfg, req.dataset),
+        "backbone": req.backbone,
+        "tune.n_trials": req.n_trials,
         "tune.seed": cfg.tune.seed,
         "tune.sampler_startup_trials": cfg.tune.sampler_startup_trials,
         "tune.pruner": cfg.tune.pruner,
         "tune.pruner_startup_trials": cfg.tune.pruner_startup_trials,
         "tune.pruner_warmup_folds": cfg.tune.pruner_warmup_folds,
-        "tune.storage": redact_url(storage),
+        "tune.storage": redact_url(req.storage),
     }
     tags = {
-        TAG_DATASET: dataset,
-        TAG_BACKBONE: backbone,
-        "split_hash": s_hash,
-        "dvc_data_hash": d_hash,
+        TAG_DATASET: req.dataset,
+        TAG_BACKBONE: req.backbone,
+        **req.hashes,
         **git_state(layout.root),
     }
     parent_id, resumed = tracker.open_study_parent(
-        exp_id, name, tags, parent_params, run_id=study.user_attrs.get("mlflow_parent_run_id")
+        exp_id, req.study, tags, parent_params, run_id=study.user_attrs.get("mlflow_parent_run_id")
     )
     study.set_user_attr("mlflow_parent_run_id", parent_id)
-    log.info(
-        "study %s (%s) on %s: %d complete, %d pruned; target %d trials, %d worker(s)",
-        name,
-        "resumed" if resumed else "new",
-        redact_url(storage),
-        before["complete"],
-        before["pruned"],
-        n_trials,
-        workers,
+    job = _Job(
+        params=cfg.model_dump(mode="json", by_alias=True),
+        dataset=req.dataset,
+        backbone=req.backbone,
+        root=str(layout.root.resolve()),
+        storage=req.storage,
+        study=req.study,
+        n_trials=req.n_trials,
+        timeout=req.timeout,
+        worker=0,
+        experiment_id=exp_id,
+        parent_id=parent_id,
     )
-    jobs = [
-        _Job(
-            params=cfg.model_dump(mode="json", by_alias=True),
-            dataset=dataset,
-            backbone=backbone,
-            root=str(layout.root.resolve()),
-            storage=storage,
-            study=name,
-            n_trials=n_trials,
-            timeout=timeout,
-            worker=i,
-            experiment_id=exp_id,
-            parent_id=parent_id,
+    return job, resumed
+
+
+def _best_record(
+    cfg: Config, req: _Request, study: optuna.Study, after: Mapping[str, int], parent_id: str
+) -> dict[str, Any]:
+    """The best-params file's content.
+
+    Raises:
+        TuneError: the study has no complete trial.
+    """
+    if after["complete"] == 0:
+        raise TuneError(
+            f"study {req.study}: no complete trial ({dict(after)}); widen tune.space or raise "
+            "n_trials"
         )
-        for i in range(workers)
-    ]
-    with tracker.run_guard(parent_id):
-        t_opt = time.perf_counter()
-        if workers == 1:
-            _optimize(jobs[0], tracker)
-        else:
-            _run_workers(jobs)
-        optimize_s = time.perf_counter() - t_opt
-        study = open_study(cfg, name, storage)
-        after = _counts(study)
-        finished = sum(after[k] - before[k] for k in ("complete", "pruned", "fail"))
-        per_min = finished / (optimize_s / 60.0) if optimize_s > 0 else 0.0
-        if after["complete"] == 0:
-            raise TuneError(
-                f"study {name}: no complete trial ({after}); widen tune.space or raise n_trials"
-            )
-        best = study.best_trial
-        best_value = float(best.value) if best.value is not None else math.nan
-        path = best_params_path(dataset, backbone, layout)
-        record = {
-            "format": BEST_FORMAT,
-            "dataset": dataset,
-            "backbone": backbone,
-            "study_name": name,
-            "storage": redact_url(storage),
-            "metric": cfg.tune.metric,
-            "direction": cfg.tune.direction,
-            "best_value": best_value,
-            "best_trial": best.number,
-            "params": dict(best.params),
-            "overrides": overrides(best.params),
-            "trials": {k: after[k] for k in ("complete", "pruned", "fail")},
-            "mlflow_parent_run_id": parent_id,
-        }
-        atomic_write_json(path, record)
-        importances = _log_study(tracker, parent_id, study, cfg, record, per_min)
-    summary = {
-        "dataset": dataset,
-        "backbone": backbone,
-        "study_name": name,
-        "storage": redact_url(storage),
-        "resumed": resumed,
-        "workers": workers,
-        "trials": after,
-        "new_trials": finished,
-        "best_value": best_value,
+    best = study.best_trial
+    return {
+        "format": BEST_FORMAT,
+        "dataset": req.dataset,
+        "backbone": req.backbone,
+        "study_name": req.study,
+        "storage": redact_url(req.storage),
+        "metric": cfg.tune.metric,
+        "direction": cfg.tune.direction,
+        "best_value": float(best.value) if best.value is not None else math.nan,
         "best_trial": best.number,
-        "best_params": dict(best.params),
-        "importances": importances,
-        "trials_per_min": round(per_min, 3),
-        "seconds": {
-            "optimize": round(optimize_s, 2),
-            "total": round(time.perf_counter() - t_start, 2),
-        },
-        "parent_run_id": parent_id,
-        "best_path": str(path),
+        "params": dict(best.params),
+        "overrides": overrides(best.params),
+        "trials": {k: after[k] for k in ("complete", "pruned", "fail")},
+        "mlflow_parent_run_id": parent_id,
     }
-    return summary
 
 
 def _log_study(
-    tracker: Any,
+    tracker: Tracker,
     parent_id: str,
     study: optuna.Study,
     cfg: Config,
@@ -783,7 +840,7 @@ def _log_study(
     return importances
 
 
-def _plot(tracker: Any, run_id: str, name: str, func: Any, study: Any, **kwargs: Any) -> None:
+def _plot(tracker: Tracker, run_id: str, name: str, func: Any, study: Any, **kwargs: Any) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
