@@ -41,7 +41,7 @@ from PIL import Image
 
 from mammoflow import stages
 from mammoflow.config import Config, ModelConfig, TrainConfig, load_config
-from mammoflow.data.manifest import sha256_file
+from mammoflow.io import sha256_file
 from mammoflow.metrics import compute_metrics
 from mammoflow.models import build
 from mammoflow.models.backbones import PAPER_BACKBONES

@@ -113,8 +113,9 @@ def validate_stage(cfg: Config, dataset: str, layout: Layout | None = None) -> d
     Writes the GE JSON result and data docs under ``reports/validation/<dataset>`` and a small
     DVC metrics file; raises :class:`ValidationFailed` listing the failed expectations.
     """
-    from mammoflow.data.manifest import atomic_write_json, read_manifest
+    from mammoflow.data.manifest import read_manifest
     from mammoflow.data.validate import ValidationFailed, validate_manifest
+    from mammoflow.io import atomic_write_json
 
     kind = cfg.dataset(dataset).kind
     layout = layout or Layout()
@@ -252,7 +253,7 @@ def evaluate_stage(cfg: Config, dataset: str, layout: Layout | None = None) -> d
     """Pick the best backbone of ``dataset`` and promote it in the MLflow registry."""
     import json
 
-    from mammoflow.data.manifest import atomic_write_json
+    from mammoflow.io import atomic_write_json
     from mammoflow.tracking import Tracker
 
     cfg.dataset(dataset)
@@ -293,7 +294,7 @@ def compare_stage(
     import json
 
     from mammoflow import report
-    from mammoflow.data.manifest import atomic_write_text
+    from mammoflow.io import atomic_write_text
     from mammoflow.tracking import Tracker
 
     layout = layout or Layout()

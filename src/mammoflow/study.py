@@ -30,8 +30,8 @@ import numpy as np
 import pandas as pd
 
 from mammoflow.config import Config
-from mammoflow.data.manifest import atomic_write_bytes, atomic_write_json, atomic_write_text
 from mammoflow.inputs import StudyInputs, load_features, load_inputs
+from mammoflow.io import atomic_write_bytes, atomic_write_json, atomic_write_text
 from mammoflow.paths import Layout
 from mammoflow.provenance import device, git_state, versions
 

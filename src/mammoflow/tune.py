@@ -40,7 +40,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 from mammoflow.config import Config, FloatRange, TuneConfig, TuneSpace, parse_config
-from mammoflow.data.manifest import atomic_write_json
+from mammoflow.io import atomic_write_json
 from mammoflow.paths import Layout
 from mammoflow.tuned import (
     MODEL_KEYS,

@@ -188,7 +188,8 @@ def learnable(
     import numpy as np
     from PIL import Image
 
-    from mammoflow.data.manifest import read_manifest, sha256_file, write_manifest
+    from mammoflow.data.manifest import read_manifest, write_manifest
+    from mammoflow.io import sha256_file
 
     root = tmp_path_factory.mktemp("tune-learnable")
     raw = _params()

@@ -18,12 +18,8 @@ from mammoflow.data.convert import (
     encode_png,
     prepare_image,
 )
-from mammoflow.data.manifest import (
-    ManifestRow,
-    read_manifest,
-    sha256_file,
-    to_frame,
-)
+from mammoflow.data.manifest import ManifestRow, read_manifest, to_frame
+from mammoflow.io import sha256_file
 
 
 def write_pgm8(path: Path, pixels: np.ndarray) -> Path:

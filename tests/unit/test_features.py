@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from mammoflow.data.manifest import sha256_file
+from mammoflow.io import sha256_file
 from mammoflow.models import build
 from mammoflow.models.features import (
     FeatureError,

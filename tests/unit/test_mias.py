@@ -14,7 +14,7 @@ import pandas as pd
 import pytest
 
 from mammoflow.data.ingest import IngestError
-from mammoflow.data.manifest import COLUMNS, read_manifest, sha256_file
+from mammoflow.data.manifest import COLUMNS, read_manifest
 from mammoflow.data.mias import (
     InfoError,
     ingest_mias,
@@ -24,6 +24,7 @@ from mammoflow.data.mias import (
 )
 from mammoflow.data.pgm import encode_pgm, write_pgm
 from mammoflow.data.readers import load_raw, raw_stats
+from mammoflow.io import sha256_file
 
 PROSE = """\
               MAMMOGRAPHIC IMAGE ANALYSIS SOCIETY

@@ -12,13 +12,14 @@ import pytest
 
 from mammoflow.config import ConvertConfig
 from mammoflow.data.convert import convert_dataset
-from mammoflow.data.manifest import ManifestRow, sha256_file, to_frame
+from mammoflow.data.manifest import ManifestRow, to_frame
 from mammoflow.data.validate import (
     REPORT_NAME,
     ValidationFailed,
     mias_film_pair,
     validate_manifest,
 )
+from mammoflow.io import sha256_file
 
 LABELS = ["normal", "normal", "benign", "benign", "malignant", "normal"]
 

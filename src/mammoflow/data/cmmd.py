@@ -43,9 +43,10 @@ from mammoflow.data.ingest import (
     format_bad,
     hint,
 )
-from mammoflow.data.manifest import ManifestRow, label_index, sha256_file
+from mammoflow.data.manifest import ManifestRow, label_index
 from mammoflow.data.pseudonym import Pseudonymizer
 from mammoflow.data.readers import DICOM_SUFFIXES, raw_stats
+from mammoflow.io import sha256_file
 
 KIND = "cmmd"
 REQUIRED_COLUMNS = ("ID1", "LeftRight", "Age", "abnormality", "classification")

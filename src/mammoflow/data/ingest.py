@@ -25,11 +25,11 @@ from mammoflow.data.manifest import (
     CLASSES,
     MANIFEST_NAME,
     ManifestRow,
-    atomic_write_json,
     read_manifest,
     to_frame,
     write_manifest,
 )
+from mammoflow.io import atomic_write_json
 
 OnBadFile = Literal["fail", "quarantine"]
 Interface = Literal["python", "cli", "params"]

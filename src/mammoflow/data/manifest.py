@@ -1,4 +1,4 @@
-"""The manifest: one schema for every dataset, and atomic parquet/JSON writes.
+"""The manifest: one schema for every dataset, and its parquet read/write.
 
 Only this module defines the manifest's columns. A manifest row is one image; every column is
 pseudonymous (dataset patient ID, laterality, view, age band at most): never a DICOM name,
@@ -7,10 +7,7 @@ birth date, accession number, institution or date.
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
-import tempfile
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,9 +17,9 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from mammoflow.io import atomic_write_bytes
+
 MANIFEST_NAME = "manifest.parquet"
-_UMASK = os.umask(0)
-os.umask(_UMASK)
 
 #: Class names per dataset kind, in label_index order.
 CLASSES: dict[str, tuple[str, ...]] = {
@@ -114,36 +111,18 @@ def check(frame: pd.DataFrame) -> None:
     dup = frame["image_id"][frame["image_id"].duplicated()].unique().tolist()
     if dup:
         raise ManifestError(f"duplicate image_id values {dup[:10]!r}; each image must appear once")
-    for col in ("image_id", "patient_id", "dataset", "laterality", "label", "raw_path", "raw_sha256"):
+    for col in (
+        "image_id",
+        "patient_id",
+        "dataset",
+        "laterality",
+        "label",
+        "raw_path",
+        "raw_sha256",
+    ):
         if frame[col].isna().any():
             bad = frame.loc[frame[col].isna(), "image_id"].tolist()[:10]
             raise ManifestError(f"column {col!r} is empty for images {bad!r}")
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temp file + rename, so readers never see half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp's 0600 would make outputs private to root
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        Path(tmp).replace(path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Atomically write UTF-8 text."""
-    atomic_write_bytes(path, text.encode("utf-8"))
-
-
-def atomic_write_json(path: Path, obj: Any) -> None:
-    """Atomically write pretty JSON (sorted keys, trailing newline)."""
-    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
 
 
 def write_manifest(frame: pd.DataFrame, path: Path) -> None:
@@ -170,17 +149,3 @@ def read_manifest(path: Path) -> pd.DataFrame:
 def extras(frame: pd.DataFrame) -> list[dict[str, Any]]:
     """Decode the ``extras`` JSON column."""
     return [json.loads(s) for s in frame["extras"]]
-
-
-def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
-    """Hex sha256 of a file's bytes."""
-    h = hashlib.sha256()
-    with Path(path).open("rb") as fh:
-        while block := fh.read(chunk):
-            h.update(block)
-    return h.hexdigest()
-
-
-def sha256_bytes(data: bytes) -> str:
-    """Hex sha256 of bytes."""
-    return hashlib.sha256(data).hexdigest()

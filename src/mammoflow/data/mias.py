@@ -33,14 +33,10 @@ from mammoflow.data.ingest import (
     finish,
     format_bad,
 )
-from mammoflow.data.manifest import (
-    ManifestRow,
-    atomic_write_bytes,
-    label_index,
-    sha256_bytes,
-)
+from mammoflow.data.manifest import ManifestRow, label_index
 from mammoflow.data.pgm import PgmError, parse_pgm
 from mammoflow.data.readers import pgm_to_unit, raw_stats
+from mammoflow.io import atomic_write_bytes, sha256_bytes
 
 KIND = "mias"
 INFO_NAME = "Info.txt"

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mammoflow.data.manifest import atomic_write_bytes
+from mammoflow.io import atomic_write_bytes
 
 MAGIC = b"P5"
 _WHITESPACE = b" \t\n\r\v\f"

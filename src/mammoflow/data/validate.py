@@ -25,7 +25,8 @@ from typing import TYPE_CHECKING, Any, Literal
 import pandas as pd
 
 from mammoflow.config import ValidateConfig
-from mammoflow.data.manifest import CLASSES, COLUMNS, atomic_write_json, read_manifest, sha256_file
+from mammoflow.data.manifest import CLASSES, COLUMNS, read_manifest
+from mammoflow.io import atomic_write_json, sha256_file
 
 if TYPE_CHECKING:
     from great_expectations.expectations import Expectation

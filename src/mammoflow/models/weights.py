@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Literal
 
-from mammoflow.data.manifest import sha256_file
+from mammoflow.io import sha256_file
 from mammoflow.models.backbones import KERAS_CACHE_SUBDIR, get_spec
 
 WeightsSource = Literal["imagenet", "file", "none"]
