@@ -266,7 +266,7 @@ def compare_cmd(
     res = compare_stage(_config(params), dataset, write=write)
     wide = Console(width=max(out.width, 112))  # the paper's seven columns need the room
     for name, rows in res["tables"].items() if table else ():
-        wide.print(report.console_table(name, rows))
+        wide.print(report.console_table(name, rows, res["settings"].get(name)))
     if write:
         out.print(f"Reports: {res['markdown']} and reports/comparison.html")
     out.print("MLflow UI: run `make ui`, then open http://127.0.0.1:5000")

@@ -9,15 +9,18 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import yaml
 from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    SerializerFunctionWrapHandler,
     ValidationError,
+    create_model,
     field_validator,
+    model_serializer,
     model_validator,
 )
 
@@ -40,23 +43,6 @@ class PipelineConfig(_Section):
     datasets: list[str] = Field(
         default_factory=lambda: ["sample_mias", "sample_cmmd"], min_length=1
     )
-
-
-class DatasetConfig(_Section):
-    """One dataset's origin."""
-
-    kind: Literal["mias", "cmmd"]
-    acquire: Literal["sample", "local"] = "local"
-    source: Path | None = None
-    clinical: Path | None = None
-
-    @model_validator(mode="after")
-    def _local_needs_source(self) -> DatasetConfig:
-        if self.acquire == "local" and self.source is None:
-            raise ValueError("a dataset with acquire: local needs 'source' (archive or folder)")
-        if self.acquire == "local" and self.kind == "cmmd" and self.clinical is None:
-            raise ValueError("a cmmd dataset needs 'clinical' (the clinical .xlsx or .csv)")
-        return self
 
 
 class SampleConfig(_Section):
@@ -96,7 +82,7 @@ class SplitConfig(_Section):
     """Held-out test set and K-fold cross-validation."""
 
     test_size: Annotated[float, Field(gt=0.0, lt=0.5)] = 0.1
-    k_folds: Annotated[int, Field(ge=3, le=20)] = 5
+    k_folds: Annotated[int, Field(ge=2, le=20)] = 5
     group_by: Literal["patient", "image"] = "patient"
     seed: int = 42
 
@@ -105,7 +91,7 @@ class ModelConfig(_Section):
     """Backbones and the paper's classification head."""
 
     backbones: list[str] = Field(default_factory=lambda: list(BACKBONE_NAMES), min_length=1)
-    weights: str = "none"
+    weights: str = "imagenet"
     trainable_layers: Annotated[int, Field(ge=0, le=50)] = 3
     head_units: Annotated[int, Field(ge=8, le=8192)] = 512
     dropout: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.5
@@ -138,6 +124,70 @@ class TrainConfig(_Section):
     feature_cache: bool = True
     augment: bool = False
     seed: int = 42
+
+
+class _Override(BaseModel):
+    """Keys of a section that one dataset sets differently; unset keys keep the global value.
+
+    Each field has the global section's type and bounds; only the keys written are kept (and
+    dumped), so ``input_size: null`` (native size) differs from not overriding it.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    @model_serializer(mode="wrap")
+    def _only_set(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        data: dict[str, Any] = handler(self)
+        return {k: v for k, v in data.items() if k in self.model_fields_set}
+
+    def given(self) -> dict[str, Any]:
+        """The overridden keys and their values."""
+        return {k: getattr(self, k) for k in self.model_fields_set}
+
+
+def _override_of(section: type[_Section], exclude: tuple[str, ...] = ()) -> type[_Override]:
+    """A partial copy of ``section``: every key optional, same types and bounds, no defaults."""
+    fields: dict[str, Any] = {}
+    for name, info in section.model_fields.items():
+        if name in exclude:
+            continue
+        annotation: Any = info.annotation
+        if info.metadata:
+            annotation = Annotated[(annotation, *info.metadata)]
+        fields[name] = (annotation, Field(default=None, validate_default=False))
+    return create_model(
+        f"{section.__name__}Override", __base__=_Override, __doc__=section.__doc__, **fields
+    )
+
+
+if TYPE_CHECKING:
+    ModelOverride = _Override
+    TrainOverride = _Override
+else:
+    #: ``datasets.<name>.model``: any model key but ``backbones`` (the DVC matrix is global)
+    ModelOverride = _override_of(ModelConfig, exclude=("backbones",))
+    #: ``datasets.<name>.train``: any train key
+    TrainOverride = _override_of(TrainConfig)
+
+
+class DatasetConfig(_Section):
+    """One dataset's origin."""
+
+    kind: Literal["mias", "cmmd"]
+    acquire: Literal["sample", "local"] = "local"
+    source: Path | None = None
+    clinical: Path | None = None
+    #: this dataset's model / train settings where they differ from the global ones
+    model: ModelOverride = Field(default_factory=ModelOverride)
+    train: TrainOverride = Field(default_factory=TrainOverride)
+
+    @model_validator(mode="after")
+    def _local_needs_source(self) -> DatasetConfig:
+        if self.acquire == "local" and self.source is None:
+            raise ValueError("a dataset with acquire: local needs 'source' (archive or folder)")
+        if self.acquire == "local" and self.kind == "cmmd" and self.clinical is None:
+            raise ValueError("a cmmd dataset needs 'clinical' (the clinical .xlsx or .csv)")
+        return self
 
 
 class EvaluateConfig(_Section):
@@ -307,6 +357,27 @@ class Config(_Section):
                 f"unknown dataset {name!r}; params.yaml defines {sorted(self.datasets)!r}"
             ) from None
 
+    def for_dataset(self, name: str) -> Config:
+        """This config as ``name`` runs it: its ``datasets.<name>.model`` / ``.train`` applied.
+
+        The result's override sections for ``name`` are empty, so resolving twice is the same
+        as once, and keys set later on the result (command-line options) are not undone.
+        """
+        ds = self.dataset(name)
+        if not ds.model.given() and not ds.train.given():
+            return self
+        model = ModelConfig.model_validate({**self.model.model_dump(), **ds.model.given()})
+        train = TrainConfig.model_validate({**self.train.model_dump(), **ds.train.given()})
+        plain = ds.model_copy(update={"model": ModelOverride(), "train": TrainOverride()})
+        return self.model_copy(
+            update={"model": model, "train": train, "datasets": {**self.datasets, name: plain}}
+        )
+
+    def with_overrides(self, overrides: Mapping[str, Any], source: str = "options") -> Config:
+        """A copy with dotted ``section.key`` overrides applied, validated like params.yaml."""
+        raw = apply_overrides(self.model_dump(mode="json", by_alias=True), overrides)
+        return parse_config(raw, source=source)
+
     def flat(self) -> dict[str, Any]:
         """All values flattened to ``section.key`` strings (for experiment tracking)."""
         return _flatten(self.model_dump(mode="json", by_alias=True))
@@ -327,6 +398,11 @@ def _describe(error: Mapping[str, Any]) -> str:
     loc = ".".join(str(p) for p in error["loc"] if p not in ("function-after", "constrained-int"))
     kind = error["type"]
     value = error.get("input")
+    if kind == "extra_forbidden" and loc.startswith("datasets.") and loc.endswith(".backbones"):
+        return (
+            f"unknown key {loc!r} (value {value!r}): backbones are chosen for every dataset "
+            "by model.backbones (the DVC train matrix); remove it"
+        )
     if kind == "extra_forbidden":
         return f"unknown key {loc!r} (value {value!r}); remove it or fix its spelling"
     msg = error["msg"]

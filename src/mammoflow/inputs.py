@@ -32,7 +32,8 @@ class StudyInputs:
     """Everything a (dataset, backbone) study reads, and its identity.
 
     Attributes:
-        cfg: the configuration in force (tuned params applied when ``tune.use_best``).
+        cfg: the configuration in force: the dataset's own model / train keys applied, then the
+            tuned params when ``tune.use_best``.
         dataset / backbone: what is studied.
         class_names: the dataset kind's classes.
         frame: the converted manifest.
@@ -80,6 +81,7 @@ def load_inputs(
     from mammoflow.tracking import config_hash
 
     layout = layout or Layout()
+    cfg = cfg.for_dataset(dataset)  # datasets.<name>.model / .train over the global sections
     if cfg.tune.use_best:
         from mammoflow.tuned import apply_best, best_params_path
 

@@ -19,7 +19,11 @@ STUDY_PARAM_PREFIXES = ("convert.", "split.", "model.", "train.", "evaluate.", "
 
 
 def study_params(cfg: Config, dataset: str) -> dict[str, Any]:
-    """The flattened params that define a study of ``dataset`` (backbone list excluded)."""
+    """The flattened params that define a study of ``dataset`` (backbone list excluded).
+
+    The dataset's own model / train keys are applied first, so the values are those it ran with.
+    """
+    cfg = cfg.for_dataset(dataset)
     flat = cfg.flat()
     out = {
         k: v

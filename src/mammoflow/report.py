@@ -159,11 +159,74 @@ def comparison_table(rows: Sequence[Mapping[str, Any]]) -> list[list[str]]:
     return out
 
 
-def markdown(tables: Mapping[str, list[list[str]]], notes: Sequence[str] = ()) -> str:
-    """The comparison as markdown, one table per dataset."""
+#: The run params a settings line reads (MLflow parent-run params, or the resolved config).
+SETTING_KEYS = (
+    "model.weights",
+    "model.input_size",
+    "train.epochs",
+    "train.batch_size",
+    "train.learning_rate",
+    "split.k_folds",
+)
+
+
+def _one_or_each(values: Mapping[str, str]) -> str:
+    """``v`` when every backbone has the same value, else ``b1 v1, b2 v2``."""
+    if len(set(values.values())) == 1:
+        return next(iter(values.values()))
+    return ", ".join(f"{b} {v}" for b, v in values.items())
+
+
+def _size(backbone: str, value: Any) -> str:
+    from mammoflow.models.backbones import input_size_for
+
+    native = value is None or str(value).strip().lower() in ("none", "null", "")
+    return f"{input_size_for(backbone, None if native else int(value))} px"
+
+
+def settings_line(params: Mapping[str, Mapping[str, Any]]) -> str:
+    """What a dataset's runs were trained with, for the table header.
+
+    Args:
+        params: per backbone, its run params (``model.weights``, ``model.input_size``, …);
+            ``model.input_size`` None / "None" means the backbone's native size.
+
+    Returns:
+        e.g. ``weights: none, 80 px — a demo, not transfer learning; 10 epochs, batch 16,
+        lr 0.0001, 5 folds``.
+    """
+    if not params:
+        return "settings: unknown (no run params)"
+
+    def each(key: str) -> str:
+        return _one_or_each({b: str(p.get(key, "?")) for b, p in params.items()})
+
+    weights = each("model.weights")
+    sizes = _one_or_each({b: _size(b, p.get("model.input_size")) for b, p in params.items()})
+    label = ""
+    if all(str(p.get("model.weights", "")).lower() == "none" for p in params.values()):
+        label = " — a demo, not transfer learning (random initialisation)"
+    elif all(str(p.get("model.weights", "")).lower() == "imagenet" for p in params.values()):
+        label = " — ImageNet transfer learning"
+    return (
+        f"weights: {weights}, {sizes}{label}; {each('train.epochs')} epochs, "
+        f"batch {each('train.batch_size')}, lr {each('train.learning_rate')}, "
+        f"{each('split.k_folds')} folds"
+    )
+
+
+def markdown(
+    tables: Mapping[str, list[list[str]]],
+    notes: Sequence[str] = (),
+    settings: Mapping[str, str] | None = None,
+) -> str:
+    """The comparison as markdown, one table per dataset, each under its settings line."""
     lines = ["# MammoFlow comparison", ""]
     for dataset, table in tables.items():
-        lines += [f"## {dataset}", "", "| " + " | ".join(table[0]) + " |"]
+        lines += [f"## {dataset}", ""]
+        if settings and dataset in settings:
+            lines += [f"Settings used: {settings[dataset]}.", ""]
+        lines += ["| " + " | ".join(table[0]) + " |"]
         lines.append("|" + "---|" * len(table[0]))
         lines += ["| " + " | ".join(r) + " |" for r in table[1:]]
         lines.append("")
@@ -186,9 +249,12 @@ def figure_png(fig: Any) -> bytes:
 
 
 def html_report(
-    tables: Mapping[str, list[list[str]]], figures: Mapping[str, bytes], notes: Sequence[str] = ()
+    tables: Mapping[str, list[list[str]]],
+    figures: Mapping[str, bytes],
+    notes: Sequence[str] = (),
+    settings: Mapping[str, str] | None = None,
 ) -> str:
-    """A self-contained HTML page with the tables and the figures inlined."""
+    """A self-contained HTML page with the tables (each under its settings) and the figures."""
     parts = [
         "<!doctype html><html><head><meta charset='utf-8'><title>MammoFlow comparison</title>",
         "<style>body{font-family:sans-serif;margin:2em}table{border-collapse:collapse}"
@@ -196,7 +262,10 @@ def html_report(
         "td:first-child{text-align:left}</style></head><body><h1>MammoFlow comparison</h1>",
     ]
     for dataset, table in tables.items():
-        parts.append(f"<h2>{html.escape(dataset)}</h2><table><tr>")
+        parts.append(f"<h2>{html.escape(dataset)}</h2>")
+        if settings and dataset in settings:
+            parts.append(f"<p>Settings used: {html.escape(settings[dataset])}.</p>")
+        parts.append("<table><tr>")
         parts += [f"<th>{html.escape(c)}</th>" for c in table[0]]
         parts.append("</tr>")
         for row in table[1:]:
@@ -212,11 +281,12 @@ def html_report(
     return "\n".join(parts)
 
 
-def console_table(dataset: str, table: list[list[str]]) -> Any:
-    """A rich table for the terminal."""
+def console_table(dataset: str, table: list[list[str]], settings: str | None = None) -> Any:
+    """A rich table for the terminal; its title says what the runs used (``settings``)."""
     from rich.table import Table
 
-    t = Table(title=f"{dataset} — validation mean ± std (%), test [95% CI]")
+    title = f"{dataset} — validation mean ± std (%), test [95% CI]"
+    t = Table(title=f"{title}\nSettings used: {settings}" if settings else title)
     for i, col in enumerate(table[0]):
         t.add_column(col, justify="left" if i == 0 else "right")
     for row in table[1:]:

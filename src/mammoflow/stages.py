@@ -283,6 +283,22 @@ def evaluate_stage(cfg: Config, dataset: str, layout: Layout | None = None) -> d
     return out
 
 
+def _settings(cfg: Config, dataset: str, rows: list[dict[str, Any]], runs: list[Any]) -> str:
+    """The settings line of ``dataset``: its rows' MLflow run params (else the resolved config)."""
+    from mammoflow import report
+
+    by_id = {run.info.run_id: dict(run.data.params) for run in runs}
+    fallback = cfg.for_dataset(dataset).flat()
+    params: dict[str, dict[str, Any]] = {}
+    missing = False
+    for row in rows:
+        logged = row.get("params") or by_id.get(row["run_id"])
+        missing = missing or not logged
+        params[row["backbone"]] = {k: (logged or fallback).get(k) for k in report.SETTING_KEYS}
+    line = report.settings_line(params)
+    return f"{line} (params.yaml; run params not found)" if missing else line
+
+
 def compare_stage(
     cfg: Config,
     datasets: list[str] | None = None,
@@ -290,7 +306,10 @@ def compare_stage(
     *,
     write: bool = True,
 ) -> dict[str, Any]:
-    """The paper-style comparison from MLflow: reports/comparison.md and .html."""
+    """The paper-style comparison from MLflow: reports/comparison.md and .html.
+
+    Each dataset's table is headed by the settings its runs used (weights, input size, epochs).
+    """
     import json
 
     from mammoflow import report
@@ -301,6 +320,7 @@ def compare_stage(
     tracker = Tracker(root=layout.root)
     names = datasets or list(cfg.pipeline.datasets)
     tables: dict[str, list[list[str]]] = {}
+    settings: dict[str, str] = {}
     figures: dict[str, bytes] = {}
     for dataset in names:
         cfg.dataset(dataset)
@@ -315,20 +335,27 @@ def compare_stage(
         if not rows:
             continue
         tables[dataset] = report.comparison_table(rows)
+        settings[dataset] = _settings(cfg, dataset, rows, tracker.parents(dataset))
         if write:
             figures[dataset] = report.figure_png(report.comparison_figure(rows, dataset))
     if not tables:
         raise ValueError(f"no finished MLflow runs for {names!r}; run the training first")
     notes = [
         f"Split: {cfg.split.group_by}-level, test {cfg.split.test_size:.0%}, "
-        f"{cfg.split.k_folds} folds; weights: {cfg.model.weights}; epochs {cfg.train.epochs}."
+        f"{cfg.split.k_folds} folds."
     ]
     if write:
-        atomic_write_text(layout.reports() / "comparison.md", report.markdown(tables, notes))
+        md = report.markdown(tables, notes, settings)
+        atomic_write_text(layout.reports() / "comparison.md", md)
         atomic_write_text(
-            layout.reports() / "comparison.html", report.html_report(tables, figures, notes)
+            layout.reports() / "comparison.html",
+            report.html_report(tables, figures, notes, settings),
         )
-    return {"tables": tables, "markdown": str(layout.reports() / "comparison.md")}
+    return {
+        "tables": tables,
+        "settings": settings,
+        "markdown": str(layout.reports() / "comparison.md"),
+    }
 
 
 def tune_stage(
@@ -342,5 +369,5 @@ def tune_stage(
     """Optuna study of ``backbone`` on ``dataset``; best params → tuning/<dataset>-<backbone>.json."""
     from mammoflow.tune import run_tuning
 
-    cfg.dataset(dataset)
+    cfg = cfg.for_dataset(dataset)  # its own model / train keys, as the train stage uses them
     return run_tuning(cfg, dataset, backbone, n_trials, workers, layout or Layout())

@@ -117,3 +117,96 @@ def test_ingest_keys_defaults_and_bad_values() -> None:
     assert "'ingest.pseudonymize': bad value 'sha1': allowed values are 'none' or 'hmac'" in msg
     assert "'ingest.min_size': bad value 0" in msg
     assert "'ingest.accept_for_processing': bad value 'maybe'" in msg
+
+
+def test_demo_settings_live_with_the_sample_datasets() -> None:
+    """The sample datasets keep today's demo settings; mias / cmmd get the paper's."""
+    cfg = load_config(ROOT / "params.yaml")
+    assert (cfg.model.weights, cfg.model.input_size) == ("imagenet", None)
+    for name in ("sample_mias", "sample_cmmd"):
+        resolved = cfg.for_dataset(name)
+        assert (resolved.model.weights, resolved.model.input_size) == ("none", 80)
+        assert resolved.model.backbones == ["vgg16", "vgg19", "resnet50", "inception_v3"]
+        assert (resolved.model.trainable_layers, resolved.model.head_units) == (3, 512)
+        assert (resolved.train.epochs, resolved.train.batch_size) == (10, 16)
+        assert resolved.train.learning_rate == pytest.approx(1e-4)
+        assert resolved.split.k_folds == 5
+        assert resolved.for_dataset(name) == resolved  # resolving twice is resolving once
+    for name in ("mias", "cmmd"):
+        resolved = cfg.for_dataset(name)
+        assert (resolved.model.weights, resolved.model.input_size) == ("imagenet", None)
+        assert (resolved.train.epochs, resolved.train.batch_size) == (10, 16)
+        assert resolved.train.learning_rate == pytest.approx(1e-4)
+        assert resolved.split.k_folds == 5
+
+
+def test_native_sizes_for_the_real_datasets() -> None:
+    from mammoflow.models.backbones import input_size_for
+
+    cfg = load_config(ROOT / "params.yaml").for_dataset("mias")
+    sizes = {b: input_size_for(b, cfg.model.input_size) for b in cfg.model.backbones}
+    assert sizes == {"vgg16": 224, "vgg19": 224, "resnet50": 224, "inception_v3": 299}
+
+
+def test_study_params_are_the_resolved_ones() -> None:
+    """MLflow params (and the resume key) hold what each dataset actually ran with."""
+    from mammoflow.provenance import study_params
+
+    cfg = load_config(ROOT / "params.yaml")
+    demo = study_params(cfg, "sample_mias")
+    assert (demo["model.weights"], demo["model.input_size"]) == ("none", 80)
+    real = study_params(cfg, "mias")
+    assert (real["model.weights"], real["model.input_size"]) == ("imagenet", None)
+    assert not any(k.startswith("datasets.") for k in demo)
+
+
+@pytest.mark.parametrize(
+    ("section", "key", "value", "expected"),
+    [
+        ("model", "input_size", 10, r"'datasets\.sample_mias\.model\.input_size': bad value 10"),
+        ("model", "weights", None, r"'datasets\.sample_mias\.model\.weights': bad value None"),
+        ("model", "dropuot", 0.2, r"unknown key 'datasets\.sample_mias\.model\.dropuot'"),
+        (
+            "model",
+            "backbones",
+            ["vgg16"],
+            r"'datasets\.sample_mias\.model\.backbones'.*model\.backbones",
+        ),
+        ("train", "epochs", 0, r"'datasets\.sample_mias\.train\.epochs': bad value 0"),
+        (
+            "train",
+            "precision",
+            "fp8",
+            r"'datasets\.sample_mias\.train\.precision': bad value 'fp8'",
+        ),
+    ],
+)
+def test_bad_dataset_override_is_named(
+    section: str, key: str, value: object, expected: str
+) -> None:
+    raw = _raw()
+    raw["datasets"]["sample_mias"].setdefault(section, {})[key] = value
+    with pytest.raises(ConfigError, match=expected):
+        parse_config(raw)
+
+
+def test_override_keeps_only_the_keys_written() -> None:
+    raw = _raw()
+    raw["datasets"]["mias"]["model"] = {"input_size": None}  # native, explicitly
+    raw["datasets"]["mias"]["train"] = {"epochs": 2}
+    cfg = parse_config(raw)
+    dumped = cfg.model_dump(mode="json", by_alias=True)["datasets"]["mias"]
+    assert dumped["model"] == {"input_size": None} and dumped["train"] == {"epochs": 2}
+    assert parse_config(cfg.model_dump(mode="json", by_alias=True)) == cfg  # round trip
+    resolved = cfg.for_dataset("mias")
+    assert resolved.train.epochs == 2 and resolved.model.weights == "imagenet"
+    assert cfg.for_dataset("sample_mias").train.epochs == 10
+
+
+def test_options_set_after_resolution_win() -> None:
+    cfg = load_config(ROOT / "params.yaml").for_dataset("sample_mias")
+    opt = cfg.with_overrides({"model.input_size": 96, "train.epochs": 1})
+    assert opt.for_dataset("sample_mias").model.input_size == 96
+    assert opt.for_dataset("sample_mias").train.epochs == 1
+    with pytest.raises(ConfigError, match=r"'train\.epochs': bad value 0"):
+        cfg.with_overrides({"train.epochs": 0})

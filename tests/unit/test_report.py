@@ -130,3 +130,50 @@ def test_finite_makes_strict_json() -> None:
 def test_table_handles_missing_values(bad: float) -> None:
     row = _row("vgg19", bad)
     assert report.comparison_table([row])[1][4] == "– ± 10.0"
+
+
+def _params(weights: str, size: str, epochs: str = "10") -> dict[str, str]:
+    """Parent-run params as MLflow stores them (strings; a null size is 'None')."""
+    return {
+        "model.weights": weights,
+        "model.input_size": size,
+        "train.epochs": epochs,
+        "train.batch_size": "16",
+        "train.learning_rate": "0.0001",
+        "split.k_folds": "5",
+    }
+
+
+def test_settings_line_labels_the_demo() -> None:
+    line = report.settings_line({"vgg16": _params("none", "80"), "resnet50": _params("none", "80")})
+    assert line.startswith("weights: none, 80 px — a demo, not transfer learning")
+    assert "10 epochs, batch 16, lr 0.0001, 5 folds" in line
+
+
+def test_settings_line_native_sizes_per_backbone() -> None:
+    line = report.settings_line(
+        {"vgg16": _params("imagenet", "None"), "inception_v3": _params("imagenet", "None")}
+    )
+    assert line.startswith("weights: imagenet, vgg16 224 px, inception_v3 299 px — ImageNet")
+    one = report.settings_line({"vgg16": _params("none", "None", epochs="1")})
+    assert one.startswith("weights: none, 224 px — a demo, not transfer learning")
+    assert "1 epochs" in one
+    mixed = report.settings_line(
+        {"vgg16": _params("none", "80"), "vgg19": _params("imagenet", "80")}
+    )
+    assert "weights: vgg16 none, vgg19 imagenet, 80 px;" in mixed
+    assert "transfer" not in mixed
+
+
+def test_reports_carry_the_settings_in_each_header() -> None:
+    tables = {"sample_mias": report.comparison_table([_row("vgg16", 0.75)])}
+    settings = {"sample_mias": report.settings_line({"vgg16": _params("none", "80")})}
+    md = report.markdown(tables, ["note"], settings)
+    head = md.split("| Backbone")[0]
+    assert "## sample_mias" in head and "Settings used: weights: none, 80 px — a demo" in head
+    page = report.html_report(tables, {}, ["note"], settings)
+    assert page.index("Settings used: weights: none, 80 px") < page.index("<table>")
+    title = report.console_table(
+        "sample_mias", tables["sample_mias"], settings["sample_mias"]
+    ).title
+    assert "weights: none, 80 px — a demo, not transfer learning" in str(title)
