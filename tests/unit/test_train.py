@@ -191,3 +191,35 @@ def test_fold_task_independent_of_trainer_reuse(dataset: tuple) -> None:
     )
     np.testing.assert_allclose(shared[1].history["loss"], fresh.history["loss"], rtol=1e-6)
     np.testing.assert_allclose(shared[1].val_prob, fresh.val_prob, rtol=1e-5, atol=1e-6)
+
+
+def test_ensemble_model_is_the_mean_of_the_fold_models(dataset: tuple, tmp_path: Path) -> None:
+    """The registered ensemble: one prefix, K tails + heads, averaged; loads as stock Keras."""
+    import keras
+
+    from mammoflow.train import tail_head_from_weights
+
+    root, frame, splits = dataset
+    bb = build.load_backbone("vgg16", trainable_layers=2, input_size=32)
+    feats = cached_features(frame, bb, dataset="synthetic", cache_dir=root / "cache")
+    results = train_folds(feats, splits, bb, model_cfg=MODEL, train_cfg=TRAIN, n_classes=3)
+    heads = [
+        tail_head_from_weights(bb, r.weights, model_cfg=MODEL, n_classes=3, name=f"fold_{r.fold}")
+        for r in results
+    ]
+    ensemble = build.ensemble_model(bb, heads)
+    x = np.random.default_rng(0).uniform(0, 255, (3, 40, 50, 1)).astype(np.float32)
+    singles = [build.full_model(bb, h).predict(x, verbose=0) for h in heads]
+    np.testing.assert_allclose(ensemble.predict(x, verbose=0), np.mean(singles, axis=0), atol=1e-5)
+    path = tmp_path / "ensemble.keras"
+    ensemble.save(path)
+    loaded = keras.models.load_model(path)  # no custom objects needed
+    np.testing.assert_allclose(loaded.predict(x, verbose=0), np.mean(singles, axis=0), atol=1e-5)
+    # fold models' test predictions averaged = the ensemble's, on cached features
+    head = build.ensemble_head(bb, heads)
+    test_x = feats.rows(results[0].val_ids)
+    np.testing.assert_allclose(
+        head.predict(test_x, verbose=0),
+        np.mean([h.predict(test_x, verbose=0) for h in heads], axis=0),
+        atol=1e-5,
+    )
