@@ -57,7 +57,9 @@ def _params() -> dict[str, Any]:
     raw["sample"].update({"mias_patients": 12, "size": 64})
     raw["convert"].update({"size": 64, "workers": 1})
     raw["split"].update({"k_folds": 3, "test_size": 0.2})
-    raw["model"].update({"backbones": [BACKBONE], "input_size": 32})
+    raw["model"].update({"backbones": [BACKBONE], "input_size": 32, "weights": "none"})
+    for ds in raw["datasets"].values():  # the demo's own 80 px would win
+        ds.pop("model", None)
     raw["train"].update({"epochs": 2, "batch_size": 8, "precision": "float32"})
     raw["tune"].update(
         {
