@@ -177,8 +177,9 @@ def extractor(bb: BackboneModel) -> Any:
     forward: Any = bb.compiled.get("extract")
     if forward is None:
         model = extraction_model(bb)
+        size = bb.input_size
 
-        @tf.function(reduce_retracing=True)
+        @tf.function(input_signature=[tf.TensorSpec([None, size, size, 1], tf.float32)])
         def forward(x: Any) -> Any:
             return tf.cast(model(x, training=False), tf.float32)
 
