@@ -443,6 +443,24 @@ def apply_overrides(raw: dict[str, Any], overrides: Mapping[str, Any]) -> dict[s
     return out
 
 
+def parse_assignments(items: list[str], option: str = "--set") -> dict[str, Any]:
+    """``["train.epochs=1", "model.backbones=[vgg16]"]`` → dotted overrides (values in YAML).
+
+    Raises:
+        ConfigError: an item without ``=`` or a key, or a value that is not valid YAML.
+    """
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"{option} {item!r}: expected KEY=VALUE, e.g. train.epochs=1")
+        try:
+            out[key.strip()] = yaml.safe_load(value)
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{option} {item!r}: the value is not valid YAML: {exc}") from None
+    return out
+
+
 def load_config(
     path: Path | str = DEFAULT_PARAMS, overrides: Mapping[str, Any] | None = None
 ) -> Config:

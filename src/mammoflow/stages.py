@@ -7,7 +7,7 @@ dataset name and a :class:`Layout`, does the I/O, and returns a small summary di
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -305,8 +305,9 @@ def compare_stage(
     layout: Layout | None = None,
     *,
     write: bool = True,
+    name: str = "comparison",
 ) -> dict[str, Any]:
-    """The paper-style comparison from MLflow: reports/comparison.md and .html.
+    """The paper-style comparison from MLflow: reports/<name>.md and .html.
 
     Each dataset's table is headed by the settings its runs used (weights, input size, epochs).
     """
@@ -344,18 +345,11 @@ def compare_stage(
         f"Split: {cfg.split.group_by}-level, test {cfg.split.test_size:.0%}, "
         f"{cfg.split.k_folds} folds."
     ]
+    md, page = layout.reports() / f"{name}.md", layout.reports() / f"{name}.html"
     if write:
-        md = report.markdown(tables, notes, settings)
-        atomic_write_text(layout.reports() / "comparison.md", md)
-        atomic_write_text(
-            layout.reports() / "comparison.html",
-            report.html_report(tables, figures, notes, settings),
-        )
-    return {
-        "tables": tables,
-        "settings": settings,
-        "markdown": str(layout.reports() / "comparison.md"),
-    }
+        atomic_write_text(md, report.markdown(tables, notes, settings))
+        atomic_write_text(page, report.html_report(tables, figures, notes, settings))
+    return {"tables": tables, "settings": settings, "markdown": str(md), "html": str(page)}
 
 
 def tune_stage(
@@ -371,3 +365,81 @@ def tune_stage(
 
     cfg = cfg.for_dataset(dataset)  # its own model / train keys, as the train stage uses them
     return run_tuning(cfg, dataset, backbone, n_trials, workers, layout or Layout())
+
+
+def check_weights(cfg: Config, dataset: str, hint: str | None = None) -> dict[str, str]:
+    """Resolve ``model.weights`` of ``dataset`` for every backbone now, before any long work.
+
+    Args:
+        cfg: the configuration (the dataset's own model keys are applied here).
+        dataset: the dataset about to be studied.
+        hint: how to run without ImageNet weights on purpose, for the error message.
+
+    Returns:
+        backbone → weights source (``imagenet``, ``file`` or ``none``).
+
+    Raises:
+        WeightsError: listing every missing file and the folder it belongs in, plus ``hint``.
+    """
+    from mammoflow.models.weights import WeightsError, resolve_weights
+
+    cfg = cfg.for_dataset(dataset)
+    sources: dict[str, str] = {}
+    missing: list[str] = []
+    for backbone in cfg.model.backbones:
+        try:
+            sources[backbone] = resolve_weights(backbone, cfg.model.weights).source
+        except WeightsError as exc:
+            missing.append(str(exc))
+    if missing:
+        lines = "\n  - ".join(missing)
+        raise WeightsError(
+            f"{dataset}: weights missing:\n  - {lines}" + (f"\n{hint}" if hint else "")
+        )
+    return sources
+
+
+def study_stage(
+    cfg: Config,
+    dataset: str,
+    layout: Layout | None = None,
+    *,
+    progress: bool = False,
+    on_step: Callable[[str, dict[str, Any]], None] | None = None,
+    hint: str | None = None,
+) -> dict[str, Any]:
+    """The whole study of one dataset: acquire → ingest → validate → convert → split → train
+    each backbone → evaluate → compare, with the dataset's own settings (the paper's for the
+    real datasets).
+
+    The weights are resolved first (:func:`check_weights`), so a missing ImageNet file stops the
+    study before any data is touched.
+
+    Args:
+        cfg: the configuration; options given on the command line are already applied.
+        dataset: the dataset to study (a key of ``datasets``).
+        layout: project layout.
+        progress: progress bars and per-epoch ETA lines.
+        on_step: called with each step's name and summary as it ends.
+        hint: how to run without ImageNet weights, for the missing-weights error.
+
+    Returns:
+        The comparison (``tables``, ``settings``), also written to reports/study-<dataset>.md
+        and .html (reports/comparison.* stay the pipeline's).
+    """
+    layout = layout or Layout()
+    cfg = cfg.for_dataset(dataset)
+    report = on_step or (lambda _name, _summary: None)
+    report("weights", {"dataset": dataset, "weights": check_weights(cfg, dataset, hint)})
+    for name, step in (
+        ("acquire", acquire_stage),
+        ("ingest", ingest_stage),
+        ("validate", validate_stage),
+    ):
+        report(name, step(cfg, dataset, layout))
+    report("convert", convert_stage(cfg, dataset, layout, progress=progress))
+    report("split", split_stage(cfg, dataset, layout))
+    for backbone in cfg.model.backbones:
+        report("train", train_stage(cfg, dataset, backbone, layout, progress=progress))
+    report("evaluate", evaluate_stage(cfg, dataset, layout))
+    return compare_stage(cfg, [dataset], layout, name=f"study-{dataset}")

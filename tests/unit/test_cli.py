@@ -102,3 +102,44 @@ def test_ingest_hints_and_exit_codes_per_interface(project: Path) -> None:
     assert result.exit_code == 2
     assert "set ingest.on_bad_file: quarantine in params.yaml" in " ".join(result.output.split())
     assert "--on-bad-file" not in result.output
+
+
+def test_study_offline_without_imagenet_stops_at_once(
+    project: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No ImageNet file and no network: the files, the folder and `--weights none`, nothing run."""
+    from mammoflow.models import weights
+
+    def offline(backbone: str, keras_home: Path) -> Path:
+        raise OSError("Name or service not known")
+
+    monkeypatch.setattr(weights, "_download", offline)
+    monkeypatch.setenv("KERAS_HOME", str(tmp_path / "keras"))
+    result = runner.invoke(app, ["study", "--dataset", "mias", "--backbone", "vgg16"])
+    assert result.exit_code == 2, result.output
+    out = " ".join(result.output.split())
+    assert "vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5" in out
+    assert str(tmp_path / "keras" / "models") in out
+    assert "mammoflow study --dataset mias --weights none" in out
+    assert "Traceback" not in result.output
+    assert not (project / "data").exists()  # stopped before acquire
+
+
+def test_study_options_over_the_dataset_settings(project: Path) -> None:
+    from mammoflow.cli import _study_config
+
+    params = project / "params.yaml"
+    cfg = _study_config(params, "mias", None, [], [])
+    assert (cfg.model.weights, cfg.model.input_size) == ("imagenet", None)
+    cfg = _study_config(
+        params, "sample_mias", "none", ["vgg16"], ["train.epochs=1", "model.input_size=96"]
+    )
+    assert cfg.model.backbones == ["vgg16"] and cfg.train.epochs == 1
+    assert (cfg.model.weights, cfg.model.input_size) == ("none", 96)  # options beat the dataset's
+    assert cfg.for_dataset("sample_mias").model.input_size == 96
+    result = runner.invoke(app, ["study", "--dataset", "mias", "--set", "train.epochs=0"])
+    assert result.exit_code == 2 and "'train.epochs': bad value 0" in result.output
+    result = runner.invoke(app, ["study", "--dataset", "mias", "--set", "epochs"])
+    assert result.exit_code == 2 and "expected KEY=VALUE" in result.output
+    result = runner.invoke(app, ["study", "--dataset", "nope"])
+    assert result.exit_code == 2 and "unknown dataset 'nope'" in result.output
