@@ -1,4 +1,4 @@
-"""Raw → PNG conversion: geometry, PNG formats, determinism, incremental runs, failures."""
+"""Raw → PNG conversion: breast crop, PNG formats, determinism, incremental runs, failures."""
 
 from __future__ import annotations
 
@@ -10,7 +10,6 @@ import pytest
 from PIL import Image
 
 from mammoflow.config import ConvertConfig
-from mammoflow.data import geometry
 from mammoflow.data.convert import (
     STATE_NAME,
     ConvertError,
@@ -91,34 +90,7 @@ def make_manifest(tmp: Path, n: int = 3, shape: tuple[int, int] = (80, 60)) -> p
 CFG = ConvertConfig(size=32, workers=1)
 
 
-# ---------------------------------------------------------------- geometry (pure)
-
-
-def test_letterbox_keeps_aspect_and_pads_black() -> None:
-    img = np.ones((100, 50), np.float32)
-    out = geometry.letterbox(img, 64)
-    assert out.shape == (64, 64)
-    cols = np.nonzero(out.max(axis=0) > 0.5)[0]
-    assert out[:, :16].max() == 0 and out[:, 48:].max() == 0  # black side bars
-    assert (cols.min(), cols.max()) == (16, 47)  # 32 columns wide: aspect 2:1 kept
-    assert np.allclose(out[:, 17:47], 1.0, atol=1e-3)
-    assert geometry.fit_size(1024, 700, 512) == (512, 350)
-
-
-def test_resize_is_antialiased() -> None:
-    checker = (np.indices((256, 256)).sum(axis=0) % 2).astype(np.float32)
-    small = geometry.resize_to_fit(checker, 32)
-    assert np.allclose(small, 0.5, atol=0.05)  # no aliasing moiré
-
-
-def test_breast_bbox_finds_the_largest_region() -> None:
-    img = np.zeros((200, 150), np.float32)
-    img[40:160, 0:90] = 0.6
-    img[5:9, 140:146] = 1.0  # label
-    top, left, bottom, right = geometry.breast_bbox(img, margin=0.0)
-    assert abs(top - 40) <= 2 and abs(bottom - 160) <= 2
-    assert left == 0 and abs(right - 90) <= 2
-    assert geometry.breast_bbox(np.zeros((10, 10), np.float32)) == (0, 0, 10, 10)
+# ---------------------------------------------------------------- prepare_image
 
 
 def test_crop_to_breast_fills_more_of_the_square() -> None:

@@ -21,7 +21,6 @@ from pydicom.uid import (
     generate_uid,
 )
 
-from mammoflow.data import transforms
 from mammoflow.data.dicom import (
     Acceptance,
     DicomError,
@@ -89,43 +88,6 @@ def _write(tmp_path: Path, ds: Dataset, name: str = "x.dcm") -> Path:
     else:
         pydicom.dcmwrite(path, ds, enforce_file_format=True)
     return path
-
-
-# ------------------------------------------------------------------ pure transforms
-
-
-def test_invert() -> None:
-    np.testing.assert_allclose(transforms.invert(np.array([0.0, 0.25, 1.0])), [1.0, 0.75, 0.0])
-    assert transforms.invert(np.zeros(2)).dtype == np.float32
-
-
-def test_window_linear_matches_dicom_formula() -> None:
-    x = np.array([0.0, 75.0, 100.0, 124.0, 200.0])
-    out = transforms.window(x, center=100, width=50)
-    expected = np.clip((x - 99.5) / 49 + 0.5, 0, 1)
-    np.testing.assert_allclose(out, expected, rtol=1e-6)
-    assert out[0] == 0.0 and out[-1] == 1.0
-    exact = transforms.window(np.array([75.0, 100.0, 125.0]), 100, 50, "LINEAR_EXACT")
-    np.testing.assert_allclose(exact, [0.0, 0.5, 1.0])
-    sigmoid = transforms.window(np.array([100.0, -1e9, 1e9]), 100, 50, "sigmoid")
-    np.testing.assert_allclose(sigmoid, [0.5, 0.0, 1.0], atol=1e-6)
-
-
-def test_window_rejects_bad_values() -> None:
-    with pytest.raises(ValueError, match=r"Window Width 0.5 must be >= 1 for the LINEAR"):
-        transforms.window(np.zeros(2), 0, 0.5)
-    with pytest.raises(ValueError, match=r"unknown VOI LUT Function 'GAMMA'"):
-        transforms.window(np.zeros(2), 0, 10, "GAMMA")
-
-
-def test_minmax_over_breast_ignores_background() -> None:
-    arr = np.array([[0.0, 0.0, 100.0, 150.0, 200.0]])
-    np.testing.assert_allclose(transforms.minmax_over_breast(arr), [[0, 0, 0, 0.5, 1.0]])
-    high = np.array([[1000.0, 1000.0, 100.0, 150.0, 200.0]])  # raw MONOCHROME1: air is high
-    np.testing.assert_allclose(transforms.minmax_over_breast(high, "high"), [[1, 1, 0, 0.5, 1.0]])
-    assert transforms.minmax_over_breast(np.full((2, 2), 7.0)).tolist() == [[0, 0], [0, 0]]
-    mask = transforms.breast_mask(arr)
-    assert mask.tolist() == [[False, False, True, True, True]]
 
 
 # ------------------------------------------------------------------ read_dicom

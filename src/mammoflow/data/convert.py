@@ -38,7 +38,7 @@ from numpy.typing import NDArray
 from PIL import Image
 
 from mammoflow.config import ConvertConfig
-from mammoflow.data import geometry
+from mammoflow.data import images
 from mammoflow.data.manifest import MANIFEST_NAME, check, read_manifest, write_manifest
 from mammoflow.io import atomic_write_bytes, atomic_write_json, sha256_bytes, sha256_file
 
@@ -147,12 +147,12 @@ def prepare_image(
         img: 2-D float image in [0, 1].
         size: side of the square output.
         bit_depth: 8 or 16.
-        crop_to_breast: crop to :func:`geometry.breast_bbox` first.
+        crop_to_breast: crop to :func:`images.breast_bbox` first.
     """
     data = np.asarray(img, dtype=np.float32)
     if crop_to_breast:
-        data = geometry.crop(data, geometry.breast_bbox(data))
-    return geometry.quantize(geometry.letterbox(data, size), bit_depth)
+        data = images.crop(data, images.breast_bbox(data))
+    return images.quantize(images.letterbox(data, size), bit_depth)
 
 
 def encode_png(pixels: NDArray[np.uint8] | NDArray[np.uint16]) -> bytes:
@@ -235,10 +235,10 @@ def _load_state(path: Path) -> dict[str, dict[str, Any]]:
         return {}
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
-        images = data["images"]
-        if not isinstance(images, dict):
+        entries = data["images"]
+        if not isinstance(entries, dict):
             raise TypeError("'images' is not an object")
-        return {str(k): dict(v) for k, v in images.items()}
+        return {str(k): dict(v) for k, v in entries.items()}
     except (ValueError, KeyError, TypeError, AttributeError):
         # An unreadable state only costs a full re-conversion; it is rewritten below.
         return {}

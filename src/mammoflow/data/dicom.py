@@ -31,7 +31,7 @@ from pydicom.errors import InvalidDicomError
 from pydicom.pixels import apply_modality_lut, apply_voi_lut
 from pydicom.uid import UID
 
-from mammoflow.data import transforms
+from mammoflow.data import images
 
 VoiPath = Literal["lut", "window", "minmax"]
 
@@ -297,7 +297,7 @@ def to_unit_range(
             if np.issubdtype(modality.dtype, np.integer)
             else np.rint(values).astype(np.int64)
         )
-        out = transforms.normalise_lut_output(
+        out = images.normalise_lut_output(
             apply_voi_lut(lut_input, ds, index=0, prefer_lut=True), _lut_entries(item)
         )
         voi = "lut"
@@ -305,7 +305,7 @@ def to_unit_range(
         center, width = _first(ds.WindowCenter), _first(ds.WindowWidth)
         function = str(ds.get("VOILUTFunction", "") or "LINEAR")
         try:
-            out = transforms.window(values, center, width, function)
+            out = images.window(values, center, width, function)
         except ValueError as exc:
             raise DicomError(
                 f"{name}: invalid windowing (Window Center {center}, Window Width {width}, "
@@ -313,11 +313,11 @@ def to_unit_range(
             ) from None
         voi = "window"
     else:
-        background: Literal["low", "high"] = "high" if photometric == "MONOCHROME1" else "low"
-        out = transforms.minmax_over_breast(values, background=background)
+        background: images.Background = "high" if photometric == "MONOCHROME1" else "low"
+        out = images.minmax_over_breast(values, background=background)
         voi = "minmax"
     if photometric == "MONOCHROME1":
-        out = transforms.invert(out)
+        out = images.invert(out)
     return np.asarray(out, dtype=np.float32), voi
 
 
