@@ -267,15 +267,3 @@ def confusion_rows(
         {"actual": class_names[int(a)], "predicted": class_names[int(b)]}
         for a, b in zip(np.asarray(y_true).ravel(), np.asarray(y_pred).ravel(), strict=True)
     ]
-
-
-def confusion_matrix_rows(
-    y_true: np.ndarray, y_pred: np.ndarray, class_names: Sequence[str]
-) -> list[dict[str, str | int]]:
-    """Confusion-matrix cells ``{"actual", "predicted", "count"}`` (every cell, zeros included)."""
-    cm = confusion_matrix(y_true, y_pred, len(class_names))
-    return [
-        {"actual": a, "predicted": b, "count": int(cm[i, j])}
-        for i, a in enumerate(class_names)
-        for j, b in enumerate(class_names)
-    ]

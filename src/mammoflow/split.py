@@ -14,7 +14,7 @@ the fold (1..k) in which the row is *validation*, and -1 for test rows.
 from __future__ import annotations
 
 import io
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Literal
 
@@ -210,8 +210,3 @@ def fold_summary(splits: pd.DataFrame) -> dict[str, dict[int, int]]:
             int(str(k)): int(v) for k, v in part["label_index"].value_counts().sort_index().items()
         }
     return out
-
-
-def folds_of(splits: pd.DataFrame) -> Sequence[int]:
-    """The CV fold numbers present, sorted."""
-    return sorted(int(f) for f in splits.loc[splits["split"] == "cv", "fold"].unique())

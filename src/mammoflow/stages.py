@@ -167,11 +167,6 @@ def convert_stage(
     }
 
 
-def processed_manifest(dataset: str, layout: Layout | None = None) -> Path:
-    """Path of the converted manifest of ``dataset``."""
-    return (layout or Layout()).processed(dataset) / "manifest.parquet"
-
-
 def split_stage(cfg: Config, dataset: str, layout: Layout | None = None) -> dict[str, Any]:
     """Held-out test set + stratified K folds, grouped by patient; written to data/splits."""
     from mammoflow.data.manifest import read_manifest

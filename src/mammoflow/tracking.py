@@ -504,11 +504,6 @@ class Tracker:
 
     # ------------------------------------------------------------------ reading back
 
-    def run_metrics(self, run_id: str) -> dict[str, float]:
-        """The latest value of every metric of a run."""
-        with self.timed():
-            return dict(self._client.get_run(run_id).data.metrics)
-
     def load_json_artifact(self, run_id: str, path: str) -> Any:
         """Download and parse a JSON artifact of a run."""
         from mlflow.artifacts import download_artifacts

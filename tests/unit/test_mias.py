@@ -16,9 +16,7 @@ import pytest
 from mammoflow.data.ingest import IngestError
 from mammoflow.data.manifest import COLUMNS, read_manifest
 from mammoflow.data.mias import (
-    InfoError,
     ingest_mias,
-    parse_info,
     parse_info_lenient,
     patient_of,
 )
@@ -107,7 +105,8 @@ def _assert_untouched(prior: tuple[Path, bytes, bytes]) -> None:
 
 def test_parse_info_grammar_and_malignant_wins() -> None:
     text = _info([*ROWS, "mdb005 D CALC M *NOTE 3* "])
-    images = parse_info(text)
+    images, problems = parse_info_lenient(text)
+    assert problems == []
     assert sorted(images) == ["mdb001", "mdb002", "mdb003", "mdb004", "mdb005"]
     assert {k: v.label for k, v in images.items()} == {
         "mdb001": "benign",
@@ -128,13 +127,13 @@ def test_parse_info_grammar_and_malignant_wins() -> None:
 
 def test_unknown_class_names_line_and_value() -> None:
     text = _info(["mdb001 G CIRX B 4 5 2", "mdb002 D NORM"])
-    with pytest.raises(InfoError) as err:
-        parse_info(text)
+    images, problems = parse_info_lenient(text)
+    assert sorted(images) == ["mdb002"]
     line = _line(text, "mdb001")
-    assert str(err.value) == (
+    assert [p.message for p in problems] == [
         f"Info.txt line {line}: unknown class code 'CIRX' in row 'mdb001 G CIRX B 4 5 2'; "
         "expected one of ARCH, ASYM, CALC, CIRC, MISC, NORM, SPIC"
-    )
+    ]
 
 
 @pytest.mark.parametrize(
@@ -167,9 +166,9 @@ def test_unknown_class_names_line_and_value() -> None:
 )
 def test_bad_rows(row: str, message: str) -> None:
     text = _info([row])
-    with pytest.raises(InfoError) as err:
-        parse_info(text, "I.txt")
-    assert str(err.value) == f"I.txt line {_line(text, 'mdb001')}: {message}"
+    images, problems = parse_info_lenient(text, "I.txt")
+    assert images == {}
+    assert [p.message for p in problems] == [f"I.txt line {_line(text, 'mdb001')}: {message}"]
 
 
 def test_duplicates_in_info() -> None:
@@ -187,9 +186,11 @@ def test_duplicates_in_info() -> None:
     ]
 
 
-def test_prose_only_is_an_error() -> None:
-    with pytest.raises(InfoError, match=r"no data rows"):
-        parse_info(PROSE)
+def test_prose_only_is_an_error(tmp_path: Path) -> None:
+    assert parse_info_lenient(PROSE) == ({}, [])
+    folder = _folder(tmp_path / "prose", rows=[], images=(1,))
+    with pytest.raises(IngestError, match=r"Info.txt: no data rows \('mdbNNN BG CLASS ...'\)"):
+        ingest_mias(folder, tmp_path / "out")
 
 
 def test_patient_pairs() -> None:

@@ -102,9 +102,8 @@ def test_full_model_matches_feature_path_and_roundtrips(tmp_path: Path) -> None:
     head = build.trainable_tail_and_head(bb, 3, head_units=8)
     full = build.full_model(bb, head)
     x = np.random.default_rng(1).uniform(0, 255, (3, 48, 48, 1)).astype("float32")
-    via_features = head.predict(
-        bb.prefix.predict(build.preprocessing_model(bb).predict(x, verbose=0), verbose=0), verbose=0
-    )
+    resized = keras.layers.Resizing(bb.input_size, bb.input_size, dtype="float32")(x)
+    via_features = head.predict(build.extraction_model(bb).predict(resized, verbose=0), verbose=0)
     np.testing.assert_allclose(full.predict(x, verbose=0), via_features, rtol=1e-5, atol=1e-6)
     path = tmp_path / "full.keras"
     full.save(path)

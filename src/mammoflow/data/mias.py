@@ -263,22 +263,6 @@ def parse_info_lenient(
     return images, problems
 
 
-def parse_info(text: str, name: str = INFO_NAME) -> dict[str, MiasImageInfo]:
-    """Parse Info.txt strictly: image ID → :class:`MiasImageInfo`.
-
-    Raises:
-        InfoError: listing every bad row (line number and value), or no data rows at all.
-    """
-    images, problems = parse_info_lenient(text, name)
-    if problems:
-        raise InfoError("\n".join(p.message for p in problems))
-    if not images:
-        raise InfoError(
-            f"{name}: no data rows ('mdbNNN BG CLASS ...') found; is this the MIAS Info.txt?"
-        )
-    return images
-
-
 def patient_of(image_id: str) -> tuple[str, str]:
     """Pseudonymous patient ID and laterality of a MIAS film (odd → R, even → L)."""
     number = int(image_id[3:])

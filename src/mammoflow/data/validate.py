@@ -24,8 +24,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import pandas as pd
 
-from mammoflow.config import ValidateConfig
-from mammoflow.data.manifest import CLASSES, COLUMNS, read_manifest
+from mammoflow.data.manifest import CLASSES, COLUMNS
 from mammoflow.io import atomic_write_json, sha256_file
 
 if TYPE_CHECKING:
@@ -625,16 +624,3 @@ def validate_manifest(
     if fail_on_error and not success:
         raise ValidationFailed(report)
     return report
-
-
-def validate_manifest_file(
-    manifest_path: Path, kind: str, dataset: str, reports_dir: Path, cfg: ValidateConfig
-) -> ValidationReport:
-    """Read a manifest parquet file (or its directory) and validate it."""
-    return validate_manifest(
-        read_manifest(Path(manifest_path)),
-        kind,
-        reports_dir,
-        dataset,
-        fail_on_error=cfg.fail_on_error,
-    )

@@ -180,11 +180,6 @@ def grey_preprocess(name: str, x: Any) -> Any:
     )(rgb)
 
 
-def custom_objects() -> dict[str, type]:
-    """Custom layers needed to load a saved full model: none (stock Keras layers only)."""
-    return {}
-
-
 def _is_batchnorm(layer: Any) -> bool:
     import keras
 
@@ -311,16 +306,6 @@ def seeded_init(model: Any, seed: int) -> None:
         var.assign(value.astype(np.float32))
 
 
-def frozen_prefix(base: Any, trainable_layers: int) -> Any:
-    """The frozen model ``base.input → output of the cut layer`` (shares layers with ``base``)."""
-    import keras
-
-    plan = plan_cut(base, trainable_layers)
-    prefix = keras.Model(base.input, base.layers[plan.cut_index].output, name=f"{base.name}_prefix")
-    prefix.trainable = False
-    return prefix
-
-
 def load_backbone(
     name: str,
     *,
@@ -439,31 +424,6 @@ def trainable_tail_and_head(
             name="predictions",
         )(x)
     return keras.Model(features, out, name=name or f"{bb.name}_tail_head")
-
-
-def compile_model(model: Any, learning_rate: float, momentum: float) -> Any:
-    """Compile with SGD(learning_rate, momentum) and categorical cross-entropy (+ accuracy)."""
-    import keras
-
-    model.compile(
-        optimizer=keras.optimizers.SGD(learning_rate=learning_rate, momentum=momentum),
-        loss="categorical_crossentropy",
-        metrics=["accuracy"],
-    )
-    return model
-
-
-def preprocessing_model(bb: BackboneModel, *, resize: bool = True) -> Any:
-    """``grey (any size, [0, 255]) → Resizing → 3 channels → preprocess_input`` as a Keras model."""
-    import keras
-
-    shape = (None, None, 1) if resize else (bb.input_size, bb.input_size, 1)
-    inp = keras.Input(shape=shape, name="image")
-    x = inp
-    if resize:
-        x = keras.layers.Resizing(bb.input_size, bb.input_size, dtype="float32", name="resize")(x)
-    x = grey_preprocess(bb.name, x)
-    return keras.Model(inp, x, name=f"{bb.name}_preprocess")
 
 
 def extraction_model(bb: BackboneModel) -> Any:
