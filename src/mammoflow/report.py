@@ -192,8 +192,8 @@ def settings_line(params: Mapping[str, Mapping[str, Any]]) -> str:
             ``model.input_size`` None / "None" means the backbone's native size.
 
     Returns:
-        e.g. ``weights: none, 80 px — a demo, not transfer learning; 10 epochs, batch 16,
-        lr 0.0001, 5 folds``.
+        e.g. ``weights: none, 80 px — a demo, not transfer learning (random initialisation);
+        epochs 10, batch 16, lr 0.0001, folds 5``.
     """
     if not params:
         return "settings: unknown (no run params)"
@@ -209,9 +209,9 @@ def settings_line(params: Mapping[str, Mapping[str, Any]]) -> str:
     elif all(str(p.get("model.weights", "")).lower() == "imagenet" for p in params.values()):
         label = " — ImageNet transfer learning"
     return (
-        f"weights: {weights}, {sizes}{label}; {each('train.epochs')} epochs, "
+        f"weights: {weights}, {sizes}{label}; epochs {each('train.epochs')}, "
         f"batch {each('train.batch_size')}, lr {each('train.learning_rate')}, "
-        f"{each('split.k_folds')} folds"
+        f"folds {each('split.k_folds')}"
     )
 
 
