@@ -147,10 +147,17 @@ def validate_stage(cfg: Config, dataset: str, layout: Layout | None = None) -> d
 def convert_stage(
     cfg: Config, dataset: str, layout: Layout | None = None, progress: bool = True
 ) -> dict[str, Any]:
-    """Convert every ingested image to a padded PNG under ``data/processed/<dataset>``."""
-    from mammoflow.data.convert import convert_dataset
+    """Convert every ingested image to a padded PNG under ``data/processed/<dataset>``.
 
-    cfg.dataset(dataset)
+    Then checks every PNG against the converted manifest (present, readable, square, one
+    size, sha256 as recorded): :func:`~mammoflow.data.validate.validate_converted` raises
+    ``ConvertedImagesInvalid`` naming the images that fail.
+    """
+    from mammoflow.data.convert import convert_dataset
+    from mammoflow.data.manifest import read_manifest
+    from mammoflow.data.validate import validate_converted
+
+    kind = cfg.dataset(dataset).kind
     layout = layout or Layout()
     result = convert_dataset(
         layout.interim(dataset) / "manifest.parquet",
@@ -159,6 +166,7 @@ def convert_stage(
         progress=progress,
         raw_files=raw_files(cfg, dataset, layout),
     )
+    validate_converted(read_manifest(result.manifest_path), kind, dataset)
     return {
         "dataset": dataset,
         "converted": len(result.converted),

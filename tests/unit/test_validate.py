@@ -9,14 +9,18 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from PIL import Image
 
 from mammoflow.config import ConvertConfig
 from mammoflow.data.convert import convert_dataset
 from mammoflow.data.manifest import ManifestRow, to_frame
+from mammoflow.data.readers import load_raw
 from mammoflow.data.validate import (
     REPORT_NAME,
+    ConvertedImagesInvalid,
     ValidationFailed,
     mias_film_pair,
+    validate_converted,
     validate_manifest,
 )
 from mammoflow.io import sha256_file
@@ -28,13 +32,6 @@ def write_pgm8(path: Path, pixels: np.ndarray) -> Path:
     h, w = pixels.shape
     path.write_bytes(f"P5\n{w} {h}\n255\n".encode("ascii") + pixels.astype(np.uint8).tobytes())
     return path
-
-
-def pgm_loader(path: Path) -> np.ndarray:
-    """Fallback decoder while ``mammoflow.data.readers`` is not there yet."""
-    _magic, dims, maxval, rest = path.read_bytes().split(b"\n", 3)
-    w, h = (int(v) for v in dims.split())
-    return np.frombuffer(rest, np.uint8, w * h).reshape(h, w).astype(np.float32) / int(maxval)
 
 
 @pytest.fixture(scope="module")
@@ -87,12 +84,8 @@ def test_good_manifest_passes_and_writes_reports(good: pd.DataFrame, tmp_path: P
 
 
 def test_converted_manifest_checks_pngs(good: pd.DataFrame, tmp_path: Path) -> None:
-    try:
-        from mammoflow.data.readers import load_raw as loader
-    except ImportError:
-        loader = pgm_loader
     res = convert_dataset(
-        good, tmp_path / "conv", ConvertConfig(size=32, workers=1), progress=False, loader=loader
+        good, tmp_path / "conv", ConvertConfig(size=32, workers=1), progress=False, loader=load_raw
     )
     converted = pd.read_parquet(res.manifest_path)
     report = run(converted, tmp_path / "ok")
@@ -106,6 +99,42 @@ def test_converted_manifest_checks_pngs(good: pd.DataFrame, tmp_path: Path) -> N
     msg = str(info.value)
     assert "converted PNG present and readable" in msg and "mdb003.png" in msg
     assert "converted_sha256 matches the PNG" in msg and "mdb005" in msg
+
+
+def test_validate_converted_names_the_images(
+    good: pd.DataFrame, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    res = convert_dataset(
+        good, tmp_path / "conv", ConvertConfig(size=32, workers=1), progress=False, loader=load_raw
+    )
+    converted = pd.read_parquet(res.manifest_path)
+    monkeypatch.chdir(tmp_path)  # it writes nothing, not even in the working directory
+    outcomes = validate_converted(converted, "mias", "unit_mias")
+    assert [o.check for o in outcomes] == [
+        "every image converted",
+        "converted PNG present and readable",
+        "converted PNG is square",
+        "all converted PNGs have one size",
+        "converted_sha256 matches the PNG",
+    ]
+    assert all(o.success for o in outcomes)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["conv"]
+
+    Path(converted.loc[2, "converted_path"]).unlink()
+    small = Path(converted.loc[0, "converted_path"])
+    Image.fromarray(np.zeros((16, 16), np.uint8)).save(small)
+    converted.loc[0, "converted_sha256"] = sha256_file(small)
+    converted.loc[4, "converted_sha256"] = "0" * 64
+    with pytest.raises(ConvertedImagesInvalid) as info:
+        validate_converted(converted, "mias", "unit_mias")
+    msg = str(info.value)
+    assert msg.startswith("converted images of dataset 'unit_mias' failed 3 check(s)")
+    assert "converted PNG present and readable" in msg and "mdb003.png" in msg
+    assert "all converted PNGs have one size" in msg
+    assert "sizes: 16x16: ['mdb001']; 32x32: ['mdb002', 'mdb004', 'mdb005', 'mdb006']" in msg
+    assert "converted_sha256 matches the PNG" in msg and "images ['mdb005']" in msg
+    with pytest.raises(ValueError, match=r"unknown dataset kind 'ddsm'"):
+        validate_converted(converted, "ddsm", "unit_mias")
 
 
 def _dup_id(f: pd.DataFrame) -> pd.DataFrame:

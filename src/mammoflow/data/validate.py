@@ -53,6 +53,19 @@ class ValidationFailed(ValueError):  # noqa: N818 (the stage's documented name)
         super().__init__(report.describe_failures())
 
 
+class ConvertedImagesInvalid(ValueError):  # noqa: N818 (names what was found, like ValidationFailed)
+    """Converted PNGs do not match their manifest; ``failures`` holds the failed checks."""
+
+    def __init__(self, dataset: str, failures: list[ExpectationOutcome], sizes: str = "") -> None:
+        self.failures = failures
+        lines = [
+            f"converted images of dataset {dataset!r} failed {len(failures)} check(s); delete "
+            f"the named PNGs (or data/processed/{dataset}) and convert again:",
+            *(f"  - {o.describe()}" for o in failures),
+        ]
+        super().__init__("\n".join(lines + ([f"  sizes: {sizes}"] if sizes else [])))
+
+
 @dataclass(frozen=True)
 class ExpectationOutcome:
     """One expectation's result, in plain Python values."""
@@ -411,33 +424,46 @@ def build_expectations(
             ),
         ]
     if converted:
-        suite += [
-            e.ExpectColumnValuesToNotBeNull(
-                column="converted_path", description="every image converted"
-            ),
-            e.ExpectColumnValuesToBeNull(
-                column="converted_file_problem", description="converted PNG present and readable"
-            ),
-            e.ExpectColumnPairValuesToBeEqual(
-                column_A="converted_actual_width",
-                column_B="converted_actual_height",
-                ignore_row_if=pair_missing,
-                description="converted PNG is square",
-            ),
-            e.ExpectColumnUniqueValueCountToBeBetween(
-                column="converted_actual_width",
-                min_value=1,
-                max_value=1,
-                description="all converted PNGs have one size",
-            ),
-            e.ExpectColumnPairValuesToBeEqual(
-                column_A="converted_sha256",
-                column_B="converted_actual_sha256",
-                ignore_row_if=pair_missing,
-                description="converted_sha256 matches the PNG",
-            ),
-        ]
+        suite += converted_expectations()
     return suite
+
+
+def converted_expectations() -> list[Expectation]:
+    """The checks of the converted PNGs: present, readable, square, one size, sha256 as recorded.
+
+    Part of :func:`build_expectations` for a converted manifest, and run alone by
+    :func:`validate_converted` after every conversion.
+    """
+    import great_expectations as gx
+
+    e = gx.expectations
+    pair_missing: Literal["either_value_is_missing"] = "either_value_is_missing"
+    return [
+        e.ExpectColumnValuesToNotBeNull(
+            column="converted_path", description="every image converted"
+        ),
+        e.ExpectColumnValuesToBeNull(
+            column="converted_file_problem", description="converted PNG present and readable"
+        ),
+        e.ExpectColumnPairValuesToBeEqual(
+            column_A="converted_actual_width",
+            column_B="converted_actual_height",
+            ignore_row_if=pair_missing,
+            description="converted PNG is square",
+        ),
+        e.ExpectColumnUniqueValueCountToBeBetween(
+            column="converted_actual_width",
+            min_value=1,
+            max_value=1,
+            description="all converted PNGs have one size",
+        ),
+        e.ExpectColumnPairValuesToBeEqual(
+            column_A="converted_sha256",
+            column_B="converted_actual_sha256",
+            ignore_row_if=pair_missing,
+            description="converted_sha256 matches the PNG",
+        ),
+    ]
 
 
 def _jsonable(value: Any) -> Any:
@@ -624,3 +650,45 @@ def validate_manifest(
     if fail_on_error and not success:
         raise ValidationFailed(report)
     return report
+
+
+def validate_converted(
+    frame: pd.DataFrame, kind: str, dataset: str, root: Path | None = None
+) -> list[ExpectationOutcome]:
+    """Run :func:`converted_expectations` on a converted manifest; write nothing.
+
+    The convert stage calls it after every conversion, so a PNG that is missing, unreadable,
+    not square, of another size or not the bytes the manifest records stops the pipeline
+    (whatever ``validate.fail_on_error`` says: these are integrity checks, not data quality).
+
+    Args:
+        frame: the converted manifest (``converted_path`` and ``converted_sha256`` filled).
+        kind: dataset kind, a key of :data:`manifest.CLASSES`.
+        dataset: dataset name, for messages.
+        root: directory relative ``converted_path`` values are resolved against (default: cwd).
+
+    Returns:
+        One outcome per check, all successful.
+
+    Raises:
+        ValueError: unknown ``kind``.
+        ConvertedImagesInvalid: some check failed; the message names the images.
+    """
+    if kind not in CLASSES:
+        raise ValueError(f"unknown dataset kind {kind!r}; expected one of {sorted(CLASSES)!r}")
+    probes = probe_files(frame["converted_path"].tolist(), root, hash_files=True)
+    derived = derive_columns(frame, kind, [None] * len(frame), probes)
+    with tempfile.TemporaryDirectory(prefix=".converted_docs.") as docs:
+        success, outcomes = run_suite(derived, converted_expectations(), dataset, Path(docs))
+    if success:
+        return outcomes
+    sizes: dict[str, list[str]] = {}
+    for image_id, probe in zip(derived["image_id"], probes, strict=True):
+        if probe is not None and probe.width is not None:
+            sizes.setdefault(f"{probe.width}x{probe.height}", []).append(str(image_id))
+    detail = (
+        "; ".join(f"{k}: {v[:EXAMPLES]!r}" for k, v in sorted(sizes.items()))
+        if len(sizes) > 1
+        else ""
+    )
+    raise ConvertedImagesInvalid(dataset, [o for o in outcomes if not o.success], detail)
