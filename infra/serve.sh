@@ -2,7 +2,7 @@
 # `make serve`: a local Prefect stack for MammoFlow on this machine.
 #   1. a Prefect server on 127.0.0.1:$PREFECT_SERVER_API_PORT (default 4200), state in .prefect/
 #   2. the process work pool `mammoflow-pool` (created if missing)
-#   3. the deployments of mammoflow.deploy (nightly-validation, weekly-retrain, on-demand ones)
+#   3. the deployments of flows/deploy.py (nightly-validation, weekly-retrain, on-demand ones)
 #   4. a process worker that runs them in this checkout
 # Ctrl-C stops the worker and the server. Logs: .prefect/server.log, .prefect/worker.log.
 #
@@ -70,7 +70,7 @@ done
 # Creates the process work pool if missing, then creates or updates every deployment.
 tz_args=()
 [[ -n ${MAMMOFLOW_TZ:-} ]] && tz_args=(--timezone "$MAMMOFLOW_TZ")
-"$BIN/python" -m mammoflow.deploy --pool "$POOL" --project-dir "$ROOT" "${tz_args[@]}"
+"$BIN/python" -m flows.deploy --pool "$POOL" --project-dir "$ROOT" "${tz_args[@]}"
 
 setsid "$BIN/prefect" worker start --pool "$POOL" --type process >"$PREFECT_HOME/worker.log" 2>&1 &
 pids+=($!)

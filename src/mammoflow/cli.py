@@ -347,7 +347,8 @@ def deploy_cmd(
     params: ParamsOpt = Path("params.yaml"),
 ) -> None:
     """Register the scheduled Prefect deployments (nightly validation, weekly retrain)."""
-    from mammoflow.deploy import deploy_all
+    sys.path.insert(0, str(Path.cwd()))  # flows/ belongs to the checkout, not to the package
+    from flows.deploy import deploy_all
 
     _echo({"deployments": deploy_all(work_pool=pool, params_path=str(params))})
 

@@ -158,7 +158,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
 @pytest.fixture(scope="module")
 def deployed(server: Server) -> dict[str, UUID]:
     """Every MammoFlow deployment, created on the server's process work pool."""
-    from mammoflow.deploy import deploy_all
+    from flows.deploy import deploy_all
 
     return deploy_all(POOL, project_dir=ROOT)
 
@@ -173,8 +173,8 @@ def _client() -> Any:
 
 
 def test_prefect_yaml_matches_deploy_table() -> None:
-    """prefect.yaml (for `prefect deploy --all`) declares what mammoflow.deploy deploys."""
-    from mammoflow.deploy import DEPLOYMENTS
+    """prefect.yaml (for `prefect deploy --all`) declares what flows/deploy.py deploys."""
+    from flows.deploy import DEPLOYMENTS
 
     spec = yaml.safe_load((ROOT / "prefect.yaml").read_text(encoding="utf-8"))
     declared = {
@@ -221,7 +221,7 @@ def test_data_flow_in_ephemeral_mode(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_deployments_have_their_cron_schedules(server: Server, deployed: dict[str, UUID]) -> None:
-    from mammoflow.deploy import DEPLOYMENTS
+    from flows.deploy import DEPLOYMENTS
 
     assert len(deployed) == len(DEPLOYMENTS)
     with _client() as client:

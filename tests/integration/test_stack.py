@@ -561,6 +561,7 @@ def test_prefect_deployment_runs_through_a_worker_on_the_stack(
     stack: stack_mod.Stack, stack_env: dict[str, str], tmp_path: Path
 ) -> None:
     """deploy_all on the stack's Prefect server; a process worker runs the triggered data flow."""
+    from flows.deploy import deploy_all
     from prefect import get_client
     from prefect.client.schemas.objects import FlowRun
     from prefect.deployments import run_deployment
@@ -570,8 +571,6 @@ def test_prefect_deployment_runs_through_a_worker_on_the_stack(
         PREFECT_HOME,
         temporary_settings,
     )
-
-    from mammoflow.deploy import deploy_all
 
     api_url = stack_env["PREFECT_API_URL"]
     auth = stack_env["PREFECT_API_AUTH_STRING"]  # the stack's API refuses requests without it
