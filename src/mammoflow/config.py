@@ -171,7 +171,7 @@ else:
 
 
 class DatasetConfig(_Section):
-    """One dataset's origin."""
+    """One dataset's origin, and its own model / train keys (see :meth:`Config.for_dataset`)."""
 
     kind: Literal["mias", "cmmd"]
     acquire: Literal["sample", "local"] = "local"
