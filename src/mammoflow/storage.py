@@ -22,7 +22,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -322,44 +322,6 @@ def check_storage(
 def _quiet_delete(s3: Any, bucket: str, key: str) -> None:
     with contextlib.suppress(Exception):  # best effort clean-up of the check object
         s3.delete_object(Bucket=bucket, Key=key)
-
-
-@dataclass(frozen=True)
-class ScanHit:
-    """One occurrence of a forbidden string in an object."""
-
-    key: str
-    needle: str
-
-
-def scan_bucket(
-    bucket: str,
-    needles: Iterable[str],
-    *,
-    prefix: str = "",
-    client: Any = None,
-    endpoint_url: str | None = None,
-    max_object_bytes: int = 64 * 1024 * 1024,
-) -> list[ScanHit]:
-    """Every (object key, needle) where a needle occurs in an object's key or content.
-
-    Used to prove that no PHI (e.g. a DICOM PatientName) reached the artifact store.
-    Objects larger than ``max_object_bytes`` are scanned by key only.
-    """
-    s3 = client or s3_client(endpoint_url)
-    wanted = [n for n in needles if n]
-    encoded = [(n, n.encode("utf-8")) for n in wanted]
-    hits: list[ScanHit] = []
-    paginator = s3.get_paginator("list_objects_v2")
-    for page in paginator.paginate(Bucket=bucket, Prefix=prefix):
-        for obj in page.get("Contents", []) or []:
-            key = obj["Key"]
-            found = {n for n in wanted if n in key}
-            if obj.get("Size", 0) <= max_object_bytes:
-                data = s3.get_object(Bucket=bucket, Key=key)["Body"].read()
-                found |= {n for n, raw in encoded if raw in data}
-            hits.extend(ScanHit(key, n) for n in sorted(found))
-    return hits
 
 
 # ------------------------------------------------------------------------------------ DVC

@@ -7,12 +7,8 @@ runs use a tiny embedded sample (6 MIAS women, 4 CMMD patients, 64 px).
 
 from __future__ import annotations
 
-import contextlib
-import inspect
 import json
 import os
-import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -28,6 +24,8 @@ from uuid import UUID
 import numpy as np
 import pytest
 import yaml
+
+from tests.helpers import drain_prefect_workers, free_port, stop_process_tree
 
 ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
@@ -54,12 +52,6 @@ def tiny_project(folder: Path, datasets: list[str] | None = None) -> Path:
     return params
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def _clean_env(**extra: str) -> dict[str, str]:
     """The current environment without any PREFECT_* setting, plus ``extra``."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
@@ -67,40 +59,9 @@ def _clean_env(**extra: str) -> dict[str, str]:
     return env | extra
 
 
-def _stop(proc: subprocess.Popen[Any], grace: float = 15.0) -> None:
-    """Terminate a subprocess started in its own session, and its children."""
-    if proc.poll() is None:
-        try:
-            os.killpg(proc.pid, signal.SIGTERM)
-            proc.wait(timeout=grace)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-        except ProcessLookupError:
-            pass
-    # Children the server left behind in its group, if any.
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(proc.pid, signal.SIGKILL)
-
-
 def _tail(path: Path, n: int = 40) -> str:
     lines = path.read_text(encoding="utf-8", errors="replace").splitlines() if path.exists() else []
     return "\n".join(lines[-n:])
-
-
-def _drain_prefect_workers() -> None:
-    """Flush the in-process log and event workers before their server goes away."""
-    from prefect.events.worker import EventsWorker
-    from prefect.logging.handlers import APILogWorker
-    from prefect.utilities.asyncutils import run_coro_as_sync
-
-    async def drain() -> None:
-        for pending in (APILogWorker.instance().drain(), EventsWorker.drain_all()):
-            if inspect.isawaitable(pending):
-                await pending
-
-    with contextlib.suppress(RuntimeError):
-        run_coro_as_sync(drain())
 
 
 @dataclass(frozen=True)
@@ -119,7 +80,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     from prefect.settings import PREFECT_API_URL, PREFECT_HOME, temporary_settings
 
     home = tmp_path_factory.mktemp("prefect-home")
-    port = _free_port()
+    port = free_port()
     api_url = f"http://127.0.0.1:{port}/api"
     env = _clean_env(
         PREFECT_HOME=str(home),
@@ -150,9 +111,9 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
             time.sleep(0.5)
         with temporary_settings(updates={PREFECT_API_URL: api_url, PREFECT_HOME: home}):
             yield Server(api_url, home, log, env)
-            _drain_prefect_workers()
+            drain_prefect_workers()
     finally:
-        _stop(proc)
+        stop_process_tree(proc, grace=15.0)
 
 
 @pytest.fixture(scope="module")
@@ -311,7 +272,7 @@ def test_triggered_data_run_completes_on_a_process_worker(
     except subprocess.TimeoutExpired:
         pytest.fail(f"the worker did not finish within 300 s:\n{_tail(log)}")
     finally:
-        _stop(worker)
+        stop_process_tree(worker, grace=15.0)
     with _client() as client:
         final = client.read_flow_run(run.id)
     assert final.state is not None and final.state.is_completed(), _tail(log)

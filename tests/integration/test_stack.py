@@ -8,11 +8,9 @@ directory removed). Skipped only where the PostgreSQL server binaries or ``weed`
 from __future__ import annotations
 
 import base64
-import contextlib
 import json
 import os
 import shutil
-import signal
 import stat
 import subprocess
 import sys
@@ -31,6 +29,7 @@ from infra.local import stack as stack_mod
 from mammoflow import storage
 from mammoflow.data.dicom import read_dicom
 from mammoflow.data.sample import FAKE_PHI, mammogram_dicom
+from tests.helpers import drain_prefect_workers, scan_bucket, stop_process_tree
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -510,53 +509,6 @@ def test_sample_pipeline_on_the_stack(
     assert champion["best"] == "vgg16"
 
 
-def _descendants(pid: int) -> list[Any]:
-    import psutil
-
-    with contextlib.suppress(psutil.Error):
-        return list(psutil.Process(pid).children(recursive=True))
-    return []
-
-
-def _stop_tree(proc: subprocess.Popen[Any], grace: float = 10.0) -> None:
-    """Stop a subprocess started in its own session and every process it started."""
-    import psutil
-
-    kids = _descendants(proc.pid)
-    if proc.poll() is None:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=grace)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-    for kid in kids:  # a flow run may have left its process group
-        with contextlib.suppress(psutil.Error):
-            kid.kill()
-    psutil.wait_procs(kids, timeout=5)
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(proc.pid, signal.SIGKILL)
-
-
-def _drain_prefect_workers() -> None:
-    """Flush the in-process Prefect log and event workers while their server is still up."""
-    import inspect
-
-    from prefect.events.worker import EventsWorker
-    from prefect.logging.handlers import APILogWorker
-    from prefect.utilities.asyncutils import run_coro_as_sync
-
-    async def drain() -> None:
-        for pending in (APILogWorker.instance().drain(), EventsWorker.drain_all()):
-            if inspect.isawaitable(pending):
-                await pending
-
-    with contextlib.suppress(RuntimeError):
-        run_coro_as_sync(drain())
-
-
 def test_prefect_deployment_runs_through_a_worker_on_the_stack(
     stack: stack_mod.Stack, stack_env: dict[str, str], tmp_path: Path
 ) -> None:
@@ -625,8 +577,8 @@ def test_prefect_deployment_runs_through_a_worker_on_the_stack(
                 assert time.monotonic() < deadline, f"{final.state!r} after 150 s:\n{tail}"
                 time.sleep(1)
         finally:
-            _stop_tree(worker)
-            _drain_prefect_workers()
+            stop_process_tree(worker)
+            drain_prefect_workers()
     tail = log.read_text(errors="replace")[-3000:]
     assert final.state.is_completed(), f"{final.state!r}\n{tail}"
     assert final.deployment_id == ids["mammoflow-data/nightly-validation"]
@@ -760,8 +712,8 @@ def test_no_phi_in_bucket_or_database(
 ) -> None:
     import mlflow
 
-    assert storage.scan_bucket(stack_mod.MLFLOW_BUCKET, PHI_NEEDLES) == []
-    assert storage.scan_bucket(stack_mod.DVC_BUCKET, PHI_NEEDLES) == []
+    assert scan_bucket(stack_mod.MLFLOW_BUCKET, PHI_NEEDLES) == []
+    assert scan_bucket(stack_mod.DVC_BUCKET, PHI_NEEDLES) == []
     assert _scan_dump(_pg_dump(stack, "mlflow"), PHI_NEEDLES) == []
 
     # The scans do find PHI where it is: plant it once in each place, then remove it.
@@ -775,7 +727,7 @@ def test_no_phi_in_bucket_or_database(
     client = mlflow.MlflowClient(stack_env["MLFLOW_TRACKING_URI"])
     client.set_tag(logged_run["run_id"], "leak", FAKE_PHI["InstitutionName"])
     try:
-        hits = storage.scan_bucket(stack_mod.MLFLOW_BUCKET, PHI_NEEDLES)
+        hits = scan_bucket(stack_mod.MLFLOW_BUCKET, PHI_NEEDLES)
         assert [(h.key, h.needle) for h in hits] == [(planted_key, FAKE_PHI["PatientName"])]
         assert _scan_dump(_pg_dump(stack, "mlflow"), PHI_NEEDLES) == [FAKE_PHI["InstitutionName"]]
     finally:

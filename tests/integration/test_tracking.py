@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -17,9 +16,10 @@ import pytest
 import yaml
 
 from mammoflow import stages
-from mammoflow.config import Config, parse_config
+from mammoflow.config import Config
 from mammoflow.data.sample import FAKE_PHI
 from mammoflow.paths import Layout
+from tests.helpers import free_port, mlflow_client, prepare_data, project_dir, stop_process_tree
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -46,42 +46,24 @@ def _params(**train: object) -> dict:
 @pytest.fixture(scope="module")
 def project(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, Config]]:
     root = tmp_path_factory.mktemp("tracking")
-    raw = _params()
-    (root / "params.yaml").write_text(yaml.safe_dump(raw))
-    cfg = parse_config(raw)
-    old = Path.cwd()
-    os.chdir(root)
-    env_uri = os.environ.pop("MLFLOW_TRACKING_URI", None)
-    try:
-        for stage in (stages.acquire_stage, stages.ingest_stage, stages.convert_stage):
-            stage(cfg, DATASET, Layout())
-        stages.split_stage(cfg, DATASET, Layout())
-        for backbone in BACKBONES:
-            stages.train_stage(cfg, DATASET, backbone, Layout())
-        stages.evaluate_stage(cfg, DATASET, Layout())
-        yield root, cfg
-    finally:
-        from mammoflow.tracking import Tracker
-
-        tracker = Tracker(root=root)
-        for model in tracker.client.search_registered_models():
-            tracker.client.delete_registered_model(model.name)
-        for exp in tracker.client.search_experiments():
-            if exp.name.startswith("mammoflow-"):
-                tracker.client.delete_experiment(exp.experiment_id)
-        os.chdir(old)
-        if env_uri is not None:
-            os.environ["MLFLOW_TRACKING_URI"] = env_uri
-
-
-def _client(root: Path):  # type: ignore[no-untyped-def]
-    from mlflow import MlflowClient
-
-    return MlflowClient(tracking_uri=f"sqlite:///{root / 'mlflow.db'}")
+    with project_dir(root, _params()) as cfg:
+        try:
+            prepare_data(cfg, DATASET)
+            for backbone in BACKBONES:
+                stages.train_stage(cfg, DATASET, backbone, Layout())
+            stages.evaluate_stage(cfg, DATASET, Layout())
+            yield root, cfg
+        finally:
+            client = mlflow_client(root)
+            for model in client.search_registered_models():
+                client.delete_registered_model(model.name)
+            for exp in client.search_experiments():
+                if exp.name.startswith("mammoflow-"):
+                    client.delete_experiment(exp.experiment_id)
 
 
 def _runs(root: Path) -> list:  # type: ignore[type-arg]
-    client = _client(root)
+    client = mlflow_client(root)
     exp = client.get_experiment_by_name(f"mammoflow-{DATASET}")
     return client.search_runs([exp.experiment_id], max_results=1000)
 
@@ -121,7 +103,7 @@ def test_layout_parents_folds_and_test(project: tuple[Path, Config]) -> None:
         fold = folds[0]
         assert fold.data.params["train.learning_rate"] == "0.0001"
         assert "epoch_loss" in fold.data.metrics
-        history = _client(root).get_metric_history(fold.info.run_id, "epoch_loss")
+        history = mlflow_client(root).get_metric_history(fold.info.run_id, "epoch_loss")
         assert len(history) == 1  # one epoch
 
 
@@ -142,7 +124,7 @@ def test_fold_model_predicts_on_raw_grey_image(project: tuple[Path, Config]) -> 
 def test_registry_champion_alias(project: tuple[Path, Config]) -> None:
     root, _ = project
     champion = json.loads((root / "metrics/champion" / f"{DATASET}.json").read_text())
-    version = _client(root).get_model_version_by_alias(f"mammoflow-{DATASET}", "champion")
+    version = mlflow_client(root).get_model_version_by_alias(f"mammoflow-{DATASET}", "champion")
     assert version.version == champion["registry"]["version"]
     assert champion["best"] in BACKBONES
 
@@ -151,7 +133,7 @@ def test_dvc_metrics_match_mlflow(project: tuple[Path, Config]) -> None:
     root, _ = project
     for backbone in BACKBONES:
         summary = json.loads((root / "metrics" / DATASET / f"{backbone}.json").read_text())
-        parent = _client(root).get_run(summary["mlflow_parent_run_id"])
+        parent = mlflow_client(root).get_run(summary["mlflow_parent_run_id"])
         assert parent.data.metrics["f1_macro_mean"] == pytest.approx(summary["cv"]["f1_macro_mean"])
         assert parent.data.metrics["test_accuracy"] == pytest.approx(summary["test"]["accuracy"])
 
@@ -239,7 +221,7 @@ def test_killed_run_ends_failed(project: tuple[Path, Config]) -> None:
     parent_id = running[0].data.tags["mlflow.parentRunId"]
     exp_id = running[0].info.experiment_id
     assert tracker.fail_stale_children(exp_id, parent_id) == [running[0].info.run_name]
-    assert _client(root).get_run(running[0].info.run_id).info.status == "FAILED"
+    assert mlflow_client(root).get_run(running[0].info.run_id).info.status == "FAILED"
 
 
 def test_no_phi_in_params_tags_or_artifacts(project: tuple[Path, Config]) -> None:
@@ -260,16 +242,10 @@ def test_no_phi_in_params_tags_or_artifacts(project: tuple[Path, Config]) -> Non
         assert secret not in text, secret
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def test_http_tracking_server(project: tuple[Path, Config], tmp_path: Path) -> None:
     """The same stage against a real `mlflow server` over HTTP (artifacts served by it)."""
     root, cfg = project
-    port = _free_port()
+    port = free_port()
     mlflow_bin = Path(sys.executable).with_name("mlflow")
     server = subprocess.Popen(
         [
@@ -320,8 +296,7 @@ def test_http_tracking_server(project: tuple[Path, Config], tmp_path: Path) -> N
         client.delete_experiment(run.info.experiment_id)
     finally:
         os.environ.pop("MLFLOW_TRACKING_URI", None)
-        os.killpg(server.pid, signal.SIGTERM)
-        server.wait(timeout=30)
+        stop_process_tree(server, grace=30)
 
 
 def test_compare_reads_mlflow_and_writes_only_when_asked(project: tuple[Path, Config]) -> None:

@@ -26,6 +26,7 @@ from optuna.trial import TrialState
 from mammoflow import stages, tune, tuned
 from mammoflow.config import Config, parse_config
 from mammoflow.paths import Layout
+from tests.helpers import mlflow_client, prepare_data, project_dir
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -77,37 +78,14 @@ def _params() -> dict[str, Any]:
 @pytest.fixture(scope="module")
 def project(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, Config]]:
     root = tmp_path_factory.mktemp("tune")
-    raw = _params()
-    (root / "params.yaml").write_text(yaml.safe_dump(raw))
-    cfg = parse_config(raw)
-    old = Path.cwd()
-    saved = {k: os.environ.pop(k, None) for k in ("MLFLOW_TRACKING_URI", tune.STORAGE_ENV)}
-    os.chdir(root)
-    try:
-        for stage in (
-            stages.acquire_stage,
-            stages.ingest_stage,
-            stages.convert_stage,
-            stages.split_stage,
-        ):
-            stage(cfg, DATASET, Layout())
+    with project_dir(root, _params(), unset=("MLFLOW_TRACKING_URI", tune.STORAGE_ENV)) as cfg:
+        prepare_data(cfg, DATASET)
         yield root, cfg
-    finally:
-        os.chdir(old)
-        for key, value in saved.items():
-            if value is not None:
-                os.environ[key] = value
-
-
-def _client(root: Path) -> Any:
-    from mlflow import MlflowClient
-
-    return MlflowClient(tracking_uri=f"sqlite:///{root / 'mlflow.db'}")
 
 
 def _study_runs(root: Path, parent_id: str) -> tuple[Any, list[Any]]:
     """A study's parent run and its nested trial runs (by trial number)."""
-    client = _client(root)
+    client = mlflow_client(root)
     parent = client.get_run(parent_id)
     runs = client.search_runs(
         [parent.info.experiment_id],
@@ -150,11 +128,11 @@ def test_tiny_study_completes_and_records_best(project: tuple[Path, Config]) -> 
     assert parent.info.status == "FINISHED"
     assert parent.data.tags["mammoflow.study"] == res["study_name"]
     assert parent.data.metrics["best_f1_macro"] == pytest.approx(study.best_value)
-    artifacts = {a.path for a in _client(root).list_artifacts(parent.info.run_id)}
+    artifacts = {a.path for a in mlflow_client(root).list_artifacts(parent.info.run_id)}
     assert {"optimization_history.png", "best_params.json", "intermediate_values.png"} <= artifacts
     assert "param_importances.png" in artifacts or "param_importances.txt" in artifacts
     assert [int(r.data.tags["mammoflow.trial"]) for r in runs] == [t.number for t in study.trials]
-    client = _client(root)
+    client = mlflow_client(root)
     for run, trial in zip(runs, study.trials, strict=True):
         assert run.data.params["learning_rate"] == str(trial.params["learning_rate"])
         steps = client.get_metric_history(run.info.run_id, "running_f1_macro")

@@ -1,0 +1,160 @@
+"""Helpers shared by the integration tests: tiny projects, subprocesses, servers, buckets."""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import os
+import signal
+import socket
+import subprocess
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from mammoflow import stages
+from mammoflow.config import Config, parse_config
+from mammoflow.paths import Layout
+
+# ------------------------------------------------------------------------------ tiny projects
+
+
+@contextlib.contextmanager
+def project_dir(
+    root: Path, raw: dict[str, Any], unset: Sequence[str] = ("MLFLOW_TRACKING_URI",)
+) -> Iterator[Config]:
+    """Work in ``root`` as a project with params ``raw``; cwd and environment restored after.
+
+    Args:
+        root: the project folder; ``params.yaml`` is written there.
+        raw: the parsed params (validated by :func:`parse_config`).
+        unset: environment variables removed meanwhile (a tracking URI would send runs away).
+    """
+    (root / "params.yaml").write_text(yaml.safe_dump(raw))
+    cfg = parse_config(raw)
+    old = Path.cwd()
+    saved = {key: os.environ.pop(key, None) for key in unset}
+    os.chdir(root)
+    try:
+        yield cfg
+    finally:
+        os.chdir(old)
+        for key, value in saved.items():
+            if value is not None:
+                os.environ[key] = value
+
+
+def prepare_data(cfg: Config, dataset: str) -> None:
+    """Run acquire → ingest → convert → split of ``dataset`` in the working directory."""
+    for stage in (
+        stages.acquire_stage,
+        stages.ingest_stage,
+        stages.convert_stage,
+        stages.split_stage,
+    ):
+        stage(cfg, dataset, Layout())
+
+
+def mlflow_client(root: Path) -> Any:
+    """An MLflow client on the project's SQLite store (``root/mlflow.db``)."""
+    from mlflow import MlflowClient
+
+    return MlflowClient(tracking_uri=f"sqlite:///{root / 'mlflow.db'}")
+
+
+# ------------------------------------------------------------------------------ subprocesses
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def stop_process_tree(proc: subprocess.Popen[Any], grace: float = 10.0) -> None:
+    """Stop a subprocess started in its own session, its group and every process it started.
+
+    SIGTERM to the group, SIGKILL after ``grace`` seconds; children that left the group (a
+    flow run, a worker's job) are killed too.
+    """
+    import psutil
+
+    try:
+        kids = list(psutil.Process(proc.pid).children(recursive=True))
+    except psutil.Error:
+        kids = []
+    if proc.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=grace)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    for kid in kids:
+        with contextlib.suppress(psutil.Error):
+            kid.kill()
+    psutil.wait_procs(kids, timeout=5)
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(proc.pid, signal.SIGKILL)
+
+
+def drain_prefect_workers() -> None:
+    """Flush the in-process Prefect log and event workers while their server is still up."""
+    from prefect.events.worker import EventsWorker
+    from prefect.logging.handlers import APILogWorker
+    from prefect.utilities.asyncutils import run_coro_as_sync
+
+    async def drain() -> None:
+        for pending in (APILogWorker.instance().drain(), EventsWorker.drain_all()):
+            if inspect.isawaitable(pending):
+                await pending
+
+    with contextlib.suppress(RuntimeError):
+        run_coro_as_sync(drain())
+
+
+# ------------------------------------------------------------------------------ buckets
+
+
+@dataclass(frozen=True)
+class ScanHit:
+    """One occurrence of a forbidden string in an object."""
+
+    key: str
+    needle: str
+
+
+def scan_bucket(
+    bucket: str,
+    needles: Iterable[str],
+    *,
+    prefix: str = "",
+    client: Any = None,
+    max_object_bytes: int = 64 * 1024 * 1024,
+) -> list[ScanHit]:
+    """Every (object key, needle) where a needle occurs in an object's key or content.
+
+    Proves that no PHI (e.g. a DICOM PatientName) reached the artifact store. Objects larger
+    than ``max_object_bytes`` are scanned by key only.
+    """
+    from mammoflow.storage import s3_client
+
+    s3 = client or s3_client()
+    wanted = [n for n in needles if n]
+    encoded = [(n, n.encode("utf-8")) for n in wanted]
+    hits: list[ScanHit] = []
+    for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
+        for obj in page.get("Contents", []) or []:
+            key = obj["Key"]
+            found = {n for n in wanted if n in key}
+            if obj.get("Size", 0) <= max_object_bytes:
+                data = s3.get_object(Bucket=bucket, Key=key)["Body"].read()
+                found |= {n for n, raw in encoded if raw in data}
+            hits.extend(ScanHit(key, n) for n in sorted(found))
+    return hits
