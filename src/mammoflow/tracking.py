@@ -599,6 +599,7 @@ class Tracker:
                 return {"name": name, "version": current.version, "alias": "champion", "new": False}
             import mlflow
 
+            mlflow.set_tracking_uri(self.uri)  # register_model resolves runs:/ URIs with it
             mlflow.set_registry_uri(self.uri)
             model_uri = self._client.get_run(run_id).data.tags.get("mammoflow.model_uri")
             if not model_uri:

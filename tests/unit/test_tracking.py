@@ -1,0 +1,206 @@
+"""tracking.py against a real temporary SQLite MLflow store (no mocks, no server)."""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from mammoflow import tracking
+from mammoflow.tracking import Tracker, TrackingUnavailable
+
+
+@pytest.fixture(scope="module")
+def tracker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Tracker]:
+    import mlflow
+
+    root = tmp_path_factory.mktemp("store")
+    before = mlflow.get_tracking_uri(), mlflow.get_registry_uri()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.delenv("MLFLOW_TRACKING_URI", raising=False)
+        yield Tracker(root=root)
+    mlflow.set_tracking_uri(before[0])  # promote() points MLflow's globals at this store
+    mlflow.set_registry_uri(before[1])
+
+
+def _fake_model(tracker: Tracker, run_id: str) -> None:
+    """A model directory the registry accepts (an MLmodel file), named by the run's tag."""
+    tracker.log_text(run_id, "flavors: {}\n", "model/MLmodel")
+    tracker.set_tags(run_id, {"mammoflow.model_uri": f"runs:/{run_id}/model"})
+
+
+def test_names_and_the_embedded_store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    assert tracking.experiment_name("mias") == "mammoflow-mias"
+    assert tracking.tuning_experiment_name("mias") == "mammoflow-mias-tuning"
+    assert tracking.registered_model_name("cmmd") == "mammoflow-cmmd"
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    assert tracking.tracking_uri(tmp_path) == f"sqlite:///{tmp_path.resolve()}/mlflow.db"
+    assert tracking.artifact_root(tmp_path) == (tmp_path / "mlartifacts").resolve().as_uri()
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow.example:5000")
+    assert tracking.tracking_uri(tmp_path) == "http://mlflow.example:5000"
+    assert tracking.artifact_root(tmp_path) is None
+
+
+def test_config_hash_is_stable_and_sensitive() -> None:
+    base = tracking.config_hash({"b": 1, "a": [1, 2]}, "data1", "split1")
+    assert base == tracking.config_hash({"a": [1, 2], "b": 1}, "data1", "split1")
+    assert len(base) == 64
+    assert base != tracking.config_hash({"b": 2, "a": [1, 2]}, "data1", "split1")
+    assert base != tracking.config_hash({"b": 1, "a": [1, 2]}, "data2", "split1")
+    assert base != tracking.config_hash({"b": 1, "a": [1, 2]}, "data1", "split2")
+
+
+def test_experiments_are_reused_and_restored(tracker: Tracker) -> None:
+    exp = tracker.experiment_id("exp_ds")
+    assert tracker.experiment_id("exp_ds") == exp
+    tracker.client.delete_experiment(exp)
+    assert tracker.experiment_id("exp_ds") == exp
+    assert tracker.client.get_experiment(exp).lifecycle_stage == "active"
+    tuning = tracker.tuning_experiment_id("exp_ds")
+    assert tuning != exp
+    assert tracker.client.get_experiment(tuning).name == "mammoflow-exp_ds-tuning"
+    assert tracker.seconds > 0
+
+
+def test_parent_is_resumed_by_its_config_key(tracker: Tracker) -> None:
+    exp = tracker.experiment_id("parent_ds")
+    params = {"lr": 0.01, "backbones": ["vgg16", "resnet50"], "long": "x" * 7000}
+    run_id, resumed = tracker.open_parent(exp, "vgg16", "key1", {"t": "1"}, params)
+    assert not resumed
+    run = tracker.client.get_run(run_id)
+    assert run.data.params["lr"] == "0.01"
+    assert run.data.params["backbones"] == '["vgg16", "resnet50"]'
+    assert len(run.data.params["long"]) == 6000
+    assert run.data.tags[tracking.TAG_ROLE] == "parent" and run.data.tags["t"] == "1"
+    tracker.end(run_id)
+    again, resumed = tracker.open_parent(exp, "vgg16", "key1", {"t": "2"}, params)
+    assert (again, resumed) == (run_id, True)
+    run = tracker.client.get_run(run_id)
+    assert run.info.status == "RUNNING" and run.data.tags["t"] == "2"
+    other, resumed = tracker.open_parent(exp, "vgg16", "key2", {}, {})
+    assert other != run_id and not resumed
+    many = {f"p{i:03d}": i for i in range(250)}  # three log_batch calls
+    third, _ = tracker.open_parent(exp, "resnet50", "key1", {}, many)
+    assert len(tracker.client.get_run(third).data.params) == 250
+
+
+def test_children_guard_and_stale_runs(tracker: Tracker) -> None:
+    exp = tracker.experiment_id("child_ds")
+    parent, _ = tracker.open_parent(exp, "vgg16", "k", {}, {})
+    ok = tracker.start_child(exp, parent, "fold-1", "fold", {"x": "y"}, {"fold": 1})
+    with tracker.run_guard(ok):
+        tracker.log_metrics(ok, {"f1": 0.5, "auc": math.nan, "acc": 0.75}, prefix="val_")
+    bad = tracker.start_child(exp, parent, "fold-2", "fold", {}, {"fold": 2})
+    with pytest.raises(RuntimeError, match="boom"), tracker.run_guard(bad):
+        raise RuntimeError("boom")
+    stale = tracker.start_child(exp, parent, "test", "test", {}, {})
+    children = tracker.children(exp, parent)
+    assert sorted(children) == ["fold-1", "fold-2", "test"]
+    assert children["fold-1"].info.status == "FINISHED"
+    assert children["fold-1"].data.metrics == {"val_f1": 0.5, "val_acc": 0.75}  # NaN skipped
+    assert children["fold-1"].data.tags["mlflow.parentRunId"] == parent
+    assert children["fold-2"].info.status == "FAILED"
+    assert tracker.fail_stale_children(exp, parent) == ["test"]
+    assert tracker.client.get_run(stale).info.status == "FAILED"
+    assert tracker.fail_stale_children(exp, parent) == []
+
+
+def test_history_tags_and_json_artifacts(tracker: Tracker) -> None:
+    exp = tracker.experiment_id("log_ds")
+    run_id, _ = tracker.open_parent(exp, "vgg16", "k", {}, {})
+    tracker.log_history(run_id, {"loss": [1.0, 0.5, math.inf, 0.25], "val_loss": [2.0]})
+    history = tracker.client.get_metric_history(run_id, "epoch_loss")
+    assert [(m.step, m.value) for m in history] == [(0, 1.0), (1, 0.5), (3, 0.25)]
+    assert [m.value for m in tracker.client.get_metric_history(run_id, "epoch_val_loss")] == [2.0]
+    tracker.set_tags(run_id, {"a": "1", "b": "2"})
+    assert {"a": "1", "b": "2"}.items() <= tracker.client.get_run(run_id).data.tags.items()
+    tracker.log_dict(run_id, {"image_id": ["i1"], "prob": [[0.25, 0.75]]}, "predictions.json")
+    assert tracker.load_json_artifact(run_id, "predictions.json") == {
+        "image_id": ["i1"],
+        "prob": [[0.25, 0.75]],
+    }
+
+
+def test_parents_and_study_rows(tracker: Tracker) -> None:
+    assert tracker.parents("nothing_here") == []
+    exp = tracker.experiment_id("rows_ds")
+    old, _ = tracker.open_parent(exp, "vgg16", "old", {}, {})
+    tracker.log_metrics(old, {"f1_macro_mean": 0.4})
+    tracker.end(old)
+    new, _ = tracker.open_parent(exp, "vgg16", "new", {}, {})
+    tracker.log_metrics(
+        new,
+        {
+            "f1_macro_mean": 0.6,
+            "f1_macro_std": 0.1,
+            "test_f1_macro": 0.55,
+            "test_f1_macro_ci_low": 0.5,
+            "test_f1_macro_ci_high": 0.6,
+        },
+    )
+    tracker.end(new)
+    running, _ = tracker.open_parent(exp, "resnet50", "r", {}, {})  # not FINISHED: left out
+    assert [r.info.run_id for r in tracker.parents("rows_ds")] == [new]
+    rows = tracker.study_rows("rows_ds", {"vgg16": None, "resnet50": None})
+    assert rows == [
+        {
+            "backbone": "vgg16",
+            "run_id": new,
+            "cv": {"f1_macro_mean": 0.6, "f1_macro_std": 0.1},
+            "test": {"f1_macro": 0.55},
+            "test_ci": {"f1_macro": {"low": 0.5, "high": 0.6}},
+        }
+    ]
+    chosen = tracker.study_rows("rows_ds", {"vgg16": old, "resnet50": running})
+    assert [(r["backbone"], r["run_id"]) for r in chosen] == [("vgg16", old), ("resnet50", running)]
+    gone = tracker.study_rows("rows_ds", {"vgg16": "0" * 32})  # another store's run: the latest
+    assert [r["run_id"] for r in gone] == [new]
+
+
+def test_study_parent_is_reopened_only_in_its_experiment(tracker: Tracker) -> None:
+    exp = tracker.tuning_experiment_id("tune_ds")
+    run_id, resumed = tracker.open_study_parent(exp, "study-1", {"s": "1"}, {"n_trials": 4})
+    assert not resumed
+    assert tracker.client.get_run(run_id).data.tags[tracking.TAG_STUDY] == "study-1"
+    assert tracker.open_study_parent(exp, "study-1", {}, {}, run_id=run_id) == (run_id, True)
+    other_exp = tracker.tuning_experiment_id("tune_other")
+    moved, resumed = tracker.open_study_parent(other_exp, "study-1", {}, {}, run_id=run_id)
+    assert moved != run_id and not resumed
+    fresh, resumed = tracker.open_study_parent(exp, "study-1", {}, {}, run_id="f" * 32)
+    assert fresh != run_id and not resumed
+
+
+def test_promote_champion_and_challenger(tracker: Tracker) -> None:
+    exp = tracker.experiment_id("reg_ds")
+    first, _ = tracker.open_parent(exp, "vgg16", "a", {}, {})
+    with pytest.raises(ValueError, match=rf"run {first} has no logged model to register"):
+        tracker.promote("reg_ds", first, "f1", 0.5)
+    _fake_model(tracker, first)
+    assert tracker.promote("reg_ds", first, "f1", 0.5) == {
+        "name": "mammoflow-reg_ds",
+        "version": 1,
+        "alias": "champion",
+        "new": True,
+    }
+    assert tracker.promote("reg_ds", first, "f1", 0.5)["new"] is False
+    worse, _ = tracker.open_parent(exp, "resnet50", "b", {}, {})
+    _fake_model(tracker, worse)
+    assert tracker.promote("reg_ds", worse, "f1", 0.4)["alias"] == "challenger"
+    better, _ = tracker.open_parent(exp, "inception_v3", "c", {}, {})
+    _fake_model(tracker, better)
+    assert tracker.promote("reg_ds", better, "f1", 0.7)["version"] == 3
+    client = tracker.client
+    assert client.get_model_version_by_alias("mammoflow-reg_ds", "champion").version == 3
+    assert client.get_model_version_by_alias("mammoflow-reg_ds", "challenger").version == 1
+
+
+def test_unreachable_server_fails_fast() -> None:
+    with pytest.raises(TrackingUnavailable) as err:
+        tracking.check_server("http://127.0.0.1:9", timeout=2)
+    text = str(err.value)
+    assert text.startswith("cannot reach the MLflow tracking server http://127.0.0.1:9")
+    assert "unset MLFLOW_TRACKING_URI to track into ./mlflow.db" in text
+    assert os.environ.get("MLFLOW_TRACKING_URI") != "http://127.0.0.1:9"
