@@ -48,6 +48,7 @@ def project_params(backbone: str, quick: bool) -> dict[str, Any]:
         raw["convert"].update({"size": 64, "workers": 1})
         raw["split"].update({"k_folds": 3, "test_size": 0.2})
         raw["model"].update({"input_size": 32})
+        raw["datasets"][DATASET]["model"].pop("input_size", None)  # the sample's own 80 px
         raw["train"].update({"epochs": 2, "batch_size": 8})
         raw["tune"]["space"].update({"batch_size": [8], "head_units": [16, 32, 64]})
     return raw
@@ -159,7 +160,7 @@ def main() -> None:
             "n_trials": args.n_trials,
             "k_folds": cfg.split.k_folds,
             "epochs": cfg.train.epochs,
-            "input_size": cfg.model.input_size,
+            "input_size": cfg.for_dataset(DATASET).model.input_size,
             "pruner": cfg.tune.pruner,
             "space_trainable_layers": cfg.tune.space.trainable_layers,
         },
