@@ -14,7 +14,7 @@ import pydicom
 import pytest
 
 from mammoflow.data.cmmd import ingest_cmmd
-from mammoflow.data.mias import ingest_mias, parse_info
+from mammoflow.data.mias import ingest_mias, parse_info_lenient
 from mammoflow.data.pgm import read_pgm
 from mammoflow.data.sample import (
     CLINICAL_COLUMNS,
@@ -65,7 +65,8 @@ def test_mias_layout_and_info(tmp_path: Path) -> None:
     assert text.index("MAMMOGRAPHIC IMAGE ANALYSIS SOCIETY") < text.index("mdb001")
     prose = text[: text.index("mdb001")].splitlines()
     assert len(prose) > 12
-    images = parse_info(text)
+    images, problems = parse_info_lenient(text)
+    assert problems == []
     assert {k: v.label for k, v in images.items()} == result.mias_labels
     shares = Counter(result.mias_labels.values())
     assert shares == {"normal": 8, "benign": 6, "malignant": 6}
@@ -79,7 +80,10 @@ def test_mias_layout_and_info(tmp_path: Path) -> None:
 
 def test_mias_lesion_coordinates_point_at_the_lesion(tmp_path: Path) -> None:
     result = make_sample(tmp_path, seed=4, mias_patients=6, cmmd_patients=4, size=128)
-    images = parse_info((result.mias_dir / "Info.txt").read_text(encoding="latin-1"))
+    images, problems = parse_info_lenient(
+        (result.mias_dir / "Info.txt").read_text(encoding="latin-1")
+    )
+    assert problems == []
     for image_id, info in images.items():
         pixels = read_pgm(result.mias_dir / f"{image_id}.pgm").pixels.astype(float)
         for lesion in info.lesions:
