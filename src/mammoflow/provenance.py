@@ -1,6 +1,6 @@
 """What a run was made from: the params that define it, the data and code versions, the machine.
 
-Shared by the study, tuning and reports; imports nothing heavier than YAML at module level.
+Shared by the study, tuning and reports; imports nothing heavy at module level.
 """
 
 from __future__ import annotations
@@ -9,8 +9,6 @@ import platform
 import subprocess
 from pathlib import Path
 from typing import Any
-
-import yaml
 
 from mammoflow.config import Config
 
@@ -37,16 +35,26 @@ def study_params(cfg: Config, dataset: str) -> dict[str, Any]:
 
 
 def dvc_data_hash(dataset: str, root: Path = Path()) -> str:
-    """The DVC hash of ``data/processed/<dataset>`` from dvc.lock ('unknown' outside DVC)."""
-    lock = root / "dvc.lock"
-    if not lock.is_file():
+    """The DVC hash (``<md5>.dir``) of ``data/processed/<dataset>`` as it is on disk now.
+
+    Computed by DVC's own hashing code (dvc-data), the value ``dvc.lock`` records for the convert
+    stage's output — but of the files actually there, whoever wrote them (``dvc repro``, a
+    Prefect flow, a direct command), so a run's lineage tag names the data it used.
+    'unknown' when the folder is missing.
+    """
+    import tempfile
+
+    from dvc_data.hashfile.build import build
+    from dvc_data.hashfile.db import HashFileDB
+    from dvc_objects.fs.local import LocalFileSystem
+
+    folder = root / "data" / "processed" / dataset
+    if not folder.is_dir():
         return "unknown"
-    stages = (yaml.safe_load(lock.read_text(encoding="utf-8")) or {}).get("stages", {})
-    stage = stages.get(f"convert@{dataset}", {})
-    for out in stage.get("outs", []):
-        if out.get("path") == f"data/processed/{dataset}":
-            return str(out.get("md5", "unknown"))
-    return "unknown"
+    fs = LocalFileSystem()
+    with tempfile.TemporaryDirectory(prefix="mammoflow-hash-") as tmp:
+        _, _, obj = build(HashFileDB(fs, tmp), str(folder.resolve()), fs, "md5", dry_run=True)
+    return str(obj.hash_info.value)
 
 
 def git_state(root: Path = Path()) -> dict[str, str]:

@@ -108,14 +108,28 @@ def test_names() -> None:
     assert registered_model_name("cmmd") == "mammoflow-cmmd"
 
 
-def test_dvc_data_hash(tmp_path: Path) -> None:
+def test_dvc_data_hash_is_dvcs_own(tmp_path: Path) -> None:
+    """The lineage hash equals what `dvc add` records for the same folder, and follows edits."""
+    import subprocess
+    import sys
+
     assert dvc_data_hash("x", tmp_path) == "unknown"
-    lock = {
-        "schema": "2.0",
-        "stages": {"convert@x": {"outs": [{"path": "data/processed/x", "md5": "abc.dir"}]}},
-    }
-    (tmp_path / "dvc.lock").write_text(yaml.safe_dump(lock))
-    assert dvc_data_hash("x", tmp_path) == "abc.dir"
+    folder = tmp_path / "data" / "processed" / "x"
+    (folder / "images").mkdir(parents=True)
+    (folder / "images" / "a.png").write_bytes(b"png-a")
+    (folder / "manifest.parquet").write_bytes(b"rows")
+    dvc = str(Path(sys.executable).parent / "dvc")
+
+    def dvc_add() -> str:
+        subprocess.run([dvc, "add", "-q", "data/processed/x"], cwd=tmp_path, check=True)
+        return str(yaml.safe_load((folder.parent / "x.dvc").read_text())["outs"][0]["md5"])
+
+    subprocess.run([dvc, "init", "-q", "--no-scm"], cwd=tmp_path, check=True)
+    first = dvc_data_hash("x", tmp_path)
+    assert first.endswith(".dir") and first == dvc_add()
+    (folder / "images" / "a.png").write_bytes(b"png-a, changed")
+    second = dvc_data_hash("x", tmp_path)
+    assert second != first and second == dvc_add()
 
 
 def test_finite_makes_strict_json() -> None:
