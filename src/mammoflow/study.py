@@ -61,6 +61,7 @@ class StudyResult:
     resumed_folds: list[int] = field(default_factory=list)
     trained_folds: list[int] = field(default_factory=list)
     seconds: dict[str, float] = field(default_factory=dict)
+    calibration: dict[str, Any] = field(default_factory=dict)  # calibration.json (sidecar)
 
     def summary(self) -> dict[str, Any]:
         """The DVC metrics JSON of this backbone."""
@@ -74,6 +75,10 @@ class StudyResult:
             "test_ci": self.test_ci,
             "mlflow_parent_run_id": self.parent_run_id,
             "mlflow_test_run_id": self.test_run_id,
+            "calibration": {
+                k: self.calibration.get(k)
+                for k in ("temperature", "test_raw", "test_calibrated", "n_fit")
+            },
         }
 
 
@@ -342,6 +347,7 @@ def _aggregate(
     cv = mt.aggregate(list(fold_metrics.values()))
     reused = [f for f, o in sorted(folds.items()) if o.reused]
     ctx.run.finish(cv, test, ci, folds_figure(fold_metrics, inp.backbone), reused)
+    calibration = _calibrate(ctx, folds, y, prob, [patients[i] for i in ids], test_run_id)
     return StudyResult(
         dataset=inp.dataset,
         backbone=inp.backbone,
@@ -355,7 +361,40 @@ def _aggregate(
         test_model=cfg.evaluate.test_model,
         resumed_folds=reused,
         trained_folds=[f for f, o in sorted(folds.items()) if not o.reused],
+        calibration=calibration,
     )
+
+
+def _calibrate(
+    ctx: _Context,
+    folds: Mapping[int, FoldOutcome],
+    y: np.ndarray,
+    prob: np.ndarray,
+    groups: Sequence[str],
+    test_run_id: str,
+) -> dict[str, Any]:
+    """Temperature fitted on the out-of-fold validation predictions, applied to the test."""
+    from mammoflow import calibration as cal
+
+    cfg, n_classes = ctx.inp.cfg, ctx.inp.n_classes
+    oof = [_from_record(o.val, n_classes) for _, o in sorted(folds.items())]
+    val_y = np.concatenate([r[1] for r in oof]) if oof else np.zeros(0, np.int64)
+    val_p = np.concatenate([r[2] for r in oof]) if oof else np.zeros((0, n_classes))
+    res = cal.calibrate(
+        val_y,
+        val_p,
+        y,
+        prob,
+        groups,
+        n=max(cfg.evaluate.bootstrap, 1),
+        ci=cfg.evaluate.ci,
+        seed=cfg.train.seed,
+    )
+    figure = cal.reliability_figure(
+        res.bins, f"{ctx.inp.backbone}: test (T = {res.temperature:.2f})"
+    )
+    ctx.run.log_calibration(test_run_id, res.metrics(), res.to_dict(), figure)
+    return res.to_dict()
 
 
 def _tags(inp: StudyInputs, bb: BackboneModel, layout: Layout) -> dict[str, str]:
@@ -490,6 +529,8 @@ def write_outputs(
         },
     )
     atomic_write_json(models / "history.json", {str(k): dict(v) for k, v in histories.items()})
+    if result.calibration:
+        atomic_write_json(models / "calibration.json", _finite(result.calibration))
     atomic_write_text(models / "README.txt", _models_readme(result))
 
 
@@ -506,6 +547,8 @@ def _models_readme(result: StudyResult) -> str:
         "predictions.json: the test model's held-out test predictions ('test'), each fold "
         "model's validation ('folds') and test ('fold_test') predictions\n"
         "history.json: per-epoch curves (fold 0 = the refit model)\n"
+        "calibration.json: temperature fitted on the out-of-fold validation predictions "
+        "(apply as softmax(log p / T)), test ECE raw and calibrated\n"
         f"MLflow parent run: {result.parent_run_id} (full serving models are in MLflow)\n"
     )
 

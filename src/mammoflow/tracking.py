@@ -41,6 +41,8 @@ MODEL_NAME = "model"
 TAG_STUDY = "mammoflow.study"  # Optuna study name (tuning runs)
 TAG_TRIAL = "mammoflow.trial"  # Optuna trial number
 TAG_TRIAL_STATE = "mammoflow.trial_state"  # complete | pruned | failed
+TAG_TEMPERATURE = "mammoflow.temperature"  # temperature scaling of the test model (calibration)
+CALIBRATION_FILE = "calibration.json"  # its sidecar on the test run (see calibration.py)
 _BATCH = 100  # MLflow log_batch accepts at most 100 params / tags and 1000 metrics per call
 
 
@@ -572,6 +574,31 @@ class Tracker:
             )
         return rows
 
+    # ------------------------------------------------------------------ serving
+
+    def load_serving_model(self, uri: str) -> ServingModel:
+        """Load any MLflow model URI (``models:/…``, ``runs:/…``, a path) as a Keras model.
+
+        Raises:
+            ValueError: the URI names nothing in this store (the message quotes it).
+        """
+        import mlflow
+        import mlflow.keras
+        from mlflow.exceptions import MlflowException
+
+        with self.timed():
+            mlflow.set_tracking_uri(self.uri)
+            mlflow.set_registry_uri(self.uri)
+            try:
+                name, version = _registry_version(self._client, uri)
+                model = mlflow.keras.load_model(uri)
+            except (MlflowException, OSError) as exc:
+                raise ValueError(
+                    f"cannot load model {uri!r} from {self.uri}: {_short_reason(exc)}; "
+                    "train and evaluate the dataset first (`make run`), or pass --model"
+                ) from None
+        return ServingModel(model=model, uri=uri, name=name, version=version)
+
     # ------------------------------------------------------------------ registry
 
     def promote(
@@ -601,14 +628,16 @@ class Tracker:
 
             mlflow.set_tracking_uri(self.uri)  # register_model resolves runs:/ URIs with it
             mlflow.set_registry_uri(self.uri)
-            model_uri = self._client.get_run(run_id).data.tags.get("mammoflow.model_uri")
+            run_tags = self._client.get_run(run_id).data.tags
+            model_uri = run_tags.get("mammoflow.model_uri")
             if not model_uri:
                 raise ValueError(
                     f"run {run_id} has no logged model to register; set tracking.log_models "
                     "to 'all' or 'final' and rerun"
                 )
+            extra = {k: run_tags[k] for k in (TAG_TEMPERATURE,) if k in run_tags}
             version = mlflow.register_model(
-                model_uri, name, tags={metric: f"{value:.6f}", "run_id": run_id}
+                model_uri, name, tags={metric: f"{value:.6f}", "run_id": run_id, **extra}
             )
             if current is not None:
                 old = float(current.tags.get(metric, "nan"))
@@ -619,6 +648,30 @@ class Tracker:
                 self._client.set_registered_model_alias(name, "challenger", current.version)
             self._client.set_registered_model_alias(name, "champion", version.version)
         return {"name": name, "version": version.version, "alias": "champion", "new": True}
+
+
+@dataclass(frozen=True)
+class ServingModel:
+    """A logged Keras model loaded for scoring, with where it came from."""
+
+    model: Any
+    uri: str
+    name: str  # registered model name ("" for a run or path URI)
+    version: str  # registry version ("" for a run or path URI)
+
+
+def _registry_version(client: Any, uri: str) -> tuple[str, str]:
+    """``(name, version)`` of a ``models:/name@alias`` or ``models:/name/version`` URI."""
+    if not uri.startswith("models:/"):
+        return "", ""
+    ref = uri.removeprefix("models:/").strip("/")
+    if "@" in ref:
+        name, alias = ref.split("@", 1)
+        return name, str(client.get_model_version_by_alias(name, alias).version)
+    name, _, version = ref.partition("/")
+    if version.isdigit() or not version:
+        return name, version
+    return name, ""  # an m-<id> logged model or a stage name: no single version to report
 
 
 def _param_value(value: Any) -> str:
@@ -863,3 +916,21 @@ class StudyRun:
         )
         t.log_figure(self.parent_id, fold_figure, "fold_metrics.png")
         t.set_tags(self.parent_id, {"resumed_folds": json.dumps(list(reused_folds))})
+
+    def log_calibration(
+        self, test_run_id: str, metrics: Mapping[str, float], sidecar: Any, figure: Any
+    ) -> None:
+        """Calibration of the test model, raw and temperature-scaled.
+
+        Metrics (``test_ece``, ``test_calibrated_ece``, CIs, ``temperature``) go on the parent
+        and the test run; the test run also carries the temperature as tag
+        ``mammoflow.temperature`` (copied onto the registered version by :meth:`Tracker.promote`)
+        and the sidecar ``calibration.json``; the reliability diagram goes on the parent.
+        """
+        t = self.tracker
+        temperature = f"{float(metrics['temperature']):.6g}"
+        for run_id in (self.parent_id, test_run_id):
+            t.log_metrics(run_id, metrics)
+            t.set_tags(run_id, {TAG_TEMPERATURE: temperature})
+        t.log_dict(test_run_id, sidecar, CALIBRATION_FILE)
+        t.log_figure(self.parent_id, figure, "reliability_diagram.png")

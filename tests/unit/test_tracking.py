@@ -7,6 +7,7 @@ import os
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from mammoflow import tracking
@@ -204,3 +205,29 @@ def test_unreachable_server_fails_fast() -> None:
     assert text.startswith("cannot reach the MLflow tracking server http://127.0.0.1:9")
     assert "unset MLFLOW_TRACKING_URI to track into ./mlflow.db" in text
     assert os.environ.get("MLFLOW_TRACKING_URI") != "http://127.0.0.1:9"
+
+
+def test_calibration_is_logged_and_carried_by_the_registered_version(tracker: Tracker) -> None:
+    from mammoflow.calibration import calibrate, reliability_figure
+
+    study = tracking.StudyRun.open(
+        tracker, dataset="cal_ds", backbone="vgg16", key="k", tags={}, params={"lr": 0.1}
+    )
+    test_id = study._child("test", "test", {}, {})
+    rng = np.random.default_rng(0)
+    prob = rng.dirichlet([0.3, 0.3], size=40)
+    y = rng.integers(0, 2, 40)
+    res = calibrate(y[:20], prob[:20], y[20:], prob[20:], [str(i) for i in range(20)], n=20)
+    figure = reliability_figure(res.bins)
+    study.log_calibration(test_id, res.metrics(), res.to_dict(), figure)
+    for run_id in (study.parent_id, test_id):
+        run = tracker.client.get_run(run_id)
+        assert run.data.metrics["temperature"] == pytest.approx(res.temperature)
+        assert {"test_ece", "test_calibrated_ece", "test_ece_ci_low"} <= set(run.data.metrics)
+        assert float(run.data.tags[tracking.TAG_TEMPERATURE]) == pytest.approx(res.temperature)
+    sidecar = tracker.load_json_artifact(test_id, tracking.CALIBRATION_FILE)
+    assert sidecar["temperature"] == pytest.approx(res.temperature)
+    _fake_model(tracker, test_id)
+    version = tracker.promote("cal_ds", test_id, "f1", 0.5)["version"]
+    tags = tracker.client.get_model_version("mammoflow-cal_ds", version).tags
+    assert float(tags[tracking.TAG_TEMPERATURE]) == pytest.approx(res.temperature)

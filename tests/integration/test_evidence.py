@@ -1,0 +1,84 @@
+"""The study's evidence end to end on a tiny sample: calibration (and what builds on it)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from mammoflow import stages
+from mammoflow.calibration import apply_temperature
+from mammoflow.config import Config
+from mammoflow.paths import Layout
+from mammoflow.tracking import CALIBRATION_FILE, TAG_TEMPERATURE
+from tests.helpers import mlflow_client, prepare_data, project_dir
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+ROOT = Path(__file__).resolve().parents[2]
+DATASET = "sample_cmmd"
+BACKBONE = "vgg16"
+
+
+def _params() -> dict:  # type: ignore[type-arg]
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    raw["pipeline"]["datasets"] = [DATASET]
+    raw["sample"].update({"cmmd_patients": 18, "size": 64})
+    raw["convert"].update({"size": 64, "workers": 1})
+    raw["split"].update({"k_folds": 2, "test_size": 0.3})
+    raw["model"].update({"backbones": [BACKBONE], "input_size": 32, "weights": "none"})
+    for ds in raw["datasets"].values():  # the demo's own 80 px would win
+        ds.pop("model", None)
+    raw["train"].update({"epochs": 1, "batch_size": 8})
+    raw["evaluate"]["bootstrap"] = 30
+    raw["tracking"]["log_models"] = "final"
+    return raw
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, Config]]:
+    root = tmp_path_factory.mktemp("evidence")
+    with project_dir(root, _params()) as cfg:
+        try:
+            prepare_data(cfg, DATASET)
+            stages.train_stage(cfg, DATASET, BACKBONE, Layout())
+            stages.evaluate_stage(cfg, DATASET, Layout())
+            yield root, cfg
+        finally:
+            client = mlflow_client(root)
+            for model in client.search_registered_models():
+                client.delete_registered_model(model.name)
+            for exp in client.search_experiments():
+                if exp.name.startswith("mammoflow-"):
+                    client.delete_experiment(exp.experiment_id)
+
+
+def test_calibration_fitted_on_oof_logged_and_registered(project: tuple[Path, Config]) -> None:
+    root, _ = project
+    models = root / "models" / DATASET / BACKBONE
+    sidecar = json.loads((models / "calibration.json").read_text())
+    preds = json.loads((models / "predictions.json").read_text())
+    n_oof = sum(len(rec["y_true"]) for rec in preds["folds"].values())
+    assert sidecar["n_fit"] == n_oof and sidecar["n_test"] == len(preds["test"]["y_true"])
+    t = sidecar["temperature"]
+    assert t > 0
+    summary = json.loads((root / "metrics" / DATASET / f"{BACKBONE}.json").read_text())
+    assert summary["calibration"]["temperature"] == t
+    client = mlflow_client(root)
+    parent = client.get_run(summary["mlflow_parent_run_id"])
+    for key in ("test_ece", "test_calibrated_ece", "test_classwise_ece", "test_ece_ci_high"):
+        assert key in parent.data.metrics
+    test_run = summary["mlflow_test_run_id"]
+    assert client.get_run(test_run).data.tags[TAG_TEMPERATURE] == f"{t:.6g}"
+    listed = {a.path for a in client.list_artifacts(test_run)}
+    assert CALIBRATION_FILE in listed
+    assert "reliability_diagram.png" in {a.path for a in client.list_artifacts(parent.info.run_id)}
+    champion = client.get_model_version_by_alias(f"mammoflow-{DATASET}", "champion")
+    assert float(champion.tags[TAG_TEMPERATURE]) == pytest.approx(t, rel=1e-5)
+    prob = np.asarray(preds["test"]["prob"])
+    scaled = apply_temperature(prob, float(champion.tags[TAG_TEMPERATURE]))
+    assert (scaled.argmax(axis=1) == prob.argmax(axis=1)).all()
