@@ -475,7 +475,7 @@ class Tracker:
         from mlflow.models.signature import ModelSignature
         from mlflow.types.schema import Schema, TensorSpec
 
-        output = model.predict(input_example, verbose=0)
+        output = np.asarray(model(input_example, training=False))  # no predict(): no retrace
         # any image size: the model resizes itself, so height and width stay variable (-1)
         signature = ModelSignature(
             inputs=Schema([TensorSpec(np.dtype("float32"), (-1, -1, -1, 1))]),
@@ -672,6 +672,17 @@ def _registry_version(client: Any, uri: str) -> tuple[str, str]:
     if version.isdigit() or not version:
         return name, version
     return name, ""  # an m-<id> logged model or a stage name: no single version to report
+
+
+def _finite_json(obj: Any) -> Any:
+    """NaN / inf → None, so a logged JSON artifact is strict JSON."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, Mapping):
+        return {k: _finite_json(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_finite_json(v) for v in obj]
+    return obj
 
 
 def _param_value(value: Any) -> str:
@@ -932,5 +943,10 @@ class StudyRun:
         for run_id in (self.parent_id, test_run_id):
             t.log_metrics(run_id, metrics)
             t.set_tags(run_id, {TAG_TEMPERATURE: temperature})
-        t.log_dict(test_run_id, sidecar, CALIBRATION_FILE)
+        t.log_dict(test_run_id, _finite_json(sidecar), CALIBRATION_FILE)
         t.log_figure(self.parent_id, figure, "reliability_diagram.png")
+
+    def log_subgroups(self, tables: Mapping[str, Any], markdown: str) -> None:
+        """Metrics per subgroup on the parent: ``subgroups.json`` and ``subgroups.md``."""
+        self.tracker.log_dict(self.parent_id, _finite_json(tables), "subgroups.json")
+        self.tracker.log_text(self.parent_id, markdown, "subgroups.md")
