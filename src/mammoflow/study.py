@@ -62,6 +62,7 @@ class StudyResult:
     trained_folds: list[int] = field(default_factory=list)
     seconds: dict[str, float] = field(default_factory=dict)
     calibration: dict[str, Any] = field(default_factory=dict)  # calibration.json (sidecar)
+    subgroups: dict[str, Any] = field(default_factory=dict)  # {"test" | "out-of-fold": rows}
 
     def summary(self) -> dict[str, Any]:
         """The DVC metrics JSON of this backbone."""
@@ -348,6 +349,7 @@ def _aggregate(
     reused = [f for f, o in sorted(folds.items()) if o.reused]
     ctx.run.finish(cv, test, ci, folds_figure(fold_metrics, inp.backbone), reused)
     calibration = _calibrate(ctx, folds, y, prob, [patients[i] for i in ids], test_run_id)
+    subgroups = _subgroups(ctx, folds, (ids, y, prob))
     return StudyResult(
         dataset=inp.dataset,
         backbone=inp.backbone,
@@ -362,7 +364,43 @@ def _aggregate(
         resumed_folds=reused,
         trained_folds=[f for f, o in sorted(folds.items()) if not o.reused],
         calibration=calibration,
+        subgroups=subgroups,
     )
+
+
+def _oof(
+    folds: Mapping[int, FoldOutcome], n_classes: int
+) -> tuple[list[str], np.ndarray, np.ndarray]:
+    """The out-of-fold validation predictions of every fold, concatenated."""
+    recs = [_from_record(o.val, n_classes) for _, o in sorted(folds.items())]
+    if not recs:
+        return [], np.zeros(0, np.int64), np.zeros((0, n_classes), np.float32)
+    ids = [i for r in recs for i in r[0]]
+    return ids, np.concatenate([r[1] for r in recs]), np.concatenate([r[2] for r in recs])
+
+
+def _subgroups(
+    ctx: _Context,
+    folds: Mapping[int, FoldOutcome],
+    test: tuple[list[str], np.ndarray, np.ndarray],
+) -> dict[str, Any]:
+    """Test and out-of-fold metrics per subgroup (counts, CIs, small flag), logged."""
+    from mammoflow import subgroups as sg
+
+    inp, cfg = ctx.inp, ctx.inp.cfg
+    factors = sg.factor_frame(inp.frame, cfg.dataset(inp.dataset).kind)
+    boot: dict[str, Any] = {
+        "n": max(cfg.evaluate.bootstrap, 1),
+        "ci": cfg.evaluate.ci,
+        "seed": cfg.train.seed,
+    }
+    patients = inp.patients()
+    tables = {
+        name: sg.subgroup_rows(*data, factors, patients, inp.class_names, **boot)
+        for name, data in (("test", test), ("out-of-fold", _oof(folds, inp.n_classes)))
+    }
+    ctx.run.log_subgroups(tables, sg.subgroup_markdown(tables, ci=cfg.evaluate.ci))
+    return tables
 
 
 def _calibrate(
@@ -376,10 +414,8 @@ def _calibrate(
     """Temperature fitted on the out-of-fold validation predictions, applied to the test."""
     from mammoflow import calibration as cal
 
-    cfg, n_classes = ctx.inp.cfg, ctx.inp.n_classes
-    oof = [_from_record(o.val, n_classes) for _, o in sorted(folds.items())]
-    val_y = np.concatenate([r[1] for r in oof]) if oof else np.zeros(0, np.int64)
-    val_p = np.concatenate([r[2] for r in oof]) if oof else np.zeros((0, n_classes))
+    cfg = ctx.inp.cfg
+    _, val_y, val_p = _oof(folds, ctx.inp.n_classes)
     res = cal.calibrate(
         val_y,
         val_p,
@@ -531,6 +567,11 @@ def write_outputs(
     atomic_write_json(models / "history.json", {str(k): dict(v) for k, v in histories.items()})
     if result.calibration:
         atomic_write_json(models / "calibration.json", _finite(result.calibration))
+    if result.subgroups:
+        from mammoflow.subgroups import subgroup_markdown
+
+        atomic_write_json(models / "subgroups.json", _finite(result.subgroups))
+        atomic_write_text(models / "subgroups.md", subgroup_markdown(result.subgroups))
     atomic_write_text(models / "README.txt", _models_readme(result))
 
 
@@ -549,6 +590,7 @@ def _models_readme(result: StudyResult) -> str:
         "history.json: per-epoch curves (fold 0 = the refit model)\n"
         "calibration.json: temperature fitted on the out-of-fold validation predictions "
         "(apply as softmax(log p / T)), test ECE raw and calibrated\n"
+        "subgroups.json / .md: test and out-of-fold metrics per subgroup with counts and CIs\n"
         f"MLflow parent run: {result.parent_run_id} (full serving models are in MLflow)\n"
     )
 

@@ -82,3 +82,27 @@ def test_calibration_fitted_on_oof_logged_and_registered(project: tuple[Path, Co
     prob = np.asarray(preds["test"]["prob"])
     scaled = apply_temperature(prob, float(champion.tags[TAG_TEMPERATURE]))
     assert (scaled.argmax(axis=1) == prob.argmax(axis=1)).all()
+
+
+def test_subgroups_test_and_oof_written_and_logged(project: tuple[Path, Config]) -> None:
+    root, _ = project
+    models = root / "models" / DATASET / BACKBONE
+    tables = json.loads((models / "subgroups.json").read_text())
+    preds = json.loads((models / "predictions.json").read_text())
+    assert set(tables) == {"test", "out-of-fold"}
+    factors = {r["factor"] for r in tables["test"]}
+    assert factors == {"abnormality", "view", "laterality", "age_band"}
+    n_oof = sum(len(v["y_true"]) for v in preds["folds"].values())
+    for name, n_images in (("test", len(preds["test"]["y_true"])), ("out-of-fold", n_oof)):
+        by_factor: dict[str, int] = {}
+        for r in tables[name]:
+            by_factor[r["factor"]] = by_factor.get(r["factor"], 0) + r["n"]
+            assert r["small"] == (r["n"] < 10)
+        assert set(by_factor.values()) == {n_images}  # each factor partitions the images
+    assert "⚠" in (models / "subgroups.md").read_text() or all(
+        not r["small"] for rows in tables.values() for r in rows
+    )
+    summary = json.loads((root / "metrics" / DATASET / f"{BACKBONE}.json").read_text())
+    client = mlflow_client(root)
+    listed = {a.path for a in client.list_artifacts(summary["mlflow_parent_run_id"])}
+    assert {"subgroups.json", "subgroups.md"} <= listed
