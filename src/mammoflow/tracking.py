@@ -28,7 +28,10 @@ import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from mammoflow.card import CardFacts
 
 log = logging.getLogger(__name__)
 
@@ -648,6 +651,47 @@ class Tracker:
                 self._client.set_registered_model_alias(name, "challenger", current.version)
             self._client.set_registered_model_alias(name, "champion", version.version)
         return {"name": name, "version": version.version, "alias": "champion", "new": True}
+
+    def card_facts(self, dataset: str, alias: str) -> CardFacts | None:
+        """What the model card of ``mammoflow-<dataset>@<alias>`` is written from, or None."""
+        from mlflow.exceptions import MlflowException
+
+        from mammoflow.card import CardFacts
+
+        name = registered_model_name(dataset)
+        with self.timed():
+            try:
+                mv = self._client.get_model_version_by_alias(name, alias)
+            except MlflowException:
+                return None
+            test = self._client.get_run(mv.tags["run_id"])
+            parent_id = test.data.tags.get("mlflow.parentRunId", test.info.run_id)
+            parent = self._client.get_run(parent_id)
+        subgroups = ""
+        with contextlib.suppress(Exception):
+            from mlflow.artifacts import load_text
+
+            with self.timed():
+                subgroups = load_text(f"runs:/{parent_id}/subgroups.md")
+        return CardFacts(
+            name=name,
+            version=str(mv.version),
+            alias=alias,
+            dataset=dataset,
+            backbone=test.data.tags.get(TAG_BACKBONE, "?"),
+            test_run_id=test.info.run_id,
+            parent_run_id=parent_id,
+            params=dict(test.data.params),
+            tags={**parent.data.tags, **test.data.tags},
+            metrics=dict(parent.data.metrics),
+            subgroups_md=subgroups,
+        )
+
+    def set_model_card(self, facts: CardFacts, card: str, description: str) -> None:
+        """The card as the version's description and as ``model_card.md`` on its test run."""
+        with self.timed():
+            self._client.update_model_version(facts.name, facts.version, description=description)
+        self.log_text(facts.test_run_id, card, "model_card.md")
 
 
 @dataclass(frozen=True)

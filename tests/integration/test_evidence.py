@@ -106,3 +106,15 @@ def test_subgroups_test_and_oof_written_and_logged(project: tuple[Path, Config])
     client = mlflow_client(root)
     listed = {a.path for a in client.list_artifacts(summary["mlflow_parent_run_id"])}
     assert {"subgroups.json", "subgroups.md"} <= listed
+
+
+def test_registered_version_has_its_model_card(project: tuple[Path, Config]) -> None:
+    root, _ = project
+    client = mlflow_client(root)
+    champion = client.get_model_version_by_alias(f"mammoflow-{DATASET}", "champion")
+    text = champion.description
+    assert "## Intended use" in text and "Not for diagnosis" in text
+    assert champion.tags["run_id"] in text
+    assert "model_card.md" in {a.path for a in client.list_artifacts(champion.tags["run_id"])}
+    champion_json = json.loads((root / "metrics" / "champion" / f"{DATASET}.json").read_text())
+    assert champion_json["model_cards"] == {"champion": str(champion.version)}
