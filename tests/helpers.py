@@ -158,3 +158,31 @@ def scan_bucket(
                 found |= {n for n, raw in encoded if raw in data}
             hits.extend(ScanHit(key, n) for n in sorted(found))
     return hits
+
+
+# ------------------------------------------------------------------------------ scoring
+
+
+def tiny_champion(root: Path, dataset: str = "sample_mias", n_classes: int = 3) -> str:
+    """Register a tiny untrained VGG16 ensemble (32 px, 2 folds) as ``dataset``'s champion.
+
+    The store is ``root/mlflow.db`` (artifacts under ``root/mlartifacts``); returns the logged
+    model's URI. The model is the serving graph the study logs (``ensemble_model``).
+    """
+    import numpy as np
+
+    from mammoflow.models.build import ensemble_model, load_backbone, trainable_tail_and_head
+    from mammoflow.tracking import Tracker
+
+    bb = load_backbone("vgg16", weights="none", trainable_layers=2, input_size=32)
+    heads = [
+        trainable_tail_and_head(bb, n_classes, head_units=8, seed=i, name=f"vgg16_fold_{i}")
+        for i in (1, 2)
+    ]
+    model = ensemble_model(bb, heads)
+    tracker = Tracker(root=root)
+    parent, _ = tracker.open_parent(tracker.experiment_id(dataset), "vgg16", "tiny", {}, {})
+    example = np.zeros((1, 40, 40, 1), np.float32)
+    uri = tracker.log_model(parent, model, example)
+    tracker.promote(dataset, parent, "f1", 0.5)
+    return uri

@@ -368,6 +368,54 @@ def storage_check_cmd(
     report.raise_for_error()
 
 
+@app.command("predict")
+def predict_cmd(
+    paths: Annotated[
+        list[Path], typer.Argument(help="DICOM/PGM/PNG files or folders (recursive).")
+    ],
+    dataset: Annotated[str, typer.Option(help="Dataset whose classes and conversion apply.")],
+    out_file: Annotated[Path, typer.Option("--out", help="Results file, .csv or .json.")],
+    model: Annotated[
+        str | None, typer.Option(help="MLflow model URI; default models:/mammoflow-D@champion.")
+    ] = None,
+    explain: Annotated[
+        Path | None, typer.Option(help="Folder for Grad-CAM overlays (.png) and maps (.npy).")
+    ] = None,
+    target_layer: Annotated[
+        str | None, typer.Option(help="Grad-CAM layer; default the last convolution.")
+    ] = None,
+    batch_size: Annotated[int, typer.Option(help="Images per forward pass.")] = 16,
+    params: ParamsOpt = Path("params.yaml"),
+) -> None:
+    """Score new mammograms with the dataset's champion (or --model); exit 1 if any file failed."""
+    from mammoflow.predict import predict_files
+
+    try:
+        res = predict_files(
+            paths,
+            _config(params),
+            dataset,
+            model_uri=model,
+            out=out_file,
+            explain_dir=explain,
+            batch_size=batch_size,
+            target_layer=target_layer,
+        )
+    except (ConfigError, ValueError, FileNotFoundError) as exc:
+        console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        raise typer.Exit(code=2) from None
+    console.print(
+        f"{len(res.rows)} images scored in {res.seconds:.1f} s ({res.images_per_s:.1f} images/s)"
+        f" → {out_file}" + (f"; explanations in {explain}" if explain else ""),
+        highlight=False,
+    )
+    if res.failures:
+        console.print(f"[bold red]{len(res.failures)} file(s) failed:[/]", highlight=False)
+        for f in res.failures:
+            console.print(f"  - {f.path}: {f.reason}", highlight=False, soft_wrap=True)
+        raise typer.Exit(code=1)
+
+
 @app.command("config")
 @_friendly
 def config_cmd(params: ParamsOpt = Path("params.yaml")) -> None:

@@ -51,3 +51,30 @@ def raw_stats(arr: np.ndarray) -> tuple[float, float]:
     if values.size == 0:
         raise ValueError("raw_stats got an empty array; the image has no pixels")
     return float(values.mean()), float(values.std())
+
+
+def load_png(path: str | Path) -> np.ndarray:
+    """Read a greyscale (or colour, converted to grey) PNG as 2-D ``float32`` in [0, 1].
+
+    8-bit PNGs are divided by 255 and 16-bit ones by 65535, so a converted PNG reads back as
+    the image it was written from.
+
+    Raises:
+        ValueError: the file is not a readable PNG.
+    """
+    from PIL import Image, UnidentifiedImageError
+
+    path = Path(path)
+    try:
+        with Image.open(path) as img:
+            if img.format != "PNG":
+                raise ValueError(f"{path}: not a PNG file (format {img.format!r})")
+            if img.mode in ("I;16", "I;16B", "I"):
+                arr = np.asarray(img, dtype=np.float32) / np.float32(65535.0)
+            else:
+                arr = np.asarray(img.convert("L"), dtype=np.float32) / np.float32(255.0)
+    except (UnidentifiedImageError, OSError) as exc:
+        raise ValueError(f"{path}: cannot read the PNG: {exc}") from None
+    if arr.ndim != 2 or min(arr.shape) < 1:
+        raise ValueError(f"{path}: PNG has shape {arr.shape}; expected a 2-D image")
+    return np.clip(arr, 0.0, 1.0).astype(np.float32)

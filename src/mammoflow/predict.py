@@ -1,0 +1,393 @@
+"""Score new mammograms with a registered (or any MLflow) model, through the training readers.
+
+Every file goes through exactly what training's images went through: :func:`read_image` (the
+raw readers of :mod:`mammoflow.data.readers`, with ingestion's DICOM acceptance rules, plus grey
+PNG), :func:`mammoflow.data.convert.prepare_image` (optional breast crop, aspect-kept resize,
+black padding to ``convert.size``, quantization to ``convert.bit_depth``) and the same scaling
+to [0, 255] as the feature loader. The logged model resizes itself, so the converted canvases are
+fed in batches as they are.
+
+Image ids are pseudonymous: ``i`` + 16 hex digits of the file's sha256 (keyed with HMAC when
+``ingest.pseudonymize`` is ``hmac``), never the file name.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from numpy.typing import NDArray
+
+from mammoflow.config import Config
+
+SUFFIXES = (".dcm", ".dicom", ".pgm", ".png")
+ID_HEX = 16
+DEFAULT_BATCH = 16
+
+
+class PredictError(ValueError):
+    """Some files could not be scored; ``failures`` lists each with its reason."""
+
+    def __init__(self, failures: Sequence[ScoreFailure], scored: int) -> None:
+        self.failures = list(failures)
+        lines = [f"  - {f.path}: {f.reason}" for f in failures]
+        super().__init__(
+            f"{len(failures)} file(s) could not be scored ({scored} scored):\n" + "\n".join(lines)
+        )
+
+
+@dataclass(frozen=True)
+class ScoreFailure:
+    """One input that could not be scored, and why."""
+
+    path: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """Where the original image lies on the converted square canvas.
+
+    Attributes:
+        height, width: the original image's size.
+        bbox: the crop ``(top, left, bottom, right)`` taken from it (the whole image unless
+            ``convert.crop_to_breast``).
+        top, left, fit_h, fit_w: the resized crop's place on the ``size`` x ``size`` canvas.
+        size: the canvas side (``convert.size``).
+    """
+
+    height: int
+    width: int
+    bbox: tuple[int, int, int, int]
+    top: int
+    left: int
+    fit_h: int
+    fit_w: int
+    size: int
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """One input ready for the model."""
+
+    path: str
+    image_id: str
+    pixels: NDArray[np.float32]  # (size, size) in [0, 255], as training fed the model
+    original: NDArray[np.float32]  # 2-D [0, 1], the decoded file (for overlays)
+    geometry: Geometry
+
+
+@dataclass
+class PredictResult:
+    """What :func:`predict_files` did."""
+
+    rows: list[dict[str, Any]]
+    failures: list[ScoreFailure]
+    seconds: float
+    out: Path | None = None
+    explained: list[str] = field(default_factory=list)
+
+    @property
+    def images_per_s(self) -> float:
+        """Scored images per second (reading, conversion and forward passes)."""
+        return len(self.rows) / self.seconds if self.seconds > 0 else 0.0
+
+
+# --------------------------------------------------------------------------- inputs
+
+
+def find_images(paths: Iterable[Path | str]) -> tuple[list[Path], list[ScoreFailure]]:
+    """Files (folders searched recursively) with a scorable suffix; missing paths as failures."""
+    files: list[Path] = []
+    failures: list[ScoreFailure] = []
+    for raw in paths:
+        path = Path(raw)
+        if path.is_dir():
+            found = sorted(p for p in path.rglob("*") if p.is_file() and _scorable(p))
+            if not found:
+                failures.append(ScoreFailure(str(path), f"no {'/'.join(SUFFIXES)} files in it"))
+            files.extend(found)
+        elif path.is_file():
+            files.append(path)
+        else:
+            failures.append(ScoreFailure(str(path), "no such file or folder"))
+    seen: set[Path] = set()
+    unique = [f for f in files if not (f.resolve() in seen or seen.add(f.resolve()))]  # type: ignore[func-returns-value]
+    return unique, failures
+
+
+def _scorable(path: Path) -> bool:
+    return path.suffix.lower() in SUFFIXES and not path.name.startswith(".")
+
+
+def acceptance(cfg: Config, dataset: str) -> Any:
+    """Ingestion's DICOM acceptance rules for ``dataset`` (the sample's own minimum size)."""
+    from mammoflow.data.dicom import Acceptance
+    from mammoflow.stages import min_size
+
+    return Acceptance(
+        min_size=min_size(cfg, dataset),
+        accept_for_processing=cfg.ingest.accept_for_processing,
+        min_size_hint="lower ingest.min_size",
+    )
+
+
+def read_image(path: Path, rules: Any) -> NDArray[np.float32]:
+    """Decode one file as 2-D float32 in [0, 1] with the training readers.
+
+    DICOM goes through ingestion's acceptance ``rules`` (not an image, QC, FOR PROCESSING, too
+    small) and the display chain; PGM through :func:`load_raw`; PNG is read as grey.
+
+    Raises:
+        ValueError: an unsupported suffix or a file the readers refuse (the reason says why).
+    """
+    from mammoflow.data.dicom import read_dicom
+    from mammoflow.data.readers import DICOM_SUFFIXES, load_png, load_raw
+
+    suffix = path.suffix.lower()
+    if suffix in DICOM_SUFFIXES:
+        return read_dicom(path, rules).pixels
+    if suffix == ".png":
+        return load_png(path)
+    return np.asarray(load_raw(path), dtype=np.float32)
+
+
+def geometry(img: NDArray[np.floating], size: int, crop_to_breast: bool) -> Geometry:
+    """Where :func:`convert.prepare_image` puts ``img`` on its ``size`` canvas."""
+    from mammoflow.data import images
+
+    height, width = img.shape
+    bbox = (
+        images.breast_bbox(np.asarray(img, np.float32)) if crop_to_breast else (0, 0, height, width)
+    )
+    fit_h, fit_w = images.fit_size(bbox[2] - bbox[0], bbox[3] - bbox[1], size)
+    return Geometry(
+        height=height,
+        width=width,
+        bbox=(int(bbox[0]), int(bbox[1]), int(bbox[2]), int(bbox[3])),
+        top=(size - fit_h) // 2,
+        left=(size - fit_w) // 2,
+        fit_h=fit_h,
+        fit_w=fit_w,
+        size=size,
+    )
+
+
+def image_id(path: Path, key: bytes | None) -> str:
+    """``i`` + 16 hex digits of the file's sha256 (HMAC-keyed with ``key``): no name leaks."""
+    from mammoflow.data.pseudonym import keyed_hex
+    from mammoflow.io import sha256_file
+
+    digest = sha256_file(path)
+    return "i" + (keyed_hex(key, f"image:{digest}", ID_HEX) if key else digest[:ID_HEX])
+
+
+def prepare(path: Path, cfg: Config, rules: Any, key: bytes | None = None) -> Prepared:
+    """Read and convert one file exactly as the convert stage does, scaled to [0, 255]."""
+    from mammoflow.data.convert import prepare_image
+
+    img = read_image(path, rules)
+    conv = cfg.convert
+    pixels = prepare_image(img, conv.size, conv.bit_depth, conv.crop_to_breast)
+    # as features._png_dataset: 8-bit as is, 16-bit / 257, both in [0, 255]
+    scaled = pixels.astype(np.float32) / (np.float32(257.0) if conv.bit_depth == 16 else 1.0)
+    return Prepared(
+        path=str(path),
+        image_id=image_id(path, key),
+        pixels=scaled,
+        original=img,
+        geometry=geometry(img, conv.size, conv.crop_to_breast),
+    )
+
+
+# --------------------------------------------------------------------------- model
+
+
+def default_model_uri(dataset: str) -> str:
+    """The registry alias of ``dataset``'s champion."""
+    from mammoflow.tracking import registered_model_name
+
+    return f"models:/{registered_model_name(dataset)}@champion"
+
+
+def class_names(cfg: Config, dataset: str) -> tuple[str, ...]:
+    """The dataset's classes in label_index order."""
+    from mammoflow.data.manifest import CLASSES
+
+    return CLASSES[cfg.dataset(dataset).kind]
+
+
+def forward(model: Any, batch: NDArray[np.float32]) -> NDArray[np.float32]:
+    """One batched forward pass ``(n, size, size) → (n, classes)`` probabilities."""
+    out = model(batch[..., None], training=False)
+    return np.asarray(out, dtype=np.float32)
+
+
+# --------------------------------------------------------------------------- scoring
+
+
+@contextmanager
+def progress_bar(
+    total: int, enabled: bool, label: str = "predict"
+) -> Iterator[Callable[[int], None]]:
+    """A rich progress bar advanced by ``n`` images; a no-op when disabled."""
+    if not enabled:
+        yield lambda n: None
+        return
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
+    with Progress(
+        TextColumn(f"[bold]{label}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+    ) as bar:
+        task = bar.add_task(label, total=total)
+        yield lambda n: bar.advance(task, n)
+
+
+def batches(
+    files: Sequence[Path], cfg: Config, rules: Any, key: bytes | None, batch_size: int
+) -> Iterator[tuple[list[Prepared], list[ScoreFailure]]]:
+    """Prepared inputs ``batch_size`` files at a time, with the files that failed among them."""
+    for start in range(0, len(files), batch_size):
+        ready: list[Prepared] = []
+        failed: list[ScoreFailure] = []
+        for path in files[start : start + batch_size]:
+            try:
+                ready.append(prepare(path, cfg, rules, key))
+            except Exception as exc:  # every bad file is reported together at the end
+                failed.append(ScoreFailure(str(path), f"{type(exc).__name__}: {exc}"))
+        yield ready, failed
+
+
+def result_row(
+    item: Prepared, probs: NDArray[np.float32], classes: Sequence[str], model: Any
+) -> dict[str, Any]:
+    """One output row: path, id, ``p_<class>`` per class, the predicted class, the model."""
+    row: dict[str, Any] = {"path": item.path, "image_id": item.image_id}
+    row.update({f"p_{c}": float(p) for c, p in zip(classes, probs, strict=True)})
+    row["predicted"] = classes[int(np.argmax(probs))]
+    row.update({"model_name": model.name, "model_version": model.version, "model_uri": model.uri})
+    return row
+
+
+def write_rows(rows: Sequence[dict[str, Any]], out: Path) -> None:
+    """Write the rows atomically as ``.csv`` or ``.json`` (by the suffix).
+
+    Raises:
+        ValueError: another suffix.
+    """
+    from mammoflow.io import atomic_write_text
+
+    suffix = out.suffix.lower()
+    if suffix == ".json":
+        atomic_write_text(out, json.dumps(list(rows), indent=2) + "\n")
+        return
+    if suffix != ".csv":
+        raise ValueError(f"--out {str(out)!r}: use a .csv or .json file")
+    buf = io.StringIO()
+    fields = list(rows[0]) if rows else ["path", "image_id", "predicted"]
+    writer = csv.DictWriter(buf, fieldnames=fields, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write_text(out, buf.getvalue())
+
+
+def predict_files(
+    paths: Sequence[Path | str],
+    cfg: Config,
+    dataset: str,
+    *,
+    model_uri: str | None = None,
+    out: Path | None = None,
+    explain_dir: Path | None = None,
+    batch_size: int = DEFAULT_BATCH,
+    progress: bool = True,
+    target_layer: str | None = None,
+) -> PredictResult:
+    """Score every image under ``paths`` with ``model_uri`` (default: the dataset's champion).
+
+    Good files are scored even when others fail; the failures are in the result (the caller
+    decides the exit code). ``out`` is written atomically; ``explain_dir`` gets a Grad-CAM
+    overlay PNG and the raw map (``.npy``) per image.
+
+    Raises:
+        ValueError: a bad ``batch_size`` or ``out`` suffix, or a model whose outputs do not
+            match the dataset's classes.
+    """
+    from mammoflow.data.pseudonym import pseudonymizer
+    from mammoflow.tracking import Tracker
+
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch_size!r}")
+    if out is not None and out.suffix.lower() not in (".csv", ".json"):
+        raise ValueError(f"--out {str(out)!r}: use a .csv or .json file")
+    cfg = cfg.for_dataset(dataset)
+    classes = class_names(cfg, dataset)
+    files, failures = find_images(paths)
+    model = Tracker().load_serving_model(model_uri or default_model_uri(dataset))
+    check_outputs(model.model, len(classes), model.uri)
+    key = pseudonymizer(cfg.ingest.pseudonymize).key
+    rules = acceptance(cfg, dataset)
+    result = PredictResult(rows=[], failures=failures, seconds=0.0, out=out)
+    start = time.perf_counter()
+    with progress_bar(len(files), progress) as advance:
+        for ready, failed in batches(files, cfg, rules, key, batch_size):
+            result.failures.extend(failed)
+            if ready:
+                probs = forward(model.model, np.stack([r.pixels for r in ready]))
+                result.rows.extend(
+                    result_row(r, p, classes, model) for r, p in zip(ready, probs, strict=True)
+                )
+                if explain_dir is not None:
+                    result.explained.extend(
+                        explain_batch(model.model, ready, probs, explain_dir, target_layer)
+                    )
+            advance(len(ready) + len(failed))
+    result.seconds = time.perf_counter() - start
+    if out is not None:
+        write_rows(result.rows, out)
+    return result
+
+
+def check_outputs(model: Any, n_classes: int, uri: str) -> None:
+    """Refuse a model whose output is not one probability per class of the dataset."""
+    shape = tuple(model.outputs[0].shape) if getattr(model, "outputs", None) else ()
+    if not shape or shape[-1] != n_classes:
+        raise ValueError(
+            f"model {uri!r} outputs shape {shape!r}, not {n_classes} class probabilities; "
+            "is it a model of another dataset?"
+        )
+
+
+def explain_batch(
+    model: Any,
+    ready: Sequence[Prepared],
+    probs: NDArray[np.float32],
+    out_dir: Path,
+    target_layer: str | None,
+) -> list[str]:
+    """Grad-CAM of each image's predicted class, written under ``out_dir``; the PNG paths."""
+    from mammoflow.explain import gradcam_batch, write_explanation
+
+    maps = gradcam_batch(
+        model, np.stack([r.pixels for r in ready]), np.argmax(probs, axis=1), target_layer
+    )
+    return [str(write_explanation(r, m, out_dir)) for r, m in zip(ready, maps, strict=True)]
