@@ -352,10 +352,21 @@ def compare_stage(
         f"{cfg.split.k_folds} folds."
     ]
     md, page = layout.reports() / f"{name}.md", layout.reports() / f"{name}.html"
+    studies: dict[str, str] = {}
     if write:
         atomic_write_text(md, report.markdown(tables, notes, settings))
         atomic_write_text(page, report.html_report(tables, figures, notes, settings))
-    return {"tables": tables, "settings": settings, "markdown": str(md), "html": str(page)}
+        from mammoflow.study_report import write_report
+
+        for dataset in tables:  # reports/<dataset>/report.html, the whole study's evidence
+            studies[dataset] = write_report(cfg, dataset, layout, tracker)["html"]
+    return {
+        "tables": tables,
+        "settings": settings,
+        "markdown": str(md),
+        "html": str(page),
+        "studies": studies,
+    }
 
 
 def tune_stage(

@@ -687,6 +687,17 @@ class Tracker:
             subgroups_md=subgroups,
         )
 
+    def run_tags_params(self, run_id: str) -> tuple[dict[str, str], dict[str, str]]:
+        """``(tags, params)`` of a run; empty when the run is not in this store."""
+        from mlflow.exceptions import MlflowException
+
+        with self.timed():
+            try:
+                run = self._client.get_run(run_id)
+            except MlflowException:
+                return {}, {}
+        return dict(run.data.tags), dict(run.data.params)
+
     def set_model_card(self, facts: CardFacts, card: str, description: str) -> None:
         """The card as the version's description and as ``model_card.md`` on its test run."""
         with self.timed():

@@ -118,3 +118,16 @@ def test_registered_version_has_its_model_card(project: tuple[Path, Config]) -> 
     assert "model_card.md" in {a.path for a in client.list_artifacts(champion.tags["run_id"])}
     champion_json = json.loads((root / "metrics" / "champion" / f"{DATASET}.json").read_text())
     assert champion_json["model_cards"] == {"champion": str(champion.version)}
+
+
+def test_compare_writes_the_study_report_and_logs_it(project: tuple[Path, Config]) -> None:
+    root, cfg = project
+    res = stages.compare_stage(cfg, [DATASET], Layout())
+    page = (root / "reports" / DATASET / "report.html").read_text()
+    assert res["studies"] == {DATASET: f"reports/{DATASET}/report.html"}
+    assert "ECE raw" in page and "majority class" in page and "98–99 %" in page
+    assert page.count("data:image/png;base64,") >= 5
+    summary = json.loads((root / "metrics" / DATASET / f"{BACKBONE}.json").read_text())
+    client = mlflow_client(root)
+    listed = {a.path for a in client.list_artifacts(summary["mlflow_parent_run_id"])}
+    assert "report.html" in listed

@@ -1,0 +1,524 @@
+"""The per-dataset study report: ``reports/<dataset>/report.html``, one self-contained page.
+
+:func:`collect` reads what the pipeline already wrote — the train stage's metrics JSON,
+predictions, histories, calibration and subgroup files per backbone, the evaluate stage's
+champion, the data-validation summary, the audit when one ran — plus the provenance tags of the
+MLflow parent runs; :func:`render` turns that plain data into HTML with every figure embedded
+(base64 PNG). Nothing in the report is typed by hand: each number comes from those files.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from mammoflow import report
+from mammoflow.calibration import T_BOUNDS
+from mammoflow.card import PAPER_CLAIM
+
+if TYPE_CHECKING:
+    from mammoflow.config import Config
+    from mammoflow.paths import Layout
+    from mammoflow.tracking import Tracker
+
+_KEYS = ("accuracy", "balanced_accuracy", "f1_macro", "roc_auc")
+_LABELS = {
+    "accuracy": "Accuracy",
+    "balanced_accuracy": "Balanced acc.",
+    "f1_macro": "F1 (macro)",
+    "roc_auc": "ROC AUC",
+}
+PROVENANCE_TAGS = (
+    "dvc_data_hash",
+    "split_hash",
+    "git_commit",
+    "git_dirty",
+    "weights_source",
+    "device",
+    "tensorflow_version",
+    "keras_version",
+)
+
+
+@dataclass
+class BackboneData:
+    """One backbone's outputs as the report reads them."""
+
+    name: str
+    summary: dict[str, Any]
+    predictions: dict[str, Any]
+    history: dict[str, dict[str, list[float]]]
+    calibration: dict[str, Any]
+    subgroups: dict[str, list[dict[str, Any]]]
+    tags: dict[str, str] = field(default_factory=dict)
+    params: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class ReportData:
+    """Everything :func:`render` needs for one dataset."""
+
+    dataset: str
+    class_names: tuple[str, ...]
+    group_by: str
+    backbones: list[BackboneData]
+    champion: dict[str, Any]
+    validation: dict[str, Any]
+    audit: dict[str, Any] | None = None
+    card: str = ""
+    settings: str = ""
+    ci: float = 0.95
+
+
+# ----------------------------------------------------------------------------- collect
+
+
+def _json(path: Path, default: Any = None) -> Any:
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else default
+
+
+def collect(cfg: Config, dataset: str, layout: Layout, tracker: Tracker | None) -> ReportData:
+    """Read the pipeline's outputs of ``dataset`` (and the parent runs' tags from MLflow).
+
+    Raises:
+        FileNotFoundError: a backbone without its metrics JSON (its train stage has not run).
+    """
+    from mammoflow.data.manifest import CLASSES
+
+    ds_cfg = cfg.for_dataset(dataset)
+    backbones = []
+    for name in cfg.model.backbones:
+        path = layout.metrics(dataset, name)
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"{path}: missing; run `mammoflow train --dataset {dataset} --backbone {name}`"
+            )
+        models = layout.models(dataset, name)
+        data = BackboneData(
+            name,
+            _json(path),
+            _json(models / "predictions.json", {}),
+            _json(models / "history.json", {}),
+            _json(models / "calibration.json", {}),
+            _json(models / "subgroups.json", {}),
+        )
+        if tracker is not None:
+            data.tags, data.params = tracker.run_tags_params(data.summary["mlflow_parent_run_id"])
+        backbones.append(data)
+    champion = _json(layout.champion(dataset), {})
+    card = ""
+    if tracker is not None and champion.get("registry"):
+        from mammoflow.card import model_card
+
+        facts = tracker.card_facts(dataset, "champion")
+        card = model_card(facts) if facts else ""
+    return ReportData(
+        dataset=dataset,
+        class_names=CLASSES[cfg.dataset(dataset).kind],
+        group_by=ds_cfg.split.group_by,
+        backbones=backbones,
+        champion=champion,
+        validation=_json(layout.validation(dataset) / "validation.json", {}),
+        audit=_json(layout.reports() / dataset / "audit.json"),
+        card=card,
+        settings=report.settings_line({b.name: b.params for b in backbones if b.params}),
+        ci=ds_cfg.evaluate.ci,
+    )
+
+
+# ----------------------------------------------------------------------------- numbers
+
+
+def _arrays(rec: Mapping[str, Any], k: int) -> tuple[np.ndarray, np.ndarray]:
+    return (
+        np.asarray(rec.get("y_true", []), np.int64),
+        np.asarray(rec.get("prob", []), np.float64).reshape(-1, k),
+    )
+
+
+def _oof(b: BackboneData, k: int) -> tuple[np.ndarray, np.ndarray]:
+    parts = [_arrays(r, k) for _, r in sorted(b.predictions.get("folds", {}).items())]
+    if not parts:
+        return np.zeros(0, np.int64), np.zeros((0, k))
+    return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+
+
+def baseline(data: ReportData, seed: int = 0, n: int = 1000) -> dict[str, Any]:
+    """The majority class of the CV rows predicted for every test image, with CIs."""
+    from mammoflow.metrics import bootstrap_ci
+
+    k = len(data.class_names)
+    first = data.backbones[0]
+    y_cv, _ = _oof(first, k)
+    rec = first.predictions.get("test", {})
+    y, _ = _arrays(rec, k)
+    majority = int(np.bincount(y_cv, minlength=k).argmax()) if y_cv.size else 0
+    prob = np.tile(np.eye(k)[majority], (y.size, 1))
+    ci = bootstrap_ci(y, prob, list(rec.get("image_id", [])), data.class_names, n=n, seed=seed)
+    return {"class": data.class_names[majority], "ci": ci, "n": int(y.size)}
+
+
+def _fmt(v: Any, pct: bool = True) -> str:
+    if v is None or not isinstance(v, int | float) or not math.isfinite(v):
+        return "–"
+    return f"{100 * v:.1f}" if pct else f"{v:.3f}"
+
+
+def _ci_cell(point: Any, ci: Mapping[str, Any] | None, pct: bool = True) -> str:
+    if not ci or _fmt(point, pct) == "–":
+        return _fmt(point, pct)
+    return f"{_fmt(point, pct)} [{_fmt(ci.get('low'), pct)}, {_fmt(ci.get('high'), pct)}]"
+
+
+# ----------------------------------------------------------------------------- figures
+
+
+def curves_figure(data: ReportData, baseline_auc: float = 0.5) -> Any:
+    """ROC and precision–recall curves of the malignant class, every backbone in one figure."""
+    from sklearn.metrics import auc, precision_recall_curve, roc_curve
+
+    plt = report._plt()
+    k = len(data.class_names)
+    fig, (roc_ax, pr_ax) = plt.subplots(1, 2, figsize=(9, 3.8), dpi=100)
+    prevalence = math.nan
+    for b in data.backbones:
+        y, prob = _arrays(b.predictions.get("test", {}), k)
+        truth = y == k - 1
+        if truth.all() or not truth.any():
+            continue
+        fpr, tpr, _ = roc_curve(truth, prob[:, -1])
+        roc_ax.plot(fpr, tpr, label=f"{b.name} (AUC {auc(fpr, tpr):.2f})")
+        precision, recall, _ = precision_recall_curve(truth, prob[:, -1])
+        pr_ax.plot(recall, precision, label=b.name)
+        prevalence = float(truth.mean())
+    roc_ax.plot([0, 1], [0, 1], ls="--", c="grey", lw=0.8, label=f"chance ({baseline_auc:.1f})")
+    roc_ax.set(xlabel="false positive rate", ylabel="true positive rate", title="ROC (test)")
+    if math.isfinite(prevalence):
+        pr_ax.axhline(prevalence, ls="--", c="grey", lw=0.8, label="prevalence")
+    pr_ax.set(xlabel="recall", ylabel="precision", title="Precision–recall (test)")
+    for ax in (roc_ax, pr_ax):
+        ax.legend(loc="lower right" if ax is roc_ax else "upper right", fontsize=8)
+    fig.suptitle(f"{data.class_names[-1]} vs rest")
+    fig.tight_layout()
+    return fig
+
+
+def learning_figure(b: BackboneData) -> Any:
+    """Loss per epoch of every fold (train solid, validation dashed); fold 0 = refit."""
+    plt = report._plt()
+    fig, ax = plt.subplots(figsize=(4.5, 3.2), dpi=100)
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for i, (fold, hist) in enumerate(sorted(b.history.items())):
+        color = colors[i % len(colors)]
+        label: str | None = f"fold {fold}"
+        for key, style in (("loss", "-"), ("val_loss", "--")):
+            values = list(hist.get(key) or [])
+            if values:
+                ax.plot(range(1, len(values) + 1), values, style, color=color, label=label)
+                label = None
+    ax.set(xlabel="epoch", ylabel="loss", title=f"{b.name}: loss (— train, -- val)")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+def fold_metrics(b: BackboneData, class_names: Sequence[str]) -> dict[int, dict[str, float]]:
+    """Each fold's validation metrics, from its predictions."""
+    from mammoflow.metrics import compute_metrics
+
+    out = {}
+    for fold, rec in sorted(b.predictions.get("folds", {}).items(), key=lambda kv: int(kv[0])):
+        y, prob = _arrays(rec, len(class_names))
+        if y.size:
+            out[int(fold)] = compute_metrics(y, prob, class_names)
+    return out
+
+
+def _img(fig: Any, alt: str) -> str:
+    b64 = base64.b64encode(report.figure_png(fig)).decode()
+    return f"<img alt='{html.escape(alt)}' src='data:image/png;base64,{b64}'>"
+
+
+# ----------------------------------------------------------------------------- HTML
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[str]], cls: str = "") -> str:
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
+    body = "".join(
+        "<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in row) + "</tr>" for row in rows
+    )
+    return f"<table class='{cls}'><tr>{head}</tr>{body}</table>"
+
+
+def _test_size(b: BackboneData) -> str:
+    rec = b.predictions.get("test", {})
+    return f"{len(rec.get('y_true', []))} images"
+
+
+def _comparison(data: ReportData, base: Mapping[str, Any]) -> str:
+    header = ["Model", *(f"Test {_LABELS[k]} [CI]" for k in _KEYS), "CV F1 mean ± std"]
+    rows = []
+    for b in data.backbones:
+        s = b.summary
+        star = " ★" if data.champion.get("best") == b.name else ""
+        cells = [_ci_cell(s["test"].get(k), s.get("test_ci", {}).get(k)) for k in _KEYS]
+        cv = f"{_fmt(s['cv'].get('f1_macro_mean'))} ± {_fmt(s['cv'].get('f1_macro_std'))}"
+        rows.append([b.name + star, *cells, cv])
+    ci = base["ci"]
+    rows.append(
+        [
+            f"majority class ({base['class']})",
+            *(_ci_cell(ci[k]["point"], ci[k]) for k in _KEYS),
+            "–",
+        ]
+    )
+    note = (
+        f"<p class='note'>Values in %. Test: held-out {data.group_by}-level split, "
+        f"{base['n']} images; brackets: {data.ci:.0%} patient-bootstrap CI. CV: out-of-fold "
+        f"validation over the folds. ROC AUC: malignant vs rest with two classes, else the "
+        "one-vs-rest macro mean. ★ champion (registry metric "
+        f"{html.escape(str(data.champion.get('metric', '?')))}). The baseline predicts the "
+        "CV rows' most frequent class for every test image.</p>"
+    )
+    return _table(header, rows) + note
+
+
+def _paper(data: ReportData) -> str:
+    rows = [["Paper (as reported)", PAPER_CLAIM.split(",")[0], "image-level", "as in the paper"]]
+    for b in data.backbones:
+        s = b.summary
+        acc = _ci_cell(s["test"].get("accuracy"), s.get("test_ci", {}).get("accuracy"))
+        rows.append([f"Ours: {b.name}", f"{acc} %", f"{data.group_by}-level", _test_size(b)])
+    note = (
+        "<p class='note'>An image-level split lets images of one woman sit in training and "
+        "test; ours keeps each patient on one side. The two are different experiments.</p>"
+    )
+    return _table(["Source", "Accuracy", "Split", "Test set"], rows) + note
+
+
+def _calibration(data: ReportData) -> str:
+    rows = []
+    for b in data.backbones:
+        c = b.calibration
+        if not c:
+            continue
+        raw, cal = c.get("test_raw", {}), c.get("test_calibrated", {})
+        rci, cci = c.get("test_raw_ci", {}), c.get("test_calibrated_ci", {})
+        rows.append(
+            [
+                b.name,
+                _ci_cell(raw.get("ece"), rci.get("ece"), pct=False),
+                _ci_cell(cal.get("ece"), cci.get("ece"), pct=False),
+                _ci_cell(raw.get("classwise_ece"), rci.get("classwise_ece"), pct=False),
+                _ci_cell(cal.get("classwise_ece"), cci.get("classwise_ece"), pct=False),
+                _fmt(c.get("temperature"), pct=False),
+                str(c.get("n_fit", "?")),
+            ]
+        )
+    header = [
+        "Backbone",
+        "ECE raw [CI]",
+        "ECE calibrated [CI]",
+        "Classwise ECE raw",
+        "Classwise ECE calibrated",
+        "T",
+        "fitted on (OOF images)",
+    ]
+    return _table(header, rows) + (
+        "<p class='note'>Top-label ECE, 15 equal-width bins (Guo et al. 2017); temperature "
+        "fitted on the out-of-fold validation predictions, applied to the test. T at the "
+        f"search bound ({T_BOUNDS[1]:g}) means the validation predictions carried almost no "
+        "information: scaling flattens them towards uniform.</p>"
+    )
+
+
+def _subgroup_html(tables: Mapping[str, Sequence[Mapping[str, Any]]]) -> str:
+    from mammoflow.subgroups import METRICS
+
+    parts = []
+    order = [k for k in ("test", "out-of-fold") if k in tables]
+    for split, rows in ((k, tables[k]) for k in order + sorted(set(tables) - set(order))):
+        body = [
+            [
+                r["factor"],
+                r["value"] + (" ⚠" if r["small"] else ""),
+                str(r["n"]),
+                str(r["patients"]),
+                *(_ci_cell(r["metrics"][m]["point"], r["metrics"][m], pct=False) for m in METRICS),
+            ]
+            for r in rows
+        ]
+        header = ["Factor", "Value", "n", "Patients", *(_LABELS.get(m, m) for m in METRICS)]
+        parts.append(f"<h4>{html.escape(split)}</h4>" + _table(header, body))
+    return "".join(parts) + "<p class='note'>⚠ fewer than 10 images: too few to read.</p>"
+
+
+def _audit(audit: Mapping[str, Any] | None) -> str:
+    if not audit:
+        return (
+            "<p>No audit yet: <code>mammoflow audit --dataset …</code> writes it to "
+            "<code>reports/&lt;dataset&gt;/audit.json</code>.</p>"
+        )
+    rows = [
+        [
+            m,
+            _fmt(v.get("image"), False),
+            _fmt(v.get("patient"), False),
+            _ci_cell(v.get("inflation"), v.get("inflation_ci"), pct=False),
+        ]
+        for m, v in audit.get("inflation", {}).items()
+    ]
+    checks = audit.get("checks", {})
+    lines = "".join(f"<li>{html.escape(k)}: {html.escape(str(v))}</li>" for k, v in checks.items())
+    return _table(["Metric", "image-level", "patient-level", "inflation [CI]"], rows) + (
+        f"<ul>{lines}</ul>"
+    )
+
+
+def _validation(v: Mapping[str, Any]) -> str:
+    if not v:
+        return "<p>No validation results (run <code>mammoflow validate</code>).</p>"
+    results = v.get("results", [])
+    failed = [r for r in results if not r.get("success")]
+    stats = v.get("statistics", {})
+    head = (
+        f"<p>Great Expectations: {len(results) - len(failed)} of {len(results)} checks "
+        f"passed on {v.get('rows', '?')} images ({'success' if v.get('success') else 'FAILED'})."
+        "</p>"
+    )
+    rows = [
+        [r.get("check", ""), r.get("expectation", ""), str(r.get("unexpected_count"))]
+        for r in failed
+    ]
+    extra = _table(["Failed check", "Expectation", "Unexpected"], rows) if rows else ""
+    stat = _table(["Statistic", "Value"], [[k, str(x)] for k, x in stats.items()]) if stats else ""
+    return head + extra + stat
+
+
+def _provenance(data: ReportData) -> str:
+    header = ["", *(b.name for b in data.backbones)]
+    rows = [
+        ["MLflow parent run", *(b.summary.get("mlflow_parent_run_id", "?") for b in data.backbones)]
+    ]
+    rows += [[t, *(b.tags.get(t, "?") for b in data.backbones)] for t in PROVENANCE_TAGS]
+    return _table(header, rows, "small")
+
+
+def _grid(items: Sequence[tuple[str, Any]]) -> str:
+    return (
+        "<div class='grid'>"
+        + "".join(
+            f"<figure>{_img(fig, alt)}<figcaption>{html.escape(alt)}</figcaption></figure>"
+            for alt, fig in items
+        )
+        + "</div>"
+    )
+
+
+_CSS = (
+    "body{font-family:sans-serif;margin:2em;max-width:1300px}"
+    "table{border-collapse:collapse;margin:0.5em 0}"
+    "td,th{border:1px solid #ccc;padding:3px 7px;text-align:right;font-size:13px}"
+    "td:first-child,th:first-child{text-align:left}th{background:#f3f3f3}"
+    "table.small td{font-size:11px;font-family:monospace}"
+    ".grid{display:flex;flex-wrap:wrap;gap:12px}figure{margin:0}"
+    "figcaption{font-size:12px;color:#555}.note{font-size:12px;color:#555}"
+    ".warn{background:#fff4d6;padding:6px 10px;border-left:4px solid #e0a800}"
+    "pre{white-space:pre-wrap;font-size:12px;background:#f8f8f8;padding:8px}"
+)
+
+
+def _figures(data: ReportData) -> dict[str, str]:
+    """The per-backbone figure grids, by section title."""
+    from mammoflow.calibration import reliability_figure
+
+    names, bbs = data.class_names, data.backbones
+
+    def confusion(b: BackboneData) -> Any:
+        return report.confusion_figure(*_arrays(b.predictions.get("test", {}), len(names)), names)
+
+    def reliability(b: BackboneData) -> Any:
+        t = _fmt(b.calibration.get("temperature"), False)
+        return reliability_figure(b.calibration.get("reliability", {}), f"{b.name} (T = {t})")
+
+    return {
+        "ROC and precision–recall curves": _grid([("all backbones", curves_figure(data))]),
+        "Confusion matrices (test)": _grid([(b.name, confusion(b)) for b in bbs]),
+        "Calibration": _calibration(data)
+        + _grid([(b.name, reliability(b)) for b in bbs if b.calibration]),
+        "Learning curves": _grid([(b.name, learning_figure(b)) for b in bbs]),
+        "Fold spread (validation)": _grid(
+            [(b.name, report.folds_figure(fold_metrics(b, names), b.name)) for b in bbs]
+        ),
+    }
+
+
+def _subgroup_section(data: ReportData) -> tuple[str, str]:
+    by = {b.name: b for b in data.backbones}
+    best = by.get(str(data.champion.get("best")), data.backbones[0])
+    others = "".join(
+        f"<details><summary>{html.escape(b.name)}</summary>{_subgroup_html(b.subgroups)}</details>"
+        for b in data.backbones
+        if b is not best and b.subgroups
+    )
+    return f"Subgroups ({best.name}; others below)", _subgroup_html(best.subgroups) + others
+
+
+def render(data: ReportData, base: Mapping[str, Any]) -> str:
+    """The report page (figures embedded) from :func:`collect`'s data and the baseline."""
+    sections = [
+        ("Comparison beside a majority-class baseline", _comparison(data, base)),
+        ("The paper's reported figures beside ours", _paper(data)),
+        *_figures(data).items(),
+        _subgroup_section(data),
+        ("Leakage audit", _audit(data.audit)),
+        ("Data validation", _validation(data.validation)),
+        ("Provenance", _provenance(data)),
+    ]
+    if data.card:
+        card = f"<details><summary>show</summary><pre>{html.escape(data.card)}</pre></details>"
+        sections.append(("Model card of the champion", card))
+    toc = "".join(
+        f"<li><a href='#s{i}'>{html.escape(t)}</a></li>" for i, (t, _) in enumerate(sections)
+    )
+    body = "".join(f"<h2 id='s{i}'>{html.escape(t)}</h2>{h}" for i, (t, h) in enumerate(sections))
+    return (
+        "<!doctype html><html><head><meta charset='utf-8'>"
+        f"<title>MammoFlow study: {html.escape(data.dataset)}</title><style>{_CSS}</style>"
+        f"</head><body><h1>MammoFlow study: {html.escape(data.dataset)}</h1>"
+        f"<p>Settings used: {html.escape(data.settings or 'unknown')}.</p>"
+        "<p class='warn'>Research only — not for diagnosis.</p>"
+        f"<ul>{toc}</ul>{body}</body></html>"
+    )
+
+
+def write_report(
+    cfg: Config, dataset: str, layout: Layout, tracker: Tracker | None
+) -> dict[str, Any]:
+    """Collect, render and write ``reports/<dataset>/report.html``; log it on the champion run.
+
+    Returns:
+        ``{"dataset", "html", "bytes", "logged_to"}``.
+    """
+    from mammoflow.io import atomic_write_text
+
+    data = collect(cfg, dataset, layout, tracker)
+    ds_cfg = cfg.for_dataset(dataset)
+    base = baseline(data, seed=ds_cfg.train.seed, n=max(ds_cfg.evaluate.bootstrap, 1))
+    page = render(data, base)
+    path = layout.reports() / dataset / "report.html"
+    atomic_write_text(path, page)
+    logged = None
+    best = {b.name: b for b in data.backbones}.get(str(data.champion.get("best")))
+    if tracker is not None and best is not None:
+        logged = best.summary["mlflow_parent_run_id"]
+        tracker.log_text(logged, page, "report.html")
+    return {"dataset": dataset, "html": str(path), "bytes": len(page), "logged_to": logged}
