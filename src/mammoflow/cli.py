@@ -416,6 +416,57 @@ def predict_cmd(
         raise typer.Exit(code=1)
 
 
+@app.command("explain-check")
+@_friendly
+def explain_check_cmd(
+    dataset: Annotated[str, typer.Option(help="Dataset name (MIAS-shaped: lesion circles).")],
+    target_layer: Annotated[
+        str | None, typer.Option(help="Grad-CAM layer; default the last convolution.")
+    ] = None,
+    params: ParamsOpt = Path("params.yaml"),
+) -> None:
+    """Pointing game: share of abnormal test images whose Grad-CAM peak is inside a lesion."""
+    from mammoflow.explain import explain_check
+
+    _echo(explain_check(_config(params), dataset, target_layer=target_layer))
+
+
+@app.command("serve")
+@_friendly
+def serve_cmd(
+    dataset: Annotated[str, typer.Option(help="Serve this dataset's champion.")],
+    port: Annotated[int, typer.Option(help="Port on 127.0.0.1.")] = 5001,
+    model: Annotated[str | None, typer.Option(help="Another MLflow model URI.")] = None,
+) -> None:
+    """Serve the champion with `mlflow models serve` on 127.0.0.1 (POST /invocations)."""
+    import subprocess
+
+    from mammoflow.predict import default_model_uri, serve_command
+    from mammoflow.tracking import tracking_uri
+
+    # mlflow starts uvicorn by name: the environment's bin folder must be on PATH
+    path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
+    env = {**os.environ, "MLFLOW_TRACKING_URI": tracking_uri(), "PATH": path}
+    cmd = serve_command(model or default_model_uri(dataset), port)
+    console.print(f"serving {cmd[6]} on http://127.0.0.1:{port}/invocations", highlight=False)
+    raise typer.Exit(code=subprocess.call(cmd, env=env))
+
+
+@app.command("serve-request")
+@_friendly
+def serve_request_cmd(
+    paths: Annotated[list[Path], typer.Argument(help="Image files (DICOM/PGM/PNG).")],
+    dataset: Annotated[str, typer.Option(help="Dataset whose conversion applies.")],
+    out_file: Annotated[Path, typer.Option("--out", help="JSON request body to write.")],
+    params: ParamsOpt = Path("params.yaml"),
+) -> None:
+    """Write the /invocations body for PATHS, converted exactly as `mammoflow predict` does."""
+    from mammoflow.io import atomic_write_text
+    from mammoflow.predict import request_body
+
+    atomic_write_text(out_file, json.dumps(request_body(paths, _config(params), dataset)))
+
+
 @app.command("config")
 @_friendly
 def config_cmd(params: ParamsOpt = Path("params.yaml")) -> None:

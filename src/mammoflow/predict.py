@@ -226,8 +226,12 @@ def class_names(cfg: Config, dataset: str) -> tuple[str, ...]:
 
 
 def forward(model: Any, batch: NDArray[np.float32]) -> NDArray[np.float32]:
-    """One batched forward pass ``(n, size, size) → (n, classes)`` probabilities."""
-    out = model(batch[..., None], training=False)
+    """One batched forward pass ``(n, size, size) → (n, classes)`` probabilities.
+
+    Through ``model.predict`` (one batch), the compiled path ``mlflow models serve`` runs too,
+    so a bfloat16 model gives the served numbers exactly.
+    """
+    out = model.predict(batch[..., None], batch_size=len(batch), verbose=0)
     return np.asarray(out, dtype=np.float32)
 
 
@@ -391,3 +395,47 @@ def explain_batch(
         model, np.stack([r.pixels for r in ready]), np.argmax(probs, axis=1), target_layer
     )
     return [str(write_explanation(r, m, out_dir)) for r, m in zip(ready, maps, strict=True)]
+
+
+# --------------------------------------------------------------------------- serving
+
+
+def serve_command(model_uri: str, port: int, host: str = "127.0.0.1") -> list[str]:
+    """``mlflow models serve`` of ``model_uri`` in this environment (no new virtualenv).
+
+    Raises:
+        ValueError: a port outside 1..65535.
+    """
+    import sys
+
+    if not 0 < port < 65536:
+        raise ValueError(f"port {port!r} is not a TCP port (1..65535)")
+    return [
+        sys.executable,
+        "-m",
+        "mlflow",
+        "models",
+        "serve",
+        "-m",
+        model_uri,
+        "--env-manager",
+        "local",
+        "-h",
+        host,
+        "-p",
+        str(port),
+    ]
+
+
+def request_body(paths: Sequence[Path], cfg: Config, dataset: str) -> dict[str, Any]:
+    """The JSON body for a served model: the files converted as :func:`predict_files` does.
+
+    ``{"inputs": [[[[v], …], …], …]}``: ``(n, size, size, 1)`` grey in [0, 255].
+
+    Raises:
+        ValueError: a file the readers refuse.
+    """
+    cfg = cfg.for_dataset(dataset)
+    rules = acceptance(cfg, dataset)
+    pixels = np.stack([prepare(Path(p), cfg, rules).pixels for p in paths])
+    return {"inputs": pixels[..., None].tolist()}

@@ -602,6 +602,40 @@ class Tracker:
                 ) from None
         return ServingModel(model=model, uri=uri, name=name, version=version)
 
+    def model_uri_of(self, run_id: str) -> str:
+        """The model URI a run logged (its ``mammoflow.model_uri`` tag).
+
+        Raises:
+            ValueError: the run logged no model.
+        """
+        with self.timed():
+            uri = self._client.get_run(run_id).data.tags.get("mammoflow.model_uri")
+        if not uri:
+            raise ValueError(
+                f"run {run_id} has no logged model; set tracking.log_models to 'final' and rerun"
+            )
+        return str(uri)
+
+    def log_pointing_game(
+        self, test_run_id: str, rate: Mapping[str, float], rows: Sequence[Mapping[str, Any]]
+    ) -> None:
+        """Log the Grad-CAM pointing game on a test run and its parent.
+
+        Metrics ``pointing_game_hit_rate`` / ``_ci_low`` / ``_ci_high`` / ``_n`` on both runs;
+        the per-image peaks and hits as ``pointing_game.json`` on the test run.
+        """
+        metrics = {
+            "pointing_game_hit_rate": rate["hit_rate"],
+            "pointing_game_hit_rate_ci_low": rate["low"],
+            "pointing_game_hit_rate_ci_high": rate["high"],
+            "pointing_game_n": rate["n"],
+        }
+        with self.timed():
+            parent = self._client.get_run(test_run_id).data.tags.get("mlflow.parentRunId")
+        for run_id in (test_run_id, parent) if parent else (test_run_id,):
+            self.log_metrics(run_id, metrics)
+        self.log_dict(test_run_id, {"rate": dict(rate), "images": list(rows)}, "pointing_game.json")
+
     # ------------------------------------------------------------------ registry
 
     def promote(

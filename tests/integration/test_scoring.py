@@ -1,0 +1,157 @@
+"""Scoring end to end on a tiny sample_mias study: predict, explain-check, a served champion."""
+
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+import sys
+import tarfile
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from PIL import Image
+from typer.testing import CliRunner
+
+from mammoflow import stages
+from mammoflow.cli import app
+from mammoflow.config import Config
+from mammoflow.explain import explain_check
+from mammoflow.paths import Layout
+from mammoflow.predict import predict_files, request_body
+from tests.helpers import free_port, mlflow_client, prepare_data, project_dir, stop_process_tree
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+ROOT = Path(__file__).resolve().parents[2]
+MIAS = ROOT.parent / "shared" / "data" / "mias" / "all-mias.tar.gz"
+DATASET = "sample_mias"
+BACKBONE = "vgg16"
+
+
+def _params() -> dict:
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    raw["pipeline"]["datasets"] = [DATASET]
+    raw["sample"].update({"mias_patients": 20, "size": 64})
+    raw["convert"].update({"size": 64, "workers": 1})
+    raw["split"].update({"k_folds": 2, "test_size": 0.3})
+    raw["model"].update({"backbones": [BACKBONE], "input_size": 32, "weights": "none"})
+    for ds in raw["datasets"].values():  # the demo's own 80 px would win
+        ds.pop("model", None)
+    raw["train"].update({"epochs": 1, "batch_size": 8})
+    raw["evaluate"]["bootstrap"] = 50
+    raw["tracking"]["log_models"] = "final"
+    return raw
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, Config]]:
+    root = tmp_path_factory.mktemp("scoring")
+    with project_dir(root, _params()) as cfg:
+        try:
+            prepare_data(cfg, DATASET)
+            stages.train_stage(cfg, DATASET, BACKBONE, Layout())
+            stages.evaluate_stage(cfg, DATASET, Layout())
+            yield root, cfg
+        finally:
+            client = mlflow_client(root)
+            for model in client.search_registered_models():
+                client.delete_registered_model(model.name)
+            for exp in client.search_experiments():
+                if exp.name.startswith("mammoflow-"):
+                    client.delete_experiment(exp.experiment_id)
+
+
+def _sample_pgms(root: Path) -> list[Path]:
+    return sorted((root / "data" / "raw" / DATASET).rglob("*.pgm"))
+
+
+def test_predict_cli_on_real_mias_with_explanations(
+    project: tuple[Path, Config], tmp_path: Path
+) -> None:
+    if not MIAS.is_file():
+        pytest.skip(f"{MIAS} not present")
+    with tarfile.open(MIAS) as tar:
+        for name in ("mdb001.pgm", "mdb028.pgm", "mdb148.pgm"):
+            tar.extract(name, tmp_path / "in", filter="data")
+    (tmp_path / "in" / "notes.png").write_bytes(b"not a png")
+    out, explain = tmp_path / "scores.csv", tmp_path / "explain"
+    args = ["predict", str(tmp_path / "in"), "--dataset", DATASET, "--out", str(out)]
+    result = CliRunner().invoke(app, [*args, "--explain", str(explain)])
+    assert result.exit_code == 1, result.output  # notes.png failed, the rest were scored
+    assert "notes.png" in result.output and "images/s" in result.output
+    rows = list(csv.DictReader(out.open()))
+    assert len(rows) == 3
+    for row in rows:
+        probs = [float(row[f"p_{c}"]) for c in ("normal", "benign", "malignant")]
+        assert sum(probs) == pytest.approx(1.0, abs=1e-5)
+        assert row["model_name"] == f"mammoflow-{DATASET}" and row["model_version"] == "1"
+        assert Image.open(explain / f"{row['image_id']}.png").size == (1024, 1024)
+        assert np.isfinite(np.load(explain / f"{row['image_id']}.npy")).all()
+
+
+def test_explain_check_logs_the_pointing_game(project: tuple[Path, Config]) -> None:
+    root, cfg = project
+    res = explain_check(cfg, DATASET, Layout())
+    rate = res["backbones"][BACKBONE]
+    assert 0.0 <= rate["low"] <= rate["hit_rate"] <= rate["high"] <= 1.0 and rate["n"] >= 2
+    on_disk = json.loads((root / "metrics" / "explain" / f"{DATASET}.json").read_text())
+    assert on_disk["backbones"][BACKBONE]["hit_rate"] == rate["hit_rate"]
+    client = mlflow_client(root)
+    test_run = client.get_run(rate["mlflow_test_run_id"])
+    parent = client.get_run(test_run.data.tags["mlflow.parentRunId"])
+    for run in (test_run, parent):
+        assert run.data.metrics["pointing_game_hit_rate"] == pytest.approx(rate["hit_rate"])
+        assert "pointing_game_hit_rate_ci_low" in run.data.metrics
+    artifacts = {a.path for a in client.list_artifacts(test_run.info.run_id)}
+    assert "pointing_game.json" in artifacts
+
+
+def _wait_ready(
+    port: int, proc: subprocess.Popen[bytes], log: Path, timeout: float = 120.0
+) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"server exited with {proc.returncode}:\n{log.read_text()}")
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2) as resp:
+                if resp.status == 200:
+                    return
+        except OSError:
+            time.sleep(1.0)
+    raise AssertionError(f"server on port {port} not ready after {timeout} s")
+
+
+def test_served_champion_answers_like_predict(project: tuple[Path, Config]) -> None:
+    root, cfg = project
+    image = _sample_pgms(root)[0]
+    port = free_port()
+    log = root / "serve.log"
+    server = subprocess.Popen(
+        [sys.executable, "-m", "mammoflow", "serve", "--dataset", DATASET, "--port", str(port)],
+        cwd=root,
+        start_new_session=True,
+        stdout=log.open("wb"),
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        _wait_ready(port, server, log)
+        body = json.dumps(request_body([image], cfg, DATASET)).encode()
+        req = urllib.request.Request(
+            f"http://127.0.0.1:{port}/invocations",
+            data=body,
+            headers={"Content-Type": "application/json"},
+        )
+        with urllib.request.urlopen(req, timeout=60) as resp:
+            served = np.asarray(json.loads(resp.read())["predictions"], np.float32)
+    finally:
+        stop_process_tree(server, grace=15)
+    row = predict_files([image], cfg, DATASET, progress=False).rows[0]
+    local = np.array([row[f"p_{c}"] for c in ("normal", "benign", "malignant")], np.float32)
+    np.testing.assert_allclose(served[0], local, atol=1e-5)
