@@ -38,6 +38,7 @@ class DeploymentSpec:
     flow: str
     cron: str | None
     description: str
+    parameters: tuple[tuple[str, Any], ...] | None = None  # None: params_path and datasets
 
     @property
     def entrypoint(self) -> str:
@@ -64,6 +65,13 @@ DEPLOYMENTS: tuple[DeploymentSpec, ...] = (
         "evaluate_flow",
         None,
         "Promote each dataset's best backbone in the MLflow registry; comparison report.",
+    ),
+    DeploymentSpec(
+        "nightly-scoring",
+        "score_flow",
+        "0 4 * * *",
+        "Every night at 04:00: score the new images in data/incoming with the champion.",
+        (("folder", "data/incoming"), ("dataset", "sample_mias")),
     ),
 )
 
@@ -120,7 +128,8 @@ def deploy_all(
         ensure_work_pool(work_pool)
     ids: dict[str, UUID] = {}
     for spec in DEPLOYMENTS:
-        parameters: dict[str, Any] = {"params_path": params_path, "datasets": datasets}
+        parameters: dict[str, Any] = {"params_path": params_path}
+        parameters.update(dict(spec.parameters) if spec.parameters else {"datasets": datasets})
         schedules = [Cron(spec.cron, timezone=timezone)] if spec.cron else None
         # from_source/to_deployment/apply are sync here (no running event loop).
         source = cast("Flow[..., Any]", flow.from_source(str(root), entrypoint=spec.entrypoint))

@@ -12,6 +12,7 @@ Flows:
                    on Dask one task per (dataset, backbone, fold), aggregated per backbone
     evaluate_flow  best backbone per dataset into the MLflow registry, then the comparison report
     pipeline_flow  the three in order
+    score_flow     score the new images of a folder with a dataset's champion (mammoflow.predict)
 
 Training runs one task at a time by default (2 CPU cores); set ``MAMMOFLOW_DASK_ADDRESS`` or pass
 ``dask_address`` to send the backbone tasks to a Dask cluster instead. Training tasks carry the
@@ -348,3 +349,47 @@ def tune_flow(
         for d in todo["datasets"]
         for b in todo["backbones"]
     ]
+
+
+@task(task_run_name="score-{dataset}", cache_policy=NO_CACHE)
+def score(
+    params_path: str, folder: str, dataset: str, out: str, model_uri: str | None = None
+) -> Summary:
+    """Score every image under ``folder`` (the same function as ``mammoflow predict``)."""
+    from mammoflow.predict import PredictError, predict_files
+
+    cfg, layout = _load(params_path)
+    res = predict_files(
+        [folder], cfg, dataset, model_uri=model_uri, out=layout.root / out, progress=False
+    )
+    if res.failures:  # the good files are scored and written; the run still fails, naming them
+        raise PredictError(res.failures, scored=len(res.rows))
+    return {
+        "dataset": dataset,
+        "scored": len(res.rows),
+        "out": out,
+        "images_per_s": res.images_per_s,
+    }
+
+
+@flow(name="mammoflow-score")
+def score_flow(
+    folder: str,
+    dataset: str,
+    params_path: str = "params.yaml",
+    out: str | None = None,
+    model_uri: str | None = None,
+) -> Summary:
+    """Score the images under ``folder`` with ``dataset``'s champion (or ``model_uri``).
+
+    Results go to ``out`` (default ``reports/scores/<dataset>-<UTC date>.csv``, written
+    atomically). A folder that does not exist yet has nothing to score.
+    """
+    from datetime import UTC, datetime
+
+    root = Path(params_path).parent
+    if not (root / folder).exists():
+        return {"dataset": dataset, "scored": 0, "out": None}
+    stamp = datetime.now(UTC).strftime("%Y%m%d")
+    target = out or f"reports/scores/{dataset}-{stamp}.csv"
+    return score(params_path, str(root / folder), dataset, target, model_uri)

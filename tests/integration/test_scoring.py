@@ -155,3 +155,24 @@ def test_served_champion_answers_like_predict(project: tuple[Path, Config]) -> N
     row = predict_files([image], cfg, DATASET, progress=False).rows[0]
     local = np.array([row[f"p_{c}"] for c in ("normal", "benign", "malignant")], np.float32)
     np.testing.assert_allclose(served[0], local, atol=1e-5)
+
+
+def test_score_flow_writes_results_and_names_bad_files(project: tuple[Path, Config]) -> None:
+    from flows.pipeline import score, score_flow
+
+    from mammoflow.predict import PredictError
+
+    root, _ = project
+    params = str(root / "params.yaml")
+    assert score_flow.fn("not/there", DATASET, params_path=params)["scored"] == 0
+    incoming = root / "incoming"
+    incoming.mkdir()
+    for pgm in _sample_pgms(root)[:3]:
+        (incoming / pgm.name).write_bytes(pgm.read_bytes())
+    done = score.fn(params, str(incoming), DATASET, "reports/scores/night.csv")
+    assert done["scored"] == 3
+    assert len(list(csv.DictReader((root / "reports/scores/night.csv").open()))) == 3
+    (incoming / "broken.dcm").write_bytes(b"nope")
+    with pytest.raises(PredictError, match=r"broken\.dcm"):
+        score.fn(params, str(incoming), DATASET, "reports/scores/night.csv")
+    assert len(list(csv.DictReader((root / "reports/scores/night.csv").open()))) == 3
