@@ -290,6 +290,24 @@ def _study_config(
     return cfg.with_overrides(overrides, source="options") if overrides else cfg
 
 
+@app.command("audit")
+@_friendly
+def audit_cmd(
+    dataset: Annotated[str, typer.Option(help="Dataset name (params.yaml datasets).")],
+    backbone: Annotated[
+        str | None, typer.Option(help="Backbone; default: the first of model.backbones.")
+    ] = None,
+    params: ParamsOpt = Path("params.yaml"),
+) -> None:
+    """Leakage audit: the study split by image and by patient, the inflation, split checks."""
+    from mammoflow.stages import audit_stage
+
+    _interrupt_on_sigterm()
+    res = audit_stage(_config(params), dataset, backbone)
+    typer.echo(res["summary"], nl=False)
+    typer.echo(f"Written: reports/{dataset}/audit.json and audit.md; MLflow run {res['run_id']}")
+
+
 @app.command("study")
 @_friendly
 def study_cmd(

@@ -369,6 +369,26 @@ def compare_stage(
     }
 
 
+def audit_stage(
+    cfg: Config, dataset: str, backbone: str | None = None, layout: Layout | None = None
+) -> dict[str, Any]:
+    """Leakage audit of ``dataset``: image- vs patient-level study, inflation, split checks.
+
+    Returns:
+        ``{"dataset", "backbone", "inflation", "checks", "run_id", "summary"}`` (the summary is
+        the printed text); the whole audit is in reports/<dataset>/audit.json.
+    """
+    from mammoflow.audit import run_audit, summary_text
+
+    res = run_audit(cfg, dataset, backbone, layout or Layout())
+    keys = ("dataset", "backbone", "inflation", "checks")
+    return {
+        **{k: res[k] for k in keys},
+        "run_id": res["mlflow_run_id"],
+        "summary": summary_text(res),
+    }
+
+
 def tune_stage(
     cfg: Config,
     dataset: str,

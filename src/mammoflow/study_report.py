@@ -372,14 +372,28 @@ def _audit(audit: Mapping[str, Any] | None) -> str:
             m,
             _fmt(v.get("image"), False),
             _fmt(v.get("patient"), False),
-            _ci_cell(v.get("inflation"), v.get("inflation_ci"), pct=False),
+            _ci_cell(v.get("inflation"), v, pct=False),
         ]
         for m, v in audit.get("inflation", {}).items()
     ]
+    head = (
+        f"<p>{html.escape(str(audit.get('backbone')))}, seed {audit.get('seed')}, "
+        f"{audit.get('k_folds')} folds, {audit.get('epochs')} epochs; inflation = image-level "
+        f"− patient-level on each split's held-out test, {audit.get('ci', 0.95):.0%} "
+        "patient-bootstrap CI.</p>"
+    )
+    keys = (
+        "patients_in_test_and_cv",
+        "patients_in_several_folds",
+        "exact_duplicates_across",
+        "near_duplicates_across",
+    )
     checks = audit.get("checks", {})
-    lines = "".join(f"<li>{html.escape(k)}: {html.escape(str(v))}</li>" for k, v in checks.items())
-    return _table(["Metric", "image-level", "patient-level", "inflation [CI]"], rows) + (
-        f"<ul>{lines}</ul>"
+    check_rows = [[k, *(str(c.get(k)) for c in checks.values())] for k in keys]
+    return (
+        head
+        + _table(["Metric", "image-level", "patient-level", "inflation [CI]"], rows)
+        + _table(["Split check", *(f"split by {g}" for g in checks)], check_rows)
     )
 
 

@@ -131,3 +131,26 @@ def test_compare_writes_the_study_report_and_logs_it(project: tuple[Path, Config
     client = mlflow_client(root)
     listed = {a.path for a in client.list_artifacts(summary["mlflow_parent_run_id"])}
     assert "report.html" in listed
+
+
+def test_audit_prints_the_inflation_and_logs_one_run(project: tuple[Path, Config]) -> None:
+    from typer.testing import CliRunner
+
+    from mammoflow.cli import app
+
+    root, cfg = project
+    res = CliRunner().invoke(app, ["audit", "--dataset", DATASET])
+    assert res.exit_code == 0, res.output
+    assert "inflation" in res.output and "split by patient: 0 patients in test and CV" in res.output
+    audit = json.loads((root / "reports" / DATASET / "audit.json").read_text())
+    assert set(audit["inflation"]) == {"accuracy", "balanced_accuracy", "f1_macro", "roc_auc"}
+    assert audit["studies"]["image"]["split_hash"] != audit["studies"]["patient"]["split_hash"]
+    assert not (root / "metrics" / DATASET / "audit").exists()  # pipeline outputs untouched
+    client = mlflow_client(root)
+    run = client.get_run(audit["mlflow_run_id"])
+    assert "inflation_accuracy" in run.data.metrics and "image_accuracy" in run.data.metrics
+    assert {"audit.json", "audit.txt"} <= {a.path for a in client.list_artifacts(run.info.run_id)}
+    exp = client.get_experiment(run.info.experiment_id)
+    assert exp.name == f"mammoflow-{DATASET}-audit"
+    stages.compare_stage(cfg, [DATASET], Layout())
+    assert "inflation [CI]" in (root / "reports" / DATASET / "report.html").read_text()

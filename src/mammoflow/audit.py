@@ -1,0 +1,343 @@
+"""Leakage audit: the same study split by image and by patient, and checks of a split file.
+
+:func:`run_audit` studies one backbone twice — ``split.group_by: image`` (the paper's leaky split,
+where the two breasts or two views of one woman may sit in training and test) and ``patient`` —
+with the same seed, K and epochs, and reports per metric the *inflation* (image − patient) with
+an independent patient-bootstrap CI of the difference. :func:`check_split` looks in a split file
+for patients on both sides (test vs CV, several folds), exact duplicate images (sha256) and
+near duplicates (a 64-bit dHash within ``max_distance`` bits) across partitions.
+
+The two studies train into ``.cache/audit/<dataset>/<grouping>/`` (splits, models, metrics), never
+over the pipeline's DVC outputs, and track into the MLflow experiment ``mammoflow-<dataset>-audit``
+with one ``audit`` run that holds both results. The summary is written to
+``reports/<dataset>/audit.json`` / ``audit.md`` for the study report.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pandas as pd
+
+from mammoflow.metrics import compute_metrics
+from mammoflow.paths import Layout
+
+if TYPE_CHECKING:
+    from mammoflow.config import Config
+
+GROUPINGS = ("image", "patient")
+METRICS = ("accuracy", "balanced_accuracy", "f1_macro", "roc_auc")
+HASH_SIZE = 16  # dHash of a 17 × 16 thumbnail: 256 bits (8 × 8 is too coarse for mammograms,
+# whose thumbnails all look alike: distinct sample films came within 1 bit of 64)
+NEAR_DUPLICATE_BITS = 24  # Hamming distance (of 256 bits) counted as a near duplicate
+
+
+@dataclass(frozen=True)
+class AuditLayout(Layout):
+    """The project's layout, with splits, models, metrics and plots moved under ``out``."""
+
+    out: Path = Path(".cache") / "audit"
+
+    def splits(self, dataset: str) -> Path:
+        """The audit's split file."""
+        return self.out / "splits" / f"{dataset}.parquet"
+
+    def models(self, dataset: str, backbone: str) -> Path:
+        """The audit study's predictions and head."""
+        return self.out / "models" / dataset / backbone
+
+    def metrics(self, dataset: str, backbone: str) -> Path:
+        """The audit study's metrics JSON."""
+        return self.out / "metrics" / dataset / f"{backbone}.json"
+
+    def plots(self, dataset: str, backbone: str) -> Path:
+        """The audit study's plots data."""
+        return self.out / "plots" / dataset / backbone
+
+
+# ----------------------------------------------------------------------------- inflation
+
+
+def _patient_index(groups: Sequence[str]) -> list[np.ndarray]:
+    _, inverse = np.unique(np.asarray(groups).astype(str), return_inverse=True)
+    return (
+        [np.flatnonzero(inverse == i) for i in range(int(inverse.max()) + 1)] if len(groups) else []
+    )
+
+
+def inflation(
+    image: tuple[np.ndarray, np.ndarray, Sequence[str]],
+    patient: tuple[np.ndarray, np.ndarray, Sequence[str]],
+    class_names: Sequence[str],
+    *,
+    n: int = 1000,
+    ci: float = 0.95,
+    seed: int = 0,
+) -> dict[str, dict[str, float]]:
+    """Per metric: image-level, patient-level, their difference and its CI.
+
+    Each side is ``(y_true, prob, patient per row)`` of its own held-out test set. The two test
+    sets differ, so the CI resamples the patients of each side independently (percentile CI of
+    the difference of the replicates).
+
+    Raises:
+        ValueError: ``n`` below 1 or ``ci`` outside (0, 1).
+    """
+    if n < 1 or not 0.0 < ci < 1.0:
+        raise ValueError(f"bootstrap n={n}, ci={ci}; use n >= 1 and 0 < ci < 1")
+    sides = [(np.asarray(y), np.asarray(p), _patient_index(g)) for y, p, g in (image, patient)]
+    points = [compute_metrics(y, p, class_names) for y, p, _ in sides]
+    rng = np.random.default_rng(seed)
+    diffs: dict[str, list[float]] = {m: [] for m in METRICS}
+    for _ in range(n):
+        reps = []
+        for y, p, members in sides:
+            idx = np.concatenate([members[i] for i in rng.integers(0, len(members), len(members))])
+            reps.append(compute_metrics(y[idx], p[idx], class_names))
+        for m in METRICS:
+            diffs[m].append(reps[0][m] - reps[1][m])
+    alpha = (1.0 - ci) / 2.0
+    out: dict[str, dict[str, float]] = {}
+    for m in METRICS:
+        vals = np.array(diffs[m], float)
+        vals = vals[~np.isnan(vals)]
+        low, high = (
+            (float(np.quantile(vals, alpha)), float(np.quantile(vals, 1 - alpha)))
+            if vals.size
+            else (math.nan, math.nan)
+        )
+        out[m] = {
+            "image": points[0][m],
+            "patient": points[1][m],
+            "inflation": points[0][m] - points[1][m],
+            "low": low,
+            "high": high,
+        }
+    return out
+
+
+# ----------------------------------------------------------------------------- split checks
+
+
+def dhash(path: Path | str, size: int = HASH_SIZE) -> np.ndarray:
+    """Difference hash: a ``(size+1) × size`` grey thumbnail, left < right per pixel, packed.
+
+    Returns ``size * size / 8`` bytes (uint8); compare two with :func:`hamming`.
+    """
+    from PIL import Image
+
+    with Image.open(path) as im:
+        small = im.convert("L").resize((size + 1, size), Image.Resampling.BILINEAR)
+    px = np.asarray(small, dtype=np.int16)
+    return np.packbits((px[:, 1:] > px[:, :-1]).ravel())
+
+
+_POPCOUNT = np.array([bin(i).count("1") for i in range(256)], dtype=np.uint8)
+
+
+def hamming(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Pairwise Hamming distances between packed hashes ``(n, bytes)`` and ``(m, bytes)``."""
+    x = np.bitwise_xor(a[:, None, :], b[None, :, :])
+    return _POPCOUNT[x].sum(axis=-1, dtype=np.int64)
+
+
+def near_pairs(
+    hashes: np.ndarray, max_distance: int, block: int = 256
+) -> list[tuple[int, int, int]]:
+    """``(i, j, distance)`` for ``i < j`` within ``max_distance`` bits, in row blocks."""
+    out: list[tuple[int, int, int]] = []
+    for start in range(0, len(hashes), block):
+        dist = hamming(hashes[start : start + block], hashes)
+        for i, j in zip(*np.nonzero(dist <= max_distance), strict=True):
+            if start + i < j:
+                out.append((int(start + i), int(j), int(dist[i, j])))
+    return out
+
+
+def _partition(splits: pd.DataFrame) -> pd.Series:
+    return pd.Series(
+        np.where(splits["split"] == "test", "test", "fold" + splits["fold"].astype(str)),
+        index=splits["image_id"].to_numpy(),
+    )
+
+
+def _pairs_across(keys: pd.Series, part: pd.Series) -> list[tuple[str, str]]:
+    """Image pairs that share a key (a hash) but sit in different partitions."""
+    pairs = []
+    for _, members in keys.groupby(keys).groups.items():
+        ids = sorted(str(m) for m in members)
+        pairs += [(a, b) for i, a in enumerate(ids) for b in ids[i + 1 :] if part[a] != part[b]]
+    return pairs
+
+
+def check_split(
+    splits: pd.DataFrame,
+    frame: pd.DataFrame,
+    root: Path = Path(),
+    max_distance: int = NEAR_DUPLICATE_BITS,
+) -> dict[str, Any]:
+    """Patients on both sides, exact and near-duplicate images across partitions.
+
+    Args:
+        splits: a split file's rows (``image_id, patient_id, split, fold``).
+        frame: the converted manifest (``converted_sha256``, ``converted_path``).
+        root: what relative ``converted_path`` values are relative to.
+        max_distance: dHash bits within which two images count as near duplicates.
+    """
+    part = _partition(splits)
+    pat = splits.set_index("image_id")["patient_id"]
+    test_p = set(pat[part == "test"].tolist())
+    cv_p = set(pat[part != "test"].tolist())
+    folds_per_patient = pd.Series(part[part != "test"].to_numpy(), index=pat[part != "test"])
+    several = folds_per_patient.groupby(level=0).nunique()
+    rows = frame.set_index("image_id").reindex(part.index)
+    exact = _pairs_across(rows["converted_sha256"].dropna(), part)
+    paths = [p if Path(p).is_absolute() else root / p for p in rows["converted_path"].astype(str)]
+    hashes = np.stack([dhash(p) for p in paths]) if paths else np.zeros((0, 32), np.uint8)
+    ids = list(part.index)
+    near = [
+        (ids[i], ids[j], d)
+        for i, j, d in near_pairs(hashes, max_distance)
+        if part.iloc[i] != part.iloc[j]
+    ]
+    return {
+        "patients_in_test_and_cv": len(test_p & cv_p),
+        "patients_in_several_folds": int((several > 1).sum()),
+        "exact_duplicates_across": len(exact),
+        "near_duplicates_across": len(near),
+        "near_duplicate_bits": max_distance,
+        "examples": {
+            "patients": sorted(test_p & cv_p)[:10],
+            "exact": [list(p) for p in exact[:10]],
+            "near": [list(p) for p in near[:10]],
+        },
+    }
+
+
+# ----------------------------------------------------------------------------- the audit
+
+
+def _study(
+    cfg: Config, dataset: str, backbone: str, group_by: str, layout: Layout, tracker: Any
+) -> tuple[dict[str, Any], dict[str, Any], pd.DataFrame]:
+    """One grouping: its split written under the audit layout, the study, its predictions."""
+    from mammoflow.data.manifest import read_manifest
+    from mammoflow.split import make_splits, write_splits
+    from mammoflow.study import run_study
+
+    cfg = cfg.with_overrides({"split.group_by": group_by}, source="audit")
+    al = AuditLayout(root=layout.root, out=layout.root / ".cache" / "audit" / dataset / group_by)
+    frame = read_manifest(layout.processed(dataset))
+    splits = make_splits(
+        frame,
+        test_size=cfg.split.test_size,
+        k_folds=cfg.split.k_folds,
+        group_by=cfg.split.group_by,
+        seed=cfg.split.seed,
+    )
+    split_hash = write_splits(splits, al.splits(dataset))
+    result = run_study(cfg, dataset, backbone, layout=al, tracker=tracker)
+    preds = json.loads((al.models(dataset, backbone) / "predictions.json").read_text("utf-8"))
+    summary = {**result.summary(), "split_hash": split_hash, "split_file": str(al.splits(dataset))}
+    return summary, preds["test"], splits
+
+
+def run_audit(
+    cfg: Config, dataset: str, backbone: str | None = None, layout: Layout | None = None
+) -> dict[str, Any]:
+    """Study ``backbone`` (default: the first of ``model.backbones``) split by image and by
+    patient; inflation per metric with CIs, split checks; one MLflow run; reports/<ds>/audit.*.
+
+    Raises:
+        ValueError: a backbone that is not in ``model.backbones``.
+    """
+    from mammoflow.data.manifest import CLASSES, read_manifest
+    from mammoflow.tracking import AuditTracker
+
+    layout = layout or Layout()
+    cfg = cfg.for_dataset(dataset)
+    backbone = backbone or cfg.model.backbones[0]
+    if backbone not in cfg.model.backbones:
+        raise ValueError(f"backbone {backbone!r} is not in model.backbones {cfg.model.backbones!r}")
+    tracker = AuditTracker(root=layout.root)
+    frame = read_manifest(layout.processed(dataset))
+    patients = dict(zip(frame["image_id"], frame["patient_id"], strict=True))
+    sides: dict[str, Any] = {}
+    studies: dict[str, Any] = {}
+    checks: dict[str, Any] = {}
+    for group_by in GROUPINGS:
+        summary, test, splits = _study(cfg, dataset, backbone, group_by, layout, tracker)
+        studies[group_by] = summary
+        y, prob = np.asarray(test["y_true"]), np.asarray(test["prob"])
+        sides[group_by] = (y, prob, [patients[i] for i in test["image_id"]])
+        checks[group_by] = check_split(splits, frame, layout.root)
+    table = inflation(
+        sides["image"],
+        sides["patient"],
+        CLASSES[cfg.dataset(dataset).kind],
+        n=max(cfg.evaluate.bootstrap, 1),
+        ci=cfg.evaluate.ci,
+        seed=cfg.train.seed,
+    )
+    out = {
+        "dataset": dataset,
+        "backbone": backbone,
+        "seed": cfg.split.seed,
+        "k_folds": cfg.split.k_folds,
+        "epochs": cfg.train.epochs,
+        "ci": cfg.evaluate.ci,
+        "inflation": table,
+        "checks": checks,
+        "studies": studies,
+    }
+    text = summary_text(out)
+    out["mlflow_run_id"] = tracker.log_audit(dataset, backbone, out, text)
+    _write(layout, dataset, out, text)
+    return out
+
+
+def _num(v: Any) -> str:
+    return f"{v:+.3f}" if isinstance(v, float) and math.isfinite(v) else "–"
+
+
+def summary_text(audit: Mapping[str, Any]) -> str:
+    """The printed summary: inflation per metric with CIs, then the split checks."""
+    level = f"{audit['ci']:.0%}"
+    lines = [
+        f"Leakage audit of {audit['dataset']} ({audit['backbone']}; seed {audit['seed']}, "
+        f"{audit['k_folds']} folds, {audit['epochs']} epochs): held-out test, image-level split "
+        "vs patient-level split",
+        f"{'metric':<18} {'image':>8} {'patient':>8} {'inflation':>10}  [{level} CI]",
+    ]
+    for m, v in audit["inflation"].items():
+        img, pat = (f"{v[k]:.3f}" if math.isfinite(v[k]) else "–" for k in ("image", "patient"))
+        lines.append(
+            f"{m:<18} {img:>8} {pat:>8} {_num(v['inflation']):>10}  "
+            f"[{_num(v['low'])}, {_num(v['high'])}]"
+        )
+    lines.append(
+        "inflation = image-level − patient-level; positive means the leaky split flatters."
+    )
+    for group_by, c in audit["checks"].items():
+        lines.append(
+            f"split by {group_by}: {c['patients_in_test_and_cv']} patients in test and CV, "
+            f"{c['patients_in_several_folds']} in several folds, "
+            f"{c['exact_duplicates_across']} exact and {c['near_duplicates_across']} near-duplicate "
+            f"(dHash ≤ {c['near_duplicate_bits']} of {HASH_SIZE**2} bits) image pairs across partitions"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def _write(layout: Layout, dataset: str, audit: Mapping[str, Any], text: str) -> None:
+    from mammoflow.io import atomic_write_json, atomic_write_text
+    from mammoflow.study import _finite
+
+    folder = layout.reports() / dataset
+    atomic_write_json(folder / "audit.json", _finite(dict(audit)))
+    atomic_write_text(folder / "audit.md", f"```\n{text}```\n")
