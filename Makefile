@@ -47,6 +47,7 @@ unit: venv ## fast unit tests only
 bench: venv ## benchmarks (print JSON)
 	$(PY) benchmarks/bench_convert.py
 	$(PY) benchmarks/bench_training.py
+	$(PY) benchmarks/bench_inference.py
 
 ui: venv ## MLflow UI on the local store (http://127.0.0.1:5000)
 	@echo "MLflow UI: http://127.0.0.1:$${MLFLOW_UI_PORT:-5000}  (Ctrl-C stops)"
