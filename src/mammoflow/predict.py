@@ -21,12 +21,15 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from numpy.typing import NDArray
 
 from mammoflow.config import Config
+
+if TYPE_CHECKING:
+    from mammoflow.data.dicom import Acceptance
 
 SUFFIXES = (".dcm", ".dicom", ".pgm", ".png")
 ID_HEX = 16
@@ -119,16 +122,17 @@ def find_images(paths: Iterable[Path | str]) -> tuple[list[Path], list[ScoreFail
             files.append(path)
         else:
             failures.append(ScoreFailure(str(path), "no such file or folder"))
-    seen: set[Path] = set()
-    unique = [f for f in files if not (f.resolve() in seen or seen.add(f.resolve()))]  # type: ignore[func-returns-value]
-    return unique, failures
+    unique: dict[Path, Path] = {}  # a file named twice (itself and its folder) is scored once
+    for f in files:
+        unique.setdefault(f.resolve(), f)
+    return list(unique.values()), failures
 
 
 def _scorable(path: Path) -> bool:
     return path.suffix.lower() in SUFFIXES and not path.name.startswith(".")
 
 
-def acceptance(cfg: Config, dataset: str) -> Any:
+def acceptance(cfg: Config, dataset: str) -> Acceptance:
     """Ingestion's DICOM acceptance rules for ``dataset`` (the sample's own minimum size)."""
     from mammoflow.data.dicom import Acceptance
     from mammoflow.stages import min_size
@@ -140,7 +144,7 @@ def acceptance(cfg: Config, dataset: str) -> Any:
     )
 
 
-def read_image(path: Path, rules: Any) -> NDArray[np.float32]:
+def read_image(path: Path, rules: Acceptance | None) -> NDArray[np.float32]:
     """Decode one file as 2-D float32 in [0, 1] with the training readers.
 
     DICOM goes through ingestion's acceptance ``rules`` (not an image, QC, FOR PROCESSING, too
@@ -190,7 +194,9 @@ def image_id(path: Path, key: bytes | None) -> str:
     return "i" + (keyed_hex(key, f"image:{digest}", ID_HEX) if key else digest[:ID_HEX])
 
 
-def prepare(path: Path, cfg: Config, rules: Any, key: bytes | None = None) -> Prepared:
+def prepare(
+    path: Path, cfg: Config, rules: Acceptance | None, key: bytes | None = None
+) -> Prepared:
     """Read and convert one file exactly as the convert stage does, scaled to [0, 255]."""
     from mammoflow.data.convert import prepare_image
 
@@ -267,7 +273,11 @@ def progress_bar(
 
 
 def batches(
-    files: Sequence[Path], cfg: Config, rules: Any, key: bytes | None, batch_size: int
+    files: Sequence[Path],
+    cfg: Config,
+    rules: Acceptance | None,
+    key: bytes | None,
+    batch_size: int,
 ) -> Iterator[tuple[list[Prepared], list[ScoreFailure]]]:
     """Prepared inputs ``batch_size`` files at a time, with the files that failed among them."""
     for start in range(0, len(files), batch_size):
