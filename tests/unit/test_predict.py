@@ -216,3 +216,13 @@ def test_pointing_game_flips_mias_y_and_bootstraps_patients() -> None:
     assert 0 <= rate["low"] <= 0.75 <= rate["high"] <= 1
     with pytest.raises(ValueError):
         bootstrap_rate([], [])
+
+
+def test_explain_check_skips_a_dataset_without_lesion_circles(tmp_path: Path) -> None:
+    from mammoflow.explain import explain_check
+    from mammoflow.paths import Layout
+
+    res = explain_check(_cfg(), "sample_cmmd", Layout(root=tmp_path))
+    assert res["backbones"] == {} and "no abnormal test image" in res["skipped"]
+    written = json.loads((tmp_path / "metrics" / "explain" / "sample_cmmd.json").read_text())
+    assert written == res
