@@ -245,6 +245,8 @@ def run_study(
         tags=_tags(inp, bb, layout),
         params=inp.params,
     )
+    manifest = layout.processed(dataset) / "manifest.parquet"
+    run.log_dataset(inp.frame, str(manifest), inp.data_hash, inp.split_hash, inp.cfg.split.group_by)
     ctx = _Context(inp, bb, data, run, layout, computed or {}, progress)
     ctx.example = _raw_example(inp.frame)
     with run.guard():
@@ -444,7 +446,15 @@ def _tags(inp: StudyInputs, bb: BackboneModel, layout: Layout) -> dict[str, str]
         "seed": str(inp.cfg.train.seed),
         **git_state(layout.root),
         **versions(),
+        **_source(layout),
     }
+
+
+def _source(layout: Layout) -> dict[str, str]:
+    """MLflow's own source tags (the runs table's Source column and the git commit)."""
+    commit = git_state(layout.root)["git_commit"]
+    tags = {"mlflow.source.name": "mammoflow train", "mlflow.source.type": "LOCAL"}
+    return tags | ({"mlflow.source.git.commit": commit} if commit != "unknown" else {})
 
 
 class _Eta:

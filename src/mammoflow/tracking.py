@@ -25,6 +25,7 @@ import os
 import re
 import tempfile
 import time
+import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,6 +47,10 @@ TAG_TRIAL = "mammoflow.trial"  # Optuna trial number
 TAG_TRIAL_STATE = "mammoflow.trial_state"  # complete | pruned | failed
 TAG_TEMPERATURE = "mammoflow.temperature"  # temperature scaling of the test model (calibration)
 CALIBRATION_FILE = "calibration.json"  # its sidecar on the test run (see calibration.py)
+# MLflow 3's UI opens an experiment by its kind: without it, on the GenAI traces overview
+TAG_EXPERIMENT_KIND = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"
+SOURCE_PREFIX = "mlflow.source."  # mlflow.source.name / .type / .git.commit: the Source column
 _BATCH = 100  # MLflow log_batch accepts at most 100 params / tags and 1000 metrics per call
 
 
@@ -236,10 +241,16 @@ class Tracker:
             if exp is not None:
                 if exp.lifecycle_stage == "deleted":
                     self._client.restore_experiment(exp.experiment_id)
+                if exp.tags.get(TAG_EXPERIMENT_KIND) != EXPERIMENT_KIND:
+                    self._client.set_experiment_tag(
+                        exp.experiment_id, TAG_EXPERIMENT_KIND, EXPERIMENT_KIND
+                    )
                 return str(exp.experiment_id)
             return str(
                 self._client.create_experiment(
-                    name, artifact_location=artifact_root(self.root), tags=dict(tags)
+                    name,
+                    artifact_location=artifact_root(self.root),
+                    tags={**tags, TAG_EXPERIMENT_KIND: EXPERIMENT_KIND},
                 )
             )
 
@@ -721,6 +732,46 @@ class Tracker:
             subgroups_md=subgroups,
         )
 
+    def log_dataset_input(
+        self, run_id: str, frame: Any, source: str, digest: str, name: str, context: str
+    ) -> None:
+        """The runs table's Dataset column: ``frame`` as an MLflow dataset input of ``run_id``.
+
+        Args:
+            frame: the manifest (its schema and row count are logged, not its rows).
+            source: where it lives (the manifest's path).
+            digest: the DVC hash of the data (MLflow keeps at most 36 characters).
+            name: the dataset's name in the UI.
+            context: the input's ``mlflow.data.context`` (the split hash goes here).
+        """
+        from mlflow.data.pandas_dataset import from_pandas
+        from mlflow.entities import Dataset, DatasetInput, InputTag
+
+        plain = frame.drop(columns=[c for c in ("extras",) if c in frame.columns])
+        with warnings.catch_warnings():  # the integer-columns hint is about model signatures
+            warnings.simplefilter("ignore", UserWarning)
+            entity = from_pandas(plain, source=source, name=name)._to_mlflow_entity()
+        dataset = Dataset(
+            name=name,
+            digest=digest[:36],
+            source_type=entity.source_type,
+            source=entity.source,
+            schema=entity.schema,
+            profile=entity.profile,
+        )
+        tags = [InputTag("mlflow.data.context", context[:500])]
+        with self.timed():
+            self._client.log_inputs(run_id, datasets=[DatasetInput(dataset, tags)])
+
+    def link_model(self, run_id: str, model_uri: str) -> None:
+        """Show a logged model (``models:/<model id>``) as an output of ``run_id`` too."""
+        from mlflow.entities import LoggedModelOutput
+
+        if not model_uri.startswith("models:/m-"):
+            return
+        with self.timed():
+            self._client.log_outputs(run_id, [LoggedModelOutput(model_uri.split("/")[1], 0)])
+
     def run_tags_params(self, run_id: str) -> tuple[dict[str, str], dict[str, str]]:
         """``(tags, params)`` of a run; empty when the run is not in this store."""
         from mlflow.exceptions import MlflowException
@@ -864,6 +915,7 @@ class StudyRun:
     child_params: dict[str, Any]
     reopened: bool = False
     stale: list[str] = field(default_factory=list)
+    source: dict[str, str] = field(default_factory=dict)  # mlflow.source.* tags for children
 
     @classmethod
     def open(
@@ -893,6 +945,7 @@ class StudyRun:
             {**params, "backbone": backbone},
             reopened,
             stale,
+            {k: v for k, v in tags.items() if k.startswith(SOURCE_PREFIX)},
         )
 
     @staticmethod
@@ -935,7 +988,7 @@ class StudyRun:
     def _child(
         self, name: str, role: str, tags: Mapping[str, str], params: Mapping[str, Any]
     ) -> str:
-        base = {TAG_BACKBONE: self.backbone, TAG_DATASET: self.dataset}
+        base = {TAG_BACKBONE: self.backbone, TAG_DATASET: self.dataset, **self.source}
         return self.tracker.start_child(
             self.experiment_id,
             self.parent_id,
@@ -995,8 +1048,22 @@ class StudyRun:
                 self.tracker.log_history(run_id, history)
             self._evaluation(run_id, ev, "test_")
             if model is not None:
-                self.tracker.log_model(run_id, model, example)
+                uri = self.tracker.log_model(run_id, model, example)
+                self.tracker.link_model(self.parent_id, uri)
         return run_id
+
+    def log_dataset(
+        self, frame: Any, source: str, data_hash: str, split_hash: str, group_by: str
+    ) -> None:
+        """The manifest as the parent's dataset input: DVC hash as digest, split in context."""
+        self.tracker.log_dataset_input(
+            self.parent_id,
+            frame,
+            source,
+            data_hash,
+            name=f"{self.dataset}-manifest",
+            context=f"{group_by}-level split {split_hash[:16]}",
+        )
 
     def finish(
         self,

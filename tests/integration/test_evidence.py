@@ -154,3 +154,22 @@ def test_audit_prints_the_inflation_and_logs_one_run(project: tuple[Path, Config
     assert exp.name == f"mammoflow-{DATASET}-audit"
     stages.compare_stage(cfg, [DATASET], Layout())
     assert "inflation [CI]" in (root / "reports" / DATASET / "report.html").read_text()
+
+
+def test_mlflow_ui_fields_kind_dataset_source_and_model(project: tuple[Path, Config]) -> None:
+    root, _ = project
+    client = mlflow_client(root)
+    exp = client.get_experiment_by_name(f"mammoflow-{DATASET}")
+    assert exp.tags["mlflow.experimentKind"] == "custom_model_development"
+    summary = json.loads((root / "metrics" / DATASET / f"{BACKBONE}.json").read_text())
+    parent = client.get_run(summary["mlflow_parent_run_id"])
+    (inp,) = parent.inputs.dataset_inputs
+    assert inp.dataset.name == f"{DATASET}-manifest"
+    assert inp.dataset.digest == parent.data.tags["dvc_data_hash"][:36]
+    context = {t.key: t.value for t in inp.tags}["mlflow.data.context"]
+    assert parent.data.tags["split_hash"][:16] in context
+    assert parent.data.tags["mlflow.source.name"] == "mammoflow train"
+    test_run = client.get_run(summary["mlflow_test_run_id"])
+    assert test_run.data.tags["mlflow.source.type"] == "LOCAL"
+    model_id = test_run.data.tags["mammoflow.model_uri"].split("/")[1]
+    assert model_id in [o.model_id for o in parent.outputs.model_outputs]
