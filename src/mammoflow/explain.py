@@ -242,8 +242,10 @@ def write_explanation(item: Prepared, cam: NDArray[np.float32], out_dir: Path) -
 
 
 def peak(cam: NDArray[np.float32]) -> tuple[int, int] | None:
-    """``(row, col)`` of the map's maximum, or None for an all-zero map."""
-    if not np.any(cam > 0):
+    """``(row, col)`` of the map's maximum; None for a map that is flat (all zeros, or a 1 × 1
+    target layer such as InceptionV3's last convolution at small input sizes): it points nowhere.
+    """
+    if not np.any(cam > 0) or float(cam.max()) == float(cam.min()):
         return None
     row, col = np.unravel_index(int(np.argmax(cam)), cam.shape)
     return int(row), int(col)

@@ -193,6 +193,8 @@ def test_zero_map_when_gradients_vanish() -> None:
     np.testing.assert_array_equal(cams[1], 0.0)
     np.testing.assert_allclose(cams[2], [[1 / 3, 1.0]])
     assert peak(cams[0]) is None
+    assert peak(np.ones((4, 4), np.float32)) is None  # a flat map (1 x 1 layer) points nowhere
+    assert peak(np.eye(3, dtype=np.float32) * [1, 2, 1]) == (1, 1)
 
 
 def test_to_original_removes_padding_and_restores_aspect() -> None:
