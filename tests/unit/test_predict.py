@@ -26,7 +26,7 @@ from mammoflow.explain import (
     target_names,
     to_original,
 )
-from tests.helpers import tiny_champion
+from tests.helpers import mlflow_client, tiny_champion
 
 pytestmark = pytest.mark.slow
 PARAMS = Path(__file__).resolve().parents[2] / "params.yaml"
@@ -48,7 +48,15 @@ def project(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, Co
         make_sample(root / "sample", seed=3, mias_patients=3, cmmd_patients=2, size=96)
         uri = tiny_champion(root)
         cfg = _cfg()
-        yield root, cfg, uri
+        try:
+            yield root, cfg, uri
+        finally:
+            client = mlflow_client(root)
+            for model in client.search_registered_models():
+                client.delete_registered_model(model.name)
+            for exp in client.search_experiments():
+                if exp.name.startswith("mammoflow-"):
+                    client.delete_experiment(exp.experiment_id)
     mlflow.set_tracking_uri(before[0])
     mlflow.set_registry_uri(before[1])
 
