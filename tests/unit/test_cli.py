@@ -39,6 +39,7 @@ def test_unknown_dataset(project: Path) -> None:
     assert "unknown dataset 'nope'" in result.output
 
 
+@pytest.mark.slow  # ~11 s: both sample datasets through four commands
 def test_data_stages_end_to_end(project: Path) -> None:
     for dataset in ("sample_mias", "sample_cmmd"):
         for args in (
