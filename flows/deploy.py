@@ -1,4 +1,4 @@
-"""Prefect deployments of the flows in ``flows/pipeline.py`` (beside this file), run from the checkout.
+"""Prefect deployments of the flows in ``pipeline.py`` beside this file, run from the checkout.
 
 One table (:data:`DEPLOYMENTS`) names every deployment, its flow entrypoint and its schedule;
 ``prefect.yaml`` mirrors it for ``prefect deploy --all``. Deployments are created with
@@ -151,7 +151,7 @@ def deploy_all(
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    """``python -m flows.deploy`` from the project root: register the deployments (infra/serve.sh)."""
+    """``python -m flows.deploy`` (from the project root): register the deployments (serve.sh)."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--pool", default=DEFAULT_POOL, help="process work pool")
     parser.add_argument("--project-dir", default=None, help="checkout to run in (default: .)")

@@ -53,7 +53,7 @@ class ValidationFailed(ValueError):  # noqa: N818 (the stage's documented name)
         super().__init__(report.describe_failures())
 
 
-class ConvertedImagesInvalid(ValueError):  # noqa: N818 (names what was found, like ValidationFailed)
+class ConvertedImagesInvalid(ValueError):  # noqa: N818 (named like ValidationFailed)
     """Converted PNGs do not match their manifest; ``failures`` holds the failed checks."""
 
     def __init__(self, dataset: str, failures: list[ExpectationOutcome], sizes: str = "") -> None:
