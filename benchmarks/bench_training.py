@@ -185,10 +185,10 @@ def mias_frame(archive: Path, out: Path, size: int = 512) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def _project(work: Path, overrides: dict[str, Any]) -> Config:
+def _project(work: Path, overrides: dict[str, Any], dataset: str = "mias") -> Config:
     """A temporary project around the real MIAS archive: params.yaml with ``overrides``."""
     raw = yaml.safe_load((ROOT / "params.yaml").read_text(encoding="utf-8"))
-    raw["pipeline"]["datasets"] = ["mias"]
+    raw["pipeline"]["datasets"] = [dataset]
     raw["datasets"]["mias"]["source"] = str(MIAS_ARCHIVE.resolve())
     for dotted, value in overrides.items():
         section, key = dotted.split(".", 1)
@@ -198,18 +198,18 @@ def _project(work: Path, overrides: dict[str, Any]) -> Config:
     return load_config(work / "params.yaml")
 
 
-def _data_stages(cfg: Config, layout: Layout) -> float:
+def _data_stages(cfg: Config, layout: Layout, dataset: str = "mias") -> float:
     t0 = time.perf_counter()
-    stages.acquire_stage(cfg, "mias", layout)
-    stages.ingest_stage(cfg, "mias", layout)
-    stages.convert_stage(cfg, "mias", layout, progress=False)
-    stages.split_stage(cfg, "mias", layout)
+    stages.acquire_stage(cfg, dataset, layout)
+    stages.ingest_stage(cfg, dataset, layout)
+    stages.convert_stage(cfg, dataset, layout, progress=False)
+    stages.split_stage(cfg, dataset, layout)
     return time.perf_counter() - t0
 
 
-def _ensemble_vs_refit(layout: Layout, backbone: str) -> dict[str, float]:
+def _ensemble_vs_refit(layout: Layout, backbone: str, dataset: str = "mias") -> dict[str, float]:
     """Test macro-F1 of the refit model and of the mean of the K fold models (same folds)."""
-    rec = json.loads((layout.models("mias", backbone) / "predictions.json").read_text())
+    rec = json.loads((layout.models(dataset, backbone) / "predictions.json").read_text())
     y = np.asarray(rec["test"]["y_true"])
     refit = compute_metrics(y, np.asarray(rec["test"]["prob"]), CLASSES)
     mean = np.mean([np.asarray(v["prob"]) for v in rec["fold_test"].values()], axis=0)
@@ -220,6 +220,26 @@ def _ensemble_vs_refit(layout: Layout, backbone: str) -> dict[str, float]:
         "test_roc_auc_refit": round(refit["roc_auc"], 3),
         "test_roc_auc_ensemble": round(ens["roc_auc"], 3),
     }
+
+
+def sample_test_models(work: Path) -> dict[str, Any]:
+    """Refit vs ensemble on the embedded sample (its own demo settings), from the same folds."""
+    cfg = _project(
+        work,
+        {"evaluate.test_model": "refit", "tracking.log_models": "none"},
+        dataset="sample_mias",
+    )
+    old = Path.cwd()
+    os.chdir(work)
+    try:
+        _data_stages(cfg, Layout(), "sample_mias")
+        out: dict[str, Any] = {}
+        for name in ("vgg16", "resnet50"):
+            stages.train_stage(cfg, "sample_mias", name, Layout())
+            out[name] = _ensemble_vs_refit(Layout(), name, "sample_mias")
+    finally:
+        os.chdir(old)
+    return out
 
 
 def full_mias(work: Path, test_model: str) -> dict[str, Any]:
@@ -425,6 +445,7 @@ def main() -> None:
         result["epoch_overhead_s"] = result["overhead"]["epoch_overhead_s"]
         if not args.skip_small:
             result["small_study"] = small_study(Path(tmp))
+        result["sample_test_models"] = sample_test_models(Path(tmp) / "sample-study")
         if args.full:
             for mode in ("ensemble", "refit"):
                 result[f"full_mias_{mode}"] = full_mias(Path(tmp) / f"study-{mode}", mode)
