@@ -40,11 +40,11 @@ import yaml
 from PIL import Image
 
 from mammoflow import stages
+from mammoflow.backbones import PAPER_BACKBONES
 from mammoflow.config import Config, ModelConfig, TrainConfig, load_config
 from mammoflow.io import sha256_file
 from mammoflow.metrics import compute_metrics
 from mammoflow.models import build
-from mammoflow.models.backbones import PAPER_BACKBONES
 from mammoflow.models.features import (
     cached_features,
     cpu_supports_bf16,

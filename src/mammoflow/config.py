@@ -24,9 +24,9 @@ from pydantic import (
     model_validator,
 )
 
-DEFAULT_PARAMS = Path("params.yaml")
+from mammoflow.backbones import BACKBONE_NAMES, PAPER_BACKBONES  # the registry: pure data
 
-BACKBONE_NAMES = ("vgg16", "vgg19", "resnet50", "inception_v3")
+DEFAULT_PARAMS = Path("params.yaml")
 
 
 class ConfigError(ValueError):
@@ -90,7 +90,7 @@ class SplitConfig(_Section):
 class ModelConfig(_Section):
     """Backbones and the paper's classification head."""
 
-    backbones: list[str] = Field(default_factory=lambda: list(BACKBONE_NAMES), min_length=1)
+    backbones: list[str] = Field(default_factory=lambda: list(PAPER_BACKBONES), min_length=1)
     weights: str = "imagenet"
     trainable_layers: Annotated[int, Field(ge=0, le=50)] = 3
     head_units: Annotated[int, Field(ge=8, le=8192)] = 512
@@ -100,11 +100,11 @@ class ModelConfig(_Section):
     @field_validator("backbones")
     @classmethod
     def _known_backbones(cls, value: list[str]) -> list[str]:
-        from mammoflow.models.backbones import BACKBONE_NAMES as KNOWN
-
-        unknown = [b for b in value if b not in KNOWN]
+        unknown = [b for b in value if b not in BACKBONE_NAMES]
         if unknown:
-            raise ValueError(f"unknown backbone(s) {unknown!r}; registered: {list(KNOWN)!r}")
+            raise ValueError(
+                f"unknown backbone(s) {unknown!r}; registered: {list(BACKBONE_NAMES)!r}"
+            )
         if len(set(value)) != len(value):
             raise ValueError(f"backbones listed twice in {value!r}")
         return value

@@ -178,7 +178,7 @@ def _one_or_each(values: Mapping[str, str]) -> str:
 
 
 def _size(backbone: str, value: Any) -> str:
-    from mammoflow.models.backbones import input_size_for
+    from mammoflow.backbones import input_size_for
 
     native = value is None or str(value).strip().lower() in ("none", "null", "")
     return f"{input_size_for(backbone, None if native else int(value))} px"

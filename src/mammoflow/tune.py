@@ -678,7 +678,7 @@ def _request(
     Raises:
         TuneError: unknown backbone, non-positive counts, several workers on SQLite.
     """
-    from mammoflow.models.backbones import BACKBONE_NAMES
+    from mammoflow.backbones import BACKBONE_NAMES
 
     cfg.dataset(dataset)
     if backbone not in BACKBONE_NAMES:
