@@ -50,7 +50,7 @@ bench: venv ## benchmarks (print JSON)
 	$(PY) benchmarks/bench_inference.py
 
 ui: venv ## MLflow UI on the local store (http://127.0.0.1:5000)
-	@echo "MLflow UI: http://127.0.0.1:$${MLFLOW_UI_PORT:-5000}  (Ctrl-C stops)"
+	@echo "MLflow UI: http://127.0.0.1:$${MLFLOW_UI_PORT:-5000}/#/experiments?workflowType=machine_learning  (Ctrl-C stops)"
 	$(VENV)/bin/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db \
 		--default-artifact-root $(CURDIR)/mlartifacts --host 127.0.0.1 --port $${MLFLOW_UI_PORT:-5000}
 

@@ -274,7 +274,12 @@ def _print_comparison(res: dict[str, Any], table: bool = True, write: bool = Tru
         wide.print(report.console_table(name, rows, res["settings"].get(name)))
     if write:
         out.print(f"Reports: {res['markdown']} and {res['html']}")
-    out.print("MLflow UI: run `make ui`, then open http://127.0.0.1:5000")
+        if res.get("studies"):
+            out.print("Study reports: " + ", ".join(res["studies"].values()))
+    out.print(
+        "MLflow UI: run `make ui`, then open "
+        "http://127.0.0.1:5000/#/experiments?workflowType=machine_learning"
+    )
 
 
 def _study_config(
