@@ -84,6 +84,8 @@ def test_repro_noop_param_change_and_push_pull(clone: Path) -> None:
     ]
     assert sorted(first[7:]) == ["explain_check@sample_mias", "report"]  # both after evaluate
     assert (clone / "reports/comparison.md").is_file()
+    page = (clone / "reports/sample_mias/report.html").read_text()  # the study report
+    assert "ECE raw" in page and "data:image/png;base64," in page and "98–99 %" in page
     metrics = _run(["dvc", "metrics", "show", "--json"], clone)
     assert "f1_macro_mean" in metrics and "vgg16" in metrics
 
