@@ -231,3 +231,28 @@ def test_calibration_is_logged_and_carried_by_the_registered_version(tracker: Tr
     version = tracker.promote("cal_ds", test_id, "f1", 0.5)["version"]
     tags = tracker.client.get_model_version("mammoflow-cal_ds", version).tags
     assert float(tags[tracking.TAG_TEMPERATURE]) == pytest.approx(res.temperature)
+
+
+def test_model_cards_for_champion_and_challenger(tracker: Tracker) -> None:
+    from mammoflow.card import write_model_cards
+
+    exp = tracker.experiment_id("card_ds")
+    assert write_model_cards(tracker, "card_ds") == {}  # nothing registered yet
+    for backbone, f1 in (("vgg16", 0.6), ("resnet50", 0.4)):
+        study = tracking.StudyRun.open(
+            tracker, dataset="card_ds", backbone=backbone, key=backbone, tags={}, params={}
+        )
+        test_id = study._child("test", "test", {}, {"model.weights": "none"})
+        tracker.log_metrics(study.parent_id, {"test_f1_macro": f1, "f1_macro_mean": f1})
+        _fake_model(tracker, test_id)
+        tracker.promote("card_ds", test_id, "f1", f1)
+    assert tracker.client.get_experiment(exp).tags["mlflow.experimentKind"] == (
+        "custom_model_development"
+    )
+    written = write_model_cards(tracker, "card_ds")
+    assert written == {"champion": "1", "challenger": "2"}
+    for alias, backbone in (("champion", "vgg16"), ("challenger", "resnet50")):
+        mv = tracker.client.get_model_version_by_alias("mammoflow-card_ds", alias)
+        assert f"({backbone})" in mv.description and f"alias `{alias}`" in mv.description
+        arts = {a.path for a in tracker.client.list_artifacts(mv.tags["run_id"])}
+        assert "model_card.md" in arts
