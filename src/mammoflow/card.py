@@ -61,6 +61,10 @@ def _with_ci(m: Mapping[str, float], key: str) -> str:
     return f"{point} [{_num(low)}, {_num(high)}]"
 
 
+def _sha(sha: str) -> str:
+    return f" (sha256 {sha[:16]}…)" if sha and sha not in ("none", "unknown") else ""
+
+
 def _details(f: CardFacts) -> list[str]:
     p, t = f.params, f.tags
     weights = p.get("model.weights", t.get("weights_source", "unknown"))
@@ -72,12 +76,12 @@ def _details(f: CardFacts) -> list[str]:
         f"- Architecture: {f.backbone} frozen prefix, trainable tail, the paper's head "
         f"(Dense {p.get('model.head_units', '?')} ReLU → BatchNorm → Dropout "
         f"{p.get('model.dropout', '?')} → softmax).",
-        f"- Weights: `{weights}` ({t.get('weights_sha256', 'no file')[:16]}); input "
+        f"- Weights: `{weights}`{_sha(t.get('weights_sha256', ''))}; input "
         f"{p.get('model.input_size', '?')} px; epochs {p.get('train.epochs', '?')}, batch "
         f"{p.get('train.batch_size', '?')}, learning rate {p.get('train.learning_rate', '?')}.",
         f"- Test model: {p.get('test_model', p.get('evaluate.test_model', '?'))}; MLflow test "
         f"run `{f.test_run_id}`, parent run `{f.parent_run_id}`.",
-        f"- Trained with {t.get('tensorflow_version', '?')} TensorFlow on {t.get('device', '?')}.",
+        f"- Trained with TensorFlow {t.get('tensorflow_version', '?')} on {t.get('device', '?')}.",
         "",
     ]
 

@@ -358,7 +358,11 @@ def _subgroup_html(tables: Mapping[str, Sequence[Mapping[str, Any]]]) -> str:
         ]
         header = ["Factor", "Value", "n", "Patients", *(_LABELS.get(m, m) for m in METRICS)]
         parts.append(f"<h4>{html.escape(split)}</h4>" + _table(header, body))
-    return "".join(parts) + "<p class='note'>⚠ fewer than 10 images: too few to read.</p>"
+    return "".join(parts) + (
+        "<p class='note'>⚠ fewer than 10 images: too few to read much into. In a subgroup of "
+        "one class ROC AUC is undefined (–) and macro F1 averages in the absent classes' zeros: "
+        "read accuracy there.</p>"
+    )
 
 
 def _audit(audit: Mapping[str, Any] | None) -> str:

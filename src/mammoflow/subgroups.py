@@ -136,6 +136,8 @@ def subgroup_markdown(
         lines.append("")
     lines.append(
         f"⚠ fewer than {min_n} images: too few to read much into. "
-        f"Brackets: {ci:.0%} patient-bootstrap CI."
+        f"Brackets: {ci:.0%} patient-bootstrap CI. In a subgroup of one class (e.g. one "
+        "abnormality) ROC AUC is undefined (–) and macro F1 averages in the absent classes' "
+        "zeros: read accuracy there."
     )
     return "\n".join(lines) + "\n"
