@@ -473,12 +473,16 @@ class Tracker:
         with self.timed():
             self._client.log_dict(run_id, obj, artifact_file)
 
-    def log_model(self, run_id: str, model: Any, input_example: Any) -> str:
+    def log_model(
+        self, run_id: str, model: Any, input_example: Any, source_run_id: str | None = None
+    ) -> str:
         """Log a Keras model (Keras 3 flavor, ``.keras`` format) with signature and example.
 
         The full model is built from stock Keras layers only, so it loads without MammoFlow's
         code and ``mlflow models predict`` / ``serve`` work anywhere. The model is attached to ``run_id`` explicitly (no active run).
         Returns the model URI, also set as the run's ``mammoflow.model_uri`` tag.
+        ``source_run_id`` (default ``run_id``) is the run MLflow names as the model's source: the
+        runs table's Models column and the registered version point there.
         """
         import mlflow
         import mlflow.keras
@@ -499,7 +503,7 @@ class Tracker:
             mlflow.set_tracking_uri(self.uri)
             run = self._client.get_run(run_id)
             logged = self._client.create_logged_model(
-                run.info.experiment_id, name=MODEL_NAME, source_run_id=run_id
+                run.info.experiment_id, name=MODEL_NAME, source_run_id=source_run_id or run_id
             )
             # Keras' export prints its whole signature to stdout; keep the stage output readable.
             with contextlib.redirect_stdout(io.StringIO()):
@@ -1048,7 +1052,8 @@ class StudyRun:
                 self.tracker.log_history(run_id, history)
             self._evaluation(run_id, ev, "test_")
             if model is not None:
-                uri = self.tracker.log_model(run_id, model, example)
+                # the backbone's parent row shows the model and its registered version
+                uri = self.tracker.log_model(run_id, model, example, source_run_id=self.parent_id)
                 self.tracker.link_model(self.parent_id, uri)
         return run_id
 

@@ -173,3 +173,15 @@ def test_mlflow_ui_fields_kind_dataset_source_and_model(project: tuple[Path, Con
     assert test_run.data.tags["mlflow.source.type"] == "LOCAL"
     model_id = test_run.data.tags["mammoflow.model_uri"].split("/")[1]
     assert model_id in [o.model_id for o in parent.outputs.model_outputs]
+
+
+def test_the_registered_version_points_at_the_backbones_parent(
+    project: tuple[Path, Config],
+) -> None:
+    root, _ = project
+    client = mlflow_client(root)
+    champion = client.get_model_version_by_alias(f"mammoflow-{DATASET}", "champion")
+    summary = json.loads((root / "metrics" / DATASET / f"{BACKBONE}.json").read_text())
+    assert champion.run_id == summary["mlflow_parent_run_id"]  # the runs table's Models column
+    assert champion.tags["run_id"] == summary["mlflow_test_run_id"]  # where the model was logged
+    assert champion.source.startswith("models:/m-")
