@@ -73,6 +73,7 @@ class ReportData:
     champion: dict[str, Any]
     validation: dict[str, Any]
     audit: dict[str, Any] | None = None
+    explain: dict[str, Any] | None = None  # metrics/explain/<dataset>.json (pointing game)
     card: str = ""
     settings: str = ""
     ci: float = 0.95
@@ -128,6 +129,7 @@ def collect(cfg: Config, dataset: str, layout: Layout, tracker: Tracker | None) 
         champion=champion,
         validation=_json(layout.validation(dataset) / "validation.json", {}),
         audit=_json(layout.reports() / dataset / "audit.json"),
+        explain=_json(layout.root / "metrics" / "explain" / f"{dataset}.json"),
         card=card,
         settings=report.settings_line({b.name: b.params for b in backbones if b.params}),
         ci=ds_cfg.evaluate.ci,
@@ -401,6 +403,21 @@ def _audit(audit: Mapping[str, Any] | None) -> str:
     )
 
 
+def _pointing(explain: Mapping[str, Any] | None, ci: float) -> str:
+    if not explain:
+        return "<p>Not run (<code>mammoflow explain-check --dataset …</code>).</p>"
+    if explain.get("skipped"):
+        return f"<p>Skipped: {html.escape(str(explain['skipped']))}.</p>"
+    rows = [
+        [b, _ci_cell(r.get("hit_rate"), r), str(int(r.get("n", 0)))]
+        for b, r in explain.get("backbones", {}).items()
+    ]
+    return _table(["Backbone", "Hit rate % [CI]", "Images"], rows) + (
+        "<p class='note'>Grad-CAM pointing game: share of abnormal test images whose Grad-CAM "
+        f"peak falls inside an annotated lesion circle; {ci:.0%} patient-bootstrap CI.</p>"
+    )
+
+
 def _validation(v: Mapping[str, Any]) -> str:
     if not v:
         return "<p>No validation results (run <code>mammoflow validate</code>).</p>"
@@ -498,6 +515,7 @@ def render(data: ReportData, base: Mapping[str, Any]) -> str:
         *_figures(data).items(),
         _subgroup_section(data),
         ("Leakage audit", _audit(data.audit)),
+        ("Grad-CAM pointing game", _pointing(data.explain, data.ci)),
         ("Data validation", _validation(data.validation)),
         ("Provenance", _provenance(data)),
     ]
