@@ -625,34 +625,3 @@ def fold_task(
         progress=progress,
     )
     return res
-
-
-def train_final(
-    inputs: FeatureSet | ImageSet,
-    splits: pd.DataFrame,
-    bb: BackboneModel,
-    *,
-    model_cfg: ModelConfig,
-    train_cfg: TrainConfig,
-    n_classes: int,
-    pooling: Pooling = "avg",
-    progress: ProgressHook | None = None,
-    trainer: FoldTrainer | None = None,
-) -> FoldResult:
-    """Train on every CV row (no validation, so no early stopping) and predict the test set.
-
-    Returns a :class:`FoldResult` with ``fold == 0`` and empty validation arrays.
-    """
-    (result,) = train_folds(
-        inputs,
-        splits,
-        bb,
-        model_cfg=model_cfg,
-        train_cfg=train_cfg,
-        n_classes=n_classes,
-        folds=[0],
-        pooling=pooling,
-        progress=progress,
-        trainer=trainer,
-    )
-    return result

@@ -20,7 +20,6 @@ from mammoflow.train import (
     check_train_params,
     fold_rows,
     recalibrate_batchnorm,
-    train_final,
     train_folds,
 )
 from tests.unit.test_features import write_pngs
@@ -104,7 +103,9 @@ def test_deterministic_and_final_and_image_path(dataset: tuple) -> None:
     np.testing.assert_allclose(a[0].history["loss"], b[0].history["loss"], rtol=1e-4)
     np.testing.assert_allclose(a[0].test_prob, b[0].test_prob, rtol=1e-3, atol=1e-5)
     assert len(a[0].test_ids) == int((splits["split"] == "test").sum())
-    final = train_final(feats, splits, bb, model_cfg=MODEL, train_cfg=cfg, n_classes=3)
+    (final,) = train_folds(
+        feats, splits, bb, model_cfg=MODEL, train_cfg=cfg, n_classes=3, folds=[0]
+    )
     assert final.fold == 0 and final.val_prob.shape == (0, 3) and len(final.test_ids) > 0
     # no cache (augmentation): end-to-end training on images with the full model
     images = prepare_inputs(frame, bb, dataset="synthetic", augment=True)
@@ -175,7 +176,9 @@ def test_one_trace_per_trainer_and_epoch_overhead(dataset: tuple) -> None:
     feats = cached_features(frame, bb, dataset="synthetic", cache_dir=root / "cache")
     trainer = FoldTrainer(feats, bb, model_cfg=MODEL, train_cfg=TRAIN, n_classes=3)
     train_folds(feats, splits, bb, model_cfg=MODEL, train_cfg=TRAIN, n_classes=3, trainer=trainer)
-    train_final(feats, splits, bb, model_cfg=MODEL, train_cfg=TRAIN, n_classes=3, trainer=trainer)
+    train_folds(
+        feats, splits, bb, model_cfg=MODEL, train_cfg=TRAIN, n_classes=3, folds=[0], trainer=trainer
+    )
     assert trainer._train_epoch.experimental_get_tracing_count() == 1
     assert trainer._predict.experimental_get_tracing_count() == 1
 
