@@ -11,10 +11,6 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:
-    from mammoflow.tracking import Tracker
 
 # What the paper this project started from reports, and how (the comparison needs the "how").
 PAPER_CLAIM = (
@@ -224,18 +220,3 @@ def description(facts: CardFacts, limit: int = DESCRIPTION_LIMIT) -> str:
     short = model_card(facts, subgroups=False)
     note = "\n_The full card is the artifact `model_card.md` of the test run._\n"
     return (short + note) if len(short) + len(note) <= limit else short[: limit - 1] + "…"
-
-
-def write_model_cards(tracker: Tracker, dataset: str) -> dict[str, str]:
-    """Write the card of every registered version with an alias (champion, challenger).
-
-    Returns ``{alias: version}`` of the cards written.
-    """
-    written: dict[str, str] = {}
-    for alias in ("champion", "challenger"):
-        facts = tracker.card_facts(dataset, alias)
-        if facts is None:
-            continue
-        tracker.set_model_card(facts, model_card(facts), description(facts))
-        written[alias] = facts.version
-    return written

@@ -449,7 +449,7 @@ def explain_check_cmd(
     params: ParamsOpt = Path("params.yaml"),
 ) -> None:
     """Pointing game: share of abnormal test images whose Grad-CAM peak is inside a lesion."""
-    from mammoflow.explain import explain_check
+    from mammoflow.pointing import explain_check
 
     _echo(explain_check(_config(params), dataset, target_layer=target_layer))
 

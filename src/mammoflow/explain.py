@@ -20,15 +20,44 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import numpy as np
 from numpy.typing import NDArray
 
-if TYPE_CHECKING:
-    from mammoflow.config import Config
-    from mammoflow.paths import Layout
-    from mammoflow.predict import Geometry, Prepared
+
+class Geometry(Protocol):
+    """Where the original image lies on the model's square canvas (``predict.Geometry``)."""
+
+    @property
+    def height(self) -> int: ...
+    @property
+    def width(self) -> int: ...
+    @property
+    def bbox(self) -> tuple[int, int, int, int]: ...
+    @property
+    def top(self) -> int: ...
+    @property
+    def left(self) -> int: ...
+    @property
+    def fit_h(self) -> int: ...
+    @property
+    def fit_w(self) -> int: ...
+    @property
+    def size(self) -> int: ...
+
+
+class Prepared(Protocol):
+    """An input as :mod:`mammoflow.predict` prepares it (only what an explanation reads)."""
+
+    @property
+    def image_id(self) -> str: ...
+
+    @property
+    def original(self) -> NDArray[np.float32]: ...
+
+    @property
+    def geometry(self) -> Geometry: ...
 
 
 class ExplainError(ValueError):
@@ -292,145 +321,3 @@ def bootstrap_rate(
         "high": float(np.quantile(rates, 1.0 - alpha)),
         "n": float(h.size),
     }
-
-
-# --------------------------------------------------------------------------- explain-check
-
-
-@dataclass(frozen=True)
-class Annotated:
-    """An abnormal test image with its lesion circles (MIAS coordinates)."""
-
-    image_id: str
-    patient_id: str
-    raw: Path
-    label_index: int
-    lesions: tuple[Mapping[str, Any], ...]
-
-
-def annotated_test_images(cfg: Config, dataset: str, layout: Layout) -> list[Annotated]:
-    """The held-out test images of ``dataset`` with at least one lesion circle.
-
-    Raises:
-        FileNotFoundError: the converted manifest or the split is missing.
-    """
-    import json
-
-    import pandas as pd
-
-    from mammoflow.data.manifest import read_manifest
-    from mammoflow.stages import raw_files
-
-    manifest = layout.processed(dataset) / "manifest.parquet"
-    split = layout.splits(dataset)
-    for path in (manifest, split):
-        if not path.is_file():
-            raise FileNotFoundError(f"{path}: missing; run the pipeline up to split first")
-    frame = read_manifest(manifest)
-    test = set(pd.read_parquet(split).query("split == 'test'")["image_id"].astype(str))
-    located = raw_files(cfg, dataset, layout) or {}
-    out: list[Annotated] = []
-    for row in frame.to_dict("records"):
-        lesions = tuple(
-            lesion
-            for lesion in json.loads(str(row["extras"] or "{}")).get("lesions", [])
-            if None not in (lesion.get("x"), lesion.get("y"), lesion.get("radius"))
-        )
-        if str(row["image_id"]) not in test or not lesions:
-            continue
-        raw = Path(located.get(str(row["raw_path"]), str(row["raw_path"])))
-        out.append(
-            Annotated(
-                image_id=str(row["image_id"]),
-                patient_id=str(row["patient_id"]),
-                raw=raw if raw.is_absolute() else layout.root / raw,
-                label_index=int(row["label_index"]),
-                lesions=lesions,
-            )
-        )
-    return out
-
-
-def pointing_game(
-    model: Any, items: Sequence[Annotated], cfg: Config, dataset: str, target_layer: str | None
-) -> list[dict[str, Any]]:
-    """Per image: the map's peak in original pixels and whether it hits a lesion circle.
-
-    The explained class is the image's true class (the pointing game asks where the evidence
-    for the annotated finding is), in batches of ``train.batch_size``.
-    """
-    from mammoflow.predict import acceptance, prepare
-
-    rules = acceptance(cfg, dataset)
-    rows: list[dict[str, Any]] = []
-    size = max(1, cfg.train.batch_size)
-    for start in range(0, len(items), size):
-        chunk = items[start : start + size]
-        prepared = [prepare(a.raw, cfg, rules) for a in chunk]
-        cams = gradcam_batch(
-            model,
-            np.stack([p.pixels for p in prepared]),
-            [a.label_index for a in chunk],
-            target_layer,
-        )
-        for a, p, cam in zip(chunk, prepared, cams, strict=True):
-            point = peak(to_original(cam, p.geometry))
-            rows.append(
-                {
-                    "image_id": a.image_id,
-                    "patient_id": a.patient_id,
-                    "peak": list(point) if point else None,
-                    "hit": hit(point, a.lesions, p.geometry.height),
-                }
-            )
-    return rows
-
-
-def explain_check(
-    cfg: Config, dataset: str, layout: Layout | None = None, target_layer: str | None = None
-) -> dict[str, Any]:
-    """Pointing-game hit rate per backbone on the annotated test images, logged to MLflow.
-
-    Each backbone's test model (the one its metrics file names) explains each abnormal test
-    image's true class; the rate's CI resamples patients (``evaluate.bootstrap``,
-    ``evaluate.ci``). A dataset without lesion annotations (CMMD) is reported as skipped.
-    Writes ``metrics/explain/<dataset>.json``.
-    """
-    from mammoflow.io import atomic_write_json
-    from mammoflow.paths import Layout
-    from mammoflow.tracking import Tracker
-
-    layout = layout or Layout()
-    cfg = cfg.for_dataset(dataset)
-    out: dict[str, Any] = {"dataset": dataset, "backbones": {}}
-    kind = cfg.dataset(dataset).kind
-    items = annotated_test_images(cfg, dataset, layout) if kind == "mias" else []
-    if not items:
-        out["skipped"] = "no abnormal test image with an annotated lesion circle"
-    else:
-        tracker = Tracker(root=layout.root)
-        for backbone in cfg.model.backbones:
-            run_id = _test_run_id(layout, dataset, backbone)
-            model = tracker.load_serving_model(tracker.model_uri_of(run_id)).model
-            rows = pointing_game(model, items, cfg, dataset, target_layer)
-            rate = bootstrap_rate(
-                [r["hit"] for r in rows],
-                [r["patient_id"] for r in rows],
-                n=max(cfg.evaluate.bootstrap, 1),
-                ci=cfg.evaluate.ci,
-            )
-            tracker.log_pointing_game(run_id, rate, rows)
-            out["backbones"][backbone] = {**rate, "mlflow_test_run_id": run_id}
-    atomic_write_json(layout.root / "metrics" / "explain" / f"{dataset}.json", out)
-    return out
-
-
-def _test_run_id(layout: Layout, dataset: str, backbone: str) -> str:
-    import json
-
-    path = layout.metrics(dataset, backbone)
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"{path}: missing; run `mammoflow train --dataset {dataset} --backbone {backbone}`"
-        )
-    return str(json.loads(path.read_text(encoding="utf-8"))["mlflow_test_run_id"])

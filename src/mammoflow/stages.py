@@ -282,9 +282,8 @@ def evaluate_stage(cfg: Config, dataset: str, layout: Layout | None = None) -> d
         out["registry"] = Tracker(root=layout.root).promote(
             dataset, runs[best], metric, scores[best]
         )
-        from mammoflow.card import write_model_cards
 
-        out["model_cards"] = write_model_cards(Tracker(root=layout.root), dataset)
+        out["model_cards"] = Tracker(root=layout.root).write_model_cards(dataset)
     atomic_write_json(layout.champion(dataset), out)
     return out
 

@@ -701,6 +701,22 @@ class Tracker:
             self._client.set_registered_model_alias(name, "champion", version.version)
         return {"name": name, "version": version.version, "alias": "champion", "new": True}
 
+    def write_model_cards(self, dataset: str) -> dict[str, str]:
+        """Write the card of every registered version with an alias (champion, challenger).
+
+        Returns ``{alias: version}`` of the cards written.
+        """
+        from mammoflow.card import description, model_card
+
+        written: dict[str, str] = {}
+        for alias in ("champion", "challenger"):
+            facts = self.card_facts(dataset, alias)
+            if facts is None:
+                continue
+            self.set_model_card(facts, model_card(facts), description(facts))
+            written[alias] = facts.version
+        return written
+
     def card_facts(self, dataset: str, alias: str) -> CardFacts | None:
         """What the model card of ``mammoflow-<dataset>@<alias>`` is written from, or None."""
         from mlflow.exceptions import MlflowException

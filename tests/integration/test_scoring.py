@@ -21,8 +21,8 @@ from typer.testing import CliRunner
 from mammoflow import stages
 from mammoflow.cli import app
 from mammoflow.config import Config
-from mammoflow.explain import explain_check
 from mammoflow.paths import Layout
+from mammoflow.pointing import explain_check
 from mammoflow.predict import predict_files, request_body
 from tests.helpers import free_port, mlflow_client, prepare_data, project_dir, stop_process_tree
 

@@ -229,8 +229,8 @@ def test_pointing_game_flips_mias_y_and_bootstraps_patients() -> None:
 
 
 def test_explain_check_skips_a_dataset_without_lesion_circles(tmp_path: Path) -> None:
-    from mammoflow.explain import explain_check
     from mammoflow.paths import Layout
+    from mammoflow.pointing import explain_check
 
     res = explain_check(_cfg(), "sample_cmmd", Layout(root=tmp_path))
     assert res["backbones"] == {} and "no abnormal test image" in res["skipped"]

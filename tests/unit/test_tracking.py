@@ -234,10 +234,9 @@ def test_calibration_is_logged_and_carried_by_the_registered_version(tracker: Tr
 
 
 def test_model_cards_for_champion_and_challenger(tracker: Tracker) -> None:
-    from mammoflow.card import write_model_cards
 
     exp = tracker.experiment_id("card_ds")
-    assert write_model_cards(tracker, "card_ds") == {}  # nothing registered yet
+    assert tracker.write_model_cards("card_ds") == {}  # nothing registered yet
     for backbone, f1 in (("vgg16", 0.6), ("resnet50", 0.4)):
         study = tracking.StudyRun.open(
             tracker, dataset="card_ds", backbone=backbone, key=backbone, tags={}, params={}
@@ -249,7 +248,7 @@ def test_model_cards_for_champion_and_challenger(tracker: Tracker) -> None:
     assert tracker.client.get_experiment(exp).tags["mlflow.experimentKind"] == (
         "custom_model_development"
     )
-    written = write_model_cards(tracker, "card_ds")
+    written = tracker.write_model_cards("card_ds")
     assert written == {"champion": "1", "challenger": "2"}
     for alias, backbone in (("champion", "vgg16"), ("challenger", "resnet50")):
         mv = tracker.client.get_model_version_by_alias("mammoflow-card_ds", alias)
