@@ -12,6 +12,7 @@ from __future__ import annotations
 import base64
 import html
 import json
+import logging
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -46,6 +47,8 @@ PROVENANCE_TAGS = (
     "tensorflow_version",
     "keras_version",
 )
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -556,6 +559,19 @@ def write_report(
     logged = None
     best = {b.name: b for b in data.backbones}.get(str(data.champion.get("best")))
     if tracker is not None and best is not None:
-        logged = best.summary["mlflow_parent_run_id"]
-        tracker.log_text(logged, page, "report.html")
+        logged = _log_page(tracker, str(best.summary["mlflow_parent_run_id"]), page)
     return {"dataset": dataset, "html": str(path), "bytes": len(page), "logged_to": logged}
+
+
+def _log_page(tracker: Tracker, run_id: str, page: str) -> str | None:
+    """Log the report on the champion's parent run; None (with a warning) when that run is not
+    in this tracking store (the metrics file came from another store, e.g. a team server)."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        tracker.client.get_run(run_id)
+    except (MlflowException, OSError) as exc:
+        log.warning("report.html not logged: run %s is not in %s (%s)", run_id, tracker.uri, exc)
+        return None
+    tracker.log_text(run_id, page, "report.html")
+    return run_id
