@@ -5,7 +5,8 @@ The export carries medical-record-number PatientIDs, names, birth dates, accessi
 institution and study dates in its headers, and the MRN, name, accession number and date in its
 folder and file names, as PACS exports do. It has a flat-field QC image (quarantined) and a side
 without a clinical row (unlabelled), so ``quarantine.json`` and ``unlabelled.json`` are not
-empty. Training and evaluation are left out: they read only the split manifests checked here.
+empty. The hmac run goes on through train → evaluate → compare, and the MLflow store (SQLite
+and artifacts) is scanned with everything else.
 
 ``data/raw/<dataset>`` is the acquired copy of the export itself (hard links to the very
 DICOMs, headers and all) and is the one place not scanned.
@@ -160,6 +161,10 @@ def _pipeline(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, mode: str) -> tup
     raw["ingest"].update({"on_bad_file": "fail", "pseudonymize": mode})
     raw["convert"].update({"size": 64, "workers": 1})
     raw["split"].update({"k_folds": 3, "test_size": 0.2})
+    # tiny training for the hmac run's train → evaluate → compare (the MLflow store is scanned)
+    raw["model"].update({"backbones": ["vgg16"], "weights": "none", "input_size": 32})
+    raw["train"].update({"epochs": 1, "batch_size": 8})
+    raw["evaluate"]["bootstrap"] = 20
     project = tmp_path / "project"
     project.mkdir()
     params = project / "params.yaml"
@@ -220,11 +225,26 @@ def _scan(project: Path, texts: list[str]) -> tuple[dict[str, list[str]], int]:
     return leaks, scanned
 
 
-def test_no_phi_after_ingest_convert_split_with_hmac(
+@pytest.mark.slow
+def test_no_phi_anywhere_after_the_whole_pipeline_with_hmac(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
+    """… → split → train → evaluate → compare: data/, models/, metrics/, plots/, reports/,
+    dvc-free run stores (mlflow.db and mlartifacts/, params, tags, metric names, artifacts)."""
     caplog.set_level(logging.DEBUG)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     project, outputs = _pipeline(tmp_path, monkeypatch, "hmac")
+    runner = CliRunner()
+    for args in (
+        ["train", "--dataset", "hospital", "--backbone", "vgg16"],
+        ["evaluate", "--dataset", "hospital"],
+        ["compare", "--dataset", "hospital"],
+    ):
+        result = runner.invoke(app, args)
+        outputs.append(result.output)
+        assert result.exit_code == 0, result.output
+    for folder in ("mlflow.db", "mlartifacts", "models", "metrics", "plots", "reports"):
+        assert (project / folder).exists(), folder
     frame = pd.read_parquet(project / "data/processed/hospital/manifest.parquet")
     assert frame["patient_id"].str.fullmatch(r"p[0-9a-f]{16}").all()
     leaks, scanned = _scan(project, [*outputs, caplog.text])
