@@ -500,7 +500,7 @@ class Tracker:
             outputs=Schema([TensorSpec(np.dtype("float32"), (-1, int(output.shape[-1])))]),
         )
         with self.timed():
-            mlflow.set_tracking_uri(self.uri)
+            _use_store(self.uri)
             run = self._client.get_run(run_id)
             logged = self._client.create_logged_model(
                 run.info.experiment_id, name=MODEL_NAME, source_run_id=source_run_id or run_id
@@ -605,8 +605,7 @@ class Tracker:
         from mlflow.exceptions import MlflowException
 
         with self.timed():
-            mlflow.set_tracking_uri(self.uri)
-            mlflow.set_registry_uri(self.uri)
+            _use_store(self.uri)
             try:
                 name, version = _registry_version(self._client, uri)
                 model = mlflow.keras.load_model(uri)
@@ -678,8 +677,7 @@ class Tracker:
                 return {"name": name, "version": current.version, "alias": "champion", "new": False}
             import mlflow
 
-            mlflow.set_tracking_uri(self.uri)  # register_model resolves runs:/ URIs with it
-            mlflow.set_registry_uri(self.uri)
+            _use_store(self.uri)  # register_model resolves runs:/ URIs with it
             run_tags = self._client.get_run(run_id).data.tags
             model_uri = run_tags.get("mammoflow.model_uri")
             if not model_uri:
@@ -843,6 +841,25 @@ def _finite_json(obj: Any) -> Any:
     if isinstance(obj, list | tuple):
         return [_finite_json(v) for v in obj]
     return obj
+
+
+def _use_store(uri: str) -> None:
+    """Point MLflow's fluent API (Model.log, register_model, load_model) at ``uri``.
+
+    ``mlflow.set_tracking_uri`` also writes ``MLFLOW_TRACKING_URI`` into the environment, which
+    :func:`tracking_uri` reads: a later Tracker of another project in the same process (a test
+    suite, a long-lived worker) would silently log into this store. The environment is restored.
+    """
+    import mlflow
+
+    saved = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
 
 
 def _param_value(value: Any) -> str:

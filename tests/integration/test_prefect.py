@@ -409,6 +409,7 @@ def test_dask_fold_fan_out_matches_serial(
     from mammoflow.config import load_config
     from mammoflow.paths import Layout
 
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)  # each project its own store
     params = tiny_project(tmp_path / "dask")
     raw = yaml.safe_load(params.read_text())
     raw["sample"]["mias_patients"] = 12

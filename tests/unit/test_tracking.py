@@ -255,3 +255,15 @@ def test_model_cards_for_champion_and_challenger(tracker: Tracker) -> None:
         assert f"({backbone})" in mv.description and f"alias `{alias}`" in mv.description
         arts = {a.path for a in tracker.client.list_artifacts(mv.tags["run_id"])}
         assert "model_card.md" in arts
+
+
+def test_logging_a_model_leaves_the_environment_alone(tmp_path: Path) -> None:
+    """MLflow's set_tracking_uri writes MLFLOW_TRACKING_URI; a Tracker must not leak its store
+    into later Trackers of the same process."""
+    import os
+
+    from mammoflow.tracking import _use_store
+
+    before = os.environ.get("MLFLOW_TRACKING_URI")
+    _use_store(f"sqlite:///{tmp_path / 'other.db'}")
+    assert os.environ.get("MLFLOW_TRACKING_URI") == before
