@@ -17,11 +17,12 @@ The DVC outputs (metrics JSON, plots data, predictions, the head) come from the 
 
 from __future__ import annotations
 
+import contextlib
 import io
 import logging
 import math
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -274,17 +275,28 @@ def _cv_fold(ctx: _Context, fold: int, done: Any | None) -> FoldOutcome:
         metrics, val_rec = ctx.run.reused_fold(done)
         test_rec = ctx.run.tracker.load_json_artifact(done.info.run_id, "test_predictions.json")
         return FoldOutcome(fold, metrics, val_rec, test_rec, reused=True)
-    res = ctx.result(fold)
+    run_id = ctx.run.start_fold(fold)  # RUNNING in the UI while it trains; FAILED on a crash
+    res = _failed_on_error(ctx, run_id, lambda: ctx.result(fold))
     val = ctx.evaluation(res.val_ids, res.val_true, res.val_prob)
     test = ctx.evaluation(res.test_ids, res.test_true, res.test_prob)
     model = None
     if ctx.inp.cfg.tracking.log_models == "all":
         model = ctx.serving([res.weights])
-    run_id = ctx.run.log_fold(fold, val, res.history, res.timing, model, ctx.example)
     ctx.run.tracker.log_dict(run_id, test.record(), "test_predictions.json")
+    ctx.run.log_fold(fold, val, res.history, res.timing, model, ctx.example, run_id=run_id)
     return FoldOutcome(
         fold, dict(val.metrics), val.record(), test.record(), res.weights, res.history
     )
+
+
+def _failed_on_error(ctx: _Context, run_id: str, train: Callable[[], FoldResult]) -> FoldResult:
+    """``train()``; on any error or interrupt (SIGTERM) the run ends FAILED first."""
+    try:
+        return train()
+    except BaseException:
+        with contextlib.suppress(Exception):
+            ctx.run.tracker.end(run_id, "FAILED")
+        raise
 
 
 def _test(
@@ -297,10 +309,11 @@ def _test(
     mode = ctx.inp.cfg.evaluate.test_model
     log_model = ctx.inp.cfg.tracking.log_models in ("all", "final")
     if mode == "refit":
-        res = ctx.result(0)
+        run_id = ctx.run.start_test(mode)
+        res = _failed_on_error(ctx, run_id, lambda: ctx.result(0))
         ev = ctx.evaluation(res.test_ids, res.test_true, res.test_prob)
         model = ctx.serving([res.weights]) if log_model else None
-        run_id = ctx.run.log_test(ev, mode, res.history, model, ctx.example)
+        ctx.run.log_test(ev, mode, res.history, model, ctx.example, run_id=run_id)
         _save_head(ctx, [res.weights])
         return run_id, ev.record(), {0: res.history}
     first = folds[min(folds)].test

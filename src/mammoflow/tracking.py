@@ -499,8 +499,7 @@ class Tracker:
             inputs=Schema([TensorSpec(np.dtype("float32"), (-1, -1, -1, 1))]),
             outputs=Schema([TensorSpec(np.dtype("float32"), (-1, int(output.shape[-1])))]),
         )
-        with self.timed():
-            _use_store(self.uri)
+        with self.timed(), _use_store(self.uri):
             run = self._client.get_run(run_id)
             logged = self._client.create_logged_model(
                 run.info.experiment_id, name=MODEL_NAME, source_run_id=source_run_id or run_id
@@ -604,8 +603,7 @@ class Tracker:
         import mlflow.keras
         from mlflow.exceptions import MlflowException
 
-        with self.timed():
-            _use_store(self.uri)
+        with self.timed(), _use_store(self.uri):
             try:
                 name, version = _registry_version(self._client, uri)
                 model = mlflow.keras.load_model(uri)
@@ -677,7 +675,6 @@ class Tracker:
                 return {"name": name, "version": current.version, "alias": "champion", "new": False}
             import mlflow
 
-            _use_store(self.uri)  # register_model resolves runs:/ URIs with it
             run_tags = self._client.get_run(run_id).data.tags
             model_uri = run_tags.get("mammoflow.model_uri")
             if not model_uri:
@@ -686,9 +683,10 @@ class Tracker:
                     "to 'all' or 'final' and rerun"
                 )
             extra = {k: run_tags[k] for k in (TAG_TEMPERATURE,) if k in run_tags}
-            version = mlflow.register_model(
-                model_uri, name, tags={metric: f"{value:.6f}", "run_id": run_id, **extra}
-            )
+            with _use_store(self.uri):  # register_model resolves runs:/ URIs with it
+                version = mlflow.register_model(
+                    model_uri, name, tags={metric: f"{value:.6f}", "run_id": run_id, **extra}
+                )
             if current is not None:
                 old = float(current.tags.get(metric, "nan"))
                 worse = (value < old) if higher_is_better else (value > old)
@@ -843,23 +841,38 @@ def _finite_json(obj: Any) -> Any:
     return obj
 
 
-def _use_store(uri: str) -> None:
-    """Point MLflow's fluent API (Model.log, register_model, load_model) at ``uri``.
+@contextlib.contextmanager
+def _use_store(uri: str) -> Iterator[None]:
+    """Point MLflow's fluent API (Model.log, register_model, load_model) at ``uri`` in the block.
 
-    ``mlflow.set_tracking_uri`` also writes ``MLFLOW_TRACKING_URI`` into the environment, which
-    :func:`tracking_uri` reads: a later Tracker of another project in the same process (a test
-    suite, a long-lived worker) would silently log into this store. The environment is restored.
+    ``mlflow.set_tracking_uri`` / ``set_registry_uri`` set process-wide defaults and write
+    ``MLFLOW_TRACKING_URI`` into the environment, which :func:`tracking_uri` reads: a later
+    Tracker (another project in a test suite, a long-lived worker) or a plain ``MlflowClient``
+    would go to this store. Both the defaults and the environment are restored afterwards.
     """
     import mlflow
+    from mlflow.tracking._model_registry import utils as registry_utils
+    from mlflow.tracking._tracking_service import utils as tracking_utils
 
-    saved = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
+    env = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
+    # MLflow keeps the defaults in these module globals (None = unset); no public getter
+    # tells "unset" from "set to the default", so the private values are saved as they are.
+    saved = (
+        getattr(tracking_utils, "_tracking_uri", None),
+        getattr(registry_utils, "_registry_uri", None),
+    )
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
-    for key, value in saved.items():
-        if value is None:
-            os.environ.pop(key, None)
-        else:
-            os.environ[key] = value
+    try:
+        yield
+    finally:
+        tracking_utils._tracking_uri = saved[0]
+        registry_utils._registry_uri = saved[1]
+        for key, value in env.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 def _param_value(value: Any) -> str:
@@ -1048,6 +1061,14 @@ class StudyRun:
         )
         t.log_figure(run_id, roc_figure(ev.y_true, ev.prob, ev.class_names), "roc_curve.png")
 
+    def start_fold(self, fold: int) -> str:
+        """Child ``fold-<k>``, RUNNING while the fold trains (a crash then leaves it FAILED)."""
+        return self._child(f"fold-{fold}", "fold", {TAG_FOLD: str(fold)}, {"fold": fold})
+
+    def start_test(self, mode: str) -> str:
+        """Child ``test``, RUNNING while the refit model trains."""
+        return self._child("test", "test", {"mammoflow.test_model": mode}, {"test_model": mode})
+
     def log_fold(
         self,
         fold: int,
@@ -1056,11 +1077,13 @@ class StudyRun:
         timing: Mapping[str, float],
         model: Any | None = None,
         example: Any | None = None,
+        run_id: str | None = None,
     ) -> str:
-        """A finished fold as child ``fold-<k>``: validation metrics, curves, predictions, model."""
+        """A finished fold into child ``fold-<k>`` (``run_id`` from :meth:`start_fold`, else a new
+        one): validation metrics, curves, predictions, model; the run ends FINISHED."""
         from mammoflow.report import curves_figure
 
-        run_id = self._child(f"fold-{fold}", "fold", {TAG_FOLD: str(fold)}, {"fold": fold})
+        run_id = run_id or self.start_fold(fold)
         with self.tracker.run_guard(run_id):
             self.tracker.log_history(run_id, history)
             self.tracker.log_metrics(run_id, timing, prefix="time_")
@@ -1077,9 +1100,11 @@ class StudyRun:
         history: Mapping[str, Sequence[float]] | None = None,
         model: Any | None = None,
         example: Any | None = None,
+        run_id: str | None = None,
     ) -> str:
-        """The held-out test as child ``test``: metrics, predictions and the serving model."""
-        run_id = self._child("test", "test", {"mammoflow.test_model": mode}, {"test_model": mode})
+        """The held-out test into child ``test`` (``run_id`` from :meth:`start_test`, else a new
+        one): metrics, predictions and the serving model; the run ends FINISHED."""
+        run_id = run_id or self.start_test(mode)
         with self.tracker.run_guard(run_id):
             if history:
                 self.tracker.log_history(run_id, history)

@@ -262,8 +262,12 @@ def test_logging_a_model_leaves_the_environment_alone(tmp_path: Path) -> None:
     into later Trackers of the same process."""
     import os
 
+    import mlflow
+
     from mammoflow.tracking import _use_store
 
-    before = os.environ.get("MLFLOW_TRACKING_URI")
-    _use_store(f"sqlite:///{tmp_path / 'other.db'}")
-    assert os.environ.get("MLFLOW_TRACKING_URI") == before
+    before = (os.environ.get("MLFLOW_TRACKING_URI"), mlflow.get_tracking_uri())
+    other = f"sqlite:///{tmp_path / 'other.db'}"
+    with _use_store(other):
+        assert mlflow.get_tracking_uri() == other and mlflow.get_registry_uri() == other
+    assert (os.environ.get("MLFLOW_TRACKING_URI"), mlflow.get_tracking_uri()) == before
