@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from mammoflow.metrics import MetricsError, _check
+from mammoflow.metrics import MetricsError, _check, patient_bootstrap
 
 N_BINS = 15
 _EPS = 1e-12
@@ -193,34 +193,16 @@ def bootstrap_calibration_ci(
         MetricsError: bad ``n`` / ``ci`` or ``groups`` of the wrong length.
     """
     y, p = _check(y_true, y_prob)
-    g = np.asarray(groups).astype(str)
-    if g.shape[0] != y.shape[0]:
-        raise MetricsError(f"groups has {g.shape[0]} entries; y_true has {y.shape[0]}")
-    if n < 1:
-        raise MetricsError(f"bootstrap n={n}; use at least 1 resample (e.g. 1000)")
-    if not 0.0 < ci < 1.0:
-        raise MetricsError(f"ci={ci}; use a level between 0 and 1, e.g. 0.95")
-    fns = {"ece": ece, "classwise_ece": classwise_ece}
-    unique, inverse = np.unique(g, return_inverse=True)
-    members = [np.flatnonzero(inverse == i) for i in range(len(unique))]
-    rng = np.random.default_rng(seed)
-    samples: dict[str, list[float]] = {m: [] for m in fns}
-    for _ in range(n if len(unique) else 0):
-        idx = np.concatenate([members[i] for i in rng.integers(0, len(unique), len(unique))])
-        for m, fn in fns.items():
-            samples[m].append(fn(y[idx], p[idx], n_bins))
-    alpha = (1.0 - ci) / 2.0
-    out: dict[str, dict[str, float]] = {}
-    for m, fn in fns.items():
-        vals = np.array(samples[m], float)
-        vals = vals[~np.isnan(vals)]
-        low, high = (
-            (float(np.quantile(vals, alpha)), float(np.quantile(vals, 1 - alpha)))
-            if vals.size
-            else (math.nan, math.nan)
-        )
-        out[m] = {"point": fn(y, p, n_bins), "low": low, "high": high, "n_valid": float(vals.size)}
-    return out
+    return patient_bootstrap(
+        y,
+        p,
+        groups,
+        lambda yy, pp: {"ece": ece(yy, pp, n_bins), "classwise_ece": classwise_ece(yy, pp, n_bins)},
+        ("ece", "classwise_ece"),
+        n=n,
+        ci=ci,
+        seed=seed,
+    )
 
 
 # ----------------------------------------------------------------------------- a study's calibration

@@ -10,7 +10,7 @@ class for sensitivity / specificity and the ROC curve is malignant, the last cla
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 
@@ -189,16 +189,51 @@ def bootstrap_ci(
     seed: int = 0,
     metrics: Sequence[str] = ("accuracy", "balanced_accuracy", "roc_auc", "f1_macro"),
 ) -> dict[str, dict[str, float]]:
-    """Percentile bootstrap CIs that resample *patients* (all of a patient's images together).
+    """Percentile bootstrap CIs of :func:`compute_metrics` that resample *patients*.
 
     Returns:
-        ``{metric: {"point", "low", "high", "n_valid"}}``; resamples where a metric is undefined
-        (e.g. AUC with one class) are skipped and counted out of ``n_valid``.
+        ``{metric: {"point", "low", "high", "n_valid"}}`` (see :func:`patient_bootstrap`).
 
     Raises:
         MetricsError: bad ``n`` / ``ci`` or ``groups`` of the wrong length.
     """
     y, p = _check(y_true, y_prob)
+    return patient_bootstrap(
+        y,
+        p,
+        groups,
+        lambda yy, pp: compute_metrics(yy, pp, class_names),
+        metrics,
+        n=n,
+        ci=ci,
+        seed=seed,
+    )
+
+
+Statistic = Callable[[np.ndarray, np.ndarray], Mapping[str, float]]
+
+
+def patient_bootstrap(
+    y: np.ndarray,
+    p: np.ndarray,
+    groups: Sequence[str] | np.ndarray,
+    statistic: Statistic,
+    names: Sequence[str],
+    *,
+    n: int = 1000,
+    ci: float = 0.95,
+    seed: int = 0,
+) -> dict[str, dict[str, float]]:
+    """Percentile CIs of ``statistic(y, p)[name]`` over resamples of whole patients (all of a
+    patient's images together).
+
+    Returns:
+        ``{name: {"point", "low", "high", "n_valid"}}``; resamples where a value is undefined
+        (NaN, e.g. AUC with one class) are skipped and counted out of ``n_valid``.
+
+    Raises:
+        MetricsError: bad ``n`` / ``ci`` or ``groups`` of the wrong length.
+    """
     g = np.asarray(groups).astype(str)
     if g.shape[0] != y.shape[0]:
         raise MetricsError(f"groups has {g.shape[0]} entries; y_true has {y.shape[0]}")
@@ -206,20 +241,20 @@ def bootstrap_ci(
         raise MetricsError(f"bootstrap n={n}; use at least 1 resample (e.g. 1000)")
     if not 0.0 < ci < 1.0:
         raise MetricsError(f"ci={ci}; use a level between 0 and 1, e.g. 0.95")
-    point = compute_metrics(y, p, class_names)
+    point = statistic(y, p)
     unique, inverse = np.unique(g, return_inverse=True)
     members = [np.flatnonzero(inverse == i) for i in range(len(unique))]
     rng = np.random.default_rng(seed)
-    samples: dict[str, list[float]] = {m: [] for m in metrics}
-    for _ in range(n):
+    samples: dict[str, list[float]] = {m: [] for m in names}
+    for _ in range(n if len(unique) else 0):
         picked = rng.integers(0, len(unique), size=len(unique))
         idx = np.concatenate([members[i] for i in picked])
-        values = compute_metrics(y[idx], p[idx], class_names)
-        for m in metrics:
+        values = statistic(y[idx], p[idx])
+        for m in names:
             samples[m].append(values[m])
     alpha = (1.0 - ci) / 2.0
     out: dict[str, dict[str, float]] = {}
-    for m in metrics:
+    for m in names:
         vals = np.array(samples[m], float)
         vals = vals[~np.isnan(vals)]
         low, high = (
