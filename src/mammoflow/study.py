@@ -191,22 +191,25 @@ class _Context:
         m = compute_metrics(y, prob, self.inp.class_names)
         return Evaluation(list(ids), y, prob, m, self.inp.class_names)
 
-    def serving(self, weights: Sequence[Sequence[np.ndarray]]) -> Any:
-        """The full serving model of one (refit) or several (ensemble) trained tails + heads."""
-        from mammoflow.models.build import ensemble_model
+    def heads(self, weights: Sequence[Sequence[np.ndarray]]) -> list[Any]:
+        """Trained tails + heads rebuilt from their weights (one per fold, or the refit one)."""
         from mammoflow.train import tail_head_from_weights
 
-        cfg = self.inp.cfg
-        heads = [
+        return [
             tail_head_from_weights(
                 self.bb,
                 w,
-                model_cfg=cfg.model,
+                model_cfg=self.inp.cfg.model,
                 n_classes=self.inp.n_classes,
                 name=f"{self.bb.name}_fold_{i}",
             )
             for i, w in enumerate(weights, start=1)
         ]
+
+    def serving(self, heads: list[Any]) -> Any:
+        """The full serving model of one (refit) or several (ensemble) trained tails + heads."""
+        from mammoflow.models.build import ensemble_model
+
         return ensemble_model(self.bb, heads)
 
 
@@ -281,7 +284,7 @@ def _cv_fold(ctx: _Context, fold: int, done: Any | None) -> FoldOutcome:
     test = ctx.evaluation(res.test_ids, res.test_true, res.test_prob)
     model = None
     if ctx.inp.cfg.tracking.log_models == "all":
-        model = ctx.serving([res.weights])
+        model = ctx.serving(ctx.heads([res.weights]))
     ctx.run.tracker.log_dict(run_id, test.record(), "test_predictions.json")
     ctx.run.log_fold(fold, val, res.history, res.timing, model, ctx.example, run_id=run_id)
     return FoldOutcome(
@@ -312,18 +315,19 @@ def _test(
         run_id = ctx.run.start_test(mode)
         res = _failed_on_error(ctx, run_id, lambda: ctx.result(0))
         ev = ctx.evaluation(res.test_ids, res.test_true, res.test_prob)
-        model = ctx.serving([res.weights]) if log_model else None
+        heads = ctx.heads([res.weights])  # one rebuild serves the logged model and head.keras
+        model = ctx.serving(heads) if log_model else None
         ctx.run.log_test(ev, mode, res.history, model, ctx.example, run_id=run_id)
-        _save_head(ctx, [res.weights])
+        _save_head(ctx, heads)
         return run_id, ev.record(), {0: res.history}
     first = folds[min(folds)].test
     prob = np.mean([np.asarray(o.test["prob"], np.float32) for o in folds.values()], axis=0)
     ev = ctx.evaluation(first["image_id"], np.asarray(first["y_true"], np.int64), prob)
-    weights = [_fold_weights(ctx, o) for o in folds.values()] if log_model else []
-    model = ctx.serving(weights) if log_model else None
+    heads = ctx.heads([_fold_weights(ctx, o) for o in folds.values()]) if log_model else []
+    model = ctx.serving(heads) if heads else None
     run_id = ctx.run.log_test(ev, mode, None, model, ctx.example)
-    if weights:
-        _save_head(ctx, weights)
+    if heads:
+        _save_head(ctx, heads)
     return run_id, ev.record(), {}
 
 
@@ -519,22 +523,10 @@ def _save_weights(path: Path, weights: Sequence[np.ndarray]) -> None:
     atomic_write_bytes(path, buf.getvalue())
 
 
-def _save_head(ctx: _Context, weights: Sequence[Sequence[np.ndarray]]) -> None:
+def _save_head(ctx: _Context, heads: list[Any]) -> None:
     """``models/<dataset>/<backbone>/head.keras``: the test model on cached features."""
     from mammoflow.models.build import ensemble_head
-    from mammoflow.train import tail_head_from_weights
 
-    cfg = ctx.inp.cfg
-    heads = [
-        tail_head_from_weights(
-            ctx.bb,
-            w,
-            model_cfg=cfg.model,
-            n_classes=ctx.inp.n_classes,
-            name=f"{ctx.bb.name}_fold_{i}",
-        )
-        for i, w in enumerate(weights, start=1)
-    ]
     models = ctx.layout.models(ctx.inp.dataset, ctx.inp.backbone)
     models.mkdir(parents=True, exist_ok=True)
     import tempfile
