@@ -185,3 +185,30 @@ def test_the_registered_version_points_at_the_backbones_parent(
     assert champion.run_id == summary["mlflow_parent_run_id"]  # the runs table's Models column
     assert champion.tags["run_id"] == summary["mlflow_test_run_id"]  # where the model was logged
     assert champion.source.startswith("models:/m-")
+
+
+def test_refit_test_model(project: tuple[Path, Config]) -> None:
+    """evaluate.test_model: refit trains fold 0 on every CV row (its run RUNNING while it trains),
+    logs it as the test run's serving model and writes it as head.keras. Runs last: it rewrites
+    the backbone's outputs."""
+    import keras
+
+    root, cfg = project
+    refit = cfg.model_copy(
+        update={"evaluate": cfg.evaluate.model_copy(update={"test_model": "refit"})}
+    )
+    out = stages.train_stage(refit, DATASET, BACKBONE, Layout())
+    assert out["test_model"] == "refit" and out["trained_folds"] == [1, 2]
+    models = root / "models" / DATASET / BACKBONE
+    assert "0" in json.loads((models / "history.json").read_text())  # the refit's curves
+    head = keras.models.load_model(models / "head.keras")
+    assert head.name == f"{BACKBONE}_fold_1"  # one tail + head, not an ensemble
+    client = mlflow_client(root)
+    test_run = client.get_run(
+        json.loads((root / "metrics" / DATASET / f"{BACKBONE}.json").read_text())[
+            "mlflow_test_run_id"
+        ]
+    )
+    assert test_run.info.status == "FINISHED"
+    assert test_run.data.tags["mammoflow.test_model"] == "refit"
+    assert "mammoflow.model_uri" in test_run.data.tags
