@@ -261,13 +261,16 @@ def _results(futures: list[PrefectFuture[Summary]]) -> list[Summary]:
 def data_flow(params_path: str = "params.yaml", datasets: list[str] | None = None) -> list[Summary]:
     """Acquire → ingest → validate → convert each dataset (params.yaml's list by default)."""
     names = plan(params_path, datasets)["datasets"]
-    last: list[PrefectFuture[Summary]] = []
+    chains: list[list[PrefectFuture[Summary]]] = []
     for name in names:
         got = acquire.submit(params_path, name)
         parsed = ingest.submit(params_path, name, wait_for=[got], return_state=False)
         checked = validate.submit(params_path, name, wait_for=[parsed], return_state=False)
-        last.append(convert.submit(params_path, name, wait_for=[checked], return_state=False))
-    return _results(last)
+        done = convert.submit(params_path, name, wait_for=[checked], return_state=False)
+        chains.append([got, parsed, checked, done])
+    # each chain's results in order: a failed stage raises its own error (e.g. the validation
+    # report), not the "upstream not ready" of the stages after it
+    return [_results(chain)[-1] for chain in chains]
 
 
 @flow(name="mammoflow-train-backbones", task_runner=one_thread())

@@ -5,9 +5,12 @@ from __future__ import annotations
 import contextlib
 import inspect
 import os
+import shutil
 import signal
 import socket
 import subprocess
+import sys
+import tempfile
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -186,3 +189,20 @@ def tiny_champion(root: Path, dataset: str = "sample_mias", n_classes: int = 3) 
     uri = tracker.log_model(parent, model, example)
     tracker.promote(dataset, parent, "f1", 0.5)
     return uri
+
+
+# ------------------------------------------------------------------------------ DVC
+
+
+def dvc_add_hash(folder: Path) -> str:
+    """The ``md5`` that `dvc add` records for ``folder``, computed by DVC itself on a copy.
+
+    The copy sits in a scratch DVC repository, so the project (and its dvc.lock) is untouched.
+    """
+    dvc = str(Path(sys.executable).with_name("dvc"))
+    with tempfile.TemporaryDirectory(prefix="mammoflow-dvc-add-") as tmp:
+        shutil.copytree(folder, Path(tmp) / "data")
+        subprocess.run([dvc, "init", "-q", "--no-scm"], cwd=tmp, check=True)
+        subprocess.run([dvc, "add", "-q", "data"], cwd=tmp, check=True)
+        record = yaml.safe_load((Path(tmp) / "data.dvc").read_text(encoding="utf-8"))
+    return str(record["outs"][0]["md5"])

@@ -317,6 +317,8 @@ def test_bad_input_is_not_retried(
     monkeypatch.setattr(stages, "acquire_stage", bad)
     state = data_flow(str(params), ["sample_mias"], return_state=True)
     assert state.is_failed()
+    # the flow fails with the stage's own message, not the next stage's "not ready"
+    assert "not a readable tar archive" in str(state.message), state.message
     runs = _task_runs(state.state_details.flow_run_id)
     assert runs["acquire-sample_mias"].run_count == 1
     assert "ingest-sample_mias" not in runs or not runs["ingest-sample_mias"].state.is_completed()
@@ -462,3 +464,61 @@ def test_dask_fold_fan_out_matches_serial(
         a, b = (p["folds"][fold] for p in preds)
         assert a["image_id"] == b["image_id"]
         np.testing.assert_allclose(a["prob"], b["prob"], atol=1e-4)
+
+
+@pytest.mark.slow
+def test_lineage_tag_is_dvcs_hash_of_the_data_the_flow_used(
+    server: Server, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The weekly-retrain flow (pipeline_flow), run by Prefect, not DVC: one image of the
+    hospital's source folder changes between two runs, and each run's MLflow tag
+    ``dvc_data_hash`` is what `dvc add` gives for data/processed as that run left it."""
+    import shutil
+
+    from flows.pipeline import pipeline_flow
+
+    from mammoflow.data.pgm import read_pgm, write_pgm
+    from mammoflow.data.sample import make_sample
+    from tests.helpers import dvc_add_hash, mlflow_client
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)  # the project's own store
+    make_sample(tmp_path / "gen", seed=20240601, mias_patients=12, cmmd_patients=2, size=64)
+    source = tmp_path / "hospital"  # a site's export: new films arrive here between runs
+    shutil.copytree(tmp_path / "gen" / "mias", source)
+    project = tmp_path / "project"
+    params = tiny_project(project, datasets=["site"])
+    raw = yaml.safe_load(params.read_text())
+    raw["datasets"]["site"] = {"kind": "mias", "acquire": "local", "source": str(source)}
+    raw["ingest"]["min_size"] = 64  # the films are 64 px
+    raw["split"].update({"k_folds": 2, "test_size": 0.2})
+    raw["model"].update({"backbones": ["vgg16"], "input_size": 32, "weights": "none"})
+    raw["train"].update({"epochs": 1, "batch_size": 8})
+    raw["evaluate"]["bootstrap"] = 10
+    raw["tracking"]["log_models"] = "none"
+    params.write_text(yaml.safe_dump(raw, sort_keys=False))
+    processed = project / "data" / "processed" / "site"
+
+    def run_flow() -> tuple[str, str]:
+        """(the new parent run's dvc_data_hash tag, `dvc add`'s hash of the folder after it)."""
+        pipeline_flow(str(params), datasets=["site"], backbones=["vgg16"])
+        client = mlflow_client(project)
+        runs = client.search_runs(
+            [e.experiment_id for e in client.search_experiments()],
+            filter_string="tags.`mammoflow.role` = 'parent'",
+            order_by=["attributes.start_time DESC"],
+        )
+        return runs[0].data.tags["dvc_data_hash"], dvc_add_hash(processed)
+
+    tagged, added = run_flow()
+    assert tagged == added and tagged.endswith(".dir")
+
+    film = source / "mdb003.pgm"  # one film re-exported: a brighter patch inside the breast
+    image = read_pgm(film)
+    pixels = image.pixels.copy()
+    h, w = pixels.shape
+    pixels[h // 3 : h // 2, w // 3 : w // 2] = image.maxval
+    write_pgm(film, pixels, image.maxval)
+
+    tagged_again, added_again = run_flow()
+    assert added_again != added  # the flow converted the new film
+    assert tagged_again == added_again  # and the new run names the data it trained on
