@@ -95,6 +95,23 @@ WEED_ARGS = (
     "-s3.port.lance=0 -s3.localSocket={data}/s3.sock"
 )
 PREFECT_ARGS = "server start --host {host} --port {prefect_port} --analytics-off"
+# supervisord itself: logs and pid in the state dir, its XML-RPC API on an owner-only socket
+SUPERVISORD_CONF = """\
+; written by `python -m infra.local.stack` when it starts supervisord
+[supervisord]
+directory={state}
+logfile={state}/logs/supervisord.log
+pidfile={state}/run/supervisord.pid
+childlogdir={state}/logs
+{user}
+[unix_http_server]
+file={socket}
+chmod=0700
+[rpcinterface:supervisor]
+supervisor.rpcinterface_factory = supervisor.rpcinterface:make_main_rpcinterface
+[supervisorctl]
+serverurl=unix://{socket}
+"""
 # AF_UNIX socket paths are limited to 108 bytes (107 characters and a NUL).
 _MAX_SOCKET_PATH = 107
 
@@ -583,29 +600,17 @@ class Stack:
                 f"({self.socket_path} is over {_MAX_SOCKET_PATH} characters); use a shorter "
                 "--state-dir / MAMMOFLOW_STACK_STATE_DIR"
             )
-        state, sock = _conf(self.state), _conf(self.socket_path)
-        text = [
-            "; written by `python -m infra.local.stack` when it starts supervisord",
-            "[supervisord]",
-            f"directory={state}",
-            f"logfile={state}/logs/supervisord.log",
-            f"pidfile={state}/run/supervisord.pid",
-            f"childlogdir={state}/logs",
-            *(["user=root"] if os.geteuid() == 0 else []),  # on purpose: PostgreSQL's own user
-            "[unix_http_server]",
-            f"file={sock}",
-            "chmod=0700",
-            "[rpcinterface:supervisor]",
-            "supervisor.rpcinterface_factory = supervisor.rpcinterface:make_main_rpcinterface",
-            "[supervisorctl]",
-            f"serverurl=unix://{sock}",
-        ]
         sections = [
             program.section(name, self.log_file(name), self.config.stop_timeout_s)
             for name, program in self.programs().items()
         ]
+        head = SUPERVISORD_CONF.format(
+            state=_conf(self.state),
+            socket=_conf(self.socket_path),
+            user="user=root" if os.geteuid() == 0 else "",  # root on purpose: see PostgreSQL
+        )
         path = self.state / "supervisord.conf"
-        _write_private(path, "\n".join([*text, *sections]))
+        _write_private(path, "\n".join([head, *sections]))
         return path
 
     def _ensure_supervisord(self) -> None:
