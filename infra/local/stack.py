@@ -54,6 +54,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from mammoflow.io import atomic_write_text
+
 ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_STATE_DIR = Path(__file__).resolve().parent / "state"
 SERVICES = ("postgres", "seaweedfs", "mlflow", "prefect")
@@ -112,6 +114,7 @@ supervisor.rpcinterface_factory = supervisor.rpcinterface:make_main_rpcinterface
 [supervisorctl]
 serverurl=unix://{socket}
 """
+PRIVATE = 0o600  # files holding credentials: the owner's only
 # AF_UNIX socket paths are limited to 108 bytes (107 characters and a NUL).
 _MAX_SOCKET_PATH = 107
 
@@ -309,16 +312,6 @@ def http_get(
         return 0, ""
 
 
-def _write_private(path: Path, text: str) -> None:
-    """Write ``text`` atomically, readable by the owner only (it may hold credentials)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w", encoding="utf-8") as handle:
-        handle.write(text)
-    tmp.replace(path)
-
-
 # ----------------------------------------------------------------------------- supervisor
 
 
@@ -445,7 +438,7 @@ class Stack:
         missing = {k: make() for k, make in generators.items() if k not in values}
         if missing:
             values.update(missing)
-            _write_private(path, json.dumps(values, indent=2))
+            atomic_write_text(path, json.dumps(values, indent=2), PRIVATE)
         return values
 
     def db_url(self, database: str, driver: str = "postgresql") -> str:
@@ -482,7 +475,7 @@ class Stack:
             f"#   source {self.env_file}",
         ]
         lines += [f"export {key}={value}" for key, value in self.env().items()]
-        _write_private(self.env_file, "\n".join(lines) + "\n")
+        atomic_write_text(self.env_file, "\n".join(lines) + "\n", PRIVATE)
         return self.env_file
 
     # -- the programs ----------------------------------------------------------------------------
@@ -561,7 +554,7 @@ class Stack:
             f"admin_password = {self.secrets()['mlflow_admin_password']}\n"
             "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n"
         )
-        _write_private(path, text)
+        atomic_write_text(path, text, PRIVATE)
         return path
 
     def mlflow_argv(self, port: int, auth: bool, workers: int | None = None) -> list[str]:
@@ -610,7 +603,7 @@ class Stack:
             user="user=root" if os.geteuid() == 0 else "",  # root on purpose: see PostgreSQL
         )
         path = self.state / "supervisord.conf"
-        _write_private(path, "\n".join([head, *sections]))
+        atomic_write_text(path, "\n".join([head, *sections]), PRIVATE)
         return path
 
     def _ensure_supervisord(self) -> None:
@@ -716,7 +709,9 @@ class Stack:
             keys = {"accessKey": sec["s3_access_key"], "secretKey": sec["s3_secret_key"]}
             actions = ["Admin", "Read", "Write", "List", "Tagging"]
             identity = {"name": "mammoflow", "credentials": [keys], "actions": actions}
-            _write_private(self.state / "seaweedfs-s3.json", json.dumps({"identities": [identity]}))
+            atomic_write_text(
+                self.state / "seaweedfs-s3.json", json.dumps({"identities": [identity]}), PRIVATE
+            )
         elif service == "prefect":
             (self.state / "prefect").mkdir(parents=True, exist_ok=True)
 

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
-from mammoflow.metrics import compute_metrics
+from mammoflow.metrics import compute_metrics, patient_rows, percentile_interval
 from mammoflow.paths import Layout
 
 if TYPE_CHECKING:
@@ -64,13 +64,6 @@ class AuditLayout(Layout):
 # ----------------------------------------------------------------------------- inflation
 
 
-def _patient_index(groups: Sequence[str]) -> list[np.ndarray]:
-    _, inverse = np.unique(np.asarray(groups).astype(str), return_inverse=True)
-    return (
-        [np.flatnonzero(inverse == i) for i in range(int(inverse.max()) + 1)] if len(groups) else []
-    )
-
-
 def inflation(
     image: tuple[np.ndarray, np.ndarray, Sequence[str]],
     patient: tuple[np.ndarray, np.ndarray, Sequence[str]],
@@ -91,7 +84,7 @@ def inflation(
     """
     if n < 1 or not 0.0 < ci < 1.0:
         raise ValueError(f"bootstrap n={n}, ci={ci}; use n >= 1 and 0 < ci < 1")
-    sides = [(np.asarray(y), np.asarray(p), _patient_index(g)) for y, p, g in (image, patient)]
+    sides = [(np.asarray(y), np.asarray(p), patient_rows(g)) for y, p, g in (image, patient)]
     points = [compute_metrics(y, p, class_names) for y, p, _ in sides]
     rng = np.random.default_rng(seed)
     diffs: dict[str, list[float]] = {m: [] for m in METRICS}
@@ -102,16 +95,9 @@ def inflation(
             reps.append(compute_metrics(y[idx], p[idx], class_names))
         for m in METRICS:
             diffs[m].append(reps[0][m] - reps[1][m])
-    alpha = (1.0 - ci) / 2.0
     out: dict[str, dict[str, float]] = {}
     for m in METRICS:
-        vals = np.array(diffs[m], float)
-        vals = vals[~np.isnan(vals)]
-        low, high = (
-            (float(np.quantile(vals, alpha)), float(np.quantile(vals, 1 - alpha)))
-            if vals.size
-            else (math.nan, math.nan)
-        )
+        low, high, _ = percentile_interval(diffs[m], ci)
         out[m] = {
             "image": points[0][m],
             "patient": points[1][m],

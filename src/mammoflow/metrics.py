@@ -242,28 +242,37 @@ def patient_bootstrap(
     if not 0.0 < ci < 1.0:
         raise MetricsError(f"ci={ci}; use a level between 0 and 1, e.g. 0.95")
     point = statistic(y, p)
-    unique, inverse = np.unique(g, return_inverse=True)
-    members = [np.flatnonzero(inverse == i) for i in range(len(unique))]
+    members = patient_rows(g)
     rng = np.random.default_rng(seed)
     samples: dict[str, list[float]] = {m: [] for m in names}
-    for _ in range(n if len(unique) else 0):
-        picked = rng.integers(0, len(unique), size=len(unique))
+    for _ in range(n if members else 0):
+        picked = rng.integers(0, len(members), size=len(members))
         idx = np.concatenate([members[i] for i in picked])
         values = statistic(y[idx], p[idx])
         for m in names:
             samples[m].append(values[m])
-    alpha = (1.0 - ci) / 2.0
     out: dict[str, dict[str, float]] = {}
     for m in names:
-        vals = np.array(samples[m], float)
-        vals = vals[~np.isnan(vals)]
-        low, high = (
-            (float(np.quantile(vals, alpha)), float(np.quantile(vals, 1 - alpha)))
-            if vals.size
-            else (math.nan, math.nan)
-        )
-        out[m] = {"point": point[m], "low": low, "high": high, "n_valid": float(vals.size)}
+        low, high, n_valid = percentile_interval(samples[m], ci)
+        out[m] = {"point": point[m], "low": low, "high": high, "n_valid": float(n_valid)}
     return out
+
+
+def patient_rows(groups: Sequence[str] | np.ndarray) -> list[np.ndarray]:
+    """The row indices of each patient (sorted patient ids), the unit a bootstrap resamples."""
+    unique, inverse = np.unique(np.asarray(groups).astype(str), return_inverse=True)
+    return [np.flatnonzero(inverse == i) for i in range(len(unique))]
+
+
+def percentile_interval(values: Sequence[float], ci: float) -> tuple[float, float, int]:
+    """``(low, high, n_valid)``: the central ``ci`` percentile interval of the replicates that
+    are defined (NaNs dropped); NaN bounds when none is."""
+    vals = np.array(values, float)
+    vals = vals[~np.isnan(vals)]
+    if not vals.size:
+        return math.nan, math.nan, 0
+    alpha = (1.0 - ci) / 2.0
+    return float(np.quantile(vals, alpha)), float(np.quantile(vals, 1 - alpha)), int(vals.size)
 
 
 def roc_points(

@@ -17,8 +17,7 @@ import csv
 import io
 import json
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -244,34 +243,6 @@ def forward(model: Any, batch: NDArray[np.float32]) -> NDArray[np.float32]:
 # --------------------------------------------------------------------------- scoring
 
 
-@contextmanager
-def progress_bar(
-    total: int, enabled: bool, label: str = "predict"
-) -> Iterator[Callable[[int], None]]:
-    """A rich progress bar advanced by ``n`` images; a no-op when disabled."""
-    if not enabled:
-        yield lambda n: None
-        return
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
-
-    with Progress(
-        TextColumn(f"[bold]{label}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        TimeRemainingColumn(),
-    ) as bar:
-        task = bar.add_task(label, total=total)
-        yield lambda n: bar.advance(task, n)
-
-
 def batches(
     files: Sequence[Path],
     cfg: Config,
@@ -346,6 +317,7 @@ def predict_files(
         ValueError: a bad ``batch_size`` or ``out`` suffix, or a model whose outputs do not
             match the dataset's classes.
     """
+    from mammoflow.data.convert import progress_bar
     from mammoflow.data.pseudonym import pseudonymizer
     from mammoflow.tracking import Tracker
 
@@ -362,7 +334,7 @@ def predict_files(
     rules = acceptance(cfg, dataset)
     result = PredictResult(rows=[], failures=failures, seconds=0.0, out=out)
     start = time.perf_counter()
-    with progress_bar(len(files), progress) as advance:
+    with progress_bar(len(files), progress, label="predict") as advance:
         for ready, failed in batches(files, cfg, rules, key, batch_size):
             result.failures.extend(failed)
             if ready:

@@ -245,9 +245,13 @@ def _load_state(path: Path) -> dict[str, dict[str, Any]]:
 
 
 @contextmanager
-def _progress_bar(total: int, enabled: bool) -> Iterator[Callable[[], None]]:
+def progress_bar(
+    total: int, enabled: bool, label: str = "convert"
+) -> Iterator[Callable[..., None]]:
+    """A rich progress bar over ``total`` images, advanced by ``advance(n=1)``; a no-op when
+    disabled (also serves ``mammoflow predict``)."""
     if not enabled:
-        yield lambda: None
+        yield lambda n=1: None
         return
     from rich.progress import (
         BarColumn,
@@ -259,15 +263,15 @@ def _progress_bar(total: int, enabled: bool) -> Iterator[Callable[[], None]]:
     )
 
     with Progress(
-        TextColumn("[bold]convert"),
+        TextColumn(f"[bold]{label}"),
         BarColumn(),
         MofNCompleteColumn(),
         TimeElapsedColumn(),
         TimeRemainingColumn(),
         transient=False,
     ) as bar:
-        task_id = bar.add_task("convert", total=total)
-        yield lambda: bar.advance(task_id)
+        task_id = bar.add_task(label, total=total)
+        yield lambda n=1: bar.advance(task_id, n)
 
 
 def _pool_context() -> BaseContext:
@@ -284,7 +288,7 @@ def _pool_context() -> BaseContext:
 def _run(tasks: list[_Task], workers: int, loader: Loader | None, progress: bool) -> list[_Outcome]:
     outcomes: list[_Outcome] = []
     if workers <= 1 or len(tasks) <= 1:
-        with _progress_bar(len(tasks), progress) as advance:
+        with progress_bar(len(tasks), progress) as advance:
             for task in tasks:
                 outcomes.append(_convert_one(task, loader))
                 advance()
@@ -294,7 +298,7 @@ def _run(tasks: list[_Task], workers: int, loader: Loader | None, progress: bool
         futures: dict[Future[_Outcome], _Task] = {
             pool.submit(_convert_one, t, loader): t for t in tasks
         }
-        with _progress_bar(len(tasks), progress) as advance:
+        with progress_bar(len(tasks), progress) as advance:
             for fut in as_completed(futures):
                 try:
                     outcomes.append(fut.result())
