@@ -11,7 +11,7 @@ import socket
 import subprocess
 import sys
 import tempfile
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,6 +21,8 @@ import yaml
 from mammoflow import stages
 from mammoflow.config import Config, parse_config
 from mammoflow.paths import Layout
+
+ROOT = Path(__file__).resolve().parents[1]
 
 # ------------------------------------------------------------------------------ tiny projects
 
@@ -48,6 +50,36 @@ def project_dir(
         for key, value in saved.items():
             if value is not None:
                 os.environ[key] = value
+
+
+def tiny_params(
+    datasets: Sequence[str],
+    backbones: Sequence[str] = ("vgg16",),
+    *,
+    sample: Mapping[str, Any] | None = None,
+    split: Mapping[str, Any] | None = None,
+    train: Mapping[str, Any] | None = None,
+    bootstrap: int | None = 20,
+    log_models: str | None = "final",
+    base: Path = ROOT / "params.yaml",
+) -> dict[str, Any]:
+    """``base`` (the repo's params.yaml) shrunk for a test: 64 px sample images and PNGs, the
+    ``backbones`` at 32 px with random weights, 1 epoch of batch 8; ``sample``, ``split`` and
+    ``train`` update their sections; ``bootstrap`` / ``log_models`` None keep ``base``'s."""
+    raw = yaml.safe_load(base.read_text(encoding="utf-8"))
+    raw["pipeline"]["datasets"] = list(datasets)
+    raw["sample"].update({"size": 64, **(sample or {})})
+    raw["convert"].update({"size": 64, "workers": 1})
+    raw["split"].update(split or {})
+    raw["model"].update({"backbones": list(backbones), "input_size": 32, "weights": "none"})
+    for ds in raw["datasets"].values():  # the demo's own 80 px would win
+        ds.pop("model", None)
+    raw["train"].update({"epochs": 1, "batch_size": 8, **(train or {})})
+    if bootstrap is not None:
+        raw["evaluate"]["bootstrap"] = bootstrap
+    if log_models is not None:
+        raw["tracking"]["log_models"] = log_models
+    return raw
 
 
 def prepare_data(cfg: Config, dataset: str) -> None:
@@ -189,6 +221,32 @@ def tiny_champion(root: Path, dataset: str = "sample_mias", n_classes: int = 3) 
     uri = tracker.log_model(parent, model, example)
     tracker.promote(dataset, parent, "f1", 0.5)
     return uri
+
+
+def delete_mlflow_models_and_experiments(root: Path) -> None:
+    """Remove what a test project registered and tracked in its store (``root/mlflow.db``)."""
+    client = mlflow_client(root)
+    for model in client.search_registered_models():
+        client.delete_registered_model(model.name)
+    for exp in client.search_experiments():
+        if exp.name.startswith("mammoflow-"):
+            client.delete_experiment(exp.experiment_id)
+
+
+def copy_project(dest: Path) -> None:
+    """The tracked (and not ignored) project files into ``dest``, without DVC's lock and outputs."""
+    files = subprocess.run(
+        ["git", "ls-files", "-co", "--exclude-standard"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split()
+    for rel in files:
+        src = ROOT / rel
+        if src.is_file() and not rel.startswith(("metrics/", "plots/")) and rel != "dvc.lock":
+            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dest / rel)
 
 
 # ------------------------------------------------------------------------------ DVC

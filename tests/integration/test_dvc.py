@@ -12,9 +12,10 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tests.helpers import copy_project, tiny_params
+
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
-ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 
 
@@ -34,29 +35,13 @@ def _ran(output: str) -> list[str]:
 def clone(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A copy of the tracked project files, as a fresh git repo, with small params."""
     dest = tmp_path_factory.mktemp("clone") / "project"
-    files = subprocess.run(
-        ["git", "ls-files", "-co", "--exclude-standard"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout.split()
-    for rel in files:
-        src = ROOT / rel
-        if src.is_file() and not rel.startswith(("metrics/", "plots/")) and rel != "dvc.lock":
-            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(src, dest / rel)
-    raw = yaml.safe_load((dest / "params.yaml").read_text())
-    raw["pipeline"]["datasets"] = ["sample_mias"]
-    raw["sample"].update({"mias_patients": 15, "size": 64})
-    raw["convert"].update({"size": 64, "workers": 1})
-    raw["split"]["k_folds"] = 3
-    raw["model"].update({"backbones": ["vgg16"], "input_size": 32, "weights": "none"})
-    for ds in raw["datasets"].values():  # the demo's own 80 px would win
-        ds.pop("model", None)
-    raw["train"].update({"epochs": 1, "batch_size": 8})
-    raw["evaluate"]["bootstrap"] = 20
-    raw["tracking"]["log_models"] = "final"
+    copy_project(dest)
+    raw = tiny_params(
+        ["sample_mias"],
+        sample={"mias_patients": 15},
+        split={"k_folds": 3},
+        base=dest / "params.yaml",
+    )
     (dest / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
     remote = dest.parent / "remote"
     for cmd in (

@@ -12,26 +12,12 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tests.helpers import copy_project
+
 pytestmark = pytest.mark.integration
 
 ROOT = Path(__file__).resolve().parents[2]
 VENV_BIN = Path(sys.executable).parent
-
-
-def _copy_project(dest: Path) -> None:
-    """The tracked (and not ignored) project files, without DVC's lock and outputs."""
-    files = subprocess.run(
-        ["git", "ls-files", "-co", "--exclude-standard"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout.split()
-    for rel in files:
-        src = ROOT / rel
-        if src.is_file() and not rel.startswith(("metrics/", "plots/")) and rel != "dvc.lock":
-            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(src, dest / rel)
 
 
 def _path_without_venv() -> str:
@@ -45,7 +31,7 @@ def _path_without_venv() -> str:
 
 def test_dvc_repro_with_a_path_lacking_the_venv(tmp_path: Path) -> None:
     project = tmp_path / "project"
-    _copy_project(project)
+    copy_project(project)
     (project / ".venv").symlink_to(ROOT / ".venv")  # the checkout's own venv, as after `make`
     raw = yaml.safe_load((project / "params.yaml").read_text(encoding="utf-8"))
     raw["pipeline"]["datasets"] = ["sample_mias"]

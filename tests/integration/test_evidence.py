@@ -5,38 +5,38 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
-import yaml
 
 from mammoflow import stages
 from mammoflow.calibration import apply_temperature
 from mammoflow.config import Config
 from mammoflow.paths import Layout
 from mammoflow.tracking import CALIBRATION_FILE, TAG_TEMPERATURE
-from tests.helpers import mlflow_client, prepare_data, project_dir
+from tests.helpers import (
+    delete_mlflow_models_and_experiments,
+    mlflow_client,
+    prepare_data,
+    project_dir,
+    tiny_params,
+)
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
-ROOT = Path(__file__).resolve().parents[2]
 DATASET = "sample_cmmd"
 BACKBONE = "vgg16"
 
 
-def _params() -> dict:  # type: ignore[type-arg]
-    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
-    raw["pipeline"]["datasets"] = [DATASET]
-    raw["sample"].update({"cmmd_patients": 18, "size": 64})
-    raw["convert"].update({"size": 64, "workers": 1})
-    raw["split"].update({"k_folds": 2, "test_size": 0.3})
-    raw["model"].update({"backbones": [BACKBONE], "input_size": 32, "weights": "none"})
-    for ds in raw["datasets"].values():  # the demo's own 80 px would win
-        ds.pop("model", None)
-    raw["train"].update({"epochs": 1, "batch_size": 8})
-    raw["evaluate"]["bootstrap"] = 30
-    raw["tracking"]["log_models"] = "final"
-    return raw
+def _params() -> dict[str, Any]:
+    return tiny_params(
+        [DATASET],
+        [BACKBONE],
+        sample={"cmmd_patients": 18},
+        split={"k_folds": 2, "test_size": 0.3},
+        bootstrap=30,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -49,12 +49,7 @@ def project(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, Co
             stages.evaluate_stage(cfg, DATASET, Layout())
             yield root, cfg
         finally:
-            client = mlflow_client(root)
-            for model in client.search_registered_models():
-                client.delete_registered_model(model.name)
-            for exp in client.search_experiments():
-                if exp.name.startswith("mammoflow-"):
-                    client.delete_experiment(exp.experiment_id)
+            delete_mlflow_models_and_experiments(root)
 
 
 def test_calibration_fitted_on_oof_logged_and_registered(project: tuple[Path, Config]) -> None:

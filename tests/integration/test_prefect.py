@@ -25,7 +25,7 @@ import numpy as np
 import pytest
 import yaml
 
-from tests.helpers import drain_prefect_workers, free_port, stop_process_tree
+from tests.helpers import drain_prefect_workers, free_port, stop_process_tree, tiny_params
 
 ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
@@ -412,20 +412,17 @@ def test_dask_fold_fan_out_matches_serial(
     from mammoflow.paths import Layout
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)  # each project its own store
-    params = tiny_project(tmp_path / "dask")
-    raw = yaml.safe_load(params.read_text())
-    raw["sample"]["mias_patients"] = 12
-    raw["split"].update({"k_folds": 3, "test_size": 0.2})
-    raw["model"].update({"backbones": ["vgg16"], "input_size": 32, "weights": "none"})
-    for ds in raw["datasets"].values():  # the demo's own 80 px would win
-        ds.pop("model", None)
-    # a learning rate that separates the classes: near-tied probabilities would let the
-    # last-bit differences of two thread schedules reorder a ROC curve
-    raw["train"].update(
-        {"epochs": 3, "batch_size": 8, "precision": "float32", "learning_rate": 0.02}
+    raw = tiny_params(
+        ["sample_mias"],
+        sample={"mias_patients": 12, "cmmd_patients": 4},
+        split={"k_folds": 3, "test_size": 0.2},
+        # a learning rate that separates the classes: near-tied probabilities would let the
+        # last-bit differences of two thread schedules reorder a ROC curve
+        train={"epochs": 3, "precision": "float32", "learning_rate": 0.02},
+        log_models="none",
     )
-    raw["evaluate"]["bootstrap"] = 20
-    raw["tracking"]["log_models"] = "none"
+    params = tmp_path / "dask" / "params.yaml"
+    params.parent.mkdir()
     params.write_text(yaml.safe_dump(raw, sort_keys=False))
     with LocalCluster(
         n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None
@@ -486,15 +483,13 @@ def test_lineage_tag_is_dvcs_hash_of_the_data_the_flow_used(
     source = tmp_path / "hospital"  # a site's export: new films arrive here between runs
     shutil.copytree(tmp_path / "gen" / "mias", source)
     project = tmp_path / "project"
-    params = tiny_project(project, datasets=["site"])
-    raw = yaml.safe_load(params.read_text())
+    raw = tiny_params(
+        ["site"], split={"k_folds": 2, "test_size": 0.2}, bootstrap=10, log_models="none"
+    )
     raw["datasets"]["site"] = {"kind": "mias", "acquire": "local", "source": str(source)}
     raw["ingest"]["min_size"] = 64  # the films are 64 px
-    raw["split"].update({"k_folds": 2, "test_size": 0.2})
-    raw["model"].update({"backbones": ["vgg16"], "input_size": 32, "weights": "none"})
-    raw["train"].update({"epochs": 1, "batch_size": 8})
-    raw["evaluate"]["bootstrap"] = 10
-    raw["tracking"]["log_models"] = "none"
+    params = project / "params.yaml"
+    project.mkdir()
     params.write_text(yaml.safe_dump(raw, sort_keys=False))
     processed = project / "data" / "processed" / "site"
 

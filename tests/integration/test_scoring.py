@@ -11,10 +11,10 @@ import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
-import yaml
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -24,7 +24,15 @@ from mammoflow.config import Config
 from mammoflow.paths import Layout
 from mammoflow.pointing import explain_check
 from mammoflow.predict import predict_files, request_body
-from tests.helpers import free_port, mlflow_client, prepare_data, project_dir, stop_process_tree
+from tests.helpers import (
+    delete_mlflow_models_and_experiments,
+    free_port,
+    mlflow_client,
+    prepare_data,
+    project_dir,
+    stop_process_tree,
+    tiny_params,
+)
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -34,19 +42,14 @@ DATASET = "sample_mias"
 BACKBONE = "vgg16"
 
 
-def _params() -> dict:
-    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
-    raw["pipeline"]["datasets"] = [DATASET]
-    raw["sample"].update({"mias_patients": 20, "size": 64})
-    raw["convert"].update({"size": 64, "workers": 1})
-    raw["split"].update({"k_folds": 2, "test_size": 0.3})
-    raw["model"].update({"backbones": [BACKBONE], "input_size": 32, "weights": "none"})
-    for ds in raw["datasets"].values():  # the demo's own 80 px would win
-        ds.pop("model", None)
-    raw["train"].update({"epochs": 1, "batch_size": 8})
-    raw["evaluate"]["bootstrap"] = 50
-    raw["tracking"]["log_models"] = "final"
-    return raw
+def _params() -> dict[str, Any]:
+    return tiny_params(
+        [DATASET],
+        [BACKBONE],
+        sample={"mias_patients": 20},
+        split={"k_folds": 2, "test_size": 0.3},
+        bootstrap=50,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -59,12 +62,7 @@ def project(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, Co
             stages.evaluate_stage(cfg, DATASET, Layout())
             yield root, cfg
         finally:
-            client = mlflow_client(root)
-            for model in client.search_registered_models():
-                client.delete_registered_model(model.name)
-            for exp in client.search_experiments():
-                if exp.name.startswith("mammoflow-"):
-                    client.delete_experiment(exp.experiment_id)
+            delete_mlflow_models_and_experiments(root)
 
 
 def _sample_pgms(root: Path) -> list[Path]:

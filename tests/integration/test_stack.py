@@ -29,7 +29,7 @@ from infra.local import stack as stack_mod
 from mammoflow import storage
 from mammoflow.data.dicom import read_dicom
 from mammoflow.data.sample import FAKE_PHI, mammogram_dicom
-from tests.helpers import drain_prefect_workers, scan_bucket, stop_process_tree
+from tests.helpers import drain_prefect_workers, scan_bucket, stop_process_tree, tiny_params
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -450,18 +450,9 @@ def test_no_credential_in_logs_or_outside_the_state_dir(
 
 def _sample_params() -> dict[str, Any]:
     """params.yaml shrunk to one tiny sample dataset and one small backbone."""
-    raw = yaml.safe_load((stack_mod.ROOT / "params.yaml").read_text(encoding="utf-8"))
-    raw["pipeline"]["datasets"] = [SAMPLE]
-    raw["sample"].update({"cmmd_patients": 18, "size": 64})
-    raw["convert"].update({"size": 64, "workers": 1})
-    raw["split"].update({"k_folds": 3, "test_size": 0.2})
-    raw["model"].update({"backbones": ["vgg16"], "input_size": 32, "weights": "none"})
-    for ds in raw["datasets"].values():  # the demo's own 80 px would win
-        ds.pop("model", None)
-    raw["train"].update({"epochs": 1, "batch_size": 8})
-    raw["evaluate"]["bootstrap"] = 20
-    raw["tracking"]["log_models"] = "final"
-    return raw
+    return tiny_params(
+        [SAMPLE], sample={"cmmd_patients": 18}, split={"k_folds": 3, "test_size": 0.2}
+    )
 
 
 def _bucket_keys(bucket: str) -> list[str]:

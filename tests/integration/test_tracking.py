@@ -10,6 +10,7 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -19,28 +20,32 @@ from mammoflow import stages
 from mammoflow.config import Config
 from mammoflow.data.sample import FAKE_PHI
 from mammoflow.paths import Layout
-from tests.helpers import free_port, mlflow_client, prepare_data, project_dir, stop_process_tree
+from tests.helpers import (
+    delete_mlflow_models_and_experiments,
+    free_port,
+    mlflow_client,
+    prepare_data,
+    project_dir,
+    stop_process_tree,
+    tiny_params,
+)
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
-ROOT = Path(__file__).resolve().parents[2]
 DATASET = "sample_cmmd"  # DICOM with planted fake PHI in its headers
 BACKBONES = ["vgg16", "resnet50"]
 
 
-def _params(**train: object) -> dict:
-    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
-    raw["pipeline"]["datasets"] = [DATASET]
-    raw["sample"].update({"cmmd_patients": 18, "size": 64})
-    raw["convert"].update({"size": 64, "workers": 1})
-    raw["split"].update({"k_folds": 3, "test_size": 0.2})
-    raw["model"].update({"backbones": BACKBONES, "input_size": 32, "weights": "none"})
-    for ds in raw["datasets"].values():  # the demo's own 80 px would win
-        ds.pop("model", None)
-    raw["train"].update({"epochs": 1, "batch_size": 8, **train})
-    raw["evaluate"]["bootstrap"] = 50
-    raw["tracking"]["log_models"] = "all"
-    return raw
+def _params(**train: object) -> dict[str, Any]:
+    return tiny_params(
+        [DATASET],
+        BACKBONES,
+        sample={"cmmd_patients": 18},
+        split={"k_folds": 3, "test_size": 0.2},
+        train=train,
+        bootstrap=50,
+        log_models="all",
+    )
 
 
 @pytest.fixture(scope="module")
@@ -54,12 +59,7 @@ def project(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, Co
             stages.evaluate_stage(cfg, DATASET, Layout())
             yield root, cfg
         finally:
-            client = mlflow_client(root)
-            for model in client.search_registered_models():
-                client.delete_registered_model(model.name)
-            for exp in client.search_experiments():
-                if exp.name.startswith("mammoflow-"):
-                    client.delete_experiment(exp.experiment_id)
+            delete_mlflow_models_and_experiments(root)
 
 
 def _runs(root: Path) -> list:  # type: ignore[type-arg]

@@ -19,18 +19,16 @@ from typing import Any
 
 import optuna
 import pytest
-import yaml
 from infra.local import stack as stack_mod
 from optuna.trial import TrialState
 
 from mammoflow import stages, tune, tuned
 from mammoflow.config import Config, parse_config
 from mammoflow.paths import Layout
-from tests.helpers import mlflow_client, prepare_data, project_dir
+from tests.helpers import mlflow_client, prepare_data, project_dir, tiny_params
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
-ROOT = Path(__file__).resolve().parents[2]
 DATASET = "sample_mias"
 BACKBONE = "vgg16"
 SPACE = {
@@ -53,15 +51,15 @@ GOOD = {
 
 
 def _params() -> dict[str, Any]:
-    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
-    raw["pipeline"]["datasets"] = [DATASET]
-    raw["sample"].update({"mias_patients": 12, "size": 64})
-    raw["convert"].update({"size": 64, "workers": 1})
-    raw["split"].update({"k_folds": 3, "test_size": 0.2})
-    raw["model"].update({"backbones": [BACKBONE], "input_size": 32, "weights": "none"})
-    for ds in raw["datasets"].values():  # the demo's own 80 px would win
-        ds.pop("model", None)
-    raw["train"].update({"epochs": 2, "batch_size": 8, "precision": "float32"})
+    raw = tiny_params(
+        [DATASET],
+        [BACKBONE],
+        sample={"mias_patients": 12},
+        split={"k_folds": 3, "test_size": 0.2},
+        train={"epochs": 2, "precision": "float32"},
+        bootstrap=None,
+        log_models=None,
+    )
     raw["tune"].update(
         {
             "n_trials": 4,
