@@ -26,7 +26,7 @@ from mammoflow.explain import (
     target_names,
     to_original,
 )
-from tests.helpers import mlflow_client, tiny_champion
+from tests.helpers import delete_mlflow_models_and_experiments, tiny_champion
 
 pytestmark = pytest.mark.slow
 PARAMS = Path(__file__).resolve().parents[2] / "params.yaml"
@@ -38,10 +38,7 @@ def _cfg(**overrides: object) -> Config:
 
 @pytest.fixture(scope="module")
 def project(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, Config, str]]:
-    import mlflow
-
     root = tmp_path_factory.mktemp("project")
-    before = mlflow.get_tracking_uri(), mlflow.get_registry_uri()
     with pytest.MonkeyPatch.context() as mp:
         mp.delenv("MLFLOW_TRACKING_URI", raising=False)
         mp.chdir(root)
@@ -51,14 +48,7 @@ def project(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, Co
         try:
             yield root, cfg, uri
         finally:
-            client = mlflow_client(root)
-            for model in client.search_registered_models():
-                client.delete_registered_model(model.name)
-            for exp in client.search_experiments():
-                if exp.name.startswith("mammoflow-"):
-                    client.delete_experiment(exp.experiment_id)
-    mlflow.set_tracking_uri(before[0])
-    mlflow.set_registry_uri(before[1])
+            delete_mlflow_models_and_experiments(root)
 
 
 def _pgms(root: Path) -> list[Path]:
