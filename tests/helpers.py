@@ -93,6 +93,21 @@ def prepare_data(cfg: Config, dataset: str) -> None:
         stage(cfg, dataset, Layout())
 
 
+@contextlib.contextmanager
+def trained_project(root: Path, raw: dict[str, Any], dataset: str) -> Iterator[Config]:
+    """A project in ``root`` with ``dataset`` prepared, every backbone of ``raw`` trained and
+    the champion evaluated; its registered models and experiments are removed afterwards."""
+    with project_dir(root, raw) as cfg:
+        try:
+            prepare_data(cfg, dataset)
+            for backbone in cfg.model.backbones:
+                stages.train_stage(cfg, dataset, backbone, Layout())
+            stages.evaluate_stage(cfg, dataset, Layout())
+            yield cfg
+        finally:
+            delete_mlflow_models_and_experiments(root)
+
+
 def mlflow_client(root: Path) -> Any:
     """An MLflow client on the project's SQLite store (``root/mlflow.db``)."""
     from mlflow import MlflowClient

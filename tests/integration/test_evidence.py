@@ -16,11 +16,9 @@ from mammoflow.config import Config
 from mammoflow.paths import Layout
 from mammoflow.tracking import CALIBRATION_FILE, TAG_TEMPERATURE
 from tests.helpers import (
-    delete_mlflow_models_and_experiments,
     mlflow_client,
-    prepare_data,
-    project_dir,
     tiny_params,
+    trained_project,
 )
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -42,14 +40,8 @@ def _params() -> dict[str, Any]:
 @pytest.fixture(scope="module")
 def project(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, Config]]:
     root = tmp_path_factory.mktemp("evidence")
-    with project_dir(root, _params()) as cfg:
-        try:
-            prepare_data(cfg, DATASET)
-            stages.train_stage(cfg, DATASET, BACKBONE, Layout())
-            stages.evaluate_stage(cfg, DATASET, Layout())
-            yield root, cfg
-        finally:
-            delete_mlflow_models_and_experiments(root)
+    with trained_project(root, _params(), DATASET) as cfg:
+        yield root, cfg
 
 
 def test_calibration_fitted_on_oof_logged_and_registered(project: tuple[Path, Config]) -> None:

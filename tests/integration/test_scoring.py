@@ -18,20 +18,17 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
-from mammoflow import stages
 from mammoflow.cli import app
 from mammoflow.config import Config
 from mammoflow.paths import Layout
 from mammoflow.pointing import explain_check
 from mammoflow.predict import predict_files, request_body
 from tests.helpers import (
-    delete_mlflow_models_and_experiments,
     free_port,
     mlflow_client,
-    prepare_data,
-    project_dir,
     stop_process_tree,
     tiny_params,
+    trained_project,
 )
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -55,14 +52,8 @@ def _params() -> dict[str, Any]:
 @pytest.fixture(scope="module")
 def project(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, Config]]:
     root = tmp_path_factory.mktemp("scoring")
-    with project_dir(root, _params()) as cfg:
-        try:
-            prepare_data(cfg, DATASET)
-            stages.train_stage(cfg, DATASET, BACKBONE, Layout())
-            stages.evaluate_stage(cfg, DATASET, Layout())
-            yield root, cfg
-        finally:
-            delete_mlflow_models_and_experiments(root)
+    with trained_project(root, _params(), DATASET) as cfg:
+        yield root, cfg
 
 
 def _sample_pgms(root: Path) -> list[Path]:

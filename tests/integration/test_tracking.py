@@ -21,13 +21,11 @@ from mammoflow.config import Config
 from mammoflow.data.sample import FAKE_PHI
 from mammoflow.paths import Layout
 from tests.helpers import (
-    delete_mlflow_models_and_experiments,
     free_port,
     mlflow_client,
-    prepare_data,
-    project_dir,
     stop_process_tree,
     tiny_params,
+    trained_project,
 )
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -51,15 +49,8 @@ def _params(**train: object) -> dict[str, Any]:
 @pytest.fixture(scope="module")
 def project(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, Config]]:
     root = tmp_path_factory.mktemp("tracking")
-    with project_dir(root, _params()) as cfg:
-        try:
-            prepare_data(cfg, DATASET)
-            for backbone in BACKBONES:
-                stages.train_stage(cfg, DATASET, backbone, Layout())
-            stages.evaluate_stage(cfg, DATASET, Layout())
-            yield root, cfg
-        finally:
-            delete_mlflow_models_and_experiments(root)
+    with trained_project(root, _params(), DATASET) as cfg:
+        yield root, cfg
 
 
 def _runs(root: Path) -> list:  # type: ignore[type-arg]
