@@ -885,9 +885,7 @@ class Stack:
         missing = missing_binaries()
         if missing:
             raise StackError("cannot start the stack; missing:\n  - " + "\n  - ".join(missing))
-        self._prepare_state()
-        self.secrets()
-        self._ensure_supervisord()
+        self._ensure_supervisord()  # the state dir, secrets and config on its first start
         for service in SERVICES:  # fail before starting anything
             if self.pid(service) is None:
                 self._check_ports_free(service)
