@@ -1,297 +1,146 @@
-"""Prefect flows for MammoFlow: thin sequences of tasks that call :mod:`mammoflow.stages`.
+"""Prefect flows for MammoFlow: Prefect schedules, retries and shows; DVC executes.
 
-Every task loads the config from ``params_path`` and calls one stage function, the same function
-the DVC stage calls through the CLI; nothing here holds pipeline logic. The project root (where
-``data/``, ``reports/``, ``metrics/`` … live) is the folder that holds ``params_path``, as with
-DVC; relative dataset ``source`` paths in params.yaml resolve from the working directory, which
-for a deployment is the project checkout.
+Every task runs one pipeline stage as ``dvc repro --single-item <stage>`` in the project
+checkout (the folder holding ``params_path``, which must be the project's params.yaml), through
+:mod:`mammoflow.dvc_runner`. So a scheduled run updates dvc.lock, puts its outputs into the DVC
+cache and skips unchanged stages exactly as a person's `dvc repro` does; a flow that changed
+data ends with `dvc push --run-cache` to the project's default remote. Nothing here holds
+pipeline logic: stages live in dvc.yaml and src/mammoflow.
 
 Flows:
-    data_flow      acquire → ingest → validate → convert, per dataset
-    train_flow     split per dataset, then K-fold training of each backbone: one task each, or
-                   on Dask one task per (dataset, backbone, fold), aggregated per backbone
-    evaluate_flow  best backbone per dataset into the MLflow registry, then the comparison report
-    pipeline_flow  the three in order
+    data_flow      source → acquire → ingest → validate → convert, per dataset
+    train_flow     split, then the train stage of each backbone (which fans its folds out on
+                   Dask itself when MAMMOFLOW_DASK_ADDRESS is set)
+    evaluate_flow  champion per dataset, Grad-CAM check, comparison report
+    pipeline_flow  the three in order, then push; artifacts in the Prefect UI
+    tune_flow      tuning/dvc.yaml's Optuna stages;  audit_flow  audit/dvc.yaml's leakage audit
     score_flow     score the new images of a folder with a dataset's champion (mammoflow.predict)
 
-Training runs one task at a time by default (2 CPU cores); set ``MAMMOFLOW_DASK_ADDRESS`` or pass
-``dask_address`` to send the backbone tasks to a Dask cluster instead. Training tasks carry the
-tag ``mammoflow-train``: ``prefect concurrency-limit create mammoflow-train 1`` on a server caps
-them across all flow runs and workers (without a server the tag is a no-op).
+Two flow runs on one checkout queue on DVC's repo lock (``dvc --wait-for-lock``). Training tasks
+carry the tag ``mammoflow-train`` (``prefect concurrency-limit create mammoflow-train 1``).
 """
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, ParamSpec, TypeVar
+from typing import Any
 
-from prefect import Flow, Task, flow, task
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import (
+    create_link_artifact,
+    create_markdown_artifact,
+    create_table_artifact,
+)
 from prefect.cache_policies import NO_CACHE
 from prefect.client.schemas.objects import TaskRun
-from prefect.futures import PrefectFuture, wait
 from prefect.states import State
-from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 
-from mammoflow import stages
-from mammoflow.config import Config, load_config
+from mammoflow import dvc_runner, summary
+from mammoflow.config import Config, ConfigError, load_config
+from mammoflow.errors import is_transient
 from mammoflow.paths import Layout
-from mammoflow.train import FoldResult
 
 DASK_ADDRESS_ENV = "MAMMOFLOW_DASK_ADDRESS"
 TRAIN_TAG = "mammoflow-train"
 IO_RETRIES = 2
 IO_RETRY_DELAYS: list[float] = [2.0, 10.0]
+DATA_STAGES = ("source", "acquire", "ingest", "validate", "convert")
 
 Summary = dict[str, Any]
-P = ParamSpec("P")
-R = TypeVar("R")
 
 
-def _load(params_path: str) -> tuple[Config, Layout]:
-    """Load the config; the project root is the folder holding the params file."""
-    return load_config(params_path), Layout(root=Path(params_path).parent)
+def _load(params_path: str) -> tuple[Config, Path]:
+    """The config and the project checkout (the folder of params.yaml), which DVC runs in."""
+    path = Path(params_path)
+    if path.name != "params.yaml":
+        raise ConfigError(
+            f"{params_path}: DVC reads the project's params.yaml; pass the params.yaml of the "
+            "project checkout (other parameters: `dvc exp run -S KEY=VALUE`)"
+        )
+    root = path.parent.resolve()
+    dvc_runner.check_project(root)
+    return load_config(path), root
 
 
-def transient_io_error(task: Task[..., Any], task_run: TaskRun, state: State[Any]) -> bool:
-    """Retry only on OS-level I/O errors (a busy disk or NFS hiccup), never on bad input."""
+def transient_io_error(task: Any, task_run: TaskRun, state: State[Any]) -> bool:
+    """Retry only transient I/O (a stage exiting 75, a stale handle), never bad input or a
+    missing prerequisite such as ``FileNotFoundError``."""
     try:
         state.result()
-    except OSError:
-        return True
-    except Exception:
-        return False
+    except Exception as exc:
+        return is_transient(exc)
     return False
 
 
-@task(task_run_name="plan")
+def _stage(params_path: str, stage: str) -> Summary:
+    """Run one stage through DVC in the project, streaming its output to the run's log."""
+    _, root = _load(params_path)
+    log = get_run_logger()
+    run = dvc_runner.repro(root, stage, on_line=log.info)
+    log.info("%s: %s in %.1f s", stage, run.outcome, run.seconds)
+    return {"stage": stage, "outcome": run.outcome, "seconds": round(run.seconds, 1)}
+
+
+@task(
+    task_run_name="{stage}",
+    cache_policy=NO_CACHE,
+    retries=IO_RETRIES,
+    retry_delay_seconds=IO_RETRY_DELAYS,
+    retry_condition_fn=transient_io_error,
+)
+def run_stage(params_path: str, stage: str) -> Summary:
+    """One DVC stage (``dvc repro --single-item``): ran, restored from the run cache, or skipped."""
+    return _stage(params_path, stage)
+
+
+# Training resumes finished folds (MLflow), so one retry after a transient error is cheap.
+@task(
+    task_run_name="{stage}",
+    cache_policy=NO_CACHE,
+    tags=[TRAIN_TAG],
+    retries=1,
+    retry_delay_seconds=30,
+    retry_condition_fn=transient_io_error,
+)
+def run_training_stage(params_path: str, stage: str) -> Summary:
+    """A stage that trains (train, tune, audit): tagged for a Prefect concurrency limit."""
+    return _stage(params_path, stage)
+
+
+@task(task_run_name="plan", cache_policy=NO_CACHE)
 def plan(
     params_path: str, datasets: list[str] | None = None, backbones: list[str] | None = None
 ) -> dict[str, list[str]]:
-    """Resolve which datasets and backbones a run covers (params.yaml unless given)."""
+    """Which datasets and backbones a run covers: params.yaml's, or a part of them.
+
+    DVC has stages only for ``pipeline.datasets`` × ``model.backbones``; a backbone list other
+    than params.yaml's would train a subset but evaluate and report the whole list, so it is
+    refused with the way to run it as a DVC experiment.
+    """
     cfg, _ = _load(params_path)
     names = list(datasets or cfg.pipeline.datasets)
-    for name in names:
-        cfg.dataset(name)
-    return {"datasets": names, "backbones": list(backbones or cfg.model.backbones)}
+    unknown = [n for n in names if n not in cfg.pipeline.datasets]
+    if unknown:
+        raise ConfigError(
+            f"datasets {unknown} are not in pipeline.datasets {list(cfg.pipeline.datasets)}: DVC "
+            "has no stages for them; add them to pipeline.datasets in params.yaml"
+        )
+    wanted = list(backbones or cfg.model.backbones)
+    if wanted != list(cfg.model.backbones):
+        raise ConfigError(
+            f"backbones {wanted} differ from model.backbones {list(cfg.model.backbones)}; a "
+            "subset is a different study: set model.backbones in params.yaml, or run it as a DVC "
+            f"experiment: dvc exp run -S 'model.backbones=[{','.join(wanted)}]'"
+        )
+    return {"datasets": names, "backbones": wanted}
 
 
-@task(
-    task_run_name="acquire-{dataset}",
-    retries=IO_RETRIES,
-    retry_delay_seconds=IO_RETRY_DELAYS,
-    retry_condition_fn=transient_io_error,
-)
-def acquire(params_path: str, dataset: str) -> Summary:
-    """Bring the raw files of ``dataset`` to data/raw/<dataset>."""
-    cfg, layout = _load(params_path)
-    return stages.acquire_stage(cfg, dataset, layout=layout)
-
-
-@task(
-    task_run_name="ingest-{dataset}",
-    retries=IO_RETRIES,
-    retry_delay_seconds=IO_RETRY_DELAYS,
-    retry_condition_fn=transient_io_error,
-)
-def ingest(params_path: str, dataset: str) -> Summary:
-    """Parse the raw files into data/interim/<dataset>/manifest.parquet."""
-    cfg, layout = _load(params_path)
-    return stages.ingest_stage(cfg, dataset, layout=layout)
-
-
-@task(
-    task_run_name="validate-{dataset}",
-    retries=IO_RETRIES,
-    retry_delay_seconds=IO_RETRY_DELAYS,
-    retry_condition_fn=transient_io_error,
-)
-def validate(params_path: str, dataset: str) -> Summary:
-    """Great Expectations checks on the ingested manifest."""
-    cfg, layout = _load(params_path)
-    return stages.validate_stage(cfg, dataset, layout=layout)
-
-
-@task(
-    task_run_name="convert-{dataset}",
-    retries=IO_RETRIES,
-    retry_delay_seconds=IO_RETRY_DELAYS,
-    retry_condition_fn=transient_io_error,
-)
-def convert(params_path: str, dataset: str) -> Summary:
-    """Convert the raw images to padded PNGs under data/processed/<dataset>."""
-    cfg, layout = _load(params_path)
-    return stages.convert_stage(cfg, dataset, layout=layout, progress=False)
-
-
-@task(
-    task_run_name="split-{dataset}",
-    retries=IO_RETRIES,
-    retry_delay_seconds=IO_RETRY_DELAYS,
-    retry_condition_fn=transient_io_error,
-)
-def split(params_path: str, dataset: str) -> Summary:
-    """Patient-grouped held-out test set and K folds of ``dataset``."""
-    cfg, layout = _load(params_path)
-    return stages.split_stage(cfg, dataset, layout=layout)
-
-
-# Training resumes finished folds, so one retry after a transient I/O error is cheap.
-@task(
-    task_run_name="train-{dataset}-{backbone}",
-    tags=[TRAIN_TAG],
-    retries=1,
-    retry_delay_seconds=30,
-    retry_condition_fn=transient_io_error,
-)
-def train_backbone(params_path: str, dataset: str, backbone: str) -> Summary:
-    """K-fold training of one backbone on one dataset, tracked in MLflow, tested on hold-out."""
-    cfg, layout = _load(params_path)
-    return stages.train_stage(cfg, dataset, backbone, layout=layout, progress=False)
-
-
-@task(
-    task_run_name="features-{dataset}-{backbone}",
-    tags=[TRAIN_TAG],
-    retries=IO_RETRIES,
-    retry_delay_seconds=IO_RETRY_DELAYS,
-    retry_condition_fn=transient_io_error,
-)
-def prepare_backbone(params_path: str, dataset: str, backbone: str) -> list[int]:
-    """Extract the backbone's features once (the shared cache); return the fold tasks to run."""
-    cfg, layout = _load(params_path)
-    return stages.prepare_train_stage(cfg, dataset, backbone, layout=layout)
-
-
-@task(
-    task_run_name="fold-{dataset}-{backbone}-{fold}",
-    tags=[TRAIN_TAG],
-    cache_policy=NO_CACHE,
-    retries=1,
-    retry_delay_seconds=30,
-    retry_condition_fn=transient_io_error,
-)
-def train_fold(params_path: str, dataset: str, backbone: str, fold: int) -> FoldResult:
-    """One fold task (0 = the refit model) on the cached features; a portable result."""
-    cfg, layout = _load(params_path)
-    return stages.fold_stage(cfg, dataset, backbone, fold, layout=layout)
-
-
-@task(task_run_name="study-{dataset}-{backbone}", cache_policy=NO_CACHE)
-def finish_backbone(
-    params_path: str, dataset: str, backbone: str, results: list[FoldResult]
-) -> Summary:
-    """Aggregate the fold tasks: MLflow runs, held-out test, DVC outputs (as the train stage)."""
-    cfg, layout = _load(params_path)
-    computed = {r.fold: r for r in results}
-    return stages.train_stage(cfg, dataset, backbone, layout=layout, computed=computed)
-
-
-@task(
-    task_run_name="evaluate-{dataset}",
-    retries=IO_RETRIES,
-    retry_delay_seconds=IO_RETRY_DELAYS,
-    retry_condition_fn=transient_io_error,
-)
-def evaluate(params_path: str, dataset: str) -> Summary:
-    """Pick the best backbone on ``dataset`` and promote it in the MLflow model registry."""
-    cfg, layout = _load(params_path)
-    return stages.evaluate_stage(cfg, dataset, layout=layout)
-
-
-@task(
-    task_run_name="report",
-    retries=IO_RETRIES,
-    retry_delay_seconds=IO_RETRY_DELAYS,
-    retry_condition_fn=transient_io_error,
-)
-def report(params_path: str, datasets: list[str]) -> Summary:
-    """The comparison report (reports/comparison.md and .html) from MLflow."""
-    cfg, layout = _load(params_path)
-    return stages.compare_stage(cfg, datasets, layout=layout)
-
-
-@task(
-    task_run_name="tune-{dataset}-{backbone}",
-    tags=[TRAIN_TAG],
-    retries=1,
-    retry_delay_seconds=30,
-    retry_condition_fn=transient_io_error,
-)
-def tune_backbone(
-    params_path: str,
-    dataset: str,
-    backbone: str,
-    n_trials: int | None = None,
-    workers: int | None = None,
-) -> Summary:
-    """Optuna study of one backbone on one dataset; best params to tuning/<dataset>-<backbone>.json."""
-    cfg, layout = _load(params_path)
-    return stages.tune_stage(
-        cfg, dataset, backbone, layout=layout, n_trials=n_trials, workers=workers
-    )
-
-
-def one_thread() -> TaskRunner[Any]:
-    """A runner that runs one task at a time (training and conversion use every core)."""
-    return ThreadPoolTaskRunner(max_workers=1)
-
-
-def task_runner_for(address: str | None = None) -> TaskRunner[Any]:
-    """The Dask runner for ``address`` (or ``$MAMMOFLOW_DASK_ADDRESS``), else one thread."""
-    address = address or os.environ.get(DASK_ADDRESS_ENV) or None
-    if address:
-        from prefect_dask import DaskTaskRunner
-
-        return DaskTaskRunner(address=address)
-    return one_thread()
-
-
-def with_task_runner(base: Flow[P, R], address: str | None = None) -> Flow[P, R]:
-    """``base`` with :func:`task_runner_for` ``address`` as its task runner."""
-    return base.with_options(task_runner=task_runner_for(address))
-
-
-def _results(futures: list[PrefectFuture[Summary]]) -> list[Summary]:
-    wait(futures)
-    return [f.result() for f in futures]
-
-
-@flow(name="mammoflow-data", task_runner=one_thread())
+@flow(name="mammoflow-data")
 def data_flow(params_path: str = "params.yaml", datasets: list[str] | None = None) -> list[Summary]:
-    """Acquire → ingest → validate → convert each dataset (params.yaml's list by default)."""
+    """Source check → acquire → ingest → validate → convert, each dataset in turn."""
     names = plan(params_path, datasets)["datasets"]
-    chains: list[list[PrefectFuture[Summary]]] = []
-    for name in names:
-        got = acquire.submit(params_path, name)
-        parsed = ingest.submit(params_path, name, wait_for=[got], return_state=False)
-        checked = validate.submit(params_path, name, wait_for=[parsed], return_state=False)
-        done = convert.submit(params_path, name, wait_for=[checked], return_state=False)
-        chains.append([got, parsed, checked, done])
-    # each chain's results in order: a failed stage raises its own error (e.g. the validation
-    # report), not the "upstream not ready" of the stages after it
-    return [_results(chain)[-1] for chain in chains]
-
-
-@flow(name="mammoflow-train-backbones", task_runner=one_thread())
-def train_backbones_flow(
-    params_path: str, datasets: list[str], backbones: list[str]
-) -> list[Summary]:
-    """One training task per (dataset, backbone); the task runner sets the concurrency."""
-    return _results([train_backbone.submit(params_path, d, b) for d in datasets for b in backbones])
-
-
-@flow(name="mammoflow-train-folds")
-def train_folds_flow(params_path: str, datasets: list[str], backbones: list[str]) -> list[Summary]:
-    """(dataset × backbone × fold) tasks: features once per pair, folds fanned out, then aggregated."""
-    prepared = {
-        (d, b): prepare_backbone.submit(params_path, d, b) for d in datasets for b in backbones
-    }
-    finals = []
-    for (d, b), todo in prepared.items():
-        folds = [train_fold.submit(params_path, d, b, f) for f in todo.result()]
-        finals.append(finish_backbone.submit(params_path, d, b, folds))  # type: ignore[arg-type]
-    return _results(finals)
+    return [run_stage(params_path, f"{s}@{d}") for d in names for s in DATA_STAGES]
 
 
 @flow(name="mammoflow-train")
@@ -301,25 +150,80 @@ def train_flow(
     backbones: list[str] | None = None,
     dask_address: str | None = None,
 ) -> list[Summary]:
-    """Split each dataset, then train every backbone on it.
+    """Split each dataset, then the train stage of every backbone on it.
 
-    With a Dask address (argument or ``$MAMMOFLOW_DASK_ADDRESS``) the folds are the tasks,
-    fanned out on the cluster; without, one task per backbone reuses one compiled trainer.
+    With a Dask address (argument or ``$MAMMOFLOW_DASK_ADDRESS``) each train stage fans its
+    folds out on that cluster; where folds run does not change their numbers.
     """
+    if dask_address:
+        os.environ[DASK_ADDRESS_ENV] = dask_address  # the DVC subprocesses inherit it
     todo = plan(params_path, datasets, backbones)
-    for name in todo["datasets"]:
-        split(params_path, name)
-    address = dask_address or os.environ.get(DASK_ADDRESS_ENV) or None
-    sub = train_folds_flow if address else train_backbones_flow
-    return with_task_runner(sub, address)(params_path, todo["datasets"], todo["backbones"])
+    out = [run_stage(params_path, f"split@{d}") for d in todo["datasets"]]
+    return out + [
+        run_training_stage(params_path, f"train@{d}-{b}")
+        for d in todo["datasets"]
+        for b in todo["backbones"]
+    ]
 
 
 @flow(name="mammoflow-evaluate")
 def evaluate_flow(params_path: str = "params.yaml", datasets: list[str] | None = None) -> Summary:
-    """Promote each dataset's best backbone in the registry, then write the comparison report."""
+    """Champion per dataset (MLflow registry), the Grad-CAM check, then the comparison report."""
     names = plan(params_path, datasets)["datasets"]
-    champions = [evaluate(params_path, name) for name in names]
-    return {"champions": champions, "report": report(params_path, names)}
+    stages = [
+        run_stage(params_path, f"{s}@{d}") for d in names for s in ("evaluate", "explain_check")
+    ]
+    return {"stages": stages, "report": run_stage(params_path, "report")}
+
+
+@task(task_run_name="push", cache_policy=NO_CACHE, retries=IO_RETRIES, retry_delay_seconds=10)
+def push(params_path: str) -> Summary:
+    """Send the data and run cache to the project's default DVC remote; say what was sent."""
+    _, root = _load(params_path)
+    res = dvc_runner.push(root, on_line=get_run_logger().info)
+    create_markdown_artifact(
+        key="dvc-push",
+        markdown=f"**DVC push** to remote `{res.remote}` (`{res.url}`): {res.pushed} file(s) "
+        f"sent, data and run cache.\n\n`{res.message}`",
+        description="What this run pushed to the DVC remote",
+    )
+    return {"remote": res.remote, "url": res.url, "pushed": res.pushed}
+
+
+@task(task_run_name="artifacts", cache_policy=NO_CACHE)
+def publish(params_path: str, datasets: list[str], backbones: list[str]) -> None:
+    """The study in the Prefect UI: comparison table, links to MLflow and the reports, the
+    validation summary. Keys are per dataset, so each new run is a new version of the same."""
+    from mammoflow.tracking import Tracker, tracking_uri
+
+    _, root = _load(params_path)
+    layout = Layout(root=root)
+    ui = summary.mlflow_ui(tracking_uri(root))
+    tracker = Tracker(root=root)
+    for dataset in datasets:
+        key = dataset.lower().replace("_", "-")
+        rows = summary.comparison_rows(layout, dataset, backbones)
+        create_table_artifact(
+            key=f"comparison-{key}",
+            table=rows,
+            description=f"{dataset}: macro-F1 (CV mean ± std; held-out test [95% CI]), ECE",
+        )
+        exp = tracker.experiment_id(dataset)
+        create_link_artifact(
+            key=f"mlflow-{key}",
+            link=summary.run_link(ui, exp),
+            link_text=f"MLflow: the {dataset} runs",
+        )
+        report = layout.reports() / dataset / "report.html"
+        if report.is_file():
+            create_link_artifact(
+                key=f"report-{key}", link=report.as_uri(), link_text=f"{dataset} study report"
+            )
+    create_markdown_artifact(
+        key="validation",
+        markdown=summary.validation_markdown(layout, datasets),
+        description="Great Expectations, per dataset",
+    )
 
 
 @flow(name="mammoflow-pipeline")
@@ -328,30 +232,54 @@ def pipeline_flow(
     datasets: list[str] | None = None,
     backbones: list[str] | None = None,
     dask_address: str | None = None,
+    push_data: bool = True,
 ) -> Summary:
-    """The whole study: data, training, evaluation."""
-    data = data_flow(params_path, datasets)
-    trained = train_flow(params_path, datasets, backbones, dask_address)
-    return {"data": data, "train": trained, "evaluate": evaluate_flow(params_path, datasets)}
+    """The whole study through DVC: data, training, evaluation; then push what changed."""
+    todo = plan(params_path, datasets, backbones)
+    data = data_flow(params_path, todo["datasets"])
+    trained = train_flow(params_path, todo["datasets"], todo["backbones"], dask_address)
+    evaluated = evaluate_flow(params_path, todo["datasets"])
+    runs = [*data, *trained, *evaluated["stages"], evaluated["report"]]
+    # the source check runs every time (DVC's always_changed); what it finds shows as acquire
+    changed = [
+        r["stage"]
+        for r in runs
+        if r["outcome"] != "skipped" and not r["stage"].startswith("source@")
+    ]
+    log = get_run_logger()
+    log.info("stages that ran: %s", ", ".join(changed) or "none (nothing changed)")
+    pushed = push(params_path) if changed and push_data else None
+    publish(params_path, todo["datasets"], todo["backbones"])
+    return {"stages": runs, "changed": changed, "pushed": pushed}
 
 
-@flow(name="mammoflow-tune", task_runner=one_thread())
+@flow(name="mammoflow-tune")
 def tune_flow(
     params_path: str = "params.yaml",
     datasets: list[str] | None = None,
     backbones: list[str] | None = None,
-    n_trials: int | None = None,
-    workers: int | None = None,
 ) -> list[Summary]:
-    """Split each dataset, then one Optuna study per (dataset, backbone). Not in pipeline_flow."""
+    """One Optuna study per (dataset, backbone): tuning/dvc.yaml (not in pipeline_flow).
+
+    Trials, pruner and search space are params.yaml's ``tune:``, as for `dvc repro`.
+    """
     todo = plan(params_path, datasets, backbones)
-    for name in todo["datasets"]:
-        split(params_path, name)
-    return [
-        tune_backbone(params_path, d, b, n_trials, workers)
+    out = [run_stage(params_path, f"split@{d}") for d in todo["datasets"]]
+    return out + [
+        run_training_stage(params_path, f"tuning/dvc.yaml:tune@{d}-{b}")
         for d in todo["datasets"]
         for b in todo["backbones"]
     ]
+
+
+@flow(name="mammoflow-audit")
+def audit_flow(
+    params_path: str = "params.yaml", datasets: list[str] | None = None
+) -> list[Summary]:
+    """The leakage audit of each dataset: audit/dvc.yaml (trains one backbone twice)."""
+    names = plan(params_path, datasets)["datasets"]
+    out = [run_stage(params_path, f"split@{d}") for d in names]
+    return out + [run_training_stage(params_path, f"audit/dvc.yaml:audit@{d}") for d in names]
 
 
 @task(task_run_name="score-{dataset}", cache_policy=NO_CACHE)
@@ -361,10 +289,9 @@ def score(
     """Score every image under ``folder`` (the same function as ``mammoflow predict``)."""
     from mammoflow.predict import PredictError, predict_files
 
-    cfg, layout = _load(params_path)
-    res = predict_files(
-        [folder], cfg, dataset, model_uri=model_uri, out=layout.root / out, progress=False
-    )
+    cfg = load_config(params_path)
+    root = Path(params_path).parent
+    res = predict_files([folder], cfg, dataset, model_uri=model_uri, out=root / out, progress=False)
     if res.failures:  # the good files are scored and written; the run still fails, naming them
         raise PredictError(res.failures, scored=len(res.rows))
     return {
@@ -386,7 +313,8 @@ def score_flow(
     """Score the images under ``folder`` with ``dataset``'s champion (or ``model_uri``).
 
     Results go to ``out`` (default ``reports/scores/<dataset>-<UTC date>.csv``, written
-    atomically). A folder that does not exist yet has nothing to score.
+    atomically). A folder that does not exist yet has nothing to score. Scoring is not a
+    pipeline stage (its inputs arrive daily, outside DVC), so it runs directly.
     """
     from datetime import UTC, datetime
 

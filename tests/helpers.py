@@ -266,6 +266,36 @@ def copy_project(dest: Path) -> None:
 
 # ------------------------------------------------------------------------------ DVC
 
+GIT_ID = ["-c", "user.email=test@mammoflow.invalid", "-c", "user.name=test"]
+
+
+def dvc_project(dest: Path, raw: Mapping[str, Any], remote: Path | None = None) -> Path:
+    """A project checkout in ``dest`` as a user has it: the tracked files with params ``raw``,
+    committed in a fresh git repo, with a local-directory DVC remote (``remote``, default
+    ``dest/../dvc-remote``) as its default. Returns the params.yaml path."""
+    copy_project(dest)
+    params = dest / "params.yaml"
+    params.write_text(yaml.safe_dump(dict(raw), sort_keys=False), encoding="utf-8")
+    remote = remote or dest.parent / "dvc-remote"
+    dvc = str(Path(sys.executable).with_name("dvc"))
+    for cmd in (
+        ["git", "init", "-q"],
+        ["git", *GIT_ID, "add", "-A"],
+        ["git", *GIT_ID, "commit", "-qm", "project"],
+        [dvc, "remote", "add", "-d", "-f", "--local", "test", str(remote)],
+    ):
+        subprocess.run(cmd, cwd=dest, check=True, capture_output=True)
+    return params
+
+
+def dvc_status(root: Path, targets: Sequence[str] = ("dvc.yaml",)) -> dict[str, Any]:
+    """`dvc status --json` of ``targets`` (default: the pipeline, not tuning/ or audit/) without
+    DVC's always-changed source checks."""
+    from mammoflow.dvc_runner import changed_stages
+
+    changed = changed_stages(root, targets)
+    return {k: v for k, v in changed.items() if v != ["always changed"]}
+
 
 def dvc_add_hash(folder: Path) -> str:
     """The ``md5`` that `dvc add` records for ``folder``, computed by DVC itself on a copy.

@@ -14,6 +14,7 @@ import typer
 from rich.console import Console
 
 from mammoflow.config import Config, ConfigError, load_config, parse_assignments
+from mammoflow.errors import EX_TEMPFAIL, is_transient
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
@@ -41,7 +42,8 @@ Pseudonymize = Literal["none", "hmac"]
 
 
 def _friendly(func: Callable[P, R]) -> Callable[P, R]:
-    """Turn expected errors (bad input, bad params) into one readable message and exit code 2."""
+    """Turn expected errors into one readable message and an exit code: 2 for bad input or
+    params, 75 (EX_TEMPFAIL) for transient I/O that a scheduler may retry, 1 for other I/O."""
 
     @wraps(func)
     def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
@@ -50,6 +52,11 @@ def _friendly(func: Callable[P, R]) -> Callable[P, R]:
         except (ConfigError, ValueError, FileNotFoundError) as exc:
             console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
             raise typer.Exit(code=2) from None
+        except OSError as exc:
+            transient = is_transient(exc)
+            kind = "transient I/O error (worth a retry)" if transient else "I/O error"
+            console.print(f"[bold red]{kind}:[/] {exc}", highlight=False, soft_wrap=True)
+            raise typer.Exit(code=EX_TEMPFAIL if transient else 1) from None
 
     return wrapper
 
@@ -157,6 +164,15 @@ def ingest_dataset_cmd(dataset: str, params: ParamsOpt = Path("params.yaml")) ->
     from mammoflow.stages import ingest_stage
 
     _echo(ingest_stage(_config(params), dataset))
+
+
+@app.command("source")
+@_friendly
+def source_cmd(dataset: str, params: ParamsOpt = Path("params.yaml")) -> None:
+    """Pipeline stage: record DATASET's source files (names, sizes, times) for DVC."""
+    from mammoflow.stages import source_stage
+
+    _echo(source_stage(_config(params), dataset))
 
 
 @app.command("acquire")

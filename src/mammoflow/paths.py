@@ -12,6 +12,10 @@ class Layout:
 
     root: Path = Path()
 
+    def source(self, dataset: str) -> Path:
+        """The source's file list (DVC out of `source`, a dep of `acquire`)."""
+        return self.root / "data" / "sources" / f"{dataset}.json"
+
     def raw(self, dataset: str) -> Path:
         """Raw files as acquired (DVC out of `acquire`)."""
         return self.root / "data" / "raw" / dataset

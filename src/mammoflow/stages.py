@@ -18,6 +18,18 @@ if TYPE_CHECKING:
     from mammoflow.train import FoldResult
 
 
+def source_stage(cfg: Config, dataset: str, layout: Layout | None = None) -> dict[str, Any]:
+    """Record what ``dataset``'s source holds now (data/sources/<dataset>.json): the acquire
+    stage depends on it, so DVC re-acquires when a film of a local source is replaced."""
+    from mammoflow.data.acquire import source_fingerprint
+    from mammoflow.io import atomic_write_json
+
+    layout = layout or Layout()
+    record = {"dataset": dataset, **source_fingerprint(cfg.dataset(dataset))}
+    atomic_write_json(layout.source(dataset), record)
+    return {k: v for k, v in record.items() if k != "entries"}
+
+
 def acquire_stage(cfg: Config, dataset: str, layout: Layout | None = None) -> dict[str, Any]:
     """Bring the raw files of ``dataset`` to ``data/raw/<dataset>``."""
     from mammoflow.data.acquire import acquire

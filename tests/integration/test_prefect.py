@@ -11,21 +11,26 @@ import json
 import os
 import subprocess
 import sys
-import threading
 import time
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 from uuid import UUID
 
-import numpy as np
 import pytest
 import yaml
 
-from tests.helpers import drain_prefect_workers, free_port, stop_process_tree, tiny_params
+from tests.helpers import (
+    drain_prefect_workers,
+    dvc_project,
+    dvc_status,
+    free_port,
+    stop_process_tree,
+    tiny_params,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
@@ -40,16 +45,14 @@ pytestmark = pytest.mark.integration
 
 
 def tiny_project(folder: Path, datasets: list[str] | None = None) -> Path:
-    """Write the repo's params.yaml with tiny sample sizes into ``folder``; return its path."""
+    """A project checkout in ``folder`` (git + DVC, a local remote) whose params.yaml is the
+    repo's with tiny sample sizes; return the params.yaml path."""
     raw = yaml.safe_load((ROOT / "params.yaml").read_text(encoding="utf-8"))
     for section, values in TINY.items():
         raw[section].update(values)
     if datasets:
         raw["pipeline"]["datasets"] = datasets
-    folder.mkdir(parents=True, exist_ok=True)
-    params = folder / "params.yaml"
-    params.write_text(yaml.safe_dump(raw, sort_keys=False), encoding="utf-8")
-    return params
+    return dvc_project(folder, raw)
 
 
 def _clean_env(**extra: str) -> dict[str, str]:
@@ -148,7 +151,8 @@ def test_prefect_yaml_matches_deploy_table() -> None:
 
 
 def test_data_flow_in_ephemeral_mode(tmp_path: Path) -> None:
-    """With no PREFECT_API_URL the data flow runs (on a temporary server) in a fresh process."""
+    """With no PREFECT_API_URL the data flow runs (on a temporary server) in a fresh process,
+    each stage through DVC: dvc.lock records them and `dvc status` has nothing left to do."""
     tiny_project(tmp_path, datasets=["sample_cmmd"])  # the flow's default: params.yaml's list
     home = tmp_path / ".prefect"
     script = (
@@ -170,8 +174,12 @@ def test_data_flow_in_ephemeral_mode(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     line = next(x for x in done.stdout.splitlines() if x.startswith("RESULT="))
     summaries = json.loads(line.removeprefix("RESULT="))
-    assert [s["dataset"] for s in summaries] == ["sample_cmmd"]
-    assert summaries[0]["converted"] > 0
+    stages = ["source", "acquire", "ingest", "validate", "convert"]
+    assert [s["stage"] for s in summaries] == [f"{s}@sample_cmmd" for s in stages]
+    assert {s["outcome"] for s in summaries} == {"ran"}
+    lock = yaml.safe_load((tmp_path / "dvc.lock").read_text(encoding="utf-8"))["stages"]
+    assert {f"{s}@sample_cmmd" for s in stages} <= set(lock)
+    assert dvc_status(tmp_path, ["convert@sample_cmmd"]) == {}
     assert (tmp_path / "data" / "processed" / "sample_cmmd" / "manifest.parquet").is_file()
     assert not (tmp_path / "data" / "raw" / "sample_mias").exists()
     assert (home / "prefect.db").is_file()  # the temporary server kept its state under tmp
@@ -291,229 +299,200 @@ def _task_runs(flow_run_id: UUID) -> dict[str, Any]:
     return {r.name: r for r in runs}
 
 
-def _fail_once(real: Callable[..., dict[str, Any]], marker: Path) -> Callable[..., Any]:
-    def flaky(*args: Any, **kwargs: Any) -> dict[str, Any]:
-        if not marker.exists():
-            marker.write_text("failed once", encoding="utf-8")
-            raise OSError("simulated transient I/O error (stale NFS handle)")
-        return real(*args, **kwargs)
-
-    return flaky
-
-
-@pytest.mark.slow
-def test_bad_input_is_not_retried(
-    server: Server, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    from flows.pipeline import data_flow
-
-    from mammoflow import stages
-
-    params = tiny_project(tmp_path)
-
-    def bad(*args: Any, **kwargs: Any) -> dict[str, Any]:
-        raise ValueError("not a readable tar archive")
-
-    monkeypatch.setattr(stages, "acquire_stage", bad)
-    state = data_flow(str(params), ["sample_mias"], return_state=True)
-    assert state.is_failed()
-    # the flow fails with the stage's own message, not the next stage's "not ready"
-    assert "not a readable tar archive" in str(state.message), state.message
-    runs = _task_runs(state.state_details.flow_run_id)
-    assert runs["acquire-sample_mias"].run_count == 1
-    assert "ingest-sample_mias" not in runs or not runs["ingest-sample_mias"].state.is_completed()
-
-
-STAGES = ("acquire", "ingest", "validate", "convert", "split", "train", "evaluate", "compare")
-
-
-def _fake_stages(monkeypatch: pytest.MonkeyPatch, calls: list[tuple[str, ...]]) -> None:
-    """Replace every stage function by a recorder of (stage, dataset[, backbone])."""
-    from mammoflow import stages
-
-    lock = threading.Lock()
-
-    def recorder(stage: str) -> Callable[..., dict[str, Any]]:
-        def record(cfg: Any, *args: Any, **kwargs: Any) -> dict[str, Any]:
-            names = tuple(a for a in args if isinstance(a, str))
-            with lock:
-                calls.append((stage, *names))
-            return {"stage": stage, "args": list(names), "thread": threading.current_thread().name}
-
-        return record
-
-    for stage in STAGES:
-        monkeypatch.setattr(stages, f"{stage}_stage", recorder(stage))
-
-
-@pytest.mark.slow
-def test_pipeline_flow_sequences_the_stages(
-    server: Server, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    from flows.pipeline import pipeline_flow
-
-    calls: list[tuple[str, ...]] = []
-    _fake_stages(monkeypatch, calls)
-    params = tiny_project(tmp_path)
-    out = pipeline_flow(str(params), backbones=["vgg16", "resnet50"])
-    datasets = ["sample_mias", "sample_cmmd"]
-    trains = [("train", d, b) for d in datasets for b in ("vgg16", "resnet50")]
-    assert [t["args"] for t in out["train"]] == [list(t[1:]) for t in trains]
-    assert [c["args"] for c in out["evaluate"]["champions"]] == [[d] for d in datasets]
-    assert out["evaluate"]["report"]["stage"] == "compare"
-    order = {c: i for i, c in enumerate(calls)}
-    assert len(order) == len(calls) == 4 * 2 + 2 + 4 + 2 + 1
-    for d in datasets:
-        chain = [("acquire", d), ("ingest", d), ("validate", d), ("convert", d), ("split", d)]
-        assert [order[c] for c in chain] == sorted(order[c] for c in chain)
-        assert all(order[("convert", d)] < order[("split", x)] for x in datasets)
-        assert max(order[t] for t in trains) < order[("evaluate", d)]
-    assert max(order[("split", d)] for d in datasets) < min(order[t] for t in trains)
-    assert calls[-1] == ("compare",)
-
-
-@pytest.mark.slow
-def test_transient_io_error_is_retried(
-    server: Server, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """An OSError on the first attempt of a task is retried and the run completes."""
-    from flows.pipeline import data_flow
-
-    from mammoflow import stages
-
-    calls: list[tuple[str, ...]] = []
-    _fake_stages(monkeypatch, calls)
-    monkeypatch.setattr(
-        stages, "acquire_stage", _fail_once(stages.acquire_stage, tmp_path / "failed")
-    )
-    state = data_flow(str(tiny_project(tmp_path)), ["sample_mias"], return_state=True)
-    assert state.is_completed(), state.message
-    assert (tmp_path / "failed").is_file()
-    runs = _task_runs(state.state_details.flow_run_id)
-    assert runs["acquire-sample_mias"].run_count == 2
-    assert runs["acquire-sample_mias"].state.is_completed()
-    assert runs["convert-sample_mias"].state.is_completed()
-    assert [c[0] for c in calls] == ["acquire", "ingest", "validate", "convert"]
-
-
-@pytest.mark.slow
-def test_dask_fold_fan_out_matches_serial(
-    server: Server, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """Data flow on Dask, then (dataset × backbone × fold) tasks on a 2-worker LocalCluster:
-    the same fold metrics as the serial train stage, features extracted once."""
+def _site_project(tmp_path: Path, log_models: str = "final") -> tuple[Path, Path]:
+    """A site's MIAS export in a folder (``acquire: local``) and a project checkout that
+    studies it with one tiny backbone; returns (params.yaml, the source folder)."""
     import shutil
 
-    from distributed import LocalCluster
-    from flows.pipeline import data_flow, train_flow, with_task_runner
-
-    from mammoflow import stages
-    from mammoflow.config import load_config
-    from mammoflow.paths import Layout
-
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)  # each project its own store
-    raw = tiny_params(
-        ["sample_mias"],
-        sample={"mias_patients": 12, "cmmd_patients": 4},
-        split={"k_folds": 3, "test_size": 0.2},
-        # a learning rate that separates the classes: near-tied probabilities would let the
-        # last-bit differences of two thread schedules reorder a ROC curve
-        train={"epochs": 3, "precision": "float32", "learning_rate": 0.02},
-        log_models="none",
-    )
-    params = tmp_path / "dask" / "params.yaml"
-    params.parent.mkdir()
-    params.write_text(yaml.safe_dump(raw, sort_keys=False))
-    with LocalCluster(
-        n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None
-    ) as cluster:
-        address = cluster.scheduler_address
-        summaries = with_task_runner(data_flow, address)(str(params), ["sample_mias"])
-        assert summaries[0]["converted"] > 0
-        (fanned,) = train_flow(str(params), ["sample_mias"], ["vgg16"], dask_address=address)
-    assert fanned["trained_folds"] == [1, 2, 3] and fanned["test_model"] == "ensemble"
-    cache = list((tmp_path / "dask" / ".cache" / "features").glob("*.npy"))
-    assert len(cache) == 1, cache  # extracted once, shared by the fold tasks
-
-    # the same project trained serially in one process (a fresh MLflow store)
-    serial_root = tmp_path / "serial"
-    shutil.copytree(
-        tmp_path / "dask",
-        serial_root,
-        ignore=shutil.ignore_patterns("mlflow.db*", "mlartifacts", ".cache"),
-    )
-    monkeypatch.chdir(serial_root)
-    cfg = load_config(serial_root / "params.yaml")
-    serial = stages.train_stage(cfg, "sample_mias", "vgg16", layout=Layout())
-    assert serial["trained_folds"] == fanned["trained_folds"]
-    for fold, metrics in serial["fold_metrics"].items():
-        for name, value in metrics.items():
-            assert fanned["fold_metrics"][fold][name] == pytest.approx(value, abs=1e-6), (
-                fold,
-                name,
-            )
-    assert fanned["test_f1_macro"] == pytest.approx(serial["test_f1_macro"], abs=1e-6)
-    preds = [
-        json.loads((root / "models" / "sample_mias" / "vgg16" / "predictions.json").read_text())
-        for root in (tmp_path / "dask", serial_root)
-    ]
-    for fold in ("1", "2", "3"):
-        a, b = (p["folds"][fold] for p in preds)
-        assert a["image_id"] == b["image_id"]
-        np.testing.assert_allclose(a["prob"], b["prob"], atol=1e-4)
-
-
-@pytest.mark.slow
-def test_lineage_tag_is_dvcs_hash_of_the_data_the_flow_used(
-    server: Server, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """The weekly-retrain flow (pipeline_flow), run by Prefect, not DVC: one image of the
-    hospital's source folder changes between two runs, and each run's MLflow tag
-    ``dvc_data_hash`` is what `dvc add` gives for data/processed as that run left it."""
-    import shutil
-
-    from flows.pipeline import pipeline_flow
-
-    from mammoflow.data.pgm import read_pgm, write_pgm
     from mammoflow.data.sample import make_sample
-    from tests.helpers import dvc_add_hash, mlflow_client
 
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)  # the project's own store
     make_sample(tmp_path / "gen", seed=20240601, mias_patients=12, cmmd_patients=2, size=64)
     source = tmp_path / "hospital"  # a site's export: new films arrive here between runs
     shutil.copytree(tmp_path / "gen" / "mias", source)
-    project = tmp_path / "project"
     raw = tiny_params(
-        ["site"], split={"k_folds": 2, "test_size": 0.2}, bootstrap=10, log_models="none"
+        ["site"], split={"k_folds": 2, "test_size": 0.2}, bootstrap=10, log_models=log_models
     )
     raw["datasets"]["site"] = {"kind": "mias", "acquire": "local", "source": str(source)}
     raw["ingest"]["min_size"] = 64  # the films are 64 px
-    params = project / "params.yaml"
-    project.mkdir()
-    params.write_text(yaml.safe_dump(raw, sort_keys=False))
-    processed = project / "data" / "processed" / "site"
+    return dvc_project(tmp_path / "project", raw), source
 
-    def run_flow() -> tuple[str, str]:
-        """(the new parent run's dvc_data_hash tag, `dvc add`'s hash of the folder after it)."""
-        pipeline_flow(str(params), datasets=["site"], backbones=["vgg16"])
-        client = mlflow_client(project)
-        runs = client.search_runs(
-            [e.experiment_id for e in client.search_experiments()],
-            filter_string="tags.`mammoflow.role` = 'parent'",
-            order_by=["attributes.start_time DESC"],
-        )
-        return runs[0].data.tags["dvc_data_hash"], dvc_add_hash(processed)
 
-    tagged, added = run_flow()
-    assert tagged == added and tagged.endswith(".dir")
+def _replace_film(film: Path) -> None:
+    """Re-export one film (a brighter patch inside the breast) as a new file moved over the
+    old one, the way an export tool replaces it: a new inode, so the hard link in data/raw
+    still holds the old film."""
+    from mammoflow.data.pgm import read_pgm, write_pgm
 
-    film = source / "mdb003.pgm"  # one film re-exported: a brighter patch inside the breast
     image = read_pgm(film)
     pixels = image.pixels.copy()
     h, w = pixels.shape
     pixels[h // 3 : h // 2, w // 3 : w // 2] = image.maxval
-    write_pgm(film, pixels, image.maxval)
+    fresh = film.with_suffix(".new")
+    write_pgm(fresh, pixels, image.maxval)
+    fresh.replace(film)
 
-    tagged_again, added_again = run_flow()
-    assert added_again != added  # the flow converted the new film
-    assert tagged_again == added_again  # and the new run names the data it trained on
+
+def _parents(project: Path) -> list[Any]:
+    """The project's MLflow parent runs, newest first."""
+    from tests.helpers import mlflow_client
+
+    client = mlflow_client(project)
+    return list(
+        client.search_runs(
+            [e.experiment_id for e in client.search_experiments()],
+            filter_string="tags.`mammoflow.role` = 'parent'",
+            order_by=["attributes.start_time DESC"],
+        )
+    )
+
+
+def _in_dvc_store(store: Path, md5: str) -> bool:
+    """Whether a DVC cache or local remote holds the object ``md5`` (``….dir`` for a folder)."""
+    return (store / "files" / "md5" / md5[:2] / md5[2:]).is_file()
+
+
+@pytest.mark.slow
+def test_weekly_retrain_runs_through_dvc_and_keeps_every_data_version(
+    server: Server, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The weekly-retrain flow three times on a site's source folder: (1) every stage runs
+    through DVC, the data a run trained on is in the DVC cache and the remote, `dvc status` is
+    clean; (2) nothing changed: DVC skips every stage, nothing is trained or pushed; (3) one
+    film re-exported: acquire sees it, the model is retrained on the new data version, and
+    both versions stay fetchable from the remote."""
+    from flows.pipeline import pipeline_flow
+
+    from tests.helpers import dvc_add_hash
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)  # the project's own store
+    params, source = _site_project(tmp_path)
+    project, remote = params.parent, tmp_path / "dvc-remote"
+    processed = project / "data" / "processed" / "site"
+
+    first = pipeline_flow(str(params))
+    order = [r["stage"] for r in first["stages"]]
+    assert order[:6] == [
+        f"{s}@site" for s in ("source", "acquire", "ingest", "validate", "convert", "split")
+    ]
+    assert order[6:] == ["train@site-vgg16", "evaluate@site", "explain_check@site", "report"]
+    assert "train@site-vgg16" in first["changed"] and first["pushed"]["pushed"] > 0
+    assert dvc_status(project) == {}  # dvc.lock describes the workspace: DVC saw the run
+    week1 = _parents(project)[0].data.tags["dvc_data_hash"]
+    assert week1 == dvc_add_hash(processed)
+    assert _in_dvc_store(project / ".dvc" / "cache", week1) and _in_dvc_store(remote, week1)
+    lock = (project / "dvc.lock").read_bytes()
+    n_runs = len(_parents(project))
+
+    again = pipeline_flow(str(params))  # nothing changed
+    assert again["changed"] == [] and again["pushed"] is None
+    skipped = [r["stage"] for r in again["stages"] if r["outcome"] == "skipped"]
+    assert skipped == order[1:]  # all but the source check, which always looks
+    assert len(_parents(project)) == n_runs  # no training
+    assert (project / "dvc.lock").read_bytes() == lock
+
+    _replace_film(source / "mdb003.pgm")
+    third = pipeline_flow(str(params))
+    assert {"acquire@site", "convert@site", "train@site-vgg16"} <= set(third["changed"])
+    week2 = _parents(project)[0].data.tags["dvc_data_hash"]
+    assert week2 != week1 and week2 == dvc_add_hash(processed)
+    assert _in_dvc_store(remote, week1) and _in_dvc_store(remote, week2)  # both kept
+    assert dvc_status(project) == {}
+
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    with _client() as client:
+        keys = {
+            a.key
+            for a in client.read_artifacts(
+                artifact_filter=ArtifactFilter(key=ArtifactFilterKey(like_="-site"))
+            )
+        }
+    assert {"comparison-site", "mlflow-site", "report-site"} <= keys
+
+
+def _flow_in_subprocess(project: Path, env: dict[str, str], flow: str) -> subprocess.Popen[str]:
+    script = (
+        f"import sys\nsys.path.insert(0, {str(ROOT)!r})\n"
+        f"from flows.pipeline import {flow}\n{flow}('params.yaml')\n"
+    )
+    return subprocess.Popen(
+        [sys.executable, "-c", script],
+        cwd=project,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+
+
+@pytest.mark.slow
+def test_two_flow_runs_at_once_on_one_checkout(server: Server, tmp_path: Path) -> None:
+    """Two data flows started together on one checkout: one waits on DVC's repo lock, both
+    finish, and dvc.lock describes the workspace."""
+    params = tiny_project(tmp_path / "project", datasets=["sample_mias"])
+    project = params.parent
+    env = {**server.env, "PREFECT_API_URL": server.api_url}
+    procs = [_flow_in_subprocess(project, env, "data_flow") for _ in range(2)]
+    outputs = [p.communicate(timeout=600)[0] for p in procs]
+    for proc, output in zip(procs, outputs, strict=True):
+        assert proc.returncode == 0, output[-4000:]
+    assert dvc_status(project, ["convert@sample_mias"]) == {}
+    lock = yaml.safe_load((project / "dvc.lock").read_text(encoding="utf-8"))["stages"]
+    assert {"acquire@sample_mias", "convert@sample_mias"} <= set(lock)
+
+
+@pytest.mark.slow
+def test_bad_input_is_not_retried(server: Server, tmp_path: Path) -> None:
+    """A missing source is a missing prerequisite: the stage fails once, with its message."""
+    from flows.pipeline import data_flow
+
+    params, source = _site_project(tmp_path)
+    source.rename(source.with_name("moved"))
+    state = data_flow(str(params), ["site"], return_state=True)
+    assert state.is_failed()
+    assert "does not exist" in str(state.message) and str(source) in str(state.message)
+    runs = _task_runs(state.state_details.flow_run_id)
+    assert runs["source@site"].run_count == 1
+    assert "acquire@site" not in runs
+
+
+@pytest.mark.slow
+def test_transient_io_error_is_retried(server: Server, tmp_path: Path) -> None:
+    """A stage whose command exits 75 (EX_TEMPFAIL: transient I/O) is retried and completes."""
+    from flows.pipeline import data_flow
+
+    params = tiny_project(tmp_path / "project", datasets=["sample_mias"])
+    project = params.parent
+    marker = tmp_path / "failed-once"
+    wrapper = project / "bin" / "mammoflow"
+    real = wrapper.with_name("mammoflow-real")
+    wrapper.rename(real)
+    wrapper.write_text(  # the project's CLI entry fails its first `acquire`, as a stale NFS would
+        "#!/bin/sh\n"
+        f'if [ "$1" = acquire ] && [ ! -e {marker} ]; then\n'
+        f"  touch {marker}; echo 'stale file handle' >&2; exit 75\nfi\n"
+        f'exec "{real}" "$@"\n'
+    )
+    wrapper.chmod(0o755)
+    state = data_flow(str(params), return_state=True)
+    assert state.is_completed(), state.message
+    assert marker.is_file()
+    runs = _task_runs(state.state_details.flow_run_id)
+    assert runs["acquire@sample_mias"].run_count == 2
+    assert runs["convert@sample_mias"].state.is_completed()
+
+
+def test_a_backbone_subset_is_refused_with_the_experiment_to_run(tmp_path: Path) -> None:
+    """Flow parameters mean the same in every stage: a backbone subset would train two and
+    report four, so it is refused, naming the DVC experiment that runs it."""
+    from flows.pipeline import plan
+
+    from mammoflow.config import ConfigError
+
+    params = tiny_project(tmp_path / "project", datasets=["sample_mias"])
+    cfg_backbones = yaml.safe_load(params.read_text())["model"]["backbones"]
+    with pytest.raises(ConfigError, match=r"dvc exp run -S 'model.backbones=\[vgg16\]'"):
+        plan.fn(str(params), backbones=["vgg16"])
+    assert plan.fn(str(params))["backbones"] == cfg_backbones
+    with pytest.raises(ConfigError, match=r"not in pipeline\.datasets"):
+        plan.fn(str(params), datasets=["mias"])

@@ -1,0 +1,229 @@
+"""DVC as the executor of record: run one pipeline stage, push, status — through DVC's CLI.
+
+Whatever starts a stage (a person, `mammoflow study`, a Prefect flow), it runs as
+``dvc repro --single-item <stage>``, so dvc.lock is updated, outputs enter the DVC cache and an
+unchanged stage is skipped exactly as under a plain ``dvc repro``. DVC's Python ``Repo`` API is
+not a public contract (its maintainers point to the CLI), so this module only runs the ``dvc``
+command and reads what it prints; it is the one place that knows those messages.
+
+One workspace runs one DVC command at a time: every call passes ``--wait-for-lock`` (DVC ≥ 3.61),
+so two flow runs on one checkout queue on DVC's own repo lock instead of failing or corrupting
+dvc.lock.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from mammoflow.errors import EX_TEMPFAIL
+
+# What DVC prints (dvc/stage/run.py, dvc/stage/__init__.py, dvc/stage/cache.py,
+# dvc/stage/exceptions.py, dvc/utils/humanize.py); tests/unit/test_dvc_runner.py pins them.
+_RAN = re.compile(r"^Running stage '(?P<stage>[^']+)'")
+_SKIPPED = re.compile(r"^Stage '(?P<stage>[^']+)' didn't change, skipping")
+_RESTORED = re.compile(r"^Stage '(?P<stage>[^']+)' is cached - skipping run")
+_FAILED_CMD = re.compile(r"failed to run: .*, exited with (?P<code>-?\d+)")
+_PUSHED = re.compile(r"(?P<n>\d+) files? pushed")
+
+LineSink = Callable[[str], None]
+
+
+class DvcError(RuntimeError):
+    """A DVC command failed; the message carries DVC's own last lines."""
+
+    def __init__(self, message: str, *, exit_code: int | None = None) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+class TransientStageError(OSError):
+    """A stage's command failed on a transient I/O error (exit 75): worth a retry."""
+
+
+@dataclass(frozen=True)
+class StageRun:
+    """What DVC did with one stage: ``ran`` (its command ran), ``restored`` (from the run
+    cache) or ``skipped`` (nothing changed)."""
+
+    stage: str
+    outcome: str
+    seconds: float
+    lines: tuple[str, ...] = field(repr=False, default=())
+
+    @property
+    def changed(self) -> bool:
+        """Whether the stage's outputs may have changed (it ran or was restored)."""
+        return self.outcome != "skipped"
+
+
+@dataclass(frozen=True)
+class PushResult:
+    """What `dvc push --run-cache` sent to ``remote`` (its ``url``)."""
+
+    remote: str
+    url: str
+    pushed: int
+    message: str
+
+
+def dvc_executable() -> str:
+    """The ``dvc`` of this interpreter's environment (the project's .venv), else on PATH."""
+    beside = Path(sys.executable).with_name("dvc")
+    if beside.is_file():
+        return str(beside)
+    found = shutil.which("dvc")
+    if found is None:
+        raise DvcError("the `dvc` command was not found; run `make venv` (it installs DVC)")
+    return found
+
+
+def _run(
+    args: Sequence[str],
+    root: Path,
+    *,
+    env: Mapping[str, str] | None = None,
+    on_line: LineSink | None = None,
+) -> tuple[int, list[str]]:
+    """Run ``dvc --wait-for-lock ARGS`` in ``root``; stream and return its output lines."""
+    cmd = [dvc_executable(), "--wait-for-lock", *args]
+    full_env = {**os.environ, **(env or {})}
+    # the stages' `bin/mammoflow` finds this environment's CLI first, as under `make`
+    here = str(Path(sys.executable).parent)
+    full_env["PATH"] = os.pathsep.join([here, full_env.get("PATH", "")])
+    lines: list[str] = []
+    with subprocess.Popen(
+        cmd,
+        cwd=root,
+        env=full_env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        errors="replace",
+    ) as proc:
+        assert proc.stdout is not None
+        for raw in proc.stdout:
+            line = raw.rstrip("\n")
+            lines.append(line)
+            if on_line is not None and line.strip():
+                on_line(line)
+    return proc.returncode, lines
+
+
+def check_project(root: Path) -> None:
+    """Refuse a folder that is not a DVC pipeline project, naming what is missing."""
+    missing = [name for name in ("dvc.yaml", ".dvc") if not (root / name).exists()]
+    if missing:
+        raise DvcError(
+            f"{root.resolve()}: not a MammoFlow project ({', '.join(missing)} missing); the "
+            "pipeline runs through DVC, so run it from the project checkout (its params.yaml)"
+        )
+
+
+def stage_list(root: Path) -> list[str]:
+    """Every stage DVC sees in ``root``'s dvc.yaml (foreach/matrix expanded)."""
+    code, lines = _run(["stage", "list", "--name-only"], root)
+    if code != 0:
+        raise DvcError(_failure("dvc stage list", lines), exit_code=code)
+    return [line.strip() for line in lines if line.strip()]
+
+
+def repro(
+    root: Path,
+    stage: str,
+    *,
+    env: Mapping[str, str] | None = None,
+    on_line: LineSink | None = None,
+) -> StageRun:
+    """Run one stage through DVC (``dvc repro --single-item``); its upstream is the caller's.
+
+    Raises:
+        TransientStageError: the stage's command exited with 75 (a transient I/O error).
+        DvcError: any other failure, with DVC's message.
+    """
+    start = time.monotonic()
+    code, lines = _run(["repro", "--single-item", stage], root, env=env, on_line=on_line)
+    seconds = time.monotonic() - start
+    if code != 0:
+        message = _failure(f"stage {stage}", lines)
+        status = command_exit_code(lines)
+        if status == EX_TEMPFAIL:
+            raise TransientStageError(message)
+        raise DvcError(message, exit_code=status)
+    return StageRun(stage, outcome(stage, lines), seconds, tuple(lines))
+
+
+def outcome(stage: str, lines: Sequence[str]) -> str:
+    """``ran`` | ``restored`` | ``skipped``, from what `dvc repro` printed about ``stage``."""
+    for pattern, name in ((_RAN, "ran"), (_RESTORED, "restored"), (_SKIPPED, "skipped")):
+        if any((m := pattern.match(line)) and m["stage"] == stage for line in lines):
+            return name
+    raise DvcError(f"dvc repro printed nothing about stage {stage!r}:\n" + "\n".join(lines[-20:]))
+
+
+def command_exit_code(lines: Sequence[str]) -> int | None:
+    """The exit code of the stage command that failed, as DVC reports it."""
+    for line in reversed(lines):
+        if match := _FAILED_CMD.search(line):
+            return int(match["code"])
+    return None
+
+
+def _failure(what: str, lines: Sequence[str]) -> str:
+    """The failure's own lines: the command's errors and DVC's ERROR line, not its banner."""
+    kept = [
+        line
+        for line in lines
+        if line.strip() and not line.startswith(("Having any troubles?", "Use `dvc push`"))
+    ]
+    return f"{what} failed:\n" + "\n".join(kept[-15:])
+
+
+def default_remote(root: Path) -> tuple[str, str] | None:
+    """(name, url) of the project's default DVC remote, or None when none is set."""
+    code, lines = _run(["remote", "default"], root)
+    name = lines[-1].strip() if code == 0 and lines else ""
+    if not name or name.startswith("No default remote"):
+        return None
+    code, lines = _run(["remote", "list"], root)
+    for line in lines:
+        parts = line.split()
+        if len(parts) >= 2 and parts[0] == name:
+            return name, parts[1]
+    raise DvcError(f"default DVC remote {name!r} has no url in `dvc remote list`")
+
+
+def push(root: Path, *, on_line: LineSink | None = None) -> PushResult:
+    """Push the data and the run cache to the default remote; what was sent."""
+    remote = default_remote(root)
+    if remote is None:
+        raise DvcError(
+            f"{root.resolve()}: no default DVC remote, so the data this run used is kept in the "
+            "local cache only; set one with `dvc remote add -d NAME URL`"
+        )
+    code, lines = _run(["push", "--run-cache"], root, on_line=on_line)
+    if code != 0:
+        raise DvcError(_failure(f"dvc push to {remote[0]} ({remote[1]})", lines), exit_code=code)
+    pushed = sum(int(m["n"]) for line in lines if (m := _PUSHED.search(line)))
+    message = next((line for line in reversed(lines) if line.strip()), "")
+    return PushResult(remote[0], remote[1], pushed, message)
+
+
+def changed_stages(root: Path, targets: Sequence[str] = ()) -> dict[str, list[object]]:
+    """`dvc status --json [TARGETS]`: each stage whose deps, outs, params or command changed
+    (all dvc.yaml files of the project, or ``targets`` and their upstream)."""
+    import json
+
+    code, lines = _run(["status", "--json", *targets], root)
+    if code != 0:
+        raise DvcError(_failure("dvc status", lines), exit_code=code)
+    text = "\n".join(lines)
+    start = text.find("{")
+    return dict(json.loads(text[start:])) if start >= 0 else {}
