@@ -98,6 +98,7 @@ def _run(
     # the stages' `bin/mammoflow` finds this environment's CLI first, as under `make`
     here = str(Path(sys.executable).parent)
     full_env["PATH"] = os.pathsep.join([here, full_env.get("PATH", "")])
+    full_env["COLUMNS"] = "100000"  # DVC's console wraps long lines (a remote's URL) otherwise
     lines: list[str] = []
     with subprocess.Popen(
         cmd,
@@ -196,8 +197,15 @@ def default_remote(root: Path) -> tuple[str, str] | None:
     for line in lines:
         parts = line.split()
         if len(parts) >= 2 and parts[0] == name:
-            return name, parts[1]
-    raise DvcError(f"default DVC remote {name!r} has no url in `dvc remote list`")
+            return name, _absolute(root, parts[1])
+    raise DvcError(f"default DVC remote {name!r} has no url in `dvc remote list`: {lines}")
+
+
+def _absolute(root: Path, url: str) -> str:
+    """A local remote's path as DVC resolves it (relative to .dvc/, where config lives)."""
+    if "://" in url or Path(url).is_absolute():
+        return url
+    return str((root / ".dvc" / url).resolve())
 
 
 def push(root: Path, *, on_line: LineSink | None = None) -> PushResult:
