@@ -14,6 +14,7 @@ import typer
 from rich.console import Console
 
 from mammoflow.config import Config, ConfigError, load_config, parse_assignments
+from mammoflow.dvc_runner import DvcError
 from mammoflow.errors import EX_TEMPFAIL, is_transient
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -52,6 +53,9 @@ def _friendly(func: Callable[P, R]) -> Callable[P, R]:
         except (ConfigError, ValueError, FileNotFoundError) as exc:
             console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
             raise typer.Exit(code=2) from None
+        except DvcError as exc:  # a stage run through DVC failed: its own lines say why
+            console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+            raise typer.Exit(code=1) from None
         except OSError as exc:
             transient = is_transient(exc)
             kind = "transient I/O error (worth a retry)" if transient else "I/O error"
@@ -359,7 +363,8 @@ def study_cmd(
     acquire → ingest → validate → convert → split → train each backbone → evaluate → compare;
     the weights are checked first, so a missing ImageNet file stops it before any work.
     """
-    from mammoflow.stages import study_stage
+    from mammoflow.paths import Layout
+    from mammoflow.stages import study_overrides, study_stage
 
     _interrupt_on_sigterm()
     cfg = _study_config(params, dataset, weights, backbone or [], set_ or [])
@@ -369,13 +374,16 @@ def study_cmd(
         f"mammoflow study --dataset {dataset} --weights none "
         f"(or: make study DATASET={dataset} WEIGHTS=none)."
     )
+    overrides = study_overrides(dataset, weights, backbone or [], parse_assignments(set_ or []))
     res = study_stage(
         cfg,
         dataset,
-        progress=sys.stderr.isatty(),
-        on_step=lambda step, summary: _echo({"step": step, **summary}),
+        Layout(root=params.parent),
+        overrides=overrides,
+        on_line=lambda line: console.print(line, highlight=False, markup=False),
         hint=hint,
     )
+    console.print(f"DVC experiment: {res['experiment']} (`dvc exp show` lists it)")
     _print_comparison(res)
 
 

@@ -235,3 +235,73 @@ def changed_stages(root: Path, targets: Sequence[str] = ()) -> dict[str, list[ob
     text = "\n".join(lines)
     start = text.find("{")
     return dict(json.loads(text[start:])) if start >= 0 else {}
+
+
+def override(key: str, value: object) -> str:
+    """``++KEY=VALUE`` for `dvc exp run -S` (Hydra's grammar: add the key or replace it)."""
+    return f"++{key}={_hydra_value(value)}"
+
+
+def _hydra_value(value: object) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    if isinstance(value, list | tuple):
+        return "[" + ",".join(_hydra_value(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ",".join(f"{k}:{_hydra_value(v)}" for k, v in value.items()) + "}"
+    text = str(value).replace("\\", "\\\\").replace("'", "\\'")
+    return f"'{text}'"
+
+
+def exp_run(
+    root: Path,
+    overrides: Sequence[str],
+    targets: Sequence[str] = (),
+    *,
+    on_line: LineSink | None = None,
+) -> str:
+    """`dvc exp run -S …` in the workspace, which then keeps its params.yaml and dvc.lock.
+
+    The experiment (its params, dvc.lock and metrics) is committed to DVC's experiment history
+    (`dvc exp show`); afterwards params.yaml and dvc.lock are put back as they were, and the
+    outputs the experiment's checkout removed are checked out again from the cache, so the
+    workspace's own pipeline stays as it was. Returns the experiment's name.
+    """
+    kept = {
+        name: (root / name).read_bytes()
+        for name in ("params.yaml", "dvc.lock")
+        if (root / name).is_file()
+    }
+    args = ["exp", "run", *(a for o in overrides for a in ("-S", o)), *targets]
+    try:
+        code, lines = _run(args, root, on_line=on_line)
+    finally:
+        _restore(root, kept)
+    if code != 0:
+        raise DvcError(_failure("dvc exp run", lines), exit_code=command_exit_code(lines))
+    for line in reversed(lines):
+        if line.startswith("Ran experiment(s):"):
+            return line.split(":", 1)[1].strip()
+    raise DvcError("dvc exp run printed no experiment name:\n" + "\n".join(lines[-10:]))
+
+
+def _restore(root: Path, kept: Mapping[str, bytes]) -> None:
+    """Put ``kept`` files back (atomically), then check out the restored dvc.lock's stages.
+
+    Checkout is given the stage names: a bare `dvc checkout` also deletes the outputs DVC once
+    linked but the lock no longer names (the study's own data and metrics).
+    """
+    import yaml
+
+    from mammoflow.io import atomic_write_bytes
+
+    for name, data in kept.items():
+        atomic_write_bytes(root / name, data)
+    if "dvc.lock" in kept:
+        stages = list((yaml.safe_load(kept["dvc.lock"]) or {}).get("stages") or {})
+        if stages:
+            _run(["checkout", "--quiet", *stages], root)

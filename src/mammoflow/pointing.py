@@ -9,6 +9,7 @@ and converted by :mod:`mammoflow.predict` (the training conversion), maps comput
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -129,7 +130,11 @@ def explain_check(
     out: dict[str, Any] = {"dataset": dataset, "backbones": {}}
     kind = cfg.dataset(dataset).kind
     items = annotated_test_images(cfg, dataset, layout) if kind == "mias" else []
-    if not items:
+    if items and cfg.tracking.log_models == "none":
+        # a study run without models (to save time) has nothing to explain: say so, loudly
+        out["skipped"] = "tracking.log_models is none: no test model was logged to explain"
+        print(f"warning: Grad-CAM pointing game skipped: {out['skipped']}", file=sys.stderr)
+    elif not items:
         out["skipped"] = "no abnormal test image with an annotated lesion circle"
     else:
         tracker = Tracker(root=layout.root)

@@ -7,7 +7,7 @@ dataset name and a :class:`Layout`, does the I/O, and returns a small summary di
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -447,47 +447,66 @@ def check_weights(cfg: Config, dataset: str, hint: str | None = None) -> dict[st
     return sources
 
 
+def study_overrides(
+    dataset: str, weights: str | None, backbones: Sequence[str], sets: Mapping[str, Any]
+) -> list[str]:
+    """The `dvc exp run -S` overrides of a study: only ``dataset`` in the pipeline, and the
+    command line's options as params.yaml keys. ``model.*`` and ``train.*`` go to the dataset's
+    own section (they win over the global ones there, as on the command line)."""
+    from mammoflow.dvc_runner import override
+
+    out = [override("pipeline.datasets", [dataset])]
+    if backbones:
+        out.append(override("model.backbones", list(backbones)))
+    if weights is not None:
+        out.append(override(f"datasets.{dataset}.model.weights", weights))
+    for key, value in sets.items():
+        own = key.startswith(("model.", "train.")) and key != "model.backbones"
+        out.append(override(f"datasets.{dataset}.{key}" if own else key, value))
+    return out
+
+
 def study_stage(
     cfg: Config,
     dataset: str,
     layout: Layout | None = None,
     *,
-    progress: bool = False,
-    on_step: Callable[[str, dict[str, Any]], None] | None = None,
+    overrides: Sequence[str] = (),
+    on_line: Callable[[str], None] | None = None,
     hint: str | None = None,
 ) -> dict[str, Any]:
-    """The whole study of one dataset: acquire → ingest → validate → convert → split → train
-    each backbone → evaluate → compare, with the dataset's own settings (the paper's for the
-    real datasets).
+    """The whole study of one dataset through DVC, as an experiment: source → acquire → … →
+    train each backbone → evaluate → Grad-CAM check, then the comparison.
 
     The weights are resolved first (:func:`check_weights`), so a missing ImageNet file stops the
-    study before any data is touched.
+    study before any data is touched. The stages run as `dvc exp run` with ``overrides`` (see
+    :func:`study_overrides`), so the study is in DVC's experiment history (`dvc exp show`) and
+    its data in the DVC cache, while the workspace's params.yaml and dvc.lock (the sample
+    pipeline's) stay as they were.
 
     Args:
-        cfg: the configuration; options given on the command line are already applied.
+        cfg: the configuration with the command line's options applied (for the checks and
+            the comparison; DVC applies the same options through ``overrides``).
         dataset: the dataset to study (a key of ``datasets``).
-        layout: project layout.
-        progress: progress bars and per-epoch ETA lines.
-        on_step: called with each step's name and summary as it ends.
+        layout: project layout (its root is the DVC project).
+        overrides: `dvc exp run -S` values.
+        on_line: called with each line DVC and the stages print.
         hint: how to run without ImageNet weights, for the missing-weights error.
 
     Returns:
         The comparison (``tables``, ``settings``), also written to reports/study-<dataset>.md
-        and .html (reports/comparison.* stay the pipeline's).
+        and .html (reports/comparison.* stay the pipeline's), and the ``experiment`` name.
     """
+    from mammoflow import dvc_runner
+
     layout = layout or Layout()
     cfg = cfg.for_dataset(dataset)
-    report = on_step or (lambda _name, _summary: None)
-    report("weights", {"dataset": dataset, "weights": check_weights(cfg, dataset, hint)})
-    for name, step in (
-        ("acquire", acquire_stage),
-        ("ingest", ingest_stage),
-        ("validate", validate_stage),
-    ):
-        report(name, step(cfg, dataset, layout))
-    report("convert", convert_stage(cfg, dataset, layout, progress=progress))
-    report("split", split_stage(cfg, dataset, layout))
-    for backbone in cfg.model.backbones:
-        report("train", train_stage(cfg, dataset, backbone, layout, progress=progress))
-    report("evaluate", evaluate_stage(cfg, dataset, layout))
-    return compare_stage(cfg, [dataset], layout, name=f"study-{dataset}")
+    sources = check_weights(cfg, dataset, hint)
+    if on_line is not None:
+        on_line(f"weights: {sources}")
+    root = layout.root.resolve()
+    dvc_runner.check_project(root)
+    # every stage of the dataset but the pipeline-wide report (the comparison is written below)
+    name = dvc_runner.exp_run(root, overrides, [f"explain_check@{dataset}"], on_line=on_line)
+    res = compare_stage(cfg, [dataset], layout, name=f"study-{dataset}")
+    return {**res, "experiment": name}
