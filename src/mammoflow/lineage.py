@@ -25,16 +25,10 @@ from pathlib import Path
 from typing import Any
 
 from mammoflow.dvcdata import IN_REMOTE, LOCAL_ONLY, UNKNOWN, dvc_hash, dvc_setup, locate
+from mammoflow.tracking import TAG_DATA, TAG_LOCATION, TAG_REMOTE, TAG_SPLIT
+from mammoflow.tracking import TAG_LINEAGE_WARNING as TAG_WARNING
 
 log = logging.getLogger(__name__)
-
-TAG_DATA = "dvc_data_hash"
-TAG_SPLIT = "dvc_split_hash"
-TAG_REMOTE = "dvc_remote"
-TAG_LOCATION = "dvc_data_location"
-TAG_WARNING = "lineage_warning"
-#: the tags a registered version copies from its parent run
-LINEAGE_TAGS = ("git_commit", "git_dirty", TAG_DATA, TAG_SPLIT, TAG_REMOTE, TAG_LOCATION)
 
 
 class LineageWarning(UserWarning):

@@ -50,6 +50,21 @@ CALIBRATION_FILE = "calibration.json"  # its sidecar on the test run (see calibr
 # MLflow 3's UI opens an experiment by its kind: without it, on the GenAI traces overview
 TAG_EXPERIMENT_KIND = "mlflow.experimentKind"
 EXPERIMENT_KIND = "custom_model_development"
+#: lineage tags of a parent run (see mammoflow.lineage), copied onto its registered versions
+TAG_DATA = "dvc_data_hash"
+TAG_SPLIT = "dvc_split_hash"
+TAG_REMOTE = "dvc_remote"
+TAG_LOCATION = "dvc_data_location"
+TAG_LINEAGE_WARNING = "lineage_warning"
+LINEAGE_TAGS = (
+    "git_commit",
+    "git_dirty",
+    TAG_DATA,
+    TAG_SPLIT,
+    TAG_REMOTE,
+    TAG_LOCATION,
+    TAG_LINEAGE_WARNING,
+)
 SOURCE_PREFIX = "mlflow.source."  # mlflow.source.name / .type / .git.commit: the Source column
 _BATCH = 100  # MLflow log_batch accepts at most 100 params / tags and 1000 metrics per call
 
@@ -708,10 +723,8 @@ class Tracker:
 
     def _lineage_of(self, parent_id: str) -> dict[str, str]:
         """The parent run's lineage tags (commit, data hashes, where the data is), for a version."""
-        from mammoflow.lineage import LINEAGE_TAGS, TAG_WARNING
-
         tags = self._client.get_run(parent_id).data.tags
-        return {k: tags[k] for k in (*LINEAGE_TAGS, TAG_WARNING) if k in tags}
+        return {k: tags[k] for k in LINEAGE_TAGS if k in tags}
 
     def write_model_cards(self, dataset: str) -> dict[str, str]:
         """Write the card of every registered version with an alias (champion, challenger).
@@ -1160,20 +1173,13 @@ class StudyRun:
             context=f"{group_by}-level split {split_hash[:16]}",
         )
 
-    def log_dvc_data(self) -> None:
-        """The DVC data version as the parent's dataset input: the remote's object as source,
-        the DVC hash as digest, where it was found (``dvc_data_location``) as context."""
-        from mammoflow.lineage import TAG_DATA, TAG_LOCATION, dataset_source
-
-        tags, _ = self.tracker.run_tags_params(self.parent_id)
-        if TAG_DATA in tags:
-            self.tracker.log_dvc_input(
-                self.parent_id,
-                dataset_source(tags),
-                tags[TAG_DATA],
-                name=f"{self.dataset}-dvc",
-                context=f"dvc: {tags.get(TAG_LOCATION, 'unknown')}",
-            )
+    def log_dvc_data(self, source: str, digest: str, location: str) -> None:
+        """The DVC data version as the parent's dataset input: ``source`` (the remote's object,
+        see :func:`mammoflow.lineage.dataset_source`), the DVC hash as ``digest``, where it was
+        found (``dvc_data_location``) as context."""
+        self.tracker.log_dvc_input(
+            self.parent_id, source, digest, name=f"{self.dataset}-dvc", context=f"dvc: {location}"
+        )
 
     def finish(
         self,
