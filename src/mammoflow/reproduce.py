@@ -322,12 +322,12 @@ def fetch_data(setup: DvcSetup, scratch: Path, target: Target, project: Path) ->
             f"{setup.remote_url or '(none set)'}: it was never pushed, or was garbage-collected"
         )
     targets = [f"{p}.dvc" for p in wanted]
-    res = _run([dvc, "checkout", "-q", *targets], fetch)
+    res = _run([dvc, "checkout", *targets], fetch)
     if res.returncode != 0:
-        res = _run([dvc, "pull", "-q", *targets], fetch)
+        res = _run([dvc, "pull", *targets], fetch)
     if res.returncode != 0:
         raise ReproduceError(
-            f"dvc pull of {', '.join(wanted.values())} failed: {res.stderr.strip()[-2000:]}"
+            f"dvc pull of {', '.join(wanted.values())} failed: {(res.stderr or res.stdout).strip()[-2000:]}"
         )
     dest = project / "data" / "processed" / target.dataset
     dest.parent.mkdir(parents=True, exist_ok=True)

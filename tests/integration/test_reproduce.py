@@ -11,6 +11,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -52,10 +53,23 @@ def _change_one_film(source: Path) -> None:
     write_pgm(film, pixels, image.maxval)
 
 
+MARKED: dict[str, list[str]] = {}  # run ids mark_pushed updated after each push
+
+
+def _push(project: Path, after: str) -> None:
+    """`dvc push`, then what a flow does after it: mark the runs whose data is now pushed."""
+    from mammoflow.lineage import mark_pushed
+    from mammoflow.tracking import Tracker
+
+    _run(["dvc", "push"], project)
+    tracker = Tracker(root=project, uri=f"sqlite:///{project / 'mlflow.db'}")
+    MARKED[after] = mark_pushed(project, tracker)
+
+
 @pytest.fixture(scope="module")
 def project(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     """Two runs of the `site` dataset (one film changed between them), each pushed to a
-    local-directory DVC remote; then data/ and the DVC cache deleted."""
+    local-directory DVC remote."""
     from mammoflow.data.sample import make_sample
 
     base = tmp_path_factory.mktemp("reproduce")
@@ -76,11 +90,11 @@ def project(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     _run(["dvc", "remote", "add", "-d", "-f", "--local", "test", str(base / "remote")], dest)
 
     _run(["dvc", "repro", "evaluate@site"], dest)
-    _run(["dvc", "push"], dest)
+    _push(dest, "first")
     _change_one_film(source)
     _run(["dvc", "repro", "-f", "-s", "acquire@site"], dest)  # its deps are code only (issue 19)
     _run(["dvc", "repro", "evaluate@site"], dest)
-    _run(["dvc", "push"], dest)
+    _push(dest, "second")
     try:
         yield dest
     finally:
@@ -94,20 +108,34 @@ def test_reproduce_fetches_the_first_runs_data_and_gets_identical_metrics(projec
     assert first.tags["git_commit"] == head
     assert first.tags["git_dirty"] == "false"  # dvc.lock, metrics/, plots/ are the pipeline's
     assert first.tags["dvc_data_hash"] != second.tags["dvc_data_hash"]  # the film changed
-    assert first.tags["dvc_data_location"] == "local cache only"  # trained before the push
     assert first.tags["dvc_remote"] == str(project.parent / "remote")
+    parents = [
+        client.get_run(v.tags["run_id"]).data.tags["mlflow.parentRunId"] for v in (first, second)
+    ]
+    # trained before its push ("local cache only"), marked fetchable after it
+    assert {"first": [parents[0]], "second": [parents[1]]} == MARKED
+    for version, parent in zip((first, second), parents, strict=True):
+        assert version.tags["dvc_data_location"] == "remote"
+        assert client.get_run(parent).data.tags["dvc_data_location"] == "remote"
+    inputs = client.get_run(parents[0]).inputs.dataset_inputs
+    dvc_input = next(i.dataset for i in inputs if i.dataset.name == "site-dvc")
+    assert dvc_input.digest == first.tags["dvc_data_hash"]
+    assert str(project.parent / "remote" / "files" / "md5") in dvc_input.source
 
     shutil.rmtree(project / "data")
     shutil.rmtree(project / ".dvc" / "cache")
     status = _run(["git", "status", "--porcelain", "--untracked-files=all"], project).stdout
     lock = (project / "dvc.lock").read_text()
 
+    t0 = time.perf_counter()
     res = _run(["mammoflow", "reproduce", "models:/mammoflow-site/1"], project, check=False)
+    seconds = time.perf_counter() - t0
     out = res.stdout + res.stderr
     assert res.returncode == 0, out[-6000:]
     assert "verdict: identical" in out, out[-6000:]
     assert first.tags["dvc_data_hash"] in out
     assert "test_f1_macro" in out
+    print(f"{out}\nmammoflow reproduce took {seconds:.0f} s")
 
     assert _run(["git", "status", "--porcelain", "--untracked-files=all"], project).stdout == status
     assert (project / "dvc.lock").read_text() == lock
