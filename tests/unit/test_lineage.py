@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import yaml
 
 from mammoflow.config import parse_config
@@ -152,3 +153,24 @@ def test_verdicts_and_package_drift() -> None:
     tags = {"mammoflow.packages": '{"numpy": "2.0", "keras": "3.1"}', "tensorflow_version": "2.1"}
     now = {"numpy": "2.0", "keras": "3.2", "tensorflow": "2.1"}
     assert package_drift(tags, now) == [("keras", "3.1", "3.2")]
+
+
+def test_earlier_reproductions_are_retired_and_unknown_runs_named(tmp_path: Path) -> None:
+    from mammoflow.reproduce import ReproduceError, resolve_target, retire_earlier
+    from mammoflow.tracking import TAG_KEY, Tracker
+
+    tracker = Tracker(root=tmp_path, uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    exp = tracker.suffixed_experiment_id("site", "-reproduce")
+    assert tracker.client.get_experiment(exp).name == "mammoflow-site-reproduce"
+    run = tracker.client.create_run(exp, tags={TAG_KEY: "k1"}).info.run_id
+    other = tracker.client.create_run(exp, tags={TAG_KEY: "k2"}).info.run_id
+    retire_earlier(tracker, "site", "k1")
+    tags = tracker.client.get_run(run).data.tags
+    assert TAG_KEY not in tags and tags["mammoflow.retired_config_hash"] == "k1"
+    assert tracker.client.get_run(other).data.tags[TAG_KEY] == "k2"
+    with pytest.raises(ReproduceError, match="does not record git_commit, dvc_data_hash"):
+        resolve_target(tracker, f"runs:/{run}/model")
+    with pytest.raises(ReproduceError, match="'runs:/0123abc' is not in the MLflow store"):
+        resolve_target(tracker, "runs:/0123abc")
+    with pytest.raises(ReproduceError, match="expected models:/"):
+        resolve_target(tracker, "s3://bucket/model")
