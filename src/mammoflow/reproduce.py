@@ -165,10 +165,10 @@ def render(target: Target, cmp: Comparison) -> str:
         f"commit {target.commit[:12]}, data {target.data_hash}",
         f"reproduced as run {cmp.run_id} (experiment mammoflow-{target.dataset}{SUFFIX})",
         "",
-        f"{'metric':<34} {'logged':>22} {'reproduced':>22} {'difference':>12}",
+        f"{'metric':<40} {'logged':>22} {'reproduced':>22} {'difference':>12}",
     ]
     for key, a, b in cmp.rows:
-        lines.append(f"{key:<34} {a!r:>22} {b!r:>22} {_diff(a, b):>12.3g}")
+        lines.append(f"{key:<40} {a!r:>22} {b!r:>22} {_diff(a, b):>12.3g}")
     if cmp.only_logged:
         lines.append(f"not made by the train stage (not compared): {', '.join(cmp.only_logged)}")
     for key, was, now in cmp.param_diffs:

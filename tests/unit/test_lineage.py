@@ -127,6 +127,7 @@ def test_logged_params_rebuild_the_config_the_run_used() -> None:
     cfg = parse_config(raw)
     logged = {k: _param_value(v) for k, v in study_params(cfg, "sample_mias").items()}
     today = tiny_params(["sample_cmmd"], train={"epochs": 9, "learning_rate": 0.5})
+    today["datasets"]["sample_mias"]["train"] = {"epochs": 7}  # the checkout's own, since changed
     rebuilt = parse_config(logged_config(today, logged, "sample_mias", "vgg16"))
     assert study_params(rebuilt, "sample_mias") == study_params(cfg, "sample_mias")
     assert rebuilt.pipeline.datasets == ["sample_mias"] and rebuilt.model.backbones == ["vgg16"]
