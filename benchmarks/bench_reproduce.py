@@ -30,7 +30,13 @@ GIT = ["git", "-c", "user.email=b@b", "-c", "user.name=b"]
 
 
 def _run(cmd: list[str], cwd: Path, check: bool = True) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
+    # the copy's own code (not the editable install's), so edits to the checkout meanwhile
+    # change nothing here
+    env = {
+        **os.environ,
+        "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
+        "PYTHONPATH": str(cwd / "src"),
+    }
     env.pop("MLFLOW_TRACKING_URI", None)
     res = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
     if check and res.returncode != 0:

@@ -116,5 +116,9 @@ def _mark_versions(client: Any, updated: Mapping[str, Mapping[str, str]]) -> Non
                 parent = client.get_run(run_id).data.tags.get("mlflow.parentRunId", run_id)
             except Exception:
                 continue
-            for key, value in updated.get(parent, {}).items():
+            if parent not in updated:
+                continue
+            for key, value in updated[parent].items():
                 client.set_model_version_tag(model.name, mv.version, key, value)
+            if TAG_WARNING in mv.tags:
+                client.delete_model_version_tag(model.name, mv.version, TAG_WARNING)

@@ -175,3 +175,21 @@ def test_earlier_reproductions_are_retired_and_unknown_runs_named(tmp_path: Path
         resolve_target(tracker, "runs:/0123abc")
     with pytest.raises(ReproduceError, match="expected models:/"):
         resolve_target(tracker, "s3://bucket/model")
+
+
+def test_a_commit_not_in_the_repository_is_named(tmp_path: Path) -> None:
+    from mammoflow.reproduce import ReproduceError, worktree
+
+    repo, plain = tmp_path / "repo", tmp_path / "plain"
+    repo.mkdir()
+    plain.mkdir()
+    subprocess.run(["git", "init", "-q"], cwd=repo, check=True)
+    missing = "0123456789abcdef" * 2 + "01234567"
+    match = f"commit {missing} is not in this repository"
+    with pytest.raises(ReproduceError, match=match), worktree(repo, missing, tmp_path / "s"):
+        pass
+    with (
+        pytest.raises(ReproduceError, match="is not a git checkout"),
+        worktree(plain, missing, tmp_path / "t"),
+    ):
+        pass
