@@ -177,6 +177,11 @@ def render(target: Target, cmp: Comparison) -> str:
         lines.append(f"package {name}: logged {was}, installed {now}")
     if not cmp.package_diffs:
         lines.append("packages: the versions the run logged")
+    if target.tags.get("git_dirty") == "true":
+        lines.append(
+            "WARNING: the run was made with code or params changed from its commit (git_dirty); "
+            "the commit alone may not reproduce it"
+        )
     lines.append(
         f"verdict: {cmp.verdict} ({len(cmp.rows)} metrics, largest difference "
         f"{cmp.worst:.3g}, tolerance {cmp.tolerance:g})"
