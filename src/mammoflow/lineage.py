@@ -56,7 +56,7 @@ def data_lineage(dataset: str, root: Path = Path()) -> dict[str, str]:
 
 def missing_message(dataset: str, data: str, split: str, location: str) -> str:
     """Why a run's data cannot be fetched again, and the fix."""
-    where = "this checkout is no DVC repo" if location == UNKNOWN else "in no DVC cache or remote"
+    where = "not in a DVC repo" if location == UNKNOWN else "in no DVC cache or remote"
     return (
         f"NOT REPRODUCIBLE: data/processed/{dataset} ({data}) and data/splits/{dataset}.parquet "
         f"({split}) are {where}; run the stages through DVC (`dvc repro`) and `dvc push`"
