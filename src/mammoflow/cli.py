@@ -521,6 +521,37 @@ def config_cmd(params: ParamsOpt = Path("params.yaml")) -> None:
     _echo(_config(params).model_dump(mode="json", by_alias=True))
 
 
+@app.command("reproduce")
+def reproduce_cmd(
+    model_uri: Annotated[
+        str, typer.Argument(help="models:/mammoflow-<ds>@champion, models:/<name>/<n>, runs:/<id>")
+    ],
+    tolerance: Annotated[
+        float | None,
+        typer.Option(
+            help="Largest |logged - reproduced| per metric (default: 0 on the run's "
+            "device and packages, else 0.02)."
+        ),
+    ] = None,
+    keep: Annotated[bool, typer.Option(help="Keep the scratch folder (printed).")] = False,
+) -> None:
+    """Re-run a model's study from its git commit and DVC data version; compare the metrics.
+
+    Exit 0 when identical (or within the tolerance), 1 when they differ, 2 when the run, its
+    commit or its data cannot be found. Runs go to MLflow experiment mammoflow-<ds>-reproduce.
+    """
+    from mammoflow.reproduce import ReproduceError, render, reproduce
+
+    try:
+        target, cmp = reproduce(model_uri, Path(), tolerance=tolerance, keep=keep)
+    except ReproduceError as exc:
+        console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        raise typer.Exit(code=2) from None
+    typer.echo(render(target, cmp))
+    if cmp.verdict == "DIFFERENT":
+        raise typer.Exit(code=1)
+
+
 def main() -> None:
     """Console-script entry point."""
     app()

@@ -5,7 +5,10 @@ Shared by the study, tuning and reports; imports nothing heavy at module level.
 
 from __future__ import annotations
 
+import fnmatch
 import platform
+import posixpath
+import re
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -42,23 +45,19 @@ def dvc_data_hash(dataset: str, root: Path = Path()) -> str:
     Prefect flow, a direct command), so a run's lineage tag names the data it used.
     'unknown' when the folder is missing.
     """
-    import tempfile
-
-    from dvc_data.hashfile.build import build
-    from dvc_data.hashfile.db import HashFileDB
-    from dvc_objects.fs.local import LocalFileSystem
+    from mammoflow.dvcdata import dvc_hash
 
     folder = root / "data" / "processed" / dataset
-    if not folder.is_dir():
-        return "unknown"
-    fs = LocalFileSystem()
-    with tempfile.TemporaryDirectory(prefix="mammoflow-hash-") as tmp:
-        _, _, obj = build(HashFileDB(fs, tmp), str(folder.resolve()), fs, "md5", dry_run=True)
-    return str(obj.hash_info.value)
+    return dvc_hash(folder) if folder.is_dir() else "unknown"
 
 
 def git_state(root: Path = Path()) -> dict[str, str]:
-    """Commit and dirty flag of the project checkout ('unknown' outside git)."""
+    """Commit and dirty flag of the project checkout ('unknown' outside git).
+
+    ``git_dirty`` is true when tracked code or params differ from the commit: changes to the
+    pipeline's own outputs (dvc.lock and the outs / metrics / plots of every dvc.yaml, see
+    :func:`pipeline_outputs`) are not counted — every run rewrites them.
+    """
 
     def run(*args: str) -> str | None:
         try:
@@ -67,14 +66,68 @@ def git_state(root: Path = Path()) -> dict[str, str]:
             )
         except (OSError, subprocess.SubprocessError):
             return None
-        return res.stdout.strip()
+        return res.stdout
 
-    commit = run("rev-parse", "HEAD")
-    status = run("status", "--porcelain", "--untracked-files=no")
+    commit = (run("rev-parse", "HEAD") or "").strip()
+    status = run("status", "--porcelain", "-z", "--untracked-files=no")
+    prefix = (run("rev-parse", "--show-prefix") or "").strip()
+    patterns = [prefix + p for p in pipeline_outputs(root)]
+    changed = [] if status is None else changed_paths(status)
+    dirty = [p for p in changed if not _matches(p, patterns)]
     return {
         "git_commit": commit or "unknown",
-        "git_dirty": "unknown" if status is None else str(bool(status)).lower(),
+        "git_dirty": "unknown" if status is None else str(bool(dirty)).lower(),
     }
+
+
+def changed_paths(porcelain_z: str) -> list[str]:
+    """Paths of ``git status --porcelain -z`` output (a rename's both sides)."""
+    out: list[str] = []
+    entries = porcelain_z.split("\0")
+    i = 0
+    while i < len(entries):
+        entry = entries[i]
+        i += 1
+        if len(entry) < 4:
+            continue
+        out.append(entry[3:])
+        if entry[0] in "RC":  # the next entry is the original path
+            out.append(entries[i])
+            i += 1
+    return out
+
+
+def pipeline_outputs(root: Path = Path()) -> list[str]:
+    """Glob patterns (relative to ``root``) of what the pipeline writes itself.
+
+    Each ``dvc.yaml`` at ``root`` or one folder down: its ``dvc.lock`` and every stage's
+    ``outs`` / ``metrics`` / ``plots``, ``${…}`` placeholders as ``*``, after ``wdir``.
+    """
+    import yaml
+
+    patterns: list[str] = []
+    for path in sorted([root / "dvc.yaml", *root.glob("*/dvc.yaml")]):
+        if not path.is_file():
+            continue
+        base = path.parent.relative_to(root)
+        patterns.append(posixpath.normpath((base / "dvc.lock").as_posix()))
+        doc = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        for stage in (doc.get("stages") or {}).values():
+            body = stage.get("do", stage) if isinstance(stage, dict) else {}
+            wdir = base / str(body.get("wdir", "."))
+            for key in ("outs", "metrics", "plots"):
+                for item in body.get(key) or []:
+                    out = next(iter(item)) if isinstance(item, dict) else str(item)
+                    out = re.sub(r"\$\{[^}]*\}", "*", out)
+                    patterns.append(posixpath.normpath((wdir / out).as_posix()))
+    return patterns
+
+
+def _matches(path: str, patterns: list[str]) -> bool:
+    """Whether ``path`` is one of ``patterns`` or inside one (an output folder)."""
+    parts = path.split("/")
+    candidates = ["/".join(parts[: i + 1]) for i in range(len(parts))]
+    return any(fnmatch.fnmatchcase(c, p) for c in candidates for p in patterns)
 
 
 def device() -> str:
@@ -91,3 +144,33 @@ def versions() -> dict[str, str]:
     import tensorflow as tf
 
     return {"tensorflow_version": tf.__version__, "keras_version": keras.__version__}
+
+
+#: What can change a run's numbers besides the code and data (recorded; `mammoflow reproduce`
+#: lists those whose installed version differs).
+PACKAGES = (
+    "tensorflow",
+    "keras",
+    "numpy",
+    "scipy",
+    "scikit-learn",
+    "pandas",
+    "pyarrow",
+    "pillow",
+    "h5py",
+    "mlflow",
+    "dvc",
+)
+
+
+def packages() -> dict[str, str]:
+    """``{package: version}`` of :data:`PACKAGES` as installed, and ``python``."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {"python": platform.python_version()}
+    for name in PACKAGES:
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            out[name] = "not installed"
+    return out

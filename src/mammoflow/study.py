@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import logging
 import math
 import time
@@ -33,8 +34,9 @@ import pandas as pd
 from mammoflow.config import Config
 from mammoflow.inputs import StudyInputs, load_features, load_inputs
 from mammoflow.io import atomic_write_bytes, atomic_write_json, atomic_write_text
+from mammoflow.lineage import data_lineage, dataset_source
 from mammoflow.paths import Layout
-from mammoflow.provenance import device, git_state, versions
+from mammoflow.provenance import device, git_state, packages, versions
 
 if TYPE_CHECKING:
     from mammoflow.models.build import BackboneModel
@@ -233,7 +235,7 @@ def run_study(
         progress: progress bar for extraction, one line per epoch with an ETA.
         computed: fold results already computed elsewhere (Dask fold tasks), by fold number.
     """
-    from mammoflow.tracking import StudyRun, Tracker
+    from mammoflow.tracking import TAG_DATA, TAG_LOCATION, StudyRun, Tracker
 
     t_start = time.perf_counter()
     layout = layout or Layout()
@@ -241,16 +243,18 @@ def run_study(
     bb, data = load_features(inp, layout, progress=progress)
     t_features = time.perf_counter() - t_start
     tracker = tracker or Tracker(root=layout.root)
+    tags = _tags(inp, bb, layout)
     run = StudyRun.open(
         tracker,
         dataset=dataset,
         backbone=backbone,
         key=inp.key,
-        tags=_tags(inp, bb, layout),
+        tags=tags,
         params=inp.params,
     )
     manifest = layout.processed(dataset) / "manifest.parquet"
     run.log_dataset(inp.frame, str(manifest), inp.data_hash, inp.split_hash, inp.cfg.split.group_by)
+    run.log_dvc_data(dataset_source(tags), tags[TAG_DATA], tags[TAG_LOCATION])
     ctx = _Context(inp, bb, data, run, layout, computed or {}, progress)
     ctx.example = _raw_example(inp.frame)
     with run.guard():
@@ -456,6 +460,8 @@ def _tags(inp: StudyInputs, bb: BackboneModel, layout: Layout) -> dict[str, str]
     return {
         "split_hash": inp.split_hash,
         "dvc_data_hash": inp.data_hash,
+        **data_lineage(inp.dataset, layout.root),
+        "mammoflow.packages": json.dumps(packages(), sort_keys=True),
         "weights_source": bb.weights.source,
         "weights_sha256": bb.weights.sha256,
         "precision": inp.precision,

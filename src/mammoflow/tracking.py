@@ -50,13 +50,32 @@ CALIBRATION_FILE = "calibration.json"  # its sidecar on the test run (see calibr
 # MLflow 3's UI opens an experiment by its kind: without it, on the GenAI traces overview
 TAG_EXPERIMENT_KIND = "mlflow.experimentKind"
 EXPERIMENT_KIND = "custom_model_development"
+#: lineage tags of a parent run (see mammoflow.lineage), copied onto its registered versions
+TAG_DATA = "dvc_data_hash"
+TAG_SPLIT = "dvc_split_hash"
+TAG_REMOTE = "dvc_remote"
+TAG_LOCATION = "dvc_data_location"
+TAG_LINEAGE_WARNING = "lineage_warning"
+LINEAGE_TAGS = (
+    "git_commit",
+    "git_dirty",
+    TAG_DATA,
+    TAG_SPLIT,
+    TAG_REMOTE,
+    TAG_LOCATION,
+    TAG_LINEAGE_WARNING,
+)
 SOURCE_PREFIX = "mlflow.source."  # mlflow.source.name / .type / .git.commit: the Source column
 _BATCH = 100  # MLflow log_batch accepts at most 100 params / tags and 1000 metrics per call
 
 
+#: appended to the study experiment's name (``mammoflow reproduce`` sets ``-reproduce``)
+EXPERIMENT_SUFFIX_ENV = "MAMMOFLOW_EXPERIMENT_SUFFIX"
+
+
 def experiment_name(dataset: str) -> str:
-    """``mammoflow-<dataset>``."""
-    return f"mammoflow-{dataset}"
+    """``mammoflow-<dataset>`` (plus ``$MAMMOFLOW_EXPERIMENT_SUFFIX``)."""
+    return f"mammoflow-{dataset}{os.environ.get(EXPERIMENT_SUFFIX_ENV, '')}"
 
 
 def tuning_experiment_name(dataset: str) -> str:
@@ -257,6 +276,10 @@ class Tracker:
     def experiment_id(self, dataset: str) -> str:
         """Get or create the dataset's experiment."""
         return self._experiment(experiment_name(dataset), {TAG_DATASET: dataset})
+
+    def suffixed_experiment_id(self, dataset: str, suffix: str) -> str:
+        """Get or create ``mammoflow-<dataset><suffix>`` (``mammoflow reproduce``'s runs)."""
+        return self._experiment(experiment_name(dataset) + suffix, {TAG_DATASET: dataset})
 
     def open_parent(
         self,
@@ -683,6 +706,7 @@ class Tracker:
                     "to 'all' or 'final' and rerun"
                 )
             extra = {k: run_tags[k] for k in (TAG_TEMPERATURE,) if k in run_tags}
+            extra |= self._lineage_of(run_tags.get("mlflow.parentRunId", run_id))
             with _use_store(self.uri):  # register_model resolves runs:/ URIs with it
                 version = mlflow.register_model(
                     model_uri, name, tags={metric: f"{value:.6f}", "run_id": run_id, **extra}
@@ -696,6 +720,11 @@ class Tracker:
                 self._client.set_registered_model_alias(name, "challenger", current.version)
             self._client.set_registered_model_alias(name, "champion", version.version)
         return {"name": name, "version": version.version, "alias": "champion", "new": True}
+
+    def _lineage_of(self, parent_id: str) -> dict[str, str]:
+        """The parent run's lineage tags (commit, data hashes, where the data is), for a version."""
+        tags = self._client.get_run(parent_id).data.tags
+        return {k: tags[k] for k in LINEAGE_TAGS if k in tags}
 
     def write_model_cards(self, dataset: str) -> dict[str, str]:
         """Write the card of every registered version with an alias (champion, challenger).
@@ -778,6 +807,22 @@ class Tracker:
         tags = [InputTag("mlflow.data.context", context[:500])]
         with self.timed():
             self._client.log_inputs(run_id, datasets=[DatasetInput(dataset, tags)])
+
+    def log_dvc_input(self, run_id: str, source: str, digest: str, name: str, context: str) -> None:
+        """A data version as an MLflow ``MetaDataset`` input of ``run_id`` (no rows, no schema):
+        ``source`` names where DVC fetches it from, ``digest`` is DVC's md5 (36 characters)."""
+        from mlflow.data.http_dataset_source import HTTPDatasetSource
+        from mlflow.data.meta_dataset import MetaDataset
+        from mlflow.entities import DatasetInput, InputTag
+
+        entity = MetaDataset(  # type: ignore[abstract]  # profile is a property there
+            HTTPDatasetSource(source), name=name, digest=digest[:36]
+        )
+        tags = [InputTag("mlflow.data.context", context[:500])]
+        with self.timed():
+            self._client.log_inputs(
+                run_id, datasets=[DatasetInput(entity._to_mlflow_entity(), tags)]
+            )
 
     def link_model(self, run_id: str, model_uri: str) -> None:
         """Show a logged model (``models:/<model id>``) as an output of ``run_id`` too."""
@@ -1126,6 +1171,14 @@ class StudyRun:
             data_hash,
             name=f"{self.dataset}-manifest",
             context=f"{group_by}-level split {split_hash[:16]}",
+        )
+
+    def log_dvc_data(self, source: str, digest: str, location: str) -> None:
+        """The DVC data version as the parent's dataset input: ``source`` (the remote's object,
+        see :func:`mammoflow.lineage.dataset_source`), the DVC hash as ``digest``, where it was
+        found (``dvc_data_location``) as context."""
+        self.tracker.log_dvc_input(
+            self.parent_id, source, digest, name=f"{self.dataset}-dvc", context=f"dvc: {location}"
         )
 
     def finish(

@@ -150,8 +150,15 @@ def test_mlflow_ui_fields_kind_dataset_source_and_model(project: tuple[Path, Con
     assert exp.tags["mlflow.experimentKind"] == "custom_model_development"
     summary = json.loads((root / "metrics" / DATASET / f"{BACKBONE}.json").read_text())
     parent = client.get_run(summary["mlflow_parent_run_id"])
-    (inp,) = parent.inputs.dataset_inputs
-    assert inp.dataset.name == f"{DATASET}-manifest"
+    inputs = {i.dataset.name: i for i in parent.inputs.dataset_inputs}
+    assert sorted(inputs) == [f"{DATASET}-dvc", f"{DATASET}-manifest"]
+    inp = inputs[f"{DATASET}-manifest"]
+    dvc = inputs[f"{DATASET}-dvc"].dataset  # the data version: DVC hash, where it is fetched from
+    assert dvc.digest == parent.data.tags["dvc_data_hash"]
+    # a project outside DVC: the run says loudly that its data cannot be fetched again
+    assert parent.data.tags["dvc_data_location"] == "unknown"
+    assert "NOT REPRODUCIBLE" in parent.data.tags["lineage_warning"]
+    assert "local DVC cache only" in dvc.source
     assert inp.dataset.digest == parent.data.tags["dvc_data_hash"][:36]
     context = {t.key: t.value for t in inp.tags}["mlflow.data.context"]
     assert parent.data.tags["split_hash"][:16] in context
