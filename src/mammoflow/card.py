@@ -41,6 +41,7 @@ class CardFacts:
     tags: Mapping[str, str] = field(default_factory=dict)
     metrics: Mapping[str, float] = field(default_factory=dict)
     subgroups_md: str = ""
+    selection_metric: str = ""  # tracking.registry_metric it was promoted on ("" = unknown)
 
 
 def _num(value: float | None, digits: int = 3) -> str:
@@ -112,6 +113,9 @@ def _metrics(f: CardFacts) -> list[str]:
         f"brackets: {level} patient-bootstrap CI. CV: mean ± std over "
         f"{f.params.get('split.k_folds', '?')} folds.",
         "",
+    ]
+    lines += _selection(f)
+    lines += [
         "| metric | test [CI] | CV mean ± std |",
         "|---|---|---|",
     ]
@@ -125,6 +129,21 @@ def _metrics(f: CardFacts) -> list[str]:
         f"{_num(m.get('specificity_mean'))} ± {_num(m.get('specificity_std'))} |",
         "",
     ]
+    return lines
+
+
+def _selection(f: CardFacts) -> list[str]:
+    """The selection rule, and the winner's-curse warning when the test set chose the model."""
+    from mammoflow.champion import rule_text, warning_text
+
+    if not f.selection_metric:
+        return ["Selection rule: not recorded on this version (promoted before it was).", ""]
+    warning = warning_text(f.selection_metric)
+    lines = [rule_text(f.selection_metric), ""]
+    if warning:
+        lines += [f"> ⚠ {warning}", ""]
+    else:
+        lines += ["The test column is the unbiased estimate of this model's performance.", ""]
     return lines
 
 

@@ -243,7 +243,7 @@ def evaluate_cmd(
     dataset: Annotated[str, typer.Option(help="Dataset name.")],
     params: ParamsOpt = Path("params.yaml"),
 ) -> None:
-    """Rank the backbones on the held-out test set and promote the champion in the registry."""
+    """Rank the backbones by tracking.registry_metric (default: CV macro F1); promote the best."""
     from mammoflow.stages import evaluate_stage
 
     _echo(evaluate_stage(_config(params), dataset))

@@ -80,6 +80,7 @@ class ReportData:
     card: str = ""
     settings: str = ""
     ci: float = 0.95
+    patients: dict[str, str] = field(default_factory=dict)  # image_id → patient_id
 
 
 # ----------------------------------------------------------------------------- collect
@@ -136,7 +137,18 @@ def collect(cfg: Config, dataset: str, layout: Layout, tracker: Tracker | None) 
         card=card,
         settings=report.settings_line({b.name: b.params for b in backbones if b.params}),
         ci=ds_cfg.evaluate.ci,
+        patients=_patients(layout, dataset),
     )
+
+
+def _patients(layout: Layout, dataset: str) -> dict[str, str]:
+    """image_id → patient_id from the converted manifest (empty when it is not there)."""
+    from mammoflow.data.manifest import read_manifest
+
+    if not (layout.processed(dataset) / "manifest.parquet").is_file():
+        return {}
+    frame = read_manifest(layout.processed(dataset))
+    return dict(zip(frame["image_id"], frame["patient_id"], strict=True))
 
 
 # ----------------------------------------------------------------------------- numbers
@@ -157,7 +169,13 @@ def _oof(b: BackboneData, k: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def baseline(data: ReportData, seed: int = 0, n: int = 1000) -> dict[str, Any]:
-    """The majority class of the CV rows predicted for every test image, with CIs."""
+    """The majority class of the CV rows predicted for every test image, with CIs.
+
+    The CIs resample patients, as the backbones' do (``data.patients``).
+
+    Raises:
+        ValueError: a test image whose patient is unknown (the manifest does not list it).
+    """
     from mammoflow.metrics import bootstrap_ci
 
     k = len(data.class_names)
@@ -167,8 +185,17 @@ def baseline(data: ReportData, seed: int = 0, n: int = 1000) -> dict[str, Any]:
     y, _ = _arrays(rec, k)
     majority = int(np.bincount(y_cv, minlength=k).argmax()) if y_cv.size else 0
     prob = np.tile(np.eye(k)[majority], (y.size, 1))
-    ci = bootstrap_ci(y, prob, list(rec.get("image_id", [])), data.class_names, n=n, seed=seed)
-    return {"class": data.class_names[majority], "ci": ci, "n": int(y.size)}
+    ids = [str(i) for i in rec.get("image_id", [])]
+    unknown = [i for i in ids if i not in data.patients]
+    if unknown:
+        raise ValueError(
+            f"{data.dataset}: {len(unknown)} test image(s) (e.g. {unknown[0]!r}) are not in the "
+            "converted manifest, so the baseline's patient bootstrap cannot group them; rerun "
+            f"`mammoflow convert --dataset {data.dataset}` and the train stage"
+        )
+    groups = [data.patients[i] for i in ids]
+    ci = bootstrap_ci(y, prob, groups, data.class_names, n=n, seed=seed)
+    return {"class": data.class_names[majority], "ci": ci, "n": int(y.size), "groups": "patient"}
 
 
 def _fmt(v: Any, pct: bool = True) -> str:
@@ -289,11 +316,37 @@ def _comparison(data: ReportData, base: Mapping[str, Any]) -> str:
         f"<p class='note'>Values in %. Test: held-out {data.group_by}-level split, "
         f"{base['n']} images; brackets: {data.ci:.0%} patient-bootstrap CI. CV: out-of-fold "
         f"validation over the folds. ROC AUC: malignant vs rest with two classes, else the "
-        "one-vs-rest macro mean. ★ champion (registry metric "
-        f"{html.escape(str(data.champion.get('metric', '?')))}). The baseline predicts the "
-        "CV rows' most frequent class for every test image.</p>"
+        "one-vs-rest macro mean. ★ champion (see the selection rule above). The baseline "
+        "predicts the CV rows' most frequent class for every test image (CI: patient "
+        "bootstrap, as the models').</p>"
     )
-    return _table(header, rows) + note
+    return _selection(data) + _table(header, rows) + note
+
+
+def _selection(data: ReportData) -> str:
+    """The selection rule, the winner's-curse warning if it peeks, the champion's test estimate."""
+    from mammoflow import champion
+
+    metric = str(data.champion.get("metric") or "")
+    if not metric:
+        return "<p>No champion chosen yet (run <code>mammoflow evaluate</code>).</p>"
+    parts = [f"<p>{html.escape(champion.rule_text(metric))}</p>"]
+    warning = champion.warning_text(metric)
+    if warning:
+        parts.append(f"<p class='warn'>{html.escape(warning)}</p>")
+    best = {b.name: b for b in data.backbones}.get(str(data.champion.get("best")))
+    if best is not None:
+        s = best.summary
+        f1 = _ci_cell(s["test"].get("f1_macro"), s.get("test_ci", {}).get("f1_macro"))
+        acc = _ci_cell(s["test"].get("accuracy"), s.get("test_ci", {}).get("accuracy"))
+        kind = "optimistic" if warning else "unbiased"
+        parts.append(
+            f"<p><b>Champion {html.escape(best.name)}</b> — held-out test ({kind} estimate, "
+            f"{_test_size(best)}): F1 (macro) {f1} %, accuracy {acc} %; selection score "
+            f"{html.escape(metric)} = {_fmt(data.champion.get('scores', {}).get(best.name))} %."
+            "</p>"
+        )
+    return "".join(parts)
 
 
 def _paper(data: ReportData) -> str:

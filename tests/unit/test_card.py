@@ -5,7 +5,9 @@ from __future__ import annotations
 from mammoflow.card import DESCRIPTION_LIMIT, CardFacts, description, model_card
 
 
-def _facts(subgroups: str = "### test\n\n| factor | value |\n") -> CardFacts:
+def _facts(
+    subgroups: str = "### test\n\n| factor | value |\n", selection: str = "cv_f1_macro_mean"
+) -> CardFacts:
     return CardFacts(
         name="mammoflow-mias",
         version="3",
@@ -27,6 +29,7 @@ def _facts(subgroups: str = "### test\n\n| factor | value |\n") -> CardFacts:
             "test_calibrated_ece": 0.1,
         },
         subgroups_md=subgroups,
+        selection_metric=selection,
     )
 
 
@@ -48,6 +51,16 @@ def test_card_has_mitchell_sections_and_the_tracked_numbers() -> None:
     assert "abc.dir" in text and "s123" in text and "deadbeef" in text
     assert "T = 1.700" in text and "98–99 %" in text and "not ImageNet" in text
     assert "background tissue" in text and "#### test" in text
+
+
+def test_card_states_the_selection_rule_and_warns_when_it_peeks() -> None:
+    text = model_card(_facts())
+    assert "chosen on the cross-validated metric `cv_f1_macro_mean`" in text
+    assert "unbiased estimate" in text and "Warning" not in text
+    peeking = model_card(_facts(selection="test_f1_macro"))
+    assert "⚠ Warning: selected on the test set (`test_f1_macro`)" in peeking
+    assert "optimistic" in peeking
+    assert "not recorded" in model_card(_facts(selection=""))
 
 
 def test_description_drops_the_subgroups_when_too_long() -> None:

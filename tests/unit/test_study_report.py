@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 
 import numpy as np
+import pytest
 
 from mammoflow.calibration import calibrate
 from mammoflow.study_report import BackboneData, ReportData, baseline, render
@@ -61,6 +62,7 @@ def test_page_is_self_contained_with_every_section() -> None:
         audit={"inflation": {"accuracy": {"image": 0.9, "patient": 0.7, "inflation": 0.2}}},
         card="# Model card",
         explain={"backbones": {"vgg16": {"hit_rate": 0.5, "low": 0.2, "high": 0.8, "n": 6.0}}},
+        patients={f"i{k}": f"p{k // 2}" for k in range(30)},
     )
     base = baseline(data, n=20)
     page = render(data, base)
@@ -87,3 +89,38 @@ def test_page_is_self_contained_with_every_section() -> None:
     images = re.findall(r"src='data:image/png;base64,", page)
     assert len(images) == 1 + 2 * 4  # ROC/PR + per backbone confusion, reliability, curves, folds
     assert "http://" not in page and "https://" not in page
+    # selected on the test set: the page says so, and calls the test estimate optimistic
+    assert "Warning: selected on the test set" in page and "optimistic estimate" in page
+
+
+def _data(metric: str) -> ReportData:
+    return ReportData(
+        dataset="toy",
+        class_names=CLASSES,
+        group_by="patient",
+        backbones=[_backbone("vgg16", 0), _backbone("resnet50", 1)],
+        champion={"best": "resnet50", "metric": metric, "scores": {"resnet50": 0.6}},
+        validation={},
+        patients={f"i{k}": f"p{k // 5}" for k in range(30)},
+    )
+
+
+def test_the_page_states_the_selection_rule_and_the_unbiased_estimate() -> None:
+    data = _data("cv_f1_macro_mean")
+    page = render(data, baseline(data, n=20))
+    assert "chosen on the cross-validated metric `cv_f1_macro_mean`" in page
+    assert "Champion resnet50</b> — held-out test (unbiased estimate, 10 images)" in page
+    assert "Warning" not in page and "resnet50 ★" in page
+
+
+def test_baseline_ci_resamples_patients_not_images() -> None:
+    data = _data("cv_f1_macro_mean")
+    five = baseline(data, n=200)  # 10 test images of 2 patients (5 images each)
+    data.patients = {f"i{k}": f"p{k}" for k in range(30)}  # one image per patient
+    each = baseline(data, n=200)
+    assert five["groups"] == "patient"
+    # two patients: a resample holds 0, 1 or 2 of them → far fewer distinct accuracies
+    assert five["ci"]["accuracy"] != each["ci"]["accuracy"]
+    data.patients = {}
+    with pytest.raises(ValueError, match="not in the converted manifest"):
+        baseline(data, n=20)
