@@ -176,8 +176,12 @@ def _calibration(f: CardFacts) -> list[str]:
         f"- Classwise ECE, test: raw {_with_ci(m, 'test_classwise_ece')}, calibrated "
         f"{_with_ci(m, 'test_calibrated_classwise_ece')}.",
         f"- Temperature T = {_num(m.get('temperature'))}, fitted on the out-of-fold validation "
-        "predictions; calibrated probabilities are softmax(log p / T) (tag "
-        "`mammoflow.temperature`, sidecar `calibration.json` on the test run).",
+        "predictions of the single fold models; calibrated probabilities are softmax(log p / T) "
+        "of each fold model, averaged (tag `mammoflow.temperature`, sidecar `calibration.json` "
+        "on the test run).",
+        "- **Served probabilities are the calibrated ones**: the registered model applies T "
+        "itself (its `temperature` layer), in `mlflow models serve`, pyfunc, `mammoflow "
+        "predict` and `serve`; `mammoflow predict --raw` gives the uncalibrated ones.",
         "",
     ]
 

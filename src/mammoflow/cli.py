@@ -408,6 +408,9 @@ def predict_cmd(
         str | None, typer.Option(help="Grad-CAM layer; default the last convolution.")
     ] = None,
     batch_size: Annotated[int, typer.Option(help="Images per forward pass.")] = 16,
+    raw: Annotated[
+        bool, typer.Option(help="Uncalibrated probabilities (default: the model's calibrated).")
+    ] = False,
     params: ParamsOpt = Path("params.yaml"),
 ) -> None:
     """Score new mammograms with the dataset's champion (or --model); exit 1 if any file failed."""
@@ -423,6 +426,7 @@ def predict_cmd(
             explain_dir=explain,
             batch_size=batch_size,
             target_layer=target_layer,
+            raw=raw,
         )
     except (ConfigError, ValueError, FileNotFoundError) as exc:
         console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)

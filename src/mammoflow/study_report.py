@@ -392,7 +392,9 @@ def _calibration(data: ReportData) -> str:
     ]
     return _table(header, rows) + (
         "<p class='note'>Top-label ECE, 15 equal-width bins (Guo et al. 2017); temperature "
-        "fitted on the out-of-fold validation predictions, applied to the test. T at the "
+        "fitted on the out-of-fold validation predictions (single fold models), applied to "
+        "each fold model's test probabilities before the ensemble mean — exactly what the "
+        "registered model serves (<code>mammoflow predict --raw</code> for the raw ones). T at the "
         f"search bound ({T_BOUNDS[1]:g}) means the validation predictions carried almost no "
         "information: scaling flattens them towards uniform.</p>"
     )
