@@ -243,11 +243,20 @@ def curves_figure(data: ReportData, baseline_auc: float = 0.5) -> Any:
     return fig
 
 
-def learning_figure(b: BackboneData) -> Any:
-    """Loss per epoch of every fold (train solid, validation dashed); fold 0 = refit."""
+def learning_figure(b: BackboneData, n_classes: int | None = None) -> Any:
+    """Loss per epoch of every fold (train solid, validation dashed); fold 0 = refit.
+
+    The per-epoch curves are Keras' during training, before the BatchNorm statistics are
+    recalibrated for the final model; so each fold's final model as used — its out-of-fold
+    validation NLL, from its predictions — is drawn as a star after the last epoch, labelled.
+    """
+    from mammoflow.calibration import nll
+
     plt = report._plt()
     fig, ax = plt.subplots(figsize=(4.5, 3.2), dpi=100)
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    folds = b.predictions.get("folds", {})
+    star_label: str | None = "val, final model (after BN recalibration)"
     for i, (fold, hist) in enumerate(sorted(b.history.items())):
         color = colors[i % len(colors)]
         label: str | None = f"fold {fold}"
@@ -256,6 +265,12 @@ def learning_figure(b: BackboneData) -> Any:
             if values:
                 ax.plot(range(1, len(values) + 1), values, style, color=color, label=label)
                 label = None
+        rec = folds.get(str(fold))
+        if rec and n_classes and rec.get("y_true"):
+            y, prob = _arrays(rec, n_classes)
+            epochs = len(hist.get("loss") or [1])
+            ax.plot([epochs + 0.15], [nll(y, prob)], "*", ms=10, color=color, label=star_label)
+            star_label = None
     ax.set(xlabel="epoch", ylabel="loss", title=f"{b.name}: loss (— train, -- val)")
     ax.legend(fontsize=7)
     fig.tight_layout()
@@ -548,7 +563,10 @@ def _figures(data: ReportData) -> dict[str, str]:
         "Confusion matrices (test)": _grid([(b.name, confusion(b)) for b in bbs]),
         "Calibration": _calibration(data)
         + _grid([(b.name, reliability(b)) for b in bbs if b.calibration]),
-        "Learning curves": _grid([(b.name, learning_figure(b)) for b in bbs]),
+        "Learning curves": _grid([(b.name, learning_figure(b, len(names))) for b in bbs])
+        + "<p class='note'>Per-epoch losses are Keras' during training, computed before the "
+        "BatchNorm statistics are recalibrated for the final model; ★ = each fold's final "
+        "model as used (its out-of-fold validation NLL, unweighted).</p>",
         "Fold spread (validation)": _grid(
             [(b.name, report.folds_figure(fold_metrics(b, names), b.name)) for b in bbs]
         ),

@@ -101,6 +101,45 @@ def test_explain_check_logs_the_pointing_game(project: tuple[Path, Config]) -> N
     assert "pointing_game.json" in artifacts
 
 
+def test_pointing_game_hits_a_planted_lesion_and_misses_a_wrong_geometry(
+    project: tuple[Path, Config],
+) -> None:
+    """Through the whole chain (read, convert, Grad-CAM, back to the original geometry, MIAS's
+    bottom-left origin): a lesion planted at each map's peak is hit, the same circle with the
+    y axis not flipped (the classic MIAS mistake) is missed."""
+    import dataclasses
+
+    from mammoflow.pointing import annotated_test_images, pointing_game
+    from mammoflow.tracking import Tracker
+
+    root, cfg = project
+    cfg = cfg.for_dataset(DATASET)
+    items = annotated_test_images(cfg, DATASET, Layout())
+    summary = json.loads((root / "metrics" / DATASET / f"{BACKBONE}.json").read_text())
+    tracker = Tracker(root=root)
+    model = tracker.load_serving_model(tracker.model_uri_of(summary["mlflow_test_run_id"])).model
+    rows = pointing_game(model, items, cfg, DATASET, None)
+    heights = {
+        a.image_id: Image.open(a.raw).size[1] for a in items
+    }  # PGM: the original film's height
+    planted, mirrored = [], []
+    r = 2.0
+    for a, row in zip(items, rows, strict=True):
+        if row["peak"] is None:  # a flat map (random 32 px model) points nowhere: no plant
+            continue
+        y, x = row["peak"]
+        h = heights[a.image_id]
+        circle = {"x": float(x), "y": float(h - 1 - y), "radius": r}  # MIAS: y from the bottom
+        planted.append(dataclasses.replace(a, lesions=(circle,)))
+        if abs((h - 1 - y) - y) > 2 * r:  # the unflipped circle lies elsewhere
+            mirrored.append(dataclasses.replace(a, lesions=({**circle, "y": float(y)},)))
+    assert planted, "no test image's map has a peak"
+    hits = [r["hit"] for r in pointing_game(model, planted, cfg, DATASET, None)]
+    assert hits == [True] * len(planted)
+    assert mirrored, "every peak sat on the middle row: no wrong geometry to test"
+    assert not any(r["hit"] for r in pointing_game(model, mirrored, cfg, DATASET, None))
+
+
 def _wait_ready(
     port: int, proc: subprocess.Popen[bytes], log: Path, timeout: float = 120.0
 ) -> None:

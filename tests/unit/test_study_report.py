@@ -124,3 +124,17 @@ def test_baseline_ci_resamples_patients_not_images() -> None:
     data.patients = {}
     with pytest.raises(ValueError, match="not in the converted manifest"):
         baseline(data, n=20)
+
+
+def test_learning_curves_mark_the_final_model_after_recalibration() -> None:
+    from mammoflow.calibration import nll
+    from mammoflow.study_report import learning_figure
+
+    b = _backbone("vgg16", 0)
+    fig = learning_figure(b, 2)
+    stars = [line for line in fig.axes[0].lines if line.get_marker() == "*"]
+    assert len(stars) == 1  # fold 1 has a history; fold 2 has none here
+    rec = b.predictions["folds"]["1"]
+    expected = nll(np.asarray(rec["y_true"]), np.asarray(rec["prob"]))
+    assert stars[0].get_ydata()[0] == pytest.approx(expected)
+    assert stars[0].get_label() == "val, final model (after BN recalibration)"
