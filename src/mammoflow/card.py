@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 # What the paper this project started from reports, and how (the comparison needs the "how").
 PAPER_CLAIM = (
@@ -42,6 +43,8 @@ class CardFacts:
     metrics: Mapping[str, float] = field(default_factory=dict)
     subgroups_md: str = ""
     selection_metric: str = ""  # tracking.registry_metric it was promoted on ("" = unknown)
+    #: external dataset → its external run's metrics (and "run": the run id)
+    external: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
 
 
 def _num(value: float | None, digits: int = 3) -> str:
@@ -186,6 +189,31 @@ def _calibration(f: CardFacts) -> list[str]:
     ]
 
 
+def _external(f: CardFacts) -> list[str]:
+    """The external validations of this version (``mammoflow external``)."""
+    lines = ["## External validation", ""]
+    if not f.external:
+        return [*lines, "None yet (`mammoflow external --model … --dataset …`).", ""]
+    lines += [
+        "Datasets the model never trained on, through the training's readers and conversion; "
+        "brackets: patient-bootstrap CI; Δ: external − own test (two independent bootstraps).",
+        "",
+        "| dataset | images | accuracy | F1 (macro) | Δ F1 | ECE raw → calibrated | run |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name, m in f.external.items():
+        delta = f"{_num(m.get('shift_f1_macro'))} [{_num(m.get('shift_f1_macro_ci_low'))}, " + (
+            f"{_num(m.get('shift_f1_macro_ci_high'))}]"
+        )
+        ece = f"{_num(m.get('external_ece'))} → {_num(m.get('external_calibrated_ece'))}"
+        lines.append(
+            f"| `{name}` | {int(m.get('external_n_images', 0))} | "
+            f"{_with_ci(m, 'external_accuracy')} | {_with_ci(m, 'external_f1_macro')} | "
+            f"{delta} | {ece} | `{m.get('run', '?')}` |"
+        )
+    return [*lines, ""]
+
+
 def _caveats(f: CardFacts) -> list[str]:
     p, m = f.params, f.metrics
     weights = p.get("model.weights", "unknown")
@@ -230,6 +258,7 @@ def model_card(facts: CardFacts, *, subgroups: bool = True) -> str:
         + _data(facts)
         + sub
         + _calibration(facts)
+        + _external(facts)
         + _caveats(facts)
     )
     return "\n".join(parts)

@@ -443,6 +443,21 @@ def predict_cmd(
         raise typer.Exit(code=1)
 
 
+@app.command("external")
+@_friendly
+def external_cmd(
+    model: Annotated[
+        str, typer.Option(help="MLflow model URI, e.g. models:/mammoflow-D@champion.")
+    ],
+    dataset: Annotated[str, typer.Option(help="Labelled dataset the model never trained on.")],
+    params: ParamsOpt = Path("params.yaml"),
+) -> None:
+    """External validation: score DATASET with MODEL; metrics, calibration, shift; log, report."""
+    from mammoflow.external import run_external
+
+    _echo(run_external(_config(params), model, dataset))
+
+
 @app.command("explain-check")
 @_friendly
 def explain_check_cmd(

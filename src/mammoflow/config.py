@@ -176,6 +176,9 @@ class DatasetConfig(_Section):
 
     kind: Literal["mias", "cmmd"]
     acquire: Literal["sample", "local"] = "local"
+    #: acquire: sample only — standard, or vendor_b (MIAS-shaped films of "another vendor":
+    #: 12-bit, another detector curve and noise, other women; for external validation)
+    variant: Literal["standard", "vendor_b"] = "standard"
     source: Path | None = None
     clinical: Path | None = None
     #: this dataset's model / train settings where they differ from the global ones
@@ -188,6 +191,11 @@ class DatasetConfig(_Section):
             raise ValueError("a dataset with acquire: local needs 'source' (archive or folder)")
         if self.acquire == "local" and self.kind == "cmmd" and self.clinical is None:
             raise ValueError("a cmmd dataset needs 'clinical' (the clinical .xlsx or .csv)")
+        if self.variant != "standard" and (self.acquire != "sample" or self.kind != "mias"):
+            raise ValueError(
+                f"variant {self.variant!r} is a generated MIAS sample: use it with kind: mias "
+                "and acquire: sample"
+            )
         return self
 
 

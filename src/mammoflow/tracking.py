@@ -49,6 +49,7 @@ TAG_TEMPERATURE = "mammoflow.temperature"  # temperature scaling of the test mod
 TAG_SELECTION = "mammoflow.selection_metric"  # on a version: the rule it was promoted under
 TAG_PROMOTION = "mammoflow.promotion"  # on a version: when, by whom and why it got its alias
 TAG_DISPLACED = "mammoflow.displaced"  # on a version: when and by whom it lost `champion`
+TAG_EXTERNAL_PREFIX = "mammoflow.external."  # on a version: external dataset → its run id
 LOCK_SUFFIX = ".promotion-lock"  # registered model used as a cross-process mutex
 LOCK_LEASE_S = 120.0  # a lock older than this is a dead holder's: broken (a promotion takes ~1 s)
 LOCK_WAIT_S = 300.0
@@ -620,6 +621,75 @@ class Tracker:
                 ) from None
         return ServingModel(model=model, uri=uri, name=name, version=version)
 
+    def model_source(self, uri: str) -> ModelSource:
+        """The test run, training dataset and registry entry behind a model URI.
+
+        Raises:
+            ValueError: a URI that names no registered version or run of this store.
+        """
+        from mlflow.exceptions import MlflowException
+
+        try:
+            with self.timed():
+                name, version = _registry_version(self._client, uri)
+                if name and version:
+                    run_id = self._client.get_model_version(name, version).tags["run_id"]
+                elif uri.startswith("runs:/"):
+                    run_id = uri.removeprefix("runs:/").split("/", 1)[0]
+                else:
+                    raise ValueError("use models:/<name>@<alias>, models:/<name>/<n> or runs:/")
+                run = self._client.get_run(run_id)
+        except (MlflowException, KeyError) as exc:
+            raise ValueError(
+                f"model {uri!r} names no registered version or run in {self.uri}: "
+                f"{_short_reason(exc) if isinstance(exc, MlflowException) else exc}"
+            ) from None
+        dataset = run.data.tags.get(TAG_DATASET, "")
+        if not dataset:
+            raise ValueError(f"model {uri!r}: its run {run_id} has no {TAG_DATASET} tag")
+        return ModelSource(uri, dataset, run_id, run.info.experiment_id, name, version)
+
+    def log_external(
+        self,
+        source: ModelSource,
+        dataset: str,
+        metrics: Mapping[str, float],
+        evidence: Any,
+        page: str,
+    ) -> str:
+        """An ``external`` run in the model's experiment, linked both ways to the model.
+
+        Tags name the model (URI, registered version, test run); the registered version gets
+        ``mammoflow.external.<dataset>`` = the run id (what its model card reads).
+        """
+        tags = {
+            TAG_ROLE: "external",
+            TAG_DATASET: source.dataset,
+            "mammoflow.external_dataset": dataset,
+            "mammoflow.model_uri": source.uri,
+            "mammoflow.model_test_run": source.test_run_id,
+            "mammoflow.registered_model": source.name,
+            "mammoflow.registered_version": source.version,
+            "mlflow.source.name": "mammoflow external",
+        }
+        with self.timed():
+            run = self._client.create_run(
+                source.experiment_id, run_name=f"external-{dataset}", tags=tags
+            )
+        run_id = str(run.info.run_id)
+        with self.run_guard(run_id):
+            self.log_metrics(run_id, {k: v for k, v in metrics.items() if math.isfinite(v)})
+            self.log_dict(run_id, _finite_json(evidence), "external.json")
+            self.log_text(run_id, page, "report.html")
+            model_uri = self.run_tags_params(source.test_run_id)[0].get("mammoflow.model_uri", "")
+            self.link_model(run_id, model_uri)
+            if source.name and source.version:
+                with self.timed():
+                    self._client.set_model_version_tag(
+                        source.name, source.version, f"{TAG_EXTERNAL_PREFIX}{dataset}", run_id
+                    )
+        return run_id
+
     def model_uri_of(self, run_id: str) -> str:
         """The model URI a run logged (its ``mammoflow.model_uri`` tag).
 
@@ -778,7 +848,20 @@ class Tracker:
             metrics=dict(parent.data.metrics),
             subgroups_md=subgroups,
             selection_metric=mv.tags.get(TAG_SELECTION, ""),
+            external=self._external_metrics(mv.tags),
         )
+
+    def _external_metrics(self, version_tags: Mapping[str, str]) -> dict[str, dict[str, Any]]:
+        """External dataset → its run's metrics, for the version's ``mammoflow.external.*``."""
+        from mlflow.exceptions import MlflowException
+
+        out: dict[str, dict[str, Any]] = {}
+        for key, run_id in sorted(version_tags.items()):
+            if key.startswith(TAG_EXTERNAL_PREFIX):
+                with self.timed(), contextlib.suppress(MlflowException):
+                    metrics = dict(self._client.get_run(run_id).data.metrics)
+                    out[key.removeprefix(TAG_EXTERNAL_PREFIX)] = {"run": run_id, **metrics}
+        return out
 
     def log_dataset_input(
         self, run_id: str, frame: Any, source: str, digest: str, name: str, context: str
@@ -836,6 +919,23 @@ class Tracker:
         with self.timed():
             self._client.update_model_version(facts.name, facts.version, description=description)
         self.log_text(facts.test_run_id, card, "model_card.md")
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where a model URI comes from: its test run, its training dataset, its registry entry."""
+
+    uri: str
+    dataset: str  # the dataset it was trained on
+    test_run_id: str
+    experiment_id: str
+    name: str = ""  # registered model name ("" for a run / logged-model URI)
+    version: str = ""
+
+    @property
+    def label(self) -> str:
+        """``name vN``, or the URI for an unregistered model."""
+        return f"{self.name} v{self.version}" if self.name and self.version else self.uri
 
 
 @dataclass(frozen=True)

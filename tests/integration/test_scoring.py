@@ -140,6 +140,44 @@ def test_pointing_game_hits_a_planted_lesion_and_misses_a_wrong_geometry(
     assert not any(r["hit"] for r in pointing_game(model, mirrored, cfg, DATASET, None))
 
 
+def test_external_validation_on_another_vendors_films(project: tuple[Path, Config]) -> None:
+    """`mammoflow external`: the sample_mias champion on the second embedded sample (12-bit,
+    another detector curve and noise, other women): evidence, run, link, card and page."""
+    from mammoflow.external import ExternalError, run_external
+
+    root, cfg = project
+    uri = f"models:/mammoflow-{DATASET}@champion"
+    ext = "sample_mias_vendor_b"
+    result = CliRunner().invoke(app, ["external", "--model", uri, "--dataset", ext])
+    assert result.exit_code == 0, result.output
+    ev = json.loads((root / "reports" / ext / "external.json").read_text())
+    assert ev["n_images"] == 40 and ev["n_patients"] == 20 and ev["source_dataset"] == DATASET
+    assert set(ev["shift"]) == {"accuracy", "balanced_accuracy", "f1_macro", "roc_auc"}
+    f1 = ev["shift"]["f1_macro"]
+    assert f1["delta"] == pytest.approx(f1["external"] - f1["own"])
+    assert f1["low"] <= f1["delta"] <= f1["high"]
+    assert ev["own_test_grouping"] == "patient bootstrap"
+    assert {"raw", "calibrated", "raw_ci", "calibrated_ci"} <= set(ev["calibration"])
+    assert ev["temperature"] > 0 and ev["subgroups"] and len(ev["confusion"]) == 40
+    client = mlflow_client(root)
+    run = client.get_run(ev["mlflow_run_id"])
+    assert run.data.tags["mammoflow.role"] == "external"
+    assert run.data.tags["mammoflow.external_dataset"] == ext
+    assert run.data.metrics["external_f1_macro"] == pytest.approx(ev["metrics"]["f1_macro"])
+    assert "shift_f1_macro_ci_low" in run.data.metrics
+    exp = client.get_experiment(run.info.experiment_id)
+    assert exp.name == f"mammoflow-{DATASET}"  # the model's own experiment
+    champion = client.get_model_version_by_alias(f"mammoflow-{DATASET}", "champion")
+    assert champion.tags[f"mammoflow.external.{ext}"] == run.info.run_id
+    assert "## External validation" in champion.description and f"`{ext}`" in champion.description
+    page = (root / "reports" / ext / "report.html").read_text()
+    assert "Shift from the model&#x27;s own test" in page and "External validation" in page
+    with pytest.raises(ExternalError, match=r"label spaces differ: model .* predicts \['normal'"):
+        run_external(cfg, uri, "sample_cmmd", Layout())
+    with pytest.raises(ExternalError, match="was trained on sample_mias"):
+        run_external(cfg, uri, DATASET, Layout())
+
+
 def _wait_ready(
     port: int, proc: subprocess.Popen[bytes], log: Path, timeout: float = 120.0
 ) -> None:

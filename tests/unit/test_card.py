@@ -69,3 +69,27 @@ def test_description_drops_the_subgroups_when_too_long() -> None:
     text = description(_facts(long))
     assert len(text) <= DESCRIPTION_LIMIT and "model_card.md" in text
     assert description(_facts()) == model_card(_facts())
+
+
+def test_card_lists_external_validations() -> None:
+    import dataclasses
+
+    assert "None yet" in model_card(_facts())
+    ext = {
+        "vendor_b": {
+            "run": "r9",
+            "external_n_images": 40.0,
+            "external_f1_macro": 0.41,
+            "external_f1_macro_ci_low": 0.3,
+            "external_f1_macro_ci_high": 0.5,
+            "shift_f1_macro": -0.2,
+            "shift_f1_macro_ci_low": -0.35,
+            "shift_f1_macro_ci_high": -0.05,
+            "external_ece": 0.3,
+            "external_calibrated_ece": 0.2,
+        }
+    }
+    text = model_card(dataclasses.replace(_facts(), external=ext))
+    assert "## External validation" in text
+    assert "| `vendor_b` | 40 | – | 0.410 [0.300, 0.500] | -0.200 [-0.350, -0.050] |" in text
+    assert "0.300 → 0.200" in text and "`r9`" in text
