@@ -23,7 +23,7 @@ _TEST_METRICS = (
     ("accuracy", "Accuracy"),
     ("balanced_accuracy", "Balanced accuracy"),
     ("f1_macro", "F1 (macro)"),
-    ("roc_auc", "ROC AUC"),
+    ("roc_auc", "ROC AUC (one-vs-rest macro)"),
 )
 
 

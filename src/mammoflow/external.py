@@ -281,9 +281,14 @@ def run_external(
         "class_names": list(classes),
         "ci_level": cfg.evaluate.ci,
     }
-    page = render(ev, ext)
-    run_id = tracker.log_external(source, dataset, flat_metrics(ev), ev, page)
+    run_id = tracker.open_external(source, dataset)
     ev["mlflow_run_id"] = run_id
+    try:
+        page = render(ev, ext)
+    except BaseException:
+        tracker.end(run_id, "FAILED")
+        raise
+    tracker.log_external(run_id, source, dataset, flat_metrics(ev), ev, page)
     out_dir = layout.reports() / dataset
     atomic_write_json(out_dir / "external.json", _finite(ev))
     atomic_write_text(out_dir / "report.html", page)
@@ -321,16 +326,16 @@ def render(ev: Mapping[str, Any], ext: Scored) -> str:
     """``reports/<D>/report.html`` of an external validation (figures embedded)."""
     from mammoflow import report
     from mammoflow.calibration import reliability_figure
-    from mammoflow.study_report import _CSS, _ci_cell, _fmt, _grid, _subgroup_html, _table
+    from mammoflow.study_report import _CSS, _LABELS, _ci_cell, _fmt, _grid, _subgroup_html, _table
 
     names = ev["class_names"]
     pct = f"{ev['ci_level']:.0%}"
     rows = [
-        [k, _ci_cell(ev["metrics"].get(k), ev["ci"].get(k))]
+        [_LABELS[k], _ci_cell(ev["metrics"].get(k), ev["ci"].get(k))]
         for k in ("accuracy", "balanced_accuracy", "f1_macro", "roc_auc")
     ]
     shift = [
-        [m, _fmt(s["own"]), _fmt(s["external"]), _ci_cell(s["delta"], s)]
+        [_LABELS.get(m, m), _fmt(s["own"]), _fmt(s["external"]), _ci_cell(s["delta"], s)]
         for m, s in ev.get("shift", {}).items()
     ]
     cal = ev["calibration"]

@@ -35,7 +35,7 @@ _LABELS = {
     "accuracy": "Accuracy",
     "balanced_accuracy": "Balanced acc.",
     "f1_macro": "F1 (macro)",
-    "roc_auc": "ROC AUC",
+    "roc_auc": "ROC AUC (OvR macro)",
 }
 PROVENANCE_TAGS = (
     "dvc_data_hash",
@@ -227,7 +227,9 @@ def curves_figure(data: ReportData, baseline_auc: float = 0.5) -> Any:
         if truth.all() or not truth.any():
             continue
         fpr, tpr, _ = roc_curve(truth, prob[:, -1])
-        roc_ax.plot(fpr, tpr, label=f"{b.name} (AUC {auc(fpr, tpr):.2f})")
+        roc_ax.plot(
+            fpr, tpr, label=f"{b.name} (AUC {data.class_names[-1]} vs rest {auc(fpr, tpr):.2f})"
+        )
         precision, recall, _ = precision_recall_curve(truth, prob[:, -1])
         pr_ax.plot(recall, precision, label=b.name)
         prevalence = float(truth.mean())
@@ -338,6 +340,13 @@ def _comparison(data: ReportData, base: Mapping[str, Any]) -> str:
     return _selection(data) + _table(header, rows) + note
 
 
+def _code(text: str) -> str:
+    """Escape ``text`` for HTML, markdown `code` spans as <code>."""
+    import re
+
+    return re.sub(r"`([^`]+)`", r"<code>\1</code>", html.escape(text))
+
+
 def _selection(data: ReportData) -> str:
     """The selection rule, the winner's-curse warning if it peeks, the champion's test estimate."""
     from mammoflow import champion
@@ -345,10 +354,10 @@ def _selection(data: ReportData) -> str:
     metric = str(data.champion.get("metric") or "")
     if not metric:
         return "<p>No champion chosen yet (run <code>mammoflow evaluate</code>).</p>"
-    parts = [f"<p>{html.escape(champion.rule_text(metric))}</p>"]
+    parts = [f"<p>{_code(champion.rule_text(metric))}</p>"]
     warning = champion.warning_text(metric)
     if warning:
-        parts.append(f"<p class='warn'>{html.escape(warning)}</p>")
+        parts.append(f"<p class='warn'>{_code(warning)}</p>")
     best = {b.name: b for b in data.backbones}.get(str(data.champion.get("best")))
     if best is not None:
         s = best.summary

@@ -649,19 +649,8 @@ class Tracker:
             raise ValueError(f"model {uri!r}: its run {run_id} has no {TAG_DATASET} tag")
         return ModelSource(uri, dataset, run_id, run.info.experiment_id, name, version)
 
-    def log_external(
-        self,
-        source: ModelSource,
-        dataset: str,
-        metrics: Mapping[str, float],
-        evidence: Any,
-        page: str,
-    ) -> str:
-        """An ``external`` run in the model's experiment, linked both ways to the model.
-
-        Tags name the model (URI, registered version, test run); the registered version gets
-        ``mammoflow.external.<dataset>`` = the run id (what its model card reads).
-        """
+    def open_external(self, source: ModelSource, dataset: str) -> str:
+        """A RUNNING ``external`` run in the model's experiment; tags name the model."""
         tags = {
             TAG_ROLE: "external",
             TAG_DATASET: source.dataset,
@@ -676,7 +665,22 @@ class Tracker:
             run = self._client.create_run(
                 source.experiment_id, run_name=f"external-{dataset}", tags=tags
             )
-        run_id = str(run.info.run_id)
+        return str(run.info.run_id)
+
+    def log_external(
+        self,
+        run_id: str,
+        source: ModelSource,
+        dataset: str,
+        metrics: Mapping[str, float],
+        evidence: Any,
+        page: str,
+    ) -> None:
+        """Fill and finish the external run, linked both ways to the model.
+
+        The run shows the logged model as an output; the registered version gets
+        ``mammoflow.external.<dataset>`` = the run id (what its model card reads).
+        """
         with self.run_guard(run_id):
             self.log_metrics(run_id, {k: v for k, v in metrics.items() if math.isfinite(v)})
             self.log_dict(run_id, _finite_json(evidence), "external.json")
@@ -688,7 +692,6 @@ class Tracker:
                     self._client.set_model_version_tag(
                         source.name, source.version, f"{TAG_EXTERNAL_PREFIX}{dataset}", run_id
                     )
-        return run_id
 
     def model_uri_of(self, run_id: str) -> str:
         """The model URI a run logged (its ``mammoflow.model_uri`` tag).
