@@ -108,7 +108,7 @@ def _data(metric: str) -> ReportData:
 def test_the_page_states_the_selection_rule_and_the_unbiased_estimate() -> None:
     data = _data("cv_f1_macro_mean")
     page = render(data, baseline(data, n=20))
-    assert "chosen on the cross-validated metric `cv_f1_macro_mean`" in page
+    assert "chosen on the cross-validated metric <code>cv_f1_macro_mean</code>" in page
     assert "Champion resnet50</b> — held-out test (unbiased estimate, 10 images)" in page
     assert "Warning" not in page and "resnet50 ★" in page
 
