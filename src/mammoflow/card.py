@@ -229,6 +229,12 @@ def _caveats(f: CardFacts) -> list[str]:
             f"- Weights `{weights}`: not ImageNet transfer learning; these numbers show the "
             "machinery, not what the method achieves."
         )
+    if "pointing_game_hit_rate" in m:
+        lines.append(
+            f"- Grad-CAM pointing game: hit rate {_num(m.get('pointing_game_hit_rate'))} "
+            f"(chance {_num(m.get('pointing_game_chance'))}); maps peaking outside the breast: "
+            f"{_num(m.get('pointing_game_outside_breast'))} — a shortcut signal when high."
+        )
     lines += [
         "- Small test sets give wide intervals; read the CIs, not the points.",
         "- Subgroups with fewer than 10 images are flagged ⚠ and say little.",

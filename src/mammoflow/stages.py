@@ -457,8 +457,8 @@ def study_stage(
     hint: str | None = None,
 ) -> dict[str, Any]:
     """The whole study of one dataset: acquire → ingest → validate → convert → split → train
-    each backbone → evaluate → compare, with the dataset's own settings (the paper's for the
-    real datasets).
+    each backbone → evaluate → (MIAS: the Grad-CAM pointing game) → compare, with the dataset's
+    own settings (the paper's for the real datasets).
 
     The weights are resolved first (:func:`check_weights`), so a missing ImageNet file stops the
     study before any data is touched.
@@ -490,4 +490,8 @@ def study_stage(
     for backbone in cfg.model.backbones:
         report("train", train_stage(cfg, dataset, backbone, layout, progress=progress))
     report("evaluate", evaluate_stage(cfg, dataset, layout))
+    if cfg.dataset(dataset).kind == "mias" and cfg.tracking.log_models != "none":
+        from mammoflow.pointing import explain_check  # MIAS carries lesion circles
+
+        report("explain-check", explain_check(cfg, dataset, layout))
     return compare_stage(cfg, [dataset], layout, name=f"study-{dataset}")

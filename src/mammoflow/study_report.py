@@ -491,12 +491,22 @@ def _pointing(explain: Mapping[str, Any] | None, ci: float) -> str:
     if explain.get("skipped"):
         return f"<p>Skipped: {html.escape(str(explain['skipped']))}.</p>"
     rows = [
-        [b, _ci_cell(r.get("hit_rate"), r), str(int(r.get("n", 0)))]
+        [
+            b,
+            _ci_cell(r.get("hit_rate"), r),
+            _fmt(r.get("chance")),
+            _fmt(r.get("outside_breast")),
+            str(int(r.get("n", 0))),
+        ]
         for b, r in explain.get("backbones", {}).items()
     ]
-    return _table(["Backbone", "Hit rate % [CI]", "Images"], rows) + (
+    header = ["Backbone", "Hit rate % [CI]", "Chance %", "Peak outside the breast %", "Images"]
+    return _table(header, rows) + (
         "<p class='note'>Grad-CAM pointing game: share of abnormal test images whose Grad-CAM "
-        f"peak falls inside an annotated lesion circle; {ci:.0%} patient-bootstrap CI.</p>"
+        f"peak falls inside an annotated lesion circle; {ci:.0%} patient-bootstrap CI. Chance: "
+        "the mean share of the breast (Otsu mask) inside the circles — what a uniformly random "
+        "peak in the breast would score. Peak outside the breast: maps pointing at the film "
+        "edge, padding or labels — a shortcut signal, whatever the hit rate.</p>"
     )
 
 

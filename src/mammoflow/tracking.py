@@ -721,6 +721,9 @@ class Tracker:
             "pointing_game_hit_rate_ci_high": rate["high"],
             "pointing_game_n": rate["n"],
         }
+        for key in ("chance", "outside_breast"):  # its chance level, the shortcut signal
+            if key in rate:
+                metrics[f"pointing_game_{key}"] = rate[key]
         with self.timed():
             parent = self._client.get_run(test_run_id).data.tags.get("mlflow.parentRunId")
         for run_id in (test_run_id, parent) if parent else (test_run_id,):

@@ -89,6 +89,7 @@ def test_explain_check_logs_the_pointing_game(project: tuple[Path, Config]) -> N
     res = explain_check(cfg, DATASET, Layout())
     rate = res["backbones"][BACKBONE]
     assert 0.0 <= rate["low"] <= rate["hit_rate"] <= rate["high"] <= 1.0 and rate["n"] >= 2
+    assert 0.0 < rate["chance"] < 0.5 and 0.0 <= rate["outside_breast"] <= 1.0
     on_disk = json.loads((root / "metrics" / "explain" / f"{DATASET}.json").read_text())
     assert on_disk["backbones"][BACKBONE]["hit_rate"] == rate["hit_rate"]
     client = mlflow_client(root)
@@ -97,6 +98,8 @@ def test_explain_check_logs_the_pointing_game(project: tuple[Path, Config]) -> N
     for run in (test_run, parent):
         assert run.data.metrics["pointing_game_hit_rate"] == pytest.approx(rate["hit_rate"])
         assert "pointing_game_hit_rate_ci_low" in run.data.metrics
+        assert run.data.metrics["pointing_game_chance"] == pytest.approx(rate["chance"])
+        assert "pointing_game_outside_breast" in run.data.metrics
     artifacts = {a.path for a in client.list_artifacts(test_run.info.run_id)}
     assert "pointing_game.json" in artifacts
 

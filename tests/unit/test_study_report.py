@@ -61,7 +61,18 @@ def test_page_is_self_contained_with_every_section() -> None:
         validation={"results": [{"success": True}], "rows": 30, "success": True},
         audit={"inflation": {"accuracy": {"image": 0.9, "patient": 0.7, "inflation": 0.2}}},
         card="# Model card",
-        explain={"backbones": {"vgg16": {"hit_rate": 0.5, "low": 0.2, "high": 0.8, "n": 6.0}}},
+        explain={
+            "backbones": {
+                "vgg16": {
+                    "hit_rate": 0.5,
+                    "low": 0.2,
+                    "high": 0.8,
+                    "n": 6.0,
+                    "chance": 0.031,
+                    "outside_breast": 0.75,
+                }
+            }
+        },
         patients={f"i{k}": f"p{k // 2}" for k in range(30)},
     )
     base = baseline(data, n=20)
@@ -86,6 +97,7 @@ def test_page_is_self_contained_with_every_section() -> None:
     assert "vgg16 ★" in page and f"majority class ({base['class']})" in page
     assert "ECE raw" in page and "CC ⚠" in page and "d1.dir" in page
     assert "50.0 [20.0, 80.0]" in page
+    assert "Peak outside the breast %" in page and "<td>3.1</td><td>75.0</td>" in page
     images = re.findall(r"src='data:image/png;base64,", page)
     assert len(images) == 1 + 2 * 4  # ROC/PR + per backbone confusion, reliability, curves, folds
     assert "http://" not in page and "https://" not in page
