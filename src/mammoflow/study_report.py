@@ -482,7 +482,54 @@ def _audit(audit: Mapping[str, Any] | None) -> str:
         head
         + _table(["Metric", "image-level", "patient-level", "inflation [CI]"], rows)
         + _table(["Split check", *(f"split by {g}" for g in checks)], check_rows)
+        + _near_pairs(checks)
     )
+
+
+def _near_pairs(checks: Mapping[str, Any]) -> str:
+    """The near-duplicate rule and its measured false-positive rate, then every flagged pair
+    side by side (thumbnails) for a person to judge."""
+    cal = next((c.get("near_duplicate_calibration") for c in checks.values() if c), None)
+    note = ""
+    if cal:
+        note = (
+            f"<p class='note'>Near duplicates: {html.escape(str(cal['descriptor']))}, within "
+            f"{cal['threshold_bits']} bits. Calibrated on {html.escape(str(cal['data']))}: "
+            f"{cal['true_positive_rate']:.1%} of {cal['positives']} known copies (re-encoded, "
+            f"resized, re-windowed, cropped) found; {cal['false_positives']} of "
+            f"{cal['negatives']} pairs of different women flagged (false-positive rate "
+            f"{cal['false_positive_rate']:.1e}).</p>"
+        )
+    figures = []
+    for group, c in checks.items():
+        for pair in c.get("near_pairs", []):
+            cells = "".join(
+                f"<figure>{_thumb(pair[f'path_{s}'])}<figcaption>{html.escape(pair[s])}"
+                "</figcaption></figure>"
+                for s in ("a", "b")
+            )
+            figures.append(
+                f"<div><p class='note'>split by {html.escape(group)}: {pair['bits']} bits</p>"
+                f"<div class='grid'>{cells}</div></div>"
+            )
+    pairs = "<div class='grid'>" + "".join(figures) + "</div>" if figures else ""
+    return note + (pairs or "<p>No near-duplicate pair flagged.</p>")
+
+
+def _thumb(path: str, side: int = 160) -> str:
+    """A small embedded PNG of a converted image (or a note when the file is not here)."""
+    import io
+
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            im.thumbnail((side, side))
+            buf = io.BytesIO()
+            im.convert("L").save(buf, "PNG")
+    except OSError:
+        return f"<p class='note'>({html.escape(path)} not here)</p>"
+    return f"<img alt='' src='data:image/png;base64,{base64.b64encode(buf.getvalue()).decode()}'>"
 
 
 def _pointing(explain: Mapping[str, Any] | None, ci: float) -> str:
