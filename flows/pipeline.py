@@ -179,15 +179,19 @@ def evaluate_flow(params_path: str = "params.yaml", datasets: list[str] | None =
 @task(task_run_name="push", cache_policy=NO_CACHE, retries=IO_RETRIES, retry_delay_seconds=10)
 def push(params_path: str) -> Summary:
     """Send the data and run cache to the project's default DVC remote; say what was sent."""
+    from mammoflow.lineage import mark_pushed
+
     _, root = _load(params_path)
     res = dvc_runner.push(root, on_line=get_run_logger().info)
+    marked = mark_pushed(root)  # their runs' data is now fetchable from the remote: say so
     create_markdown_artifact(
         key="dvc-push",
         markdown=f"**DVC push** to remote `{res.remote}` (`{res.url}`): {res.pushed} file(s) "
-        f"sent, data and run cache.\n\n`{res.message}`",
+        f"sent, data and run cache.\n\n`{res.message}`\n\nMLflow runs now marked "
+        f"`dvc_data_location: remote`: {len(marked)}",
         description="What this run pushed to the DVC remote",
     )
-    return {"remote": res.remote, "url": res.url, "pushed": res.pushed}
+    return {"remote": res.remote, "url": res.url, "pushed": res.pushed, "runs_marked": marked}
 
 
 @task(task_run_name="artifacts", cache_policy=NO_CACHE)

@@ -7,8 +7,11 @@
   "is this class", averaged over the classes.
 * Temperature scaling (Guo et al. 2017): the stored probabilities become logits through
   ``log`` (softmax is shift-invariant, so ``softmax(log p / T)`` is the scaled model); ``T`` is
-  fitted by minimising the negative log-likelihood on the out-of-fold validation predictions and
-  applied to the held-out test. It never changes the arg-max, so accuracy and F1 stay the same.
+  fitted by minimising the negative log-likelihood on the out-of-fold validation predictions —
+  predictions of single fold models — and so applied to single models: to each member of an
+  ensemble before the mean (:func:`calibrated_probabilities`), exactly as the registered
+  serving model does it (a ``temperature`` layer, see ``models.build.ensemble_model``). On one
+  model it never changes the arg-max; on an ensemble's mean it can (counted: ``argmax_changed``).
 * Confidence intervals resample *patients*, as :func:`mammoflow.metrics.bootstrap_ci` does.
 """
 
@@ -145,6 +148,24 @@ def apply_temperature(y_prob: np.ndarray, temperature: float) -> np.ndarray:
     return e / e.sum(axis=1, keepdims=True)
 
 
+def calibrated_probabilities(members: Sequence[np.ndarray], temperature: float) -> np.ndarray:
+    """What the served (registered) model returns: ``mean_k softmax(log p_k / T)``.
+
+    ``members``: the probabilities of the test model's members on the same rows — the K fold
+    models of an ``ensemble`` (T, fitted on single fold models' out-of-fold predictions, is
+    applied to each before the mean, as it was fitted), or the one ``refit`` model.
+
+    Raises:
+        MetricsError: no members, members of different shapes, or a bad temperature.
+    """
+    if not members:
+        raise MetricsError("no member probabilities to calibrate")
+    arrays = [np.asarray(m, np.float64) for m in members]
+    if any(a.shape != arrays[0].shape for a in arrays):
+        raise MetricsError(f"member probabilities differ in shape: {[a.shape for a in arrays]}")
+    return np.mean([apply_temperature(a, temperature) for a in arrays], axis=0)
+
+
 def fit_temperature(y_true: np.ndarray, y_prob: np.ndarray) -> float:
     """The temperature minimising the NLL of ``softmax(log p / T)`` on ``(y_true, y_prob)``.
 
@@ -222,6 +243,8 @@ class Calibration:
     calibrated_ci: dict[str, dict[str, float]]
     oof: dict[str, float]
     bins: dict[str, list[dict[str, float]]] = field(default_factory=dict)
+    members: int = 1  # test-model members T is applied to before the mean (K for an ensemble)
+    argmax_changed: int = 0  # test rows whose predicted class calibration changed (ensemble)
 
     def to_dict(self) -> dict[str, Any]:
         """The ``calibration.json`` sidecar (what ``predict`` needs: ``temperature``)."""
@@ -230,6 +253,13 @@ class Calibration:
             "temperature": self.temperature,
             "fitted_on": "out-of-fold validation predictions",
             "logits": "log(probability)",
+            "applied": "per member, then averaged: mean_k softmax(log p_k / T)"
+            if self.members > 1
+            else "softmax(log p / T)",
+            "members": self.members,
+            "served": "the registered model applies T itself (layer 'temperature'); "
+            "`mammoflow predict --raw` gives the uncalibrated probabilities",
+            "argmax_changed": self.argmax_changed,
             "n_fit": self.n_fit,
             "n_test": self.n_test,
             "n_bins": self.n_bins,
@@ -253,6 +283,7 @@ class Calibration:
                 out[f"{prefix}{m}_ci_low"] = c["low"]
                 out[f"{prefix}{m}_ci_high"] = c["high"]
         out.update({f"oof_{k}": v for k, v in self.oof.items()})
+        out["test_calibrated_argmax_changed"] = float(self.argmax_changed)
         return out
 
 
@@ -267,10 +298,21 @@ def calibrate(
     ci: float = 0.95,
     seed: int = 0,
     n_bins: int = N_BINS,
+    test_members: Sequence[np.ndarray] | None = None,
+    temperature: float | None = None,
 ) -> Calibration:
-    """Fit T on the out-of-fold validation predictions; measure the test before and after."""
-    temperature = fit_temperature(val_y, val_prob)
-    scaled = apply_temperature(np.asarray(test_prob, np.float64), temperature)
+    """Fit T on the out-of-fold validation predictions; measure the test before and after.
+
+    ``test_members``: the test model's members' probabilities (an ensemble's fold models); the
+    calibrated test is :func:`calibrated_probabilities` of them, as the served model computes
+    it. Default: ``test_prob`` is one model. ``temperature``: use this T (already fitted on the
+    same out-of-fold predictions) instead of fitting it again.
+    """
+    if temperature is None:
+        temperature = fit_temperature(val_y, val_prob)
+    members = list(test_members) if test_members is not None else [test_prob]
+    scaled = calibrated_probabilities(members, temperature)
+    raw = np.asarray(test_prob, np.float64)
     boot: dict[str, Any] = {"n": n, "ci": ci, "seed": seed, "n_bins": n_bins}
     return Calibration(
         temperature=temperature,
@@ -286,6 +328,8 @@ def calibrate(
             "raw": reliability_bins(test_y, test_prob, n_bins),
             "calibrated": reliability_bins(test_y, scaled, n_bins),
         },
+        members=len(members),
+        argmax_changed=int((scaled.argmax(axis=1) != raw.argmax(axis=1)).sum()) if raw.size else 0,
     )
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 # What the paper this project started from reports, and how (the comparison needs the "how").
 PAPER_CLAIM = (
@@ -22,7 +23,7 @@ _TEST_METRICS = (
     ("accuracy", "Accuracy"),
     ("balanced_accuracy", "Balanced accuracy"),
     ("f1_macro", "F1 (macro)"),
-    ("roc_auc", "ROC AUC"),
+    ("roc_auc", "ROC AUC (one-vs-rest macro)"),
 )
 
 
@@ -41,6 +42,9 @@ class CardFacts:
     tags: Mapping[str, str] = field(default_factory=dict)
     metrics: Mapping[str, float] = field(default_factory=dict)
     subgroups_md: str = ""
+    selection_metric: str = ""  # tracking.registry_metric it was promoted on ("" = unknown)
+    #: external dataset → its external run's metrics (and "run": the run id)
+    external: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
 
 
 def _num(value: float | None, digits: int = 3) -> str:
@@ -112,6 +116,9 @@ def _metrics(f: CardFacts) -> list[str]:
         f"brackets: {level} patient-bootstrap CI. CV: mean ± std over "
         f"{f.params.get('split.k_folds', '?')} folds.",
         "",
+    ]
+    lines += _selection(f)
+    lines += [
         "| metric | test [CI] | CV mean ± std |",
         "|---|---|---|",
     ]
@@ -125,6 +132,21 @@ def _metrics(f: CardFacts) -> list[str]:
         f"{_num(m.get('specificity_mean'))} ± {_num(m.get('specificity_std'))} |",
         "",
     ]
+    return lines
+
+
+def _selection(f: CardFacts) -> list[str]:
+    """The selection rule, and the winner's-curse warning when the test set chose the model."""
+    from mammoflow.champion import rule_text, warning_text
+
+    if not f.selection_metric:
+        return ["Selection rule: not recorded on this version (promoted before it was).", ""]
+    warning = warning_text(f.selection_metric)
+    lines = [rule_text(f.selection_metric), ""]
+    if warning:
+        lines += [f"> ⚠ {warning}", ""]
+    else:
+        lines += ["The test column is the unbiased estimate of this model's performance.", ""]
     return lines
 
 
@@ -157,10 +179,39 @@ def _calibration(f: CardFacts) -> list[str]:
         f"- Classwise ECE, test: raw {_with_ci(m, 'test_classwise_ece')}, calibrated "
         f"{_with_ci(m, 'test_calibrated_classwise_ece')}.",
         f"- Temperature T = {_num(m.get('temperature'))}, fitted on the out-of-fold validation "
-        "predictions; calibrated probabilities are softmax(log p / T) (tag "
-        "`mammoflow.temperature`, sidecar `calibration.json` on the test run).",
+        "predictions of the single fold models; calibrated probabilities are softmax(log p / T) "
+        "of each fold model, averaged (tag `mammoflow.temperature`, sidecar `calibration.json` "
+        "on the test run).",
+        "- **Served probabilities are the calibrated ones**: the registered model applies T "
+        "itself (its `temperature` layer), in `mlflow models serve`, pyfunc, `mammoflow "
+        "predict` and `serve`; `mammoflow predict --raw` gives the uncalibrated ones.",
         "",
     ]
+
+
+def _external(f: CardFacts) -> list[str]:
+    """The external validations of this version (``mammoflow external``)."""
+    lines = ["## External validation", ""]
+    if not f.external:
+        return [*lines, "None yet (`mammoflow external --model … --dataset …`).", ""]
+    lines += [
+        "Datasets the model never trained on, through the training's readers and conversion; "
+        "brackets: patient-bootstrap CI; Δ: external − own test (two independent bootstraps).",
+        "",
+        "| dataset | images | accuracy | F1 (macro) | Δ F1 | ECE raw → calibrated | run |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name, m in f.external.items():
+        delta = f"{_num(m.get('shift_f1_macro'))} [{_num(m.get('shift_f1_macro_ci_low'))}, " + (
+            f"{_num(m.get('shift_f1_macro_ci_high'))}]"
+        )
+        ece = f"{_num(m.get('external_ece'))} → {_num(m.get('external_calibrated_ece'))}"
+        lines.append(
+            f"| `{name}` | {int(m.get('external_n_images', 0))} | "
+            f"{_with_ci(m, 'external_accuracy')} | {_with_ci(m, 'external_f1_macro')} | "
+            f"{delta} | {ece} | `{m.get('run', '?')}` |"
+        )
+    return [*lines, ""]
 
 
 def _caveats(f: CardFacts) -> list[str]:
@@ -177,6 +228,12 @@ def _caveats(f: CardFacts) -> list[str]:
         lines.append(
             f"- Weights `{weights}`: not ImageNet transfer learning; these numbers show the "
             "machinery, not what the method achieves."
+        )
+    if "pointing_game_hit_rate" in m:
+        lines.append(
+            f"- Grad-CAM pointing game: hit rate {_num(m.get('pointing_game_hit_rate'))} "
+            f"(chance {_num(m.get('pointing_game_chance'))}); maps peaking outside the breast: "
+            f"{_num(m.get('pointing_game_outside_breast'))} — a shortcut signal when high."
         )
     lines += [
         "- Small test sets give wide intervals; read the CIs, not the points.",
@@ -207,6 +264,7 @@ def model_card(facts: CardFacts, *, subgroups: bool = True) -> str:
         + _data(facts)
         + sub
         + _calibration(facts)
+        + _external(facts)
         + _caveats(facts)
     )
     return "\n".join(parts)

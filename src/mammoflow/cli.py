@@ -263,7 +263,7 @@ def evaluate_cmd(
     dataset: Annotated[str, typer.Option(help="Dataset name.")],
     params: ParamsOpt = Path("params.yaml"),
 ) -> None:
-    """Rank the backbones on the held-out test set and promote the champion in the registry."""
+    """Rank the backbones by tracking.registry_metric (default: CV macro F1); promote the best."""
     from mammoflow.stages import evaluate_stage
 
     _echo(evaluate_stage(_config(params), dataset))
@@ -432,6 +432,9 @@ def predict_cmd(
         str | None, typer.Option(help="Grad-CAM layer; default the last convolution.")
     ] = None,
     batch_size: Annotated[int, typer.Option(help="Images per forward pass.")] = 16,
+    raw: Annotated[
+        bool, typer.Option(help="Uncalibrated probabilities (default: the model's calibrated).")
+    ] = False,
     params: ParamsOpt = Path("params.yaml"),
 ) -> None:
     """Score new mammograms with the dataset's champion (or --model); exit 1 if any file failed."""
@@ -447,6 +450,7 @@ def predict_cmd(
             explain_dir=explain,
             batch_size=batch_size,
             target_layer=target_layer,
+            raw=raw,
         )
     except (ConfigError, ValueError, FileNotFoundError) as exc:
         console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
@@ -461,6 +465,21 @@ def predict_cmd(
         for f in res.failures:
             console.print(f"  - {f.path}: {f.reason}", highlight=False, soft_wrap=True)
         raise typer.Exit(code=1)
+
+
+@app.command("external")
+@_friendly
+def external_cmd(
+    model: Annotated[
+        str, typer.Option(help="MLflow model URI, e.g. models:/mammoflow-D@champion.")
+    ],
+    dataset: Annotated[str, typer.Option(help="Labelled dataset the model never trained on.")],
+    params: ParamsOpt = Path("params.yaml"),
+) -> None:
+    """External validation: score DATASET with MODEL; metrics, calibration, shift; log, report."""
+    from mammoflow.external import run_external
+
+    _echo(run_external(_config(params), model, dataset))
 
 
 @app.command("explain-check")

@@ -7,6 +7,7 @@ value and what is allowed.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Literal
@@ -175,6 +176,9 @@ class DatasetConfig(_Section):
 
     kind: Literal["mias", "cmmd"]
     acquire: Literal["sample", "local"] = "local"
+    #: acquire: sample only — standard, or vendor_b (MIAS-shaped films of "another vendor":
+    #: 12-bit, another detector curve and noise, other women; for external validation)
+    variant: Literal["standard", "vendor_b"] = "standard"
     source: Path | None = None
     clinical: Path | None = None
     #: this dataset's model / train settings where they differ from the global ones
@@ -187,6 +191,11 @@ class DatasetConfig(_Section):
             raise ValueError("a dataset with acquire: local needs 'source' (archive or folder)")
         if self.acquire == "local" and self.kind == "cmmd" and self.clinical is None:
             raise ValueError("a cmmd dataset needs 'clinical' (the clinical .xlsx or .csv)")
+        if self.variant != "standard" and (self.acquire != "sample" or self.kind != "mias"):
+            raise ValueError(
+                f"variant {self.variant!r} is a generated MIAS sample: use it with kind: mias "
+                "and acquire: sample"
+            )
         return self
 
 
@@ -199,11 +208,26 @@ class EvaluateConfig(_Section):
     test_model: Literal["refit", "ensemble"] = "ensemble"
 
 
+#: tracking.registry_metric: a CV aggregate (``cv_<metric>_mean|_std``) or a test metric
+REGISTRY_METRIC_PATTERN = r"cv_\w+_(mean|std)|test_\w+"
+
+
 class TrackingConfig(_Section):
     """MLflow logging and the model registry."""
 
     log_models: Literal["all", "final", "none"] = "all"
-    registry_metric: str = "test_f1_macro"
+    #: cv_<metric>_mean: chosen without the test set (the default); test_<metric> peeks
+    registry_metric: str = "cv_f1_macro_mean"
+
+    @field_validator("registry_metric")
+    @classmethod
+    def _registry_metric(cls, v: str) -> str:
+        if not re.fullmatch(REGISTRY_METRIC_PATTERN, v):
+            raise ValueError(
+                f"{v!r}: use cv_<metric>_mean (cross-validated, e.g. 'cv_f1_macro_mean') or "
+                "test_<metric> (held-out test, optimistic when used to select)"
+            )
+        return v
 
 
 #: Validation metrics a tuning study can optimise (keys of ``metrics.compute_metrics``; a

@@ -2,7 +2,8 @@
 
 For each backbone's test model, the share of abnormal held-out test images whose Grad-CAM
 maximum (in the original geometry) falls inside an annotated lesion circle, with a patient
-bootstrap CI — logged to MLflow and written to ``metrics/explain/<dataset>.json``. Images are read
+bootstrap CI, beside its chance level (the mean share of the breast mask inside the circles: a
+uniformly random peak in the breast) and the share of maps that peak outside the breast — logged to MLflow and written to ``metrics/explain/<dataset>.json``. Images are read
 and converted by :mod:`mammoflow.predict` (the training conversion), maps computed by
 :mod:`mammoflow.explain`.
 """
@@ -76,6 +77,34 @@ def annotated_test_images(cfg: Config, dataset: str, layout: Layout) -> list[Ann
     return out
 
 
+def lesion_mask(lesions: Sequence[Mapping[str, Any]], shape: tuple[int, int]) -> np.ndarray:
+    """Pixels inside any lesion circle (MIAS x, y from the bottom-left), as ``hit`` tests them."""
+    h, w = shape
+    rows, cols = np.mgrid[0:h, 0:w]
+    out = np.zeros((h, w), bool)
+    for lesion in lesions:
+        x, y, r = lesion.get("x"), lesion.get("y"), lesion.get("radius")
+        if x is None or y is None or r is None:
+            continue
+        out |= np.hypot(cols - float(x), rows - (h - 1 - float(y))) <= float(r)
+    return out
+
+
+def chance_and_outside(
+    original: np.ndarray, lesions: Sequence[Mapping[str, Any]], point: tuple[int, int] | None
+) -> tuple[float, bool]:
+    """``(chance, outside)`` of one image: the share of the breast inside the lesion circles
+    (the hit probability of a uniformly random peak in the breast), and whether the map's peak
+    lies outside the breast mask (a shortcut signal: film edge, padding, labels)."""
+    from mammoflow.data.images import breast_mask
+
+    breast = breast_mask(np.asarray(original, np.float32))
+    area = int(breast.sum())
+    chance = float((breast & lesion_mask(lesions, breast.shape)).sum() / area) if area else 0.0
+    outside = point is None or not bool(breast[point])
+    return chance, outside
+
+
 def pointing_game(
     model: Any, items: Sequence[Annotated], cfg: Config, dataset: str, target_layer: str | None
 ) -> list[dict[str, Any]]:
@@ -100,12 +129,15 @@ def pointing_game(
         )
         for a, p, cam in zip(chunk, prepared, cams, strict=True):
             point = peak(to_original(cam, p.geometry))
+            chance, outside = chance_and_outside(p.original, a.lesions, point)
             rows.append(
                 {
                     "image_id": a.image_id,
                     "patient_id": a.patient_id,
                     "peak": list(point) if point else None,
                     "hit": hit(point, a.lesions, p.geometry.height),
+                    "chance": chance,
+                    "outside_breast": outside,
                 }
             )
     return rows
@@ -148,6 +180,10 @@ def explain_check(
                 n=max(cfg.evaluate.bootstrap, 1),
                 ci=cfg.evaluate.ci,
             )
+            # beside the rate: what a random peak in the breast would score, and how often
+            # the map points outside the breast at all
+            rate["chance"] = float(np.mean([r["chance"] for r in rows]))
+            rate["outside_breast"] = float(np.mean([r["outside_breast"] for r in rows]))
             tracker.log_pointing_game(run_id, rate, rows)
             out["backbones"][backbone] = {**rate, "mlflow_test_run_id": run_id}
     atomic_write_json(layout.root / "metrics" / "explain" / f"{dataset}.json", out)

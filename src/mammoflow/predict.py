@@ -29,6 +29,7 @@ from mammoflow.config import Config
 
 if TYPE_CHECKING:
     from mammoflow.data.dicom import Acceptance
+    from mammoflow.tracking import ServingModel
 
 SUFFIXES = (".dcm", ".dicom", ".pgm", ".png")
 ID_HEX = 16
@@ -306,8 +307,12 @@ def predict_files(
     batch_size: int = DEFAULT_BATCH,
     progress: bool = True,
     target_layer: str | None = None,
+    raw: bool = False,
 ) -> PredictResult:
     """Score every image under ``paths`` with ``model_uri`` (default: the dataset's champion).
+
+    The registered model returns calibrated probabilities (its temperature layer); ``raw``
+    rebuilds it with T = 1 for the uncalibrated ones. Each row says which it holds.
 
     Good files are scored even when others fail; the failures are in the result (the caller
     decides the exit code). ``out`` is written atomically; ``explain_dir`` gets a Grad-CAM
@@ -328,7 +333,9 @@ def predict_files(
     cfg = cfg.for_dataset(dataset)
     classes = class_names(cfg, dataset)
     files, failures = find_images(paths)
-    model = Tracker().load_serving_model(model_uri or default_model_uri(dataset))
+    model, calibration = calibration_mode(
+        Tracker().load_serving_model(model_uri or default_model_uri(dataset)), raw
+    )
     check_outputs(model.model, len(classes), model.uri)
     key = pseudonymizer(cfg.ingest.pseudonymize).key
     rules = acceptance(cfg, dataset)
@@ -340,7 +347,8 @@ def predict_files(
             if ready:
                 probs = forward(model.model, np.stack([r.pixels for r in ready]))
                 result.rows.extend(
-                    result_row(r, p, classes, model) for r, p in zip(ready, probs, strict=True)
+                    result_row(r, p, classes, model) | calibration
+                    for r, p in zip(ready, probs, strict=True)
                 )
                 if explain_dir is not None:
                     result.explained.extend(
@@ -351,6 +359,35 @@ def predict_files(
     if out is not None:
         write_rows(result.rows, out)
     return result
+
+
+def calibration_mode(model: ServingModel, raw: bool) -> tuple[ServingModel, dict[str, Any]]:
+    """The model to score with, and the columns saying what its probabilities are.
+
+    A calibrated model (a ``temperature`` layer) is used as is, or with T = 1 when ``raw``; a
+    model without one (trained before calibrated serving) gives raw probabilities either way,
+    with a warning when calibrated ones were asked for.
+    """
+    import dataclasses
+    import logging
+
+    from mammoflow.models.build import model_temperature, with_temperature
+
+    t = model_temperature(model.model)
+    if t is None:
+        if not raw:
+            logging.getLogger(__name__).warning(
+                "model %s has no temperature layer: its probabilities are uncalibrated "
+                "(retrain to serve calibrated ones)",
+                model.uri,
+            )
+        return model, {"calibrated": False, "temperature": None}
+    if raw:
+        return dataclasses.replace(model, model=with_temperature(model.model, 1.0)), {
+            "calibrated": False,
+            "temperature": t,
+        }
+    return model, {"calibrated": True, "temperature": t}
 
 
 def check_outputs(model: Any, n_classes: int, uri: str) -> None:

@@ -7,6 +7,7 @@ dataset name and a :class:`Layout`, does the I/O, and returns a small summary di
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -16,6 +17,8 @@ from mammoflow.paths import Layout
 
 if TYPE_CHECKING:
     from mammoflow.train import FoldResult
+
+log = logging.getLogger(__name__)
 
 
 def source_stage(cfg: Config, dataset: str, layout: Layout | None = None) -> dict[str, Any]:
@@ -268,13 +271,13 @@ def evaluate_stage(cfg: Config, dataset: str, layout: Layout | None = None) -> d
     """Pick the best backbone of ``dataset`` and promote it in the MLflow registry."""
     import json
 
+    from mammoflow import champion
     from mammoflow.io import atomic_write_json
     from mammoflow.tracking import Tracker
 
     cfg.dataset(dataset)
     layout = layout or Layout()
     metric = cfg.tracking.registry_metric
-    key = metric.removeprefix("test_")
     scores: dict[str, float] = {}
     runs: dict[str, str] = {}
     for backbone in cfg.model.backbones:
@@ -284,12 +287,21 @@ def evaluate_stage(cfg: Config, dataset: str, layout: Layout | None = None) -> d
                 f"{path}: missing; run `mammoflow train --dataset {dataset} --backbone {backbone}`"
             )
         summary = json.loads(path.read_text(encoding="utf-8"))
-        value = summary["test"].get(key)
-        scores[backbone] = float("nan") if value is None else float(value)
+        scores[backbone] = champion.value(summary, metric)
         runs[backbone] = summary["mlflow_test_run_id"]
-    ranked = sorted(scores, key=lambda b: (scores[b] == scores[b], scores[b]), reverse=True)
-    best = ranked[0]
-    out: dict[str, Any] = {"dataset": dataset, "metric": metric, "scores": scores, "best": best}
+    best = champion.rank(scores)[0]
+    out: dict[str, Any] = {
+        "dataset": dataset,
+        "metric": metric,
+        "scores": scores,
+        "best": best,
+        "rule": champion.rule_text(metric),
+        "peeks_at_test": champion.peeks(metric),
+    }
+    warning = champion.warning_text(metric)
+    if warning:
+        out["warning"] = warning
+        log.warning("%s", warning)
     if cfg.tracking.log_models != "none":
         out["registry"] = Tracker(root=layout.root).promote(
             dataset, runs[best], metric, scores[best]

@@ -208,11 +208,14 @@ class _Context:
             for i, w in enumerate(weights, start=1)
         ]
 
-    def serving(self, heads: list[Any]) -> Any:
-        """The full serving model of one (refit) or several (ensemble) trained tails + heads."""
+    def serving(self, heads: list[Any], temperature: float | None = None) -> Any:
+        """The full serving model of one (refit) or several (ensemble) trained tails + heads.
+
+        With ``temperature`` it returns calibrated probabilities (T applied to each member).
+        """
         from mammoflow.models.build import ensemble_model
 
-        return ensemble_model(self.bb, heads)
+        return ensemble_model(self.bb, heads, temperature)
 
 
 def run_study(
@@ -262,8 +265,9 @@ def run_study(
         if progress:
             ctx.eta = _Eta(backbone, inp.cfg.train.epochs, _fold_count(inp, finished))
         folds = {f: _cv_fold(ctx, f, finished.get(f"fold-{f}")) for f in inp.folds}
-        test_run_id, test_rec, histories = _test(ctx, folds, finished.get("test"))
-        result = _aggregate(ctx, folds, test_rec, test_run_id)
+        temperature = _temperature(folds, inp.n_classes)  # before the served model is built
+        test_run_id, test_rec, histories = _test(ctx, folds, finished.get("test"), temperature)
+        result = _aggregate(ctx, folds, test_rec, test_run_id, temperature)
     result.seconds = {"features": t_features, "total": time.perf_counter() - t_start}
     histories.update({f: o.history for f, o in folds.items() if o.history})
     write_outputs(result, layout, folds, test_rec, histories)
@@ -306,10 +310,22 @@ def _failed_on_error(ctx: _Context, run_id: str, train: Callable[[], FoldResult]
         raise
 
 
+def _temperature(folds: Mapping[int, FoldOutcome], n_classes: int) -> float:
+    """T fitted on the folds' out-of-fold validation predictions (calibration.py)."""
+    from mammoflow.calibration import fit_temperature
+
+    _, val_y, val_p = _oof(folds, n_classes)
+    return fit_temperature(val_y, val_p)
+
+
 def _test(
-    ctx: _Context, folds: Mapping[int, FoldOutcome], done: Any | None
+    ctx: _Context, folds: Mapping[int, FoldOutcome], done: Any | None, temperature: float
 ) -> tuple[str, dict[str, Any], dict[int, dict[str, list[float]]]]:
-    """The held-out test: ``(run id, predictions record, {0: refit history})``."""
+    """The held-out test: ``(run id, predictions record, {0: refit history})``.
+
+    The predictions record holds the raw probabilities (what the study's metrics describe);
+    the logged serving model applies ``temperature`` (calibrated probabilities where served).
+    """
     if done is not None:
         run_id = done.info.run_id
         return run_id, ctx.run.tracker.load_json_artifact(run_id, "predictions.json"), {}
@@ -320,7 +336,7 @@ def _test(
         res = _failed_on_error(ctx, run_id, lambda: ctx.result(0))
         ev = ctx.evaluation(res.test_ids, res.test_true, res.test_prob)
         heads = ctx.heads([res.weights])  # one rebuild serves the logged model and head.keras
-        model = ctx.serving(heads) if log_model else None
+        model = ctx.serving(heads, temperature) if log_model else None
         ctx.run.log_test(ev, mode, res.history, model, ctx.example, run_id=run_id)
         _save_head(ctx, heads)
         return run_id, ev.record(), {0: res.history}
@@ -328,7 +344,7 @@ def _test(
     prob = np.mean([np.asarray(o.test["prob"], np.float32) for o in folds.values()], axis=0)
     ev = ctx.evaluation(first["image_id"], np.asarray(first["y_true"], np.int64), prob)
     heads = ctx.heads([_fold_weights(ctx, o) for o in folds.values()]) if log_model else []
-    model = ctx.serving(heads) if heads else None
+    model = ctx.serving(heads, temperature) if heads else None
     run_id = ctx.run.log_test(ev, mode, None, model, ctx.example)
     if heads:
         _save_head(ctx, heads)
@@ -348,7 +364,11 @@ def _fold_weights(ctx: _Context, outcome: FoldOutcome) -> list[np.ndarray]:
 
 
 def _aggregate(
-    ctx: _Context, folds: Mapping[int, FoldOutcome], test_rec: Mapping[str, Any], test_run_id: str
+    ctx: _Context,
+    folds: Mapping[int, FoldOutcome],
+    test_rec: Mapping[str, Any],
+    test_run_id: str,
+    temperature: float,
 ) -> StudyResult:
     """CV mean/std, test metrics with patient-bootstrap CIs, logged on the parent run."""
     from mammoflow import metrics as mt
@@ -371,7 +391,9 @@ def _aggregate(
     cv = mt.aggregate(list(fold_metrics.values()))
     reused = [f for f, o in sorted(folds.items()) if o.reused]
     ctx.run.finish(cv, test, ci, folds_figure(fold_metrics, inp.backbone), reused)
-    calibration = _calibrate(ctx, folds, y, prob, [patients[i] for i in ids], test_run_id)
+    calibration = _calibrate(
+        ctx, folds, (ids, y, prob), [patients[i] for i in ids], test_run_id, temperature
+    )
     subgroups = _subgroups(ctx, folds, (ids, y, prob))
     return StudyResult(
         dataset=inp.dataset,
@@ -429,16 +451,26 @@ def _subgroups(
 def _calibrate(
     ctx: _Context,
     folds: Mapping[int, FoldOutcome],
-    y: np.ndarray,
-    prob: np.ndarray,
+    test: tuple[list[str], np.ndarray, np.ndarray],
     groups: Sequence[str],
     test_run_id: str,
+    temperature: float,
 ) -> dict[str, Any]:
-    """Temperature fitted on the out-of-fold validation predictions, applied to the test."""
+    """Temperature fitted on the out-of-fold validation predictions, applied to the test as the
+    served model applies it: to each fold model of an ensemble before the mean."""
     from mammoflow import calibration as cal
 
     cfg = ctx.inp.cfg
+    ids, y, prob = test
     _, val_y, val_p = _oof(folds, ctx.inp.n_classes)
+    members = None
+    if cfg.evaluate.test_model == "ensemble":
+        members = []
+        for f, o in sorted(folds.items()):
+            m_ids, _, m_prob = _from_record(o.test, ctx.inp.n_classes)
+            if m_ids != ids:
+                raise ValueError(f"fold {f}'s test predictions are not of the ensemble's rows")
+            members.append(m_prob)
     res = cal.calibrate(
         val_y,
         val_p,
@@ -448,6 +480,8 @@ def _calibrate(
         n=max(cfg.evaluate.bootstrap, 1),
         ci=cfg.evaluate.ci,
         seed=cfg.train.seed,
+        test_members=members,
+        temperature=temperature,
     )
     figure = cal.reliability_figure(
         res.bins, f"{ctx.inp.backbone}: test (T = {res.temperature:.2f})"
@@ -610,7 +644,8 @@ def _models_readme(result: StudyResult) -> str:
         "model's validation ('folds') and test ('fold_test') predictions\n"
         "history.json: per-epoch curves (fold 0 = the refit model)\n"
         "calibration.json: temperature fitted on the out-of-fold validation predictions "
-        "(apply as softmax(log p / T)), test ECE raw and calibrated\n"
+        "(applied as softmax(log p / T) to each member, then averaged; the registered model "
+        "does it itself), test ECE raw and calibrated\n"
         "subgroups.json / .md: test and out-of-fold metrics per subgroup with counts and CIs\n"
         f"MLflow parent run: {result.parent_run_id} (full serving models are in MLflow)\n"
     )

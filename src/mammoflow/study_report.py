@@ -35,7 +35,7 @@ _LABELS = {
     "accuracy": "Accuracy",
     "balanced_accuracy": "Balanced acc.",
     "f1_macro": "F1 (macro)",
-    "roc_auc": "ROC AUC",
+    "roc_auc": "ROC AUC (OvR macro)",
 }
 PROVENANCE_TAGS = (
     "dvc_data_hash",
@@ -80,6 +80,7 @@ class ReportData:
     card: str = ""
     settings: str = ""
     ci: float = 0.95
+    patients: dict[str, str] = field(default_factory=dict)  # image_id → patient_id
 
 
 # ----------------------------------------------------------------------------- collect
@@ -136,7 +137,18 @@ def collect(cfg: Config, dataset: str, layout: Layout, tracker: Tracker | None) 
         card=card,
         settings=report.settings_line({b.name: b.params for b in backbones if b.params}),
         ci=ds_cfg.evaluate.ci,
+        patients=_patients(layout, dataset),
     )
+
+
+def _patients(layout: Layout, dataset: str) -> dict[str, str]:
+    """image_id → patient_id from the converted manifest (empty when it is not there)."""
+    from mammoflow.data.manifest import read_manifest
+
+    if not (layout.processed(dataset) / "manifest.parquet").is_file():
+        return {}
+    frame = read_manifest(layout.processed(dataset))
+    return dict(zip(frame["image_id"], frame["patient_id"], strict=True))
 
 
 # ----------------------------------------------------------------------------- numbers
@@ -157,7 +169,13 @@ def _oof(b: BackboneData, k: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def baseline(data: ReportData, seed: int = 0, n: int = 1000) -> dict[str, Any]:
-    """The majority class of the CV rows predicted for every test image, with CIs."""
+    """The majority class of the CV rows predicted for every test image, with CIs.
+
+    The CIs resample patients, as the backbones' do (``data.patients``).
+
+    Raises:
+        ValueError: a test image whose patient is unknown (the manifest does not list it).
+    """
     from mammoflow.metrics import bootstrap_ci
 
     k = len(data.class_names)
@@ -167,8 +185,17 @@ def baseline(data: ReportData, seed: int = 0, n: int = 1000) -> dict[str, Any]:
     y, _ = _arrays(rec, k)
     majority = int(np.bincount(y_cv, minlength=k).argmax()) if y_cv.size else 0
     prob = np.tile(np.eye(k)[majority], (y.size, 1))
-    ci = bootstrap_ci(y, prob, list(rec.get("image_id", [])), data.class_names, n=n, seed=seed)
-    return {"class": data.class_names[majority], "ci": ci, "n": int(y.size)}
+    ids = [str(i) for i in rec.get("image_id", [])]
+    unknown = [i for i in ids if i not in data.patients]
+    if unknown:
+        raise ValueError(
+            f"{data.dataset}: {len(unknown)} test image(s) (e.g. {unknown[0]!r}) are not in the "
+            "converted manifest, so the baseline's patient bootstrap cannot group them; rerun "
+            f"`mammoflow convert --dataset {data.dataset}` and the train stage"
+        )
+    groups = [data.patients[i] for i in ids]
+    ci = bootstrap_ci(y, prob, groups, data.class_names, n=n, seed=seed)
+    return {"class": data.class_names[majority], "ci": ci, "n": int(y.size), "groups": "patient"}
 
 
 def _fmt(v: Any, pct: bool = True) -> str:
@@ -200,7 +227,9 @@ def curves_figure(data: ReportData, baseline_auc: float = 0.5) -> Any:
         if truth.all() or not truth.any():
             continue
         fpr, tpr, _ = roc_curve(truth, prob[:, -1])
-        roc_ax.plot(fpr, tpr, label=f"{b.name} (AUC {auc(fpr, tpr):.2f})")
+        roc_ax.plot(
+            fpr, tpr, label=f"{b.name} (AUC {data.class_names[-1]} vs rest {auc(fpr, tpr):.2f})"
+        )
         precision, recall, _ = precision_recall_curve(truth, prob[:, -1])
         pr_ax.plot(recall, precision, label=b.name)
         prevalence = float(truth.mean())
@@ -216,11 +245,20 @@ def curves_figure(data: ReportData, baseline_auc: float = 0.5) -> Any:
     return fig
 
 
-def learning_figure(b: BackboneData) -> Any:
-    """Loss per epoch of every fold (train solid, validation dashed); fold 0 = refit."""
+def learning_figure(b: BackboneData, n_classes: int | None = None) -> Any:
+    """Loss per epoch of every fold (train solid, validation dashed); fold 0 = refit.
+
+    The per-epoch curves are Keras' during training, before the BatchNorm statistics are
+    recalibrated for the final model; so each fold's final model as used — its out-of-fold
+    validation NLL, from its predictions — is drawn as a star after the last epoch, labelled.
+    """
+    from mammoflow.calibration import nll
+
     plt = report._plt()
     fig, ax = plt.subplots(figsize=(4.5, 3.2), dpi=100)
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    folds = b.predictions.get("folds", {})
+    star_label: str | None = "val, final model (after BN recalibration)"
     for i, (fold, hist) in enumerate(sorted(b.history.items())):
         color = colors[i % len(colors)]
         label: str | None = f"fold {fold}"
@@ -229,6 +267,12 @@ def learning_figure(b: BackboneData) -> Any:
             if values:
                 ax.plot(range(1, len(values) + 1), values, style, color=color, label=label)
                 label = None
+        rec = folds.get(str(fold))
+        if rec and n_classes and rec.get("y_true"):
+            y, prob = _arrays(rec, n_classes)
+            epochs = len(hist.get("loss") or [1])
+            ax.plot([epochs + 0.15], [nll(y, prob)], "*", ms=10, color=color, label=star_label)
+            star_label = None
     ax.set(xlabel="epoch", ylabel="loss", title=f"{b.name}: loss (— train, -- val)")
     ax.legend(fontsize=7)
     fig.tight_layout()
@@ -289,11 +333,44 @@ def _comparison(data: ReportData, base: Mapping[str, Any]) -> str:
         f"<p class='note'>Values in %. Test: held-out {data.group_by}-level split, "
         f"{base['n']} images; brackets: {data.ci:.0%} patient-bootstrap CI. CV: out-of-fold "
         f"validation over the folds. ROC AUC: malignant vs rest with two classes, else the "
-        "one-vs-rest macro mean. ★ champion (registry metric "
-        f"{html.escape(str(data.champion.get('metric', '?')))}). The baseline predicts the "
-        "CV rows' most frequent class for every test image.</p>"
+        "one-vs-rest macro mean. ★ champion (see the selection rule above). The baseline "
+        "predicts the CV rows' most frequent class for every test image (CI: patient "
+        "bootstrap, as the models').</p>"
     )
-    return _table(header, rows) + note
+    return _selection(data) + _table(header, rows) + note
+
+
+def _code(text: str) -> str:
+    """Escape ``text`` for HTML, markdown `code` spans as <code>."""
+    import re
+
+    return re.sub(r"`([^`]+)`", r"<code>\1</code>", html.escape(text))
+
+
+def _selection(data: ReportData) -> str:
+    """The selection rule, the winner's-curse warning if it peeks, the champion's test estimate."""
+    from mammoflow import champion
+
+    metric = str(data.champion.get("metric") or "")
+    if not metric:
+        return "<p>No champion chosen yet (run <code>mammoflow evaluate</code>).</p>"
+    parts = [f"<p>{_code(champion.rule_text(metric))}</p>"]
+    warning = champion.warning_text(metric)
+    if warning:
+        parts.append(f"<p class='warn'>{_code(warning)}</p>")
+    best = {b.name: b for b in data.backbones}.get(str(data.champion.get("best")))
+    if best is not None:
+        s = best.summary
+        f1 = _ci_cell(s["test"].get("f1_macro"), s.get("test_ci", {}).get("f1_macro"))
+        acc = _ci_cell(s["test"].get("accuracy"), s.get("test_ci", {}).get("accuracy"))
+        kind = "optimistic" if warning else "unbiased"
+        parts.append(
+            f"<p><b>Champion {html.escape(best.name)}</b> — held-out test ({kind} estimate, "
+            f"{_test_size(best)}): F1 (macro) {f1} %, accuracy {acc} %; selection score "
+            f"{html.escape(metric)} = {_fmt(data.champion.get('scores', {}).get(best.name))} %."
+            "</p>"
+        )
+    return "".join(parts)
 
 
 def _paper(data: ReportData) -> str:
@@ -339,7 +416,9 @@ def _calibration(data: ReportData) -> str:
     ]
     return _table(header, rows) + (
         "<p class='note'>Top-label ECE, 15 equal-width bins (Guo et al. 2017); temperature "
-        "fitted on the out-of-fold validation predictions, applied to the test. T at the "
+        "fitted on the out-of-fold validation predictions (single fold models), applied to "
+        "each fold model's test probabilities before the ensemble mean — exactly what the "
+        "registered model serves (<code>mammoflow predict --raw</code> for the raw ones). T at the "
         f"search bound ({T_BOUNDS[1]:g}) means the validation predictions carried almost no "
         "information: scaling flattens them towards uniform.</p>"
     )
@@ -403,7 +482,54 @@ def _audit(audit: Mapping[str, Any] | None) -> str:
         head
         + _table(["Metric", "image-level", "patient-level", "inflation [CI]"], rows)
         + _table(["Split check", *(f"split by {g}" for g in checks)], check_rows)
+        + _near_pairs(checks)
     )
+
+
+def _near_pairs(checks: Mapping[str, Any]) -> str:
+    """The near-duplicate rule and its measured false-positive rate, then every flagged pair
+    side by side (thumbnails) for a person to judge."""
+    cal = next((c.get("near_duplicate_calibration") for c in checks.values() if c), None)
+    note = ""
+    if cal:
+        note = (
+            f"<p class='note'>Near duplicates: {html.escape(str(cal['descriptor']))}, within "
+            f"{cal['threshold_bits']} bits. Calibrated on {html.escape(str(cal['data']))}: "
+            f"{cal['true_positive_rate']:.1%} of {cal['positives']} known copies (re-encoded, "
+            f"resized, re-windowed, cropped) found; {cal['false_positives']} of "
+            f"{cal['negatives']} pairs of different women flagged (false-positive rate "
+            f"{cal['false_positive_rate']:.1e}).</p>"
+        )
+    figures = []
+    for group, c in checks.items():
+        for pair in c.get("near_pairs", []):
+            cells = "".join(
+                f"<figure>{_thumb(pair[f'path_{s}'])}<figcaption>{html.escape(pair[s])}"
+                "</figcaption></figure>"
+                for s in ("a", "b")
+            )
+            figures.append(
+                f"<div><p class='note'>split by {html.escape(group)}: {pair['bits']} bits</p>"
+                f"<div class='grid'>{cells}</div></div>"
+            )
+    pairs = "<div class='grid'>" + "".join(figures) + "</div>" if figures else ""
+    return note + (pairs or "<p>No near-duplicate pair flagged.</p>")
+
+
+def _thumb(path: str, side: int = 160) -> str:
+    """A small embedded PNG of a converted image (or a note when the file is not here)."""
+    import io
+
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            im.thumbnail((side, side))
+            buf = io.BytesIO()
+            im.convert("L").save(buf, "PNG")
+    except OSError:
+        return f"<p class='note'>({html.escape(path)} not here)</p>"
+    return f"<img alt='' src='data:image/png;base64,{base64.b64encode(buf.getvalue()).decode()}'>"
 
 
 def _pointing(explain: Mapping[str, Any] | None, ci: float) -> str:
@@ -412,12 +538,22 @@ def _pointing(explain: Mapping[str, Any] | None, ci: float) -> str:
     if explain.get("skipped"):
         return f"<p>Skipped: {html.escape(str(explain['skipped']))}.</p>"
     rows = [
-        [b, _ci_cell(r.get("hit_rate"), r), str(int(r.get("n", 0)))]
+        [
+            b,
+            _ci_cell(r.get("hit_rate"), r),
+            _fmt(r.get("chance")),
+            _fmt(r.get("outside_breast")),
+            str(int(r.get("n", 0))),
+        ]
         for b, r in explain.get("backbones", {}).items()
     ]
-    return _table(["Backbone", "Hit rate % [CI]", "Images"], rows) + (
+    header = ["Backbone", "Hit rate % [CI]", "Chance %", "Peak outside the breast %", "Images"]
+    return _table(header, rows) + (
         "<p class='note'>Grad-CAM pointing game: share of abnormal test images whose Grad-CAM "
-        f"peak falls inside an annotated lesion circle; {ci:.0%} patient-bootstrap CI.</p>"
+        f"peak falls inside an annotated lesion circle; {ci:.0%} patient-bootstrap CI. Chance: "
+        "the mean share of the breast (Otsu mask) inside the circles — what a uniformly random "
+        "peak in the breast would score. Peak outside the breast: maps pointing at the film "
+        "edge, padding or labels — a shortcut signal, whatever the hit rate.</p>"
     )
 
 
@@ -493,7 +629,10 @@ def _figures(data: ReportData) -> dict[str, str]:
         "Confusion matrices (test)": _grid([(b.name, confusion(b)) for b in bbs]),
         "Calibration": _calibration(data)
         + _grid([(b.name, reliability(b)) for b in bbs if b.calibration]),
-        "Learning curves": _grid([(b.name, learning_figure(b)) for b in bbs]),
+        "Learning curves": _grid([(b.name, learning_figure(b, len(names))) for b in bbs])
+        + "<p class='note'>Per-epoch losses are Keras' during training, computed before the "
+        "BatchNorm statistics are recalibrated for the final model; ★ = each fold's final "
+        "model as used (its out-of-fold validation NLL, unweighted).</p>",
         "Fold spread (validation)": _grid(
             [(b.name, report.folds_figure(fold_metrics(b, names), b.name)) for b in bbs]
         ),

@@ -46,6 +46,13 @@ TAG_STUDY = "mammoflow.study"  # Optuna study name (tuning runs)
 TAG_TRIAL = "mammoflow.trial"  # Optuna trial number
 TAG_TRIAL_STATE = "mammoflow.trial_state"  # complete | pruned | failed
 TAG_TEMPERATURE = "mammoflow.temperature"  # temperature scaling of the test model (calibration)
+TAG_SELECTION = "mammoflow.selection_metric"  # on a version: the rule it was promoted under
+TAG_PROMOTION = "mammoflow.promotion"  # on a version: when, by whom and why it got its alias
+TAG_DISPLACED = "mammoflow.displaced"  # on a version: when and by whom it lost `champion`
+TAG_EXTERNAL_PREFIX = "mammoflow.external."  # on a version: external dataset → its run id
+LOCK_SUFFIX = ".promotion-lock"  # registered model used as a cross-process mutex
+LOCK_LEASE_S = 120.0  # a lock older than this is a dead holder's: broken (a promotion takes ~1 s)
+LOCK_WAIT_S = 300.0
 CALIBRATION_FILE = "calibration.json"  # its sidecar on the test run (see calibration.py)
 # MLflow 3's UI opens an experiment by its kind: without it, on the GenAI traces overview
 TAG_EXPERIMENT_KIND = "mlflow.experimentKind"
@@ -637,6 +644,78 @@ class Tracker:
                 ) from None
         return ServingModel(model=model, uri=uri, name=name, version=version)
 
+    def model_source(self, uri: str) -> ModelSource:
+        """The test run, training dataset and registry entry behind a model URI.
+
+        Raises:
+            ValueError: a URI that names no registered version or run of this store.
+        """
+        from mlflow.exceptions import MlflowException
+
+        try:
+            with self.timed():
+                name, version = _registry_version(self._client, uri)
+                if name and version:
+                    run_id = self._client.get_model_version(name, version).tags["run_id"]
+                elif uri.startswith("runs:/"):
+                    run_id = uri.removeprefix("runs:/").split("/", 1)[0]
+                else:
+                    raise ValueError("use models:/<name>@<alias>, models:/<name>/<n> or runs:/")
+                run = self._client.get_run(run_id)
+        except (MlflowException, KeyError) as exc:
+            raise ValueError(
+                f"model {uri!r} names no registered version or run in {self.uri}: "
+                f"{_short_reason(exc) if isinstance(exc, MlflowException) else exc}"
+            ) from None
+        dataset = run.data.tags.get(TAG_DATASET, "")
+        if not dataset:
+            raise ValueError(f"model {uri!r}: its run {run_id} has no {TAG_DATASET} tag")
+        return ModelSource(uri, dataset, run_id, run.info.experiment_id, name, version)
+
+    def open_external(self, source: ModelSource, dataset: str) -> str:
+        """A RUNNING ``external`` run in the model's experiment; tags name the model."""
+        tags = {
+            TAG_ROLE: "external",
+            TAG_DATASET: source.dataset,
+            "mammoflow.external_dataset": dataset,
+            "mammoflow.model_uri": source.uri,
+            "mammoflow.model_test_run": source.test_run_id,
+            "mammoflow.registered_model": source.name,
+            "mammoflow.registered_version": source.version,
+            "mlflow.source.name": "mammoflow external",
+        }
+        with self.timed():
+            run = self._client.create_run(
+                source.experiment_id, run_name=f"external-{dataset}", tags=tags
+            )
+        return str(run.info.run_id)
+
+    def log_external(
+        self,
+        run_id: str,
+        source: ModelSource,
+        dataset: str,
+        metrics: Mapping[str, float],
+        evidence: Any,
+        page: str,
+    ) -> None:
+        """Fill and finish the external run, linked both ways to the model.
+
+        The run shows the logged model as an output; the registered version gets
+        ``mammoflow.external.<dataset>`` = the run id (what its model card reads).
+        """
+        with self.run_guard(run_id):
+            self.log_metrics(run_id, {k: v for k, v in metrics.items() if math.isfinite(v)})
+            self.log_dict(run_id, _finite_json(evidence), "external.json")
+            self.log_text(run_id, page, "report.html")
+            model_uri = self.run_tags_params(source.test_run_id)[0].get("mammoflow.model_uri", "")
+            self.link_model(run_id, model_uri)
+            if source.name and source.version:
+                with self.timed():
+                    self._client.set_model_version_tag(
+                        source.name, source.version, f"{TAG_EXTERNAL_PREFIX}{dataset}", run_id
+                    )
+
     def model_uri_of(self, run_id: str) -> str:
         """The model URI a run logged (its ``mammoflow.model_uri`` tag).
 
@@ -665,6 +744,9 @@ class Tracker:
             "pointing_game_hit_rate_ci_high": rate["high"],
             "pointing_game_n": rate["n"],
         }
+        for key in ("chance", "outside_breast"):  # its chance level, the shortcut signal
+            if key in rate:
+                metrics[f"pointing_game_{key}"] = rate[key]
         with self.timed():
             parent = self._client.get_run(test_run_id).data.tags.get("mlflow.parentRunId")
         for run_id in (test_run_id, parent) if parent else (test_run_id,):
@@ -679,15 +761,20 @@ class Tracker:
         """Register the test run's model as ``champion`` of ``mammoflow-<dataset>``.
 
         The previous champion becomes ``challenger`` — unless the new model is worse, in which
-        case the new version becomes ``challenger`` and the champion stays.
+        case the new version becomes ``challenger`` and the champion stays. A champion without a
+        finite ``metric`` tag (promoted under another rule) is not compared against: it stays,
+        the new version becomes ``challenger`` and the result carries a ``warning`` saying so.
+
+        The read-compare-write runs under :func:`registry_lock`, so two processes promoting for
+        one dataset at once end with the better one ``champion`` whatever the interleaving. Each
+        decision is written on the versions as tags (``mammoflow.promotion``, and
+        ``mammoflow.displaced`` on a champion that lost its alias): the registry's history.
         """
         from mlflow.exceptions import MlflowException
 
         name = registered_model_name(dataset)
-        with self.timed():
-            try:
-                self._client.get_registered_model(name)
-            except MlflowException:
+        with self.timed(), registry_lock(self._client, name) as holder:
+            with contextlib.suppress(MlflowException):  # already there: nothing to create
                 self._client.create_registered_model(
                     name, description=f"Best MammoFlow backbone on {dataset}"
                 )
@@ -696,30 +783,50 @@ class Tracker:
                 current = self._client.get_model_version_by_alias(name, "champion")
             if current is not None and current.tags.get("run_id") == run_id:
                 return {"name": name, "version": current.version, "alias": "champion", "new": False}
-            import mlflow
-
-            run_tags = self._client.get_run(run_id).data.tags
-            model_uri = run_tags.get("mammoflow.model_uri")
-            if not model_uri:
-                raise ValueError(
-                    f"run {run_id} has no logged model to register; set tracking.log_models "
-                    "to 'all' or 'final' and rerun"
-                )
-            extra = {k: run_tags[k] for k in (TAG_TEMPERATURE,) if k in run_tags}
-            extra |= self._lineage_of(run_tags.get("mlflow.parentRunId", run_id))
-            with _use_store(self.uri):  # register_model resolves runs:/ URIs with it
-                version = mlflow.register_model(
-                    model_uri, name, tags={metric: f"{value:.6f}", "run_id": run_id, **extra}
-                )
-            if current is not None:
-                old = float(current.tags.get(metric, "nan"))
-                worse = (value < old) if higher_is_better else (value > old)
-                if worse:
-                    self._client.set_registered_model_alias(name, "challenger", version.version)
-                    return {"name": name, "version": version.version, "alias": "challenger"}
+            version = self._register(name, run_id, metric, value)
+            old = None if current is None else _tag_float(current.tags.get(metric))
+            alias, reason, warning = promotion_decision(
+                metric,
+                value,
+                None if current is None else str(current.version),
+                old,
+                higher_is_better,
+            )
+            stamp = f"{_utc_now()} by {holder}"
+            if alias == "champion" and current is not None:
                 self._client.set_registered_model_alias(name, "challenger", current.version)
-            self._client.set_registered_model_alias(name, "champion", version.version)
-        return {"name": name, "version": version.version, "alias": "champion", "new": True}
+                self._client.set_model_version_tag(
+                    name,
+                    current.version,
+                    TAG_DISPLACED,
+                    f"{stamp}: champion → challenger, beaten by v{version} ({reason})",
+                )
+            self._client.set_registered_model_alias(name, alias, version)
+            self._client.set_model_version_tag(
+                name, version, TAG_PROMOTION, f"{stamp}: {alias} ({reason})"
+            )
+        out = {"name": name, "version": version, "alias": alias, "new": True, "reason": reason}
+        if warning:
+            log.warning("%s", warning)
+            out["warning"] = warning
+        return out
+
+    def _register(self, name: str, run_id: str, metric: str, value: float) -> Any:
+        """A new version of ``name`` from ``run_id``'s logged model, tagged with the metric."""
+        import mlflow
+
+        run_tags = self._client.get_run(run_id).data.tags
+        model_uri = run_tags.get("mammoflow.model_uri")
+        if not model_uri:
+            raise ValueError(
+                f"run {run_id} has no logged model to register; set tracking.log_models "
+                "to 'all' or 'final' and rerun"
+            )
+        extra = {k: run_tags[k] for k in (TAG_TEMPERATURE,) if k in run_tags}
+        extra |= self._lineage_of(run_tags.get("mlflow.parentRunId", run_id))
+        tags = {metric: f"{value:.6f}", "run_id": run_id, TAG_SELECTION: metric, **extra}
+        with _use_store(self.uri):  # register_model resolves runs:/ URIs with it
+            return mlflow.register_model(model_uri, name, tags=tags).version
 
     def _lineage_of(self, parent_id: str) -> dict[str, str]:
         """The parent run's lineage tags (commit, data hashes, where the data is), for a version."""
@@ -775,7 +882,21 @@ class Tracker:
             tags={**parent.data.tags, **test.data.tags},
             metrics=dict(parent.data.metrics),
             subgroups_md=subgroups,
+            selection_metric=mv.tags.get(TAG_SELECTION, ""),
+            external=self._external_metrics(mv.tags),
         )
+
+    def _external_metrics(self, version_tags: Mapping[str, str]) -> dict[str, dict[str, Any]]:
+        """External dataset → its run's metrics, for the version's ``mammoflow.external.*``."""
+        from mlflow.exceptions import MlflowException
+
+        out: dict[str, dict[str, Any]] = {}
+        for key, run_id in sorted(version_tags.items()):
+            if key.startswith(TAG_EXTERNAL_PREFIX):
+                with self.timed(), contextlib.suppress(MlflowException):
+                    metrics = dict(self._client.get_run(run_id).data.metrics)
+                    out[key.removeprefix(TAG_EXTERNAL_PREFIX)] = {"run": run_id, **metrics}
+        return out
 
     def log_dataset_input(
         self, run_id: str, frame: Any, source: str, digest: str, name: str, context: str
@@ -852,6 +973,23 @@ class Tracker:
 
 
 @dataclass(frozen=True)
+class ModelSource:
+    """Where a model URI comes from: its test run, its training dataset, its registry entry."""
+
+    uri: str
+    dataset: str  # the dataset it was trained on
+    test_run_id: str
+    experiment_id: str
+    name: str = ""  # registered model name ("" for a run / logged-model URI)
+    version: str = ""
+
+    @property
+    def label(self) -> str:
+        """``name vN``, or the URI for an unregistered model."""
+        return f"{self.name} v{self.version}" if self.name and self.version else self.uri
+
+
+@dataclass(frozen=True)
 class ServingModel:
     """A logged Keras model loaded for scoring, with where it came from."""
 
@@ -859,6 +997,129 @@ class ServingModel:
     uri: str
     name: str  # registered model name ("" for a run or path URI)
     version: str  # registry version ("" for a run or path URI)
+
+
+class PromotionLockedError(RuntimeError):
+    """Another process holds the promotion lock of a registered model for too long."""
+
+
+def _utc_now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+def _tag_float(raw: str | None) -> float | None:
+    """A version tag as a finite float; None when missing, unparsable or NaN."""
+    try:
+        v = float(raw) if raw is not None else math.nan
+    except ValueError:
+        return None
+    return v if math.isfinite(v) else None
+
+
+def promotion_decision(
+    metric: str,
+    value: float,
+    champion: str | None,
+    champion_value: float | None,
+    higher_is_better: bool = True,
+) -> tuple[str, str, str | None]:
+    """``(alias of the new version, reason, warning)``: the selection rule, pure.
+
+    Args:
+        metric: the selection metric (``tracking.registry_metric``).
+        value: the new version's value of it.
+        champion: the current champion's version, None when there is none.
+        champion_value: its value of ``metric``; None when it has none (never compared).
+    """
+    if champion is None:
+        return "champion", f"first champion, {metric} {value:.4f}", None
+    if champion_value is None:
+        warning = (
+            f"champion v{champion} has no {metric} tag (promoted under another rule), so the new "
+            "model was not compared with it: the champion is kept and the new version is "
+            "challenger; compare them by hand and move the alias with "
+            "`mlflow` / MlflowClient.set_registered_model_alias if the new one should serve"
+        )
+        return "challenger", f"not compared: v{champion} has no {metric}", warning
+    if not math.isfinite(value):
+        return "challenger", f"{metric} is not a number", None
+    worse = (value < champion_value) if higher_is_better else (value > champion_value)
+    versus = f"{metric} {value:.4f} vs v{champion}'s {champion_value:.4f}"
+    return ("challenger", versus, None) if worse else ("champion", versus, None)
+
+
+@contextlib.contextmanager
+def registry_lock(
+    client: Any,
+    name: str,
+    *,
+    lease_s: float = LOCK_LEASE_S,
+    wait_s: float = LOCK_WAIT_S,
+    poll_s: float = 0.2,
+) -> Iterator[str]:
+    """Cross-process, cross-machine mutual exclusion on registered model ``name``.
+
+    The lock is a registered model ``<name>.promotion-lock``: creating a registered model is
+    atomic in every MLflow store — the name is the primary key of the SQL stores (SQLite here,
+    the team's PostgreSQL), and a tracking server forwards the unique-key failure as
+    ``RESOURCE_ALREADY_EXISTS`` — so exactly one caller creates it; it deletes it when done.
+    It needs nothing beyond the MLflow client that the promotion already uses (no file lock,
+    which would not reach another machine; no database credentials on the clients). A lock past
+    its lease (its holder died) is broken with a warning. Yields the holder's id.
+
+    Raises:
+        PromotionLockedError: the lock stayed held (and unexpired) for ``wait_s`` seconds.
+    """
+    import socket
+    import uuid
+
+    from mlflow.exceptions import MlflowException
+
+    lock = f"{name}{LOCK_SUFFIX}"
+    holder = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            client.create_registered_model(
+                lock,
+                tags={"holder": holder, "expires": f"{time.time() + lease_s:.3f}"},
+                description=f"MammoFlow promotion lock of {name} (deleted when released)",
+            )
+            break
+        except MlflowException as exc:
+            if exc.error_code != "RESOURCE_ALREADY_EXISTS":
+                raise
+        if _break_stale(client, lock):
+            continue
+        if time.monotonic() > deadline:
+            raise PromotionLockedError(
+                f"registered model {lock!r} (the promotion lock of {name}) stayed held for "
+                f"{wait_s:.0f} s; another promotion is running, or delete it if none is"
+            )
+        time.sleep(poll_s)
+    try:
+        yield holder
+    finally:
+        with contextlib.suppress(MlflowException):
+            if client.get_registered_model(lock).tags.get("holder") == holder:
+                client.delete_registered_model(lock)
+
+
+def _break_stale(client: Any, lock: str) -> bool:
+    """Delete ``lock`` if its lease ran out; True when it is gone (deleted here or released)."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        tags = client.get_registered_model(lock).tags
+    except MlflowException:
+        return True  # released between our create and this read: try again
+    expires = _tag_float(tags.get("expires"))
+    if expires is not None and expires > time.time():
+        return False
+    log.warning("breaking the stale promotion lock %s of %s", lock, tags.get("holder", "?"))
+    with contextlib.suppress(MlflowException):
+        client.delete_registered_model(lock)
+    return True
 
 
 def _registry_version(client: Any, uri: str) -> tuple[str, str]:

@@ -71,6 +71,45 @@ def test_calibration_fitted_on_oof_logged_and_registered(project: tuple[Path, Co
     assert (scaled.argmax(axis=1) == prob.argmax(axis=1)).all()
 
 
+def test_the_registered_model_serves_the_calibrated_probabilities(
+    project: tuple[Path, Config],
+) -> None:
+    """The champion (pyfunc and Keras) returns calibration.py's calibrated probabilities of the
+    test rows — T on each fold model, then the mean — and their ECE is the logged one."""
+    import mlflow.pyfunc
+
+    from mammoflow.calibration import calibrated_probabilities, ece
+    from mammoflow.data.manifest import read_manifest
+    from mammoflow.models.build import model_temperature, with_temperature
+    from mammoflow.models.features import load_images
+    from mammoflow.tracking import Tracker, _use_store
+
+    root, _ = project
+    preds = json.loads((root / "models" / DATASET / BACKBONE / "predictions.json").read_text())
+    test = preds["test"]
+    frame = read_manifest(root / "data" / "processed" / DATASET).set_index("image_id")
+    x = load_images([frame.loc[i, "converted_path"] for i in test["image_id"]], 64)
+    tracker = Tracker(root=root)
+    uri = f"models:/mammoflow-{DATASET}@champion"
+    keras_model = tracker.load_serving_model(uri).model
+    t = model_temperature(keras_model)
+    summary = json.loads((root / "metrics" / DATASET / f"{BACKBONE}.json").read_text())
+    assert t == pytest.approx(summary["calibration"]["temperature"], rel=1e-6)
+    members = [np.asarray(rec["prob"]) for _, rec in sorted(preds["fold_test"].items())]
+    expected = calibrated_probabilities(members, t)
+    with _use_store(tracker.uri):
+        served = np.asarray(mlflow.pyfunc.load_model(uri).predict(x))
+    np.testing.assert_allclose(served, expected, atol=1e-6)
+    np.testing.assert_allclose(keras_model.predict(x, verbose=0), expected, atol=1e-6)
+    # --raw: the same model with T = 1 gives the study's raw ensemble probabilities
+    raw = with_temperature(keras_model, 1.0).predict(x, verbose=0)
+    np.testing.assert_allclose(raw, np.asarray(test["prob"]), atol=1e-6)
+    assert np.abs(served - raw).max() > 1e-4 or t == pytest.approx(1.0, abs=1e-3)
+    parent = mlflow_client(root).get_run(summary["mlflow_parent_run_id"])
+    logged = parent.data.metrics["test_calibrated_ece"]
+    assert ece(np.asarray(test["y_true"]), served) == pytest.approx(logged, abs=1e-6)
+
+
 def test_subgroups_test_and_oof_written_and_logged(project: tuple[Path, Config]) -> None:
     root, _ = project
     models = root / "models" / DATASET / BACKBONE

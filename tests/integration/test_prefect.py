@@ -377,7 +377,9 @@ def test_weekly_retrain_runs_through_dvc_and_keeps_every_data_version(
     assert order[6:] == ["train@site-vgg16", "evaluate@site", "explain_check@site", "report"]
     assert "train@site-vgg16" in first["changed"] and first["pushed"]["pushed"] > 0
     assert dvc_status(project) == {}  # dvc.lock describes the workspace: DVC saw the run
-    week1 = _parents(project)[0].data.tags["dvc_data_hash"]
+    tags = _parents(project)[0].data.tags
+    assert tags["dvc_data_location"] == "remote"  # marked after the flow's push
+    week1 = tags["dvc_data_hash"]
     assert week1 == dvc_add_hash(processed)
     assert _in_dvc_store(project / ".dvc" / "cache", week1) and _in_dvc_store(remote, week1)
     lock = (project / "dvc.lock").read_bytes()

@@ -89,6 +89,7 @@ def test_explain_check_logs_the_pointing_game(project: tuple[Path, Config]) -> N
     res = explain_check(cfg, DATASET, Layout())
     rate = res["backbones"][BACKBONE]
     assert 0.0 <= rate["low"] <= rate["hit_rate"] <= rate["high"] <= 1.0 and rate["n"] >= 2
+    assert 0.0 < rate["chance"] < 0.5 and 0.0 <= rate["outside_breast"] <= 1.0
     on_disk = json.loads((root / "metrics" / "explain" / f"{DATASET}.json").read_text())
     assert on_disk["backbones"][BACKBONE]["hit_rate"] == rate["hit_rate"]
     client = mlflow_client(root)
@@ -97,8 +98,87 @@ def test_explain_check_logs_the_pointing_game(project: tuple[Path, Config]) -> N
     for run in (test_run, parent):
         assert run.data.metrics["pointing_game_hit_rate"] == pytest.approx(rate["hit_rate"])
         assert "pointing_game_hit_rate_ci_low" in run.data.metrics
+        assert run.data.metrics["pointing_game_chance"] == pytest.approx(rate["chance"])
+        assert "pointing_game_outside_breast" in run.data.metrics
     artifacts = {a.path for a in client.list_artifacts(test_run.info.run_id)}
     assert "pointing_game.json" in artifacts
+
+
+def test_pointing_game_hits_a_planted_lesion_and_misses_a_wrong_geometry(
+    project: tuple[Path, Config],
+) -> None:
+    """Through the whole chain (read, convert, Grad-CAM, back to the original geometry, MIAS's
+    bottom-left origin): a lesion planted at each map's peak is hit, the same circle with the
+    y axis not flipped (the classic MIAS mistake) is missed."""
+    import dataclasses
+
+    from mammoflow.pointing import annotated_test_images, pointing_game
+    from mammoflow.tracking import Tracker
+
+    root, cfg = project
+    cfg = cfg.for_dataset(DATASET)
+    items = annotated_test_images(cfg, DATASET, Layout())
+    summary = json.loads((root / "metrics" / DATASET / f"{BACKBONE}.json").read_text())
+    tracker = Tracker(root=root)
+    model = tracker.load_serving_model(tracker.model_uri_of(summary["mlflow_test_run_id"])).model
+    rows = pointing_game(model, items, cfg, DATASET, None)
+    heights = {
+        a.image_id: Image.open(a.raw).size[1] for a in items
+    }  # PGM: the original film's height
+    planted, mirrored = [], []
+    r = 2.0
+    for a, row in zip(items, rows, strict=True):
+        if row["peak"] is None:  # a flat map (random 32 px model) points nowhere: no plant
+            continue
+        y, x = row["peak"]
+        h = heights[a.image_id]
+        circle = {"x": float(x), "y": float(h - 1 - y), "radius": r}  # MIAS: y from the bottom
+        planted.append(dataclasses.replace(a, lesions=(circle,)))
+        if abs((h - 1 - y) - y) > 2 * r:  # the unflipped circle lies elsewhere
+            mirrored.append(dataclasses.replace(a, lesions=({**circle, "y": float(y)},)))
+    assert planted, "no test image's map has a peak"
+    hits = [r["hit"] for r in pointing_game(model, planted, cfg, DATASET, None)]
+    assert hits == [True] * len(planted)
+    assert mirrored, "every peak sat on the middle row: no wrong geometry to test"
+    assert not any(r["hit"] for r in pointing_game(model, mirrored, cfg, DATASET, None))
+
+
+def test_external_validation_on_another_vendors_films(project: tuple[Path, Config]) -> None:
+    """`mammoflow external`: the sample_mias champion on the second embedded sample (12-bit,
+    another detector curve and noise, other women): evidence, run, link, card and page."""
+    from mammoflow.external import ExternalError, run_external
+
+    root, cfg = project
+    uri = f"models:/mammoflow-{DATASET}@champion"
+    ext = "sample_mias_vendor_b"
+    result = CliRunner().invoke(app, ["external", "--model", uri, "--dataset", ext])
+    assert result.exit_code == 0, result.output
+    ev = json.loads((root / "reports" / ext / "external.json").read_text())
+    assert ev["n_images"] == 40 and ev["n_patients"] == 20 and ev["source_dataset"] == DATASET
+    assert set(ev["shift"]) == {"accuracy", "balanced_accuracy", "f1_macro", "roc_auc"}
+    f1 = ev["shift"]["f1_macro"]
+    assert f1["delta"] == pytest.approx(f1["external"] - f1["own"])
+    assert f1["low"] <= f1["delta"] <= f1["high"]
+    assert ev["own_test_grouping"] == "patient bootstrap"
+    assert {"raw", "calibrated", "raw_ci", "calibrated_ci"} <= set(ev["calibration"])
+    assert ev["temperature"] > 0 and ev["subgroups"] and len(ev["confusion"]) == 40
+    client = mlflow_client(root)
+    run = client.get_run(ev["mlflow_run_id"])
+    assert run.data.tags["mammoflow.role"] == "external"
+    assert run.data.tags["mammoflow.external_dataset"] == ext
+    assert run.data.metrics["external_f1_macro"] == pytest.approx(ev["metrics"]["f1_macro"])
+    assert "shift_f1_macro_ci_low" in run.data.metrics
+    exp = client.get_experiment(run.info.experiment_id)
+    assert exp.name == f"mammoflow-{DATASET}"  # the model's own experiment
+    champion = client.get_model_version_by_alias(f"mammoflow-{DATASET}", "champion")
+    assert champion.tags[f"mammoflow.external.{ext}"] == run.info.run_id
+    assert "## External validation" in champion.description and f"`{ext}`" in champion.description
+    page = (root / "reports" / ext / "report.html").read_text()
+    assert "Shift from the model&#x27;s own test" in page and "External validation" in page
+    with pytest.raises(ExternalError, match=r"label spaces differ: model .* predicts \['normal'"):
+        run_external(cfg, uri, "sample_cmmd", Layout())
+    with pytest.raises(ExternalError, match="was trained on sample_mias"):
+        run_external(cfg, uri, DATASET, Layout())
 
 
 def _wait_ready(

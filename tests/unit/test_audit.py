@@ -116,3 +116,26 @@ def test_summary_says_inflation() -> None:
         }
     )
     assert "inflation" in text and "3 patients in test and CV" in text
+
+
+def test_breast_dhash_ignores_padding_and_tells_women_apart(tmp_path: Path) -> None:
+    from mammoflow.audit import breast_dhash
+    from mammoflow.data.sample import synth_image
+
+    def film(seed: int) -> np.ndarray:
+        img = synth_image(np.random.default_rng(seed), (160, 128), "L", [], 0.5)
+        return (img * 255).astype(np.uint8)
+
+    a = film(0)
+    Image.fromarray(a).save(tmp_path / "a.png")
+    moved = np.zeros((200, 200), np.uint8)  # the same film re-padded elsewhere on a canvas
+    moved[30:190, 50:178] = a
+    Image.fromarray(moved).save(tmp_path / "a_moved.png")
+    Image.fromarray(film(1)).save(tmp_path / "b.png")
+    ha, hm, hb = (breast_dhash(tmp_path / n) for n in ("a.png", "a_moved.png", "b.png"))
+    d = hamming(np.stack([ha]), np.stack([hm, hb]))[0]
+    assert d[0] <= NEAR_DUPLICATE_BITS < d[1], d
+    whole = hamming(
+        np.stack([dhash(tmp_path / "a.png")]), np.stack([dhash(tmp_path / "a_moved.png")])
+    )
+    assert whole[0, 0] > d[0]  # the whole-film hash moves with the padding

@@ -145,3 +145,38 @@ def test_cached_imagenet_and_local_file_and_none(tmp_path: Path) -> None:
     assert resolve_weights("vgg16", "none").sha256 == "none"
     with pytest.raises(WeightsError, match=r"'/nope\.h5' is neither"):
         resolve_weights("vgg16", "/nope.h5")
+
+
+def test_calibrated_ensemble_applies_t_to_each_member_and_loads_as_stock_keras(
+    tmp_path: Path,
+) -> None:
+    """The served model's temperature layer: calibration.py's numbers, stock Keras, T = 1 raw."""
+    import keras
+
+    from mammoflow.calibration import calibrated_probabilities
+
+    bb = build.load_backbone("vgg16", trainable_layers=2, input_size=32)
+    heads = [
+        build.trainable_tail_and_head(bb, 3, head_units=16, name=f"fold_{i}", seed=i)
+        for i in range(2)
+    ]
+    x = np.random.default_rng(0).uniform(0, 255, (4, 40, 50, 1)).astype(np.float32)
+    singles = [build.full_model(bb, h).predict(x, verbose=0) for h in heads]
+    raw = build.ensemble_model(bb, heads)
+    calibrated = build.ensemble_model(bb, heads, temperature=0.37)
+    got = calibrated.predict(x, verbose=0)
+    np.testing.assert_allclose(got, calibrated_probabilities(singles, 0.37), atol=1e-6)
+    assert build.model_temperature(calibrated) == pytest.approx(0.37)
+    assert build.model_temperature(raw) is None
+    np.testing.assert_allclose(
+        build.with_temperature(calibrated, 1.0).predict(x, verbose=0),
+        raw.predict(x, verbose=0),
+        atol=1e-6,
+    )
+    calibrated.save(tmp_path / "m.keras")
+    loaded = keras.models.load_model(tmp_path / "m.keras")  # no custom objects
+    np.testing.assert_allclose(loaded.predict(x, verbose=0), got, atol=1e-6)
+    with pytest.raises(build.ModelBuildError, match="serves raw probabilities already"):
+        build.with_temperature(raw, 1.0)
+    with pytest.raises(build.ModelBuildError, match=r"temperature=0\.0"):
+        build.ensemble_model(bb, heads, temperature=0.0)

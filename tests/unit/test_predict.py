@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 from PIL import Image
 
 from mammoflow import predict
@@ -26,7 +27,7 @@ from mammoflow.explain import (
     target_names,
     to_original,
 )
-from tests.helpers import delete_mlflow_models_and_experiments, tiny_champion
+from tests.helpers import TINY_TEMPERATURE, delete_mlflow_models_and_experiments, tiny_champion
 
 pytestmark = pytest.mark.slow
 PARAMS = Path(__file__).resolve().parents[2] / "params.yaml"
@@ -114,6 +115,37 @@ def test_json_output_any_model_uri_and_bad_suffix(project: tuple[Path, Config, s
         ValueError, match="cannot load model 'models:/mammoflow-sample_cmmd@champion'"
     ):
         predict.predict_files(_pgms(root)[:1], cfg, "sample_cmmd", progress=False)
+
+
+def test_raw_gives_the_uncalibrated_probabilities(project: tuple[Path, Config, str]) -> None:
+    from typer.testing import CliRunner
+
+    from mammoflow.cli import app
+
+    root, cfg, _ = project
+    files = _pgms(root)[:3]
+    calibrated = predict.predict_files(files, cfg, "sample_mias", progress=False).rows
+    raw = predict.predict_files(files, cfg, "sample_mias", progress=False, raw=True).rows
+    assert calibrated[0]["calibrated"] is True and raw[0]["calibrated"] is False
+    assert calibrated[0]["temperature"] == raw[0]["temperature"] == pytest.approx(TINY_TEMPERATURE)
+
+    def probs(rows: list[dict[str, object]]) -> np.ndarray:
+        return np.array([[r[f"p_{c}"] for c in ("normal", "benign", "malignant")] for r in rows])
+
+    assert np.abs(probs(calibrated) - probs(raw)).max() > 1e-4  # T = 0.5 sharpens
+    np.testing.assert_allclose(probs(raw).sum(axis=1), 1.0, atol=1e-5)
+    out = root / "raw.csv"
+    params = root / "params.yaml"  # the CLI reads ./params.yaml (the fixture's cwd is root)
+    raw_params = yaml.safe_load(PARAMS.read_text())
+    raw_params["convert"]["size"] = 64
+    params.write_text(yaml.safe_dump(raw_params))
+    result = CliRunner().invoke(
+        app,
+        ["predict", *map(str, files), "--dataset", "sample_mias", "--out", str(out), "--raw"],
+    )
+    assert result.exit_code == 0, result.output
+    rows = list(csv.DictReader(out.open()))
+    assert rows[0]["calibrated"] == "False"
 
 
 def test_inputs_are_the_convert_stage_pixels(project: tuple[Path, Config, str]) -> None:

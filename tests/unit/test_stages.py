@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 from mammoflow import stages
-from mammoflow.config import Config, ConfigError, parse_config
+from mammoflow.config import Config, ConfigError, TrackingConfig, parse_config
 from mammoflow.data.manifest import read_manifest
 from mammoflow.data.sample import image_shape
 from mammoflow.data.validate import ConvertedImagesInvalid, ValidationFailed
@@ -159,26 +159,48 @@ def test_model_stages_refuse_an_unlisted_backbone(tmp_path: Path) -> None:
         stages.fold_stage(cfg, MIAS, "alexnet", 1, layout)
 
 
-def _metrics(layout: Layout, backbone: str, f1: float | None, run: str) -> None:
+def _metrics(
+    layout: Layout, backbone: str, f1: float | None, run: str, cv: float | None = None
+) -> None:
     path = layout.metrics(MIAS, backbone)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"test": {"f1_macro": f1}, "mlflow_test_run_id": run}))
+    summary = {"test": {"f1_macro": f1}, "cv": {"f1_macro_mean": cv}, "mlflow_test_run_id": run}
+    path.write_text(json.dumps(summary))
 
 
 def test_evaluate_stage_ranks_by_the_registry_metric(tmp_path: Path) -> None:
     raw = yaml.safe_load((ROOT / "params.yaml").read_text())
     raw["model"]["backbones"] = ["vgg16", "resnet50", "inception_v3"]
     raw["tracking"]["log_models"] = "none"  # nothing to register: no MLflow store needed
+    raw["tracking"]["registry_metric"] = "test_f1_macro"
     cfg, layout = parse_config(raw), Layout(tmp_path)
-    _metrics(layout, "vgg16", 0.4, "r1")
+    _metrics(layout, "vgg16", 0.4, "r1", cv=0.9)
     _metrics(layout, "resnet50", None, "r2")  # a metric that could not be computed ranks last
-    _metrics(layout, "inception_v3", 0.6, "r3")
+    _metrics(layout, "inception_v3", 0.6, "r3", cv=0.5)
     out = stages.evaluate_stage(cfg, MIAS, layout)
     assert out["best"] == "inception_v3" and out["metric"] == "test_f1_macro"
     assert out["scores"]["vgg16"] == 0.4 and math.isnan(out["scores"]["resnet50"])
-    assert "registry" not in out
+    assert "registry" not in out and out["peeks_at_test"]
+    assert "optimistic" in out["warning"]
     written = json.loads(layout.champion(MIAS).read_text())
     assert written["best"] == "inception_v3" and written["scores"]["inception_v3"] == 0.6
+
+
+def test_the_default_champion_rule_uses_cv_only(tmp_path: Path) -> None:
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    raw["model"]["backbones"] = ["vgg16", "resnet50"]
+    raw["tracking"]["log_models"] = "none"
+    cfg, layout = parse_config(raw), Layout(tmp_path)
+    assert cfg.tracking.registry_metric == "cv_f1_macro_mean"
+    assert TrackingConfig().registry_metric == "cv_f1_macro_mean"  # the config's own default
+    _metrics(layout, "vgg16", 1.0, "r1", cv=0.6)  # best on the test, worse on CV
+    _metrics(layout, "resnet50", 0.5, "r2", cv=0.7)
+    out = stages.evaluate_stage(cfg, MIAS, layout)
+    assert out["best"] == "resnet50" and out["scores"] == {"vgg16": 0.6, "resnet50": 0.7}
+    assert not out["peeks_at_test"] and "warning" not in out
+    raw["tracking"]["registry_metric"] = "f1_macro"
+    with pytest.raises(ConfigError, match=r"registry_metric.*cv_<metric>_mean"):
+        parse_config(raw)
 
 
 def test_check_weights_names_every_missing_file(tmp_path: Path) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 
 import numpy as np
+import pytest
 
 from mammoflow.calibration import calibrate
 from mammoflow.study_report import BackboneData, ReportData, baseline, render
@@ -60,7 +61,19 @@ def test_page_is_self_contained_with_every_section() -> None:
         validation={"results": [{"success": True}], "rows": 30, "success": True},
         audit={"inflation": {"accuracy": {"image": 0.9, "patient": 0.7, "inflation": 0.2}}},
         card="# Model card",
-        explain={"backbones": {"vgg16": {"hit_rate": 0.5, "low": 0.2, "high": 0.8, "n": 6.0}}},
+        explain={
+            "backbones": {
+                "vgg16": {
+                    "hit_rate": 0.5,
+                    "low": 0.2,
+                    "high": 0.8,
+                    "n": 6.0,
+                    "chance": 0.031,
+                    "outside_breast": 0.75,
+                }
+            }
+        },
+        patients={f"i{k}": f"p{k // 2}" for k in range(30)},
     )
     base = baseline(data, n=20)
     page = render(data, base)
@@ -84,6 +97,56 @@ def test_page_is_self_contained_with_every_section() -> None:
     assert "vgg16 ★" in page and f"majority class ({base['class']})" in page
     assert "ECE raw" in page and "CC ⚠" in page and "d1.dir" in page
     assert "50.0 [20.0, 80.0]" in page
+    assert "Peak outside the breast %" in page and "<td>3.1</td><td>75.0</td>" in page
     images = re.findall(r"src='data:image/png;base64,", page)
     assert len(images) == 1 + 2 * 4  # ROC/PR + per backbone confusion, reliability, curves, folds
     assert "http://" not in page and "https://" not in page
+    # selected on the test set: the page says so, and calls the test estimate optimistic
+    assert "Warning: selected on the test set" in page and "optimistic estimate" in page
+
+
+def _data(metric: str) -> ReportData:
+    return ReportData(
+        dataset="toy",
+        class_names=CLASSES,
+        group_by="patient",
+        backbones=[_backbone("vgg16", 0), _backbone("resnet50", 1)],
+        champion={"best": "resnet50", "metric": metric, "scores": {"resnet50": 0.6}},
+        validation={},
+        patients={f"i{k}": f"p{k // 5}" for k in range(30)},
+    )
+
+
+def test_the_page_states_the_selection_rule_and_the_unbiased_estimate() -> None:
+    data = _data("cv_f1_macro_mean")
+    page = render(data, baseline(data, n=20))
+    assert "chosen on the cross-validated metric <code>cv_f1_macro_mean</code>" in page
+    assert "Champion resnet50</b> — held-out test (unbiased estimate, 10 images)" in page
+    assert "Warning" not in page and "resnet50 ★" in page
+
+
+def test_baseline_ci_resamples_patients_not_images() -> None:
+    data = _data("cv_f1_macro_mean")
+    five = baseline(data, n=200)  # 10 test images of 2 patients (5 images each)
+    data.patients = {f"i{k}": f"p{k}" for k in range(30)}  # one image per patient
+    each = baseline(data, n=200)
+    assert five["groups"] == "patient"
+    # two patients: a resample holds 0, 1 or 2 of them → far fewer distinct accuracies
+    assert five["ci"]["accuracy"] != each["ci"]["accuracy"]
+    data.patients = {}
+    with pytest.raises(ValueError, match="not in the converted manifest"):
+        baseline(data, n=20)
+
+
+def test_learning_curves_mark_the_final_model_after_recalibration() -> None:
+    from mammoflow.calibration import nll
+    from mammoflow.study_report import learning_figure
+
+    b = _backbone("vgg16", 0)
+    fig = learning_figure(b, 2)
+    stars = [line for line in fig.axes[0].lines if line.get_marker() == "*"]
+    assert len(stars) == 1  # fold 1 has a history; fold 2 has none here
+    rec = b.predictions["folds"]["1"]
+    expected = nll(np.asarray(rec["y_true"]), np.asarray(rec["prob"]))
+    assert stars[0].get_ydata()[0] == pytest.approx(expected)
+    assert stars[0].get_label() == "val, final model (after BN recalibration)"

@@ -185,6 +185,7 @@ def test_promote_champion_and_challenger(tracker: Tracker) -> None:
         "version": 1,
         "alias": "champion",
         "new": True,
+        "reason": "first champion, f1 0.5000",
     }
     assert tracker.promote("reg_ds", first, "f1", 0.5)["new"] is False
     worse, _ = tracker.open_parent(exp, "resnet50", "b", {}, {})
@@ -196,6 +197,55 @@ def test_promote_champion_and_challenger(tracker: Tracker) -> None:
     client = tracker.client
     assert client.get_model_version_by_alias("mammoflow-reg_ds", "champion").version == 3
     assert client.get_model_version_by_alias("mammoflow-reg_ds", "challenger").version == 1
+    # the history: each version says when, by whom and why it got (or lost) its alias
+    tags = {v: client.get_model_version("mammoflow-reg_ds", v).tags for v in (1, 2, 3)}
+    assert "challenger (f1 0.4000 vs v1's 0.5000)" in tags[2][tracking.TAG_PROMOTION]
+    assert "champion (f1 0.7000 vs v1's 0.5000)" in tags[3][tracking.TAG_PROMOTION]
+    assert "champion → challenger, beaten by v3" in tags[1][tracking.TAG_DISPLACED]
+    assert tags[3][tracking.TAG_SELECTION] == "f1"
+    names = {m.name for m in client.search_registered_models()}
+    assert "mammoflow-reg_ds" + tracking.LOCK_SUFFIX not in names  # the lock was released
+
+
+def test_promote_keeps_a_champion_that_lacks_the_metric(tracker: Tracker) -> None:
+    exp = tracker.experiment_id("tagless_ds")
+    old, _ = tracker.open_parent(exp, "vgg16", "a", {}, {})
+    _fake_model(tracker, old)
+    assert tracker.promote("tagless_ds", old, "test_f1_macro", 0.9)["alias"] == "champion"
+    new, _ = tracker.open_parent(exp, "resnet50", "b", {}, {})
+    _fake_model(tracker, new)
+    out = tracker.promote("tagless_ds", new, "cv_f1_macro_mean", 0.99)  # never compared
+    assert out["alias"] == "challenger" and out["version"] == 2
+    assert "champion v1 has no cv_f1_macro_mean tag" in out["warning"]
+    assert "the champion is kept" in out["warning"]
+    client = tracker.client
+    assert client.get_model_version_by_alias("mammoflow-tagless_ds", "champion").version == 1
+
+
+def test_promotion_decision_rule() -> None:
+    decide = tracking.promotion_decision
+    assert decide("m", 0.5, None, None)[0] == "champion"
+    assert decide("m", 0.5, "1", 0.5)[0] == "champion"  # a tie goes to the newer model
+    assert decide("m", 0.4, "1", 0.5)[0] == "challenger"
+    assert decide("m", 0.4, "1", 0.5, higher_is_better=False)[0] == "champion"
+    assert decide("m", math.nan, "1", 0.5)[0] == "challenger"
+    alias, _, warning = decide("m", 0.9, "1", None)
+    assert alias == "challenger" and warning is not None
+
+
+def test_a_held_promotion_lock_blocks_until_its_lease_runs_out(tracker: Tracker) -> None:
+    import time
+
+    client, name = tracker.client, "mammoflow-lock_ds"
+    with tracking.registry_lock(client, name, lease_s=60) as holder:
+        assert client.get_registered_model(name + tracking.LOCK_SUFFIX).tags["holder"] == holder
+        blocked = tracking.registry_lock(client, name, wait_s=1.0)
+        with pytest.raises(tracking.PromotionLockedError, match="stayed held for 1 s"), blocked:
+            pass
+    with tracking.registry_lock(client, name, lease_s=0.5):  # a holder that died holding it
+        t0 = time.monotonic()
+        with tracking.registry_lock(client, name, wait_s=10.0):
+            assert time.monotonic() - t0 >= 0.3  # waited for the lease, then broke the lock
 
 
 def test_unreachable_server_fails_fast() -> None:

@@ -143,19 +143,25 @@ def acquire_local(ds: DatasetConfig, target: Path) -> Path:
 
 
 def acquire_sample(ds: DatasetConfig, sample: SampleConfig, target: Path) -> Path:
-    """Generate the embedded sample and keep the part of kind ``ds.kind``."""
-    from mammoflow.data.sample import make_sample
+    """Generate the embedded sample and keep the part of kind ``ds.kind``.
+
+    ``variant: vendor_b``: the second, "other vendor" MIAS sample (same seed, its own stream).
+    """
+    from mammoflow.data.sample import make_sample, make_vendor_sample
 
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
-        make_sample(
-            staging,
-            seed=sample.seed,
-            mias_patients=sample.mias_patients,
-            cmmd_patients=sample.cmmd_patients,
-            size=sample.size,
-        )
+        if ds.variant == "vendor_b":
+            make_vendor_sample(staging, sample.seed, sample.mias_patients, sample.size)
+        else:
+            make_sample(
+                staging,
+                seed=sample.seed,
+                mias_patients=sample.mias_patients,
+                cmmd_patients=sample.cmmd_patients,
+                size=sample.size,
+            )
         _swap_in(staging / ds.kind, target)
     finally:
         shutil.rmtree(staging, ignore_errors=True)

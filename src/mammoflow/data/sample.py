@@ -236,8 +236,60 @@ def _info_row(
     return f"{image_id} {tissue} {code} {sev} {round(lesion.col)} {y} {round(lesion.radius)}"
 
 
+@dataclass(frozen=True)
+class Vendor:
+    """How another site's scanner renders the same anatomy: a detector curve, depth and noise.
+
+    The synthetic film in [0, 1] becomes ``offset + (1 - offset) * image ** gamma`` plus
+    Gaussian noise of ``noise`` (in [0, 1] units), stored with ``bits`` bits (PGM maxval
+    ``2**bits - 1``).
+    """
+
+    name: str
+    gamma: float
+    offset: float
+    noise: float
+    bits: int
+
+    def render(self, rng: np.random.Generator, image: np.ndarray) -> tuple[np.ndarray, int]:
+        """``(pixels, maxval)`` of ``image`` as this vendor stores it."""
+        curve = self.offset + (1.0 - self.offset) * np.power(np.clip(image, 0, 1), self.gamma)
+        noisy = np.clip(curve + self.noise * rng.standard_normal(image.shape), 0.0, 1.0)
+        maxval = 2**self.bits - 1
+        dtype = np.uint8 if maxval < 256 else np.uint16
+        return np.round(noisy * maxval).astype(dtype), maxval
+
+
+#: the second embedded dataset: MIAS-shaped films from "another vendor" (12-bit, a flatter
+#: detector curve with a raised floor, more noise), for external validation
+VENDOR_B = Vendor(name="vendor_b", gamma=0.7, offset=0.06, noise=0.02, bits=12)
+
+
+def make_vendor_sample(
+    out_dir: Path, seed: int, patients: int, size: int, vendor: Vendor = VENDOR_B
+) -> tuple[list[Path], dict[str, str]]:
+    """A MIAS-format folder (PGMs + Info.txt) rendered as ``vendor`` under ``out_dir/mias``.
+
+    Its own stream of the seed (``[seed, 3]``): other women than the standard sample's, same
+    seed → byte-identical files. Returns the files and image_id → label.
+
+    Raises:
+        ValueError: fewer than 2 patients or a size out of range.
+    """
+    if patients < 2 or not 32 <= size <= 4096:
+        raise ValueError(
+            f"make_vendor_sample needs at least 2 patients and a size in 32..4096, got "
+            f"patients={patients}, size={size}"
+        )
+    return _make_mias(np.random.default_rng([seed, 3]), Path(out_dir) / "mias", patients, size, vendor)
+
+
 def _make_mias(
-    rng: np.random.Generator, mias_dir: Path, patients: int, size: int
+    rng: np.random.Generator,
+    mias_dir: Path,
+    patients: int,
+    size: int,
+    vendor: Vendor | None = None,
 ) -> tuple[list[Path], dict[str, str]]:
     n = 2 * patients
     labels = _balanced(rng, n, {"normal": 0.4, "benign": 0.3, "malignant": 0.3})
@@ -278,7 +330,10 @@ def _make_mias(
             rows.append(_info_row(image_id, tissue, "SPIC", "M", lesion, size))
         image = synth_image(rng, shape, side, lesions, density)
         path = mias_dir / f"{image_id}.pgm"
-        write_pgm(path, np.round(image * 255).astype(np.uint8), 255)
+        if vendor is None:
+            write_pgm(path, np.round(image * 255).astype(np.uint8), 255)
+        else:
+            write_pgm(path, *vendor.render(rng, image))
         files.append(path)
     text = INFO_HEADER + "\n" + "\n".join(rows) + "\n\n" + "=" * 65 + "\n"
     info = mias_dir / "Info.txt"

@@ -461,24 +461,92 @@ def full_model(bb: BackboneModel, tail_and_head: Any, *, augment: bool = False) 
     return keras.Model(inp, out, name=f"{bb.name}_full")
 
 
-def ensemble_model(bb: BackboneModel, tail_heads: list[Any]) -> Any:
+def ensemble_model(
+    bb: BackboneModel, tail_heads: list[Any], temperature: float | None = None
+) -> Any:
     """The K fold models as one serving model: a shared frozen prefix, K tails, averaged.
 
     ``raw grey (any size, [0, 255]) → resize → preprocess → frozen prefix → [tail + head]×K →
     mean probability``. Stock Keras layers only (Average), so it loads without MammoFlow.
+
+    With ``temperature`` T, each member's softmax is replaced by ``softmax(z_k / T)`` on its
+    logits ``z_k`` — equal to calibration.py's ``softmax(log p_k / T)`` (softmax ignores the
+    per-row shift between ``z_k`` and ``log p_k``) — before the mean: T is fitted on single fold
+    models' out-of-fold predictions, so it is applied to single fold models. Still stock layers
+    (Rescaling by 1/T named ``temperature``, Activation softmax), so the served model returns
+    calibrated probabilities anywhere; :func:`with_temperature` rebuilds it with another T.
     """
     import keras
 
     if not tail_heads:
         raise ModelBuildError("an ensemble needs at least one fold model")
+    if temperature is not None and not (temperature > 0 and temperature < float("inf")):
+        raise ModelBuildError(f"temperature={temperature!r}; use a positive finite number")
     inp = keras.Input(shape=(None, None, 1), name="image")
     x = keras.layers.Resizing(bb.input_size, bb.input_size, dtype="float32", name="resize")(inp)
     x = bb.prefix(grey_preprocess(bb.name, x), training=False)
-    outs = [th(x) for th in tail_heads]
+    if temperature is None:
+        outs = [th(x) for th in tail_heads]
+    else:
+        scale = keras.layers.Rescaling(1.0 / temperature, dtype="float32", name=TEMPERATURE_LAYER)
+        softmax = keras.layers.Activation("softmax", dtype="float32", name="calibrated_softmax")
+        outs = [softmax(scale(logits_model(th)(x))) for th in tail_heads]
     out = (
         outs[0] if len(outs) == 1 else keras.layers.Average(name="fold_mean", dtype="float32")(outs)
     )
     return keras.Model(inp, out, name=f"{bb.name}_ensemble")
+
+
+#: the Rescaling layer (scale 1/T) of a calibrated serving model
+TEMPERATURE_LAYER = "temperature"
+
+
+def logits_model(tail_head: Any) -> Any:
+    """A copy of a tail + head that outputs the logits (its ``predictions`` layer, linear)."""
+    import keras
+
+    cfg = tail_head.get_config()
+    found = [c for c in cfg["layers"] if c["config"].get("name") == "predictions"]
+    if len(found) != 1:
+        raise ModelBuildError(
+            f"model {tail_head.name!r} has no single 'predictions' layer to take logits from"
+        )
+    found[0]["config"]["activation"] = "linear"
+    cfg["name"] = f"{tail_head.name}_logits"
+    model = keras.Model.from_config(cfg)
+    model.set_weights(tail_head.get_weights())
+    return model
+
+
+def model_temperature(model: Any) -> float | None:
+    """The temperature a serving model applies (its ``temperature`` layer), None if none."""
+    try:
+        layer = model.get_layer(TEMPERATURE_LAYER)
+    except ValueError:
+        return None
+    return 1.0 / float(layer.get_config()["scale"])
+
+
+def with_temperature(model: Any, temperature: float) -> Any:
+    """``model`` rebuilt with temperature ``temperature`` (1.0: the raw, uncalibrated model).
+
+    Raises:
+        ModelBuildError: the model has no temperature layer (it serves raw probabilities).
+    """
+    import keras
+
+    if model_temperature(model) is None:
+        raise ModelBuildError(
+            f"model {model.name!r} has no {TEMPERATURE_LAYER!r} layer: it serves raw "
+            "probabilities already (trained before calibrated serving)"
+        )
+    cfg = model.get_config()
+    for layer in cfg["layers"]:
+        if layer["config"].get("name") == TEMPERATURE_LAYER:
+            layer["config"]["scale"] = 1.0 / temperature
+    rebuilt = keras.Model.from_config(cfg)
+    rebuilt.set_weights(model.get_weights())
+    return rebuilt
 
 
 def ensemble_head(bb: BackboneModel, tail_heads: list[Any]) -> Any:
