@@ -127,6 +127,9 @@ def ingest_cmmd_cmd(
     accept_for_processing: Annotated[
         bool, typer.Option(help="Take FOR PROCESSING (raw detector) images too.")
     ] = False,
+    accept_burned_in: Annotated[
+        bool, typer.Option(help="Take images with BurnedInAnnotation YES (text in the pixels).")
+    ] = False,
     pseudonymize: Annotated[
         Pseudonymize,
         typer.Option(help="none | hmac (PatientID → HMAC with env MAMMOFLOW_PSEUDONYM_KEY)."),
@@ -144,6 +147,7 @@ def ingest_cmmd_cmd(
         on_bad_file=on_bad_file,
         min_size=min_size,
         accept_for_processing=accept_for_processing,
+        accept_burned_in=accept_burned_in,
         pseudonymizer=pseudonymizer(pseudonymize),
         interface="cli",
     )

@@ -36,6 +36,13 @@ BBox = tuple[int, int, int, int]
 #: The breast mask's defaults: the side of the block-averaged copy and the fraction of
 #: Otsu's threshold (above the background level) that separates breast from background.
 MASK_MAX_SIDE = 256
+
+#: The most pixels a raw image may declare (8192 × 8192 = 67,108,864). The largest
+#: mammography detectors give about 4096 × 5200 (21 Mpx); decoding runs through a few float64
+#: copies (8 bytes a pixel each), so this bounds one image's memory to a few GB. Readers check
+#: the declared size against it before decoding anything: a 60000 × 60000 header is refused,
+#: never allocated.
+MAX_PIXELS = 8192 * 8192
 OTSU_FRACTION = 1.0 / 3.0
 
 
