@@ -353,7 +353,9 @@ class Program:
             f"stopsignal={self.stopsignal}",
             f"stopwaitsecs={stop_timeout_s}",
             f"stopasgroup={group}",
-            f"killasgroup={group}",
+            # the SIGKILL after stopwaitsecs reaches every child: a PostgreSQL backend orphaned
+            # by a killed postmaster keeps its shared memory, and the restart then fails
+            "killasgroup=true",
             "redirect_stderr=true",
             f"stdout_logfile={_conf(log)}",
             "stdout_logfile_maxbytes=20MB",

@@ -57,9 +57,10 @@ def stack() -> Iterator[stack_mod.Stack]:
     state = Path(tempfile.mkdtemp(prefix="mammoflow-stack-"))
     state.chmod(0o755)
     lines: list[str] = []
-    # the data is thrown away: supervisord need not wait long for a service to stop
+    # supervisord's default wait: a loaded machine's shutdown checkpoint can take over 5 s, and
+    # test_postgres_outage restarts PostgreSQL on the same data
     # The default configuration (MLflow's basic-auth app on), as `make stack-up` starts it.
-    config = stack_mod.free_port_config(state, stop_timeout_s=5)
+    config = stack_mod.free_port_config(state)
     assert config.mlflow_auth
     st = stack_mod.Stack(config, echo=lines.append)
     try:

@@ -49,6 +49,8 @@ def test_programs_round_trip_through_supervisors_parser(
     assert parsed["mlflow"].priority > parsed["postgres"].priority
     assert parsed["postgres"].stopsignal == 2
     assert parsed["prefect"].killasgroup is True
+    assert parsed["postgres"].killasgroup is True  # SIGINT to the postmaster, SIGKILL to all
+    assert parsed["postgres"].stopasgroup is False
     # credentials in the services' environment: the config is the owner's only
     assert (state / "supervisord.conf").stat().st_mode & 0o077 == 0
 
