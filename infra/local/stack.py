@@ -137,7 +137,9 @@ class StackConfig:
     mlflow_port: int = 5000
     prefect_port: int = 4200
     mlflow_workers: int = 1
-    mlflow_auth: bool = False  # run MLflow with --app-name basic-auth
+    # MLflow's basic-auth app: on unless opted out (`up --no-mlflow-auth`), so a fresh stack lets
+    # no one in without the credentials of stack.env
+    mlflow_auth: bool = True
     start_timeout_s: float = 180.0
     stop_timeout_s: int = 30  # supervisord's stopwaitsecs: then SIGKILL
 
@@ -351,7 +353,9 @@ class Program:
             f"stopsignal={self.stopsignal}",
             f"stopwaitsecs={stop_timeout_s}",
             f"stopasgroup={group}",
-            f"killasgroup={group}",
+            # the SIGKILL after stopwaitsecs reaches every child: a PostgreSQL backend orphaned
+            # by a killed postmaster keeps its shared memory, and the restart then fails
+            "killasgroup=true",
             "redirect_stderr=true",
             f"stdout_logfile={_conf(log)}",
             "stdout_logfile_maxbytes=20MB",
@@ -899,6 +903,11 @@ class Stack:
         for service in ("mlflow", "prefect"):
             self._wait(service, self._ready(service), self.config.start_timeout_s)
         self.write_env_file()
+        if not self.config.mlflow_auth:
+            self.echo(
+                "WARNING: MLflow runs WITHOUT authentication (--no-mlflow-auth): anyone who can "
+                f"reach {self.config.mlflow_url} can read and change runs and models"
+            )
         return self.env()
 
     def start_service(self, service: str) -> None:
@@ -989,9 +998,10 @@ def main(argv: list[str] | None = None) -> int:
         up.add_argument(f"--{name.replace('_', '-')}", type=int, default=None)
     up.add_argument(
         "--mlflow-auth",
-        action="store_true",
+        action=argparse.BooleanOptionalAction,
         default=None,
-        help="run MLflow with the basic-auth app (admin password in secrets.json)",
+        help="MLflow's basic-auth app, on by default (admin password in secrets.json, "
+        "MLFLOW_TRACKING_USERNAME/PASSWORD in stack.env); --no-mlflow-auth opts out",
     )
     sub.add_parser("down", help="stop every service, keep the data")
     sub.add_parser("status", help="health of every service (exit 1 if one is not healthy)")

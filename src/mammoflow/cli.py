@@ -138,6 +138,9 @@ def ingest_cmmd_cmd(
     accept_for_processing: Annotated[
         bool, typer.Option(help="Take FOR PROCESSING (raw detector) images too.")
     ] = False,
+    accept_burned_in: Annotated[
+        bool, typer.Option(help="Take images with BurnedInAnnotation YES (text in the pixels).")
+    ] = False,
     pseudonymize: Annotated[
         Pseudonymize,
         typer.Option(help="none | hmac (PatientID → HMAC with env MAMMOFLOW_PSEUDONYM_KEY)."),
@@ -155,6 +158,7 @@ def ingest_cmmd_cmd(
         on_bad_file=on_bad_file,
         min_size=min_size,
         accept_for_processing=accept_for_processing,
+        accept_burned_in=accept_burned_in,
         pseudonymizer=pseudonymizer(pseudonymize),
         interface="cli",
     )
@@ -504,10 +508,12 @@ def serve_cmd(
     port: Annotated[int, typer.Option(help="Port on 127.0.0.1.")] = 5001,
     model: Annotated[str | None, typer.Option(help="Another MLflow model URI.")] = None,
 ) -> None:
-    """Serve the champion with `mlflow models serve` on 127.0.0.1 (POST /invocations)."""
-    import subprocess
+    """Serve the champion with `mlflow models serve` on 127.0.0.1 (POST /invocations).
 
+    SIGTERM or SIGINT (Ctrl-C) stops the server and its uvicorn workers with it.
+    """
     from mammoflow.predict import default_model_uri, serve_command
+    from mammoflow.procs import run_until_stopped
     from mammoflow.tracking import tracking_uri
 
     # mlflow starts uvicorn by name: the environment's bin folder must be on PATH
@@ -515,7 +521,7 @@ def serve_cmd(
     env = {**os.environ, "MLFLOW_TRACKING_URI": tracking_uri(), "PATH": path}
     cmd = serve_command(model or default_model_uri(dataset), port)
     console.print(f"serving {cmd[6]} on http://127.0.0.1:{port}/invocations", highlight=False)
-    raise typer.Exit(code=subprocess.call(cmd, env=env))
+    raise typer.Exit(code=run_until_stopped(cmd, env=env))
 
 
 @app.command("serve-request")

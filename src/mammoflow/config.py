@@ -61,6 +61,7 @@ class IngestConfig(_Section):
     on_bad_file: Literal["fail", "quarantine"] = "fail"
     min_size: Annotated[int, Field(ge=1, le=65535)] = 256  # short side, pixels
     accept_for_processing: bool = False  # take FOR PROCESSING (raw detector) DICOMs too
+    accept_burned_in: bool = False  # take DICOMs with BurnedInAnnotation YES (text in pixels)
     pseudonymize: Literal["none", "hmac"] = "none"  # hmac: key from MAMMOFLOW_PSEUDONYM_KEY
 
 

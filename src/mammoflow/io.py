@@ -6,6 +6,7 @@ second worker, a crash) never sees half a file. This module imports nothing from
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -19,6 +20,9 @@ os.umask(_UMASK)
 
 def atomic_write_bytes(path: Path, data: bytes, mode: int | None = None) -> None:
     """Write ``data`` to ``path`` through a temp file + rename, so readers never see half a file.
+
+    A full disk (``ENOSPC``/``EDQUOT``) raises an ``OSError`` with the same errno naming
+    ``path``; the temporary file is removed on every error.
 
     Args:
         path: Destination; its parent folders are created.
@@ -36,6 +40,16 @@ def atomic_write_bytes(path: Path, data: bytes, mode: int | None = None) -> None
             fh.flush()
             os.fsync(fh.fileno())
         Path(tmp).replace(path)
+    except OSError as exc:
+        Path(tmp).unlink(missing_ok=True)
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):  # a full disk: say which file, and that
+            raise OSError(  # nothing half-written stays behind
+                exc.errno,
+                f"no space left on the device while writing {path} ({len(data):,} bytes); the "
+                f"partial temporary file was removed and {path.name} keeps its earlier content, "
+                "if any: free space there and rerun",
+            ) from exc
+        raise
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise

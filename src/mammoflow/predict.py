@@ -141,6 +141,7 @@ def acceptance(cfg: Config, dataset: str) -> Acceptance:
         min_size=min_size(cfg, dataset),
         accept_for_processing=cfg.ingest.accept_for_processing,
         min_size_hint="lower ingest.min_size",
+        accept_burned_in=cfg.ingest.accept_burned_in,
     )
 
 

@@ -110,6 +110,7 @@ def ingest_stage(cfg: Config, dataset: str, layout: Layout | None = None) -> dic
             on_bad_file=cfg.ingest.on_bad_file,
             min_size=min_size(cfg, dataset),
             accept_for_processing=cfg.ingest.accept_for_processing,
+            accept_burned_in=cfg.ingest.accept_burned_in,
             pseudonymizer=pseudonymizer(cfg.ingest.pseudonymize),
             interface="params",
         )

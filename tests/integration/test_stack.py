@@ -57,42 +57,21 @@ def stack() -> Iterator[stack_mod.Stack]:
     state = Path(tempfile.mkdtemp(prefix="mammoflow-stack-"))
     state.chmod(0o755)
     lines: list[str] = []
-    # the data is thrown away: supervisord need not wait long for a service to stop
-    st = stack_mod.Stack(stack_mod.free_port_config(state, stop_timeout_s=5), echo=lines.append)
-    auth: subprocess.Popen[bytes] | None = None
+    # supervisord's default wait: a loaded machine's shutdown checkpoint can take over 5 s, and
+    # test_postgres_outage restarts PostgreSQL on the same data
+    # The default configuration (MLflow's basic-auth app on), as `make stack-up` starts it.
+    config = stack_mod.free_port_config(state)
+    assert config.mlflow_auth
+    st = stack_mod.Stack(config, echo=lines.append)
     try:
         started = time.monotonic()
         st.up()
         st.startup_s = time.monotonic() - started  # type: ignore[attr-defined]
         st.first_up_lines = list(lines)  # type: ignore[attr-defined]
-        # A second MLflow server with the basic-auth app, from the stack's own argv and env
-        # (what `up --mlflow-auth` runs); it boots in the background while other tests run.
-        st.auth_port = stack_mod.free_port()  # type: ignore[attr-defined]
-        with (st.state / "logs" / "mlflow-auth.log").open("ab") as log:
-            auth = subprocess.Popen(
-                st.mlflow_argv(st.auth_port, auth=True),  # type: ignore[attr-defined]
-                env={**os.environ, **st.mlflow_env(st.write_auth_config())},
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                cwd=st.state,
-                start_new_session=True,
-            )
         yield st
     finally:
-        if auth is not None:
-            stop_process_tree(auth)
         st.down()
         shutil.rmtree(state, ignore_errors=True)
-
-
-def _auth_port(stack: stack_mod.Stack) -> int:
-    """The basic-auth MLflow server's port, once it answers /health."""
-    port: int = stack.auth_port  # type: ignore[attr-defined]
-    deadline = time.monotonic() + 180
-    while not stack._mlflow_ready(port):
-        assert time.monotonic() < deadline, (stack.state / "logs" / "mlflow-auth.log").read_text()
-        time.sleep(0.5)
-    return port
 
 
 @pytest.fixture(scope="module")
@@ -104,8 +83,9 @@ def stack_env(stack: stack_mod.Stack) -> Iterator[dict[str, str]]:
             mp.setenv(key, value)
         mp.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
         mp.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
-        mp.delenv("MLFLOW_TRACKING_USERNAME", raising=False)
-        mp.delenv("MLFLOW_TRACKING_PASSWORD", raising=False)
+        # every MLflow client below authenticates with stack.env's credentials, nothing else
+        assert env["MLFLOW_TRACKING_USERNAME"] == "admin"
+        assert env["MLFLOW_TRACKING_PASSWORD"] == stack.secrets()["mlflow_admin_password"]
         yield env
 
 
@@ -183,6 +163,8 @@ def test_up_is_idempotent_and_healthy(stack: stack_mod.Stack) -> None:
         "AWS_ACCESS_KEY_ID",
         "AWS_SECRET_ACCESS_KEY",
         "MLFLOW_S3_ENDPOINT_URL",
+        "MLFLOW_TRACKING_USERNAME",
+        "MLFLOW_TRACKING_PASSWORD",
     ):
         assert f"export {key}=" in content
     assert stat.S_IMODE((stack.state / "secrets.json").stat().st_mode) == 0o600
@@ -355,9 +337,13 @@ def test_optuna_two_processes_share_postgres_storage(stack_env: dict[str, str]) 
     assert study.best_value < 25
 
 
-def test_mlflow_basic_auth(stack: stack_mod.Stack) -> None:
-    port = _auth_port(stack)
-    url = f"http://{stack.config.host}:{port}/api/2.0/mlflow/experiments/search?max_results=1"
+def test_mlflow_basic_auth(stack: stack_mod.Stack, stack_env: dict[str, str]) -> None:
+    """The default stack's MLflow: 401 without or with wrong credentials, 200 with stack.env's;
+    an MlflowClient without credentials is refused too."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    url = f"{stack.config.mlflow_url}/api/2.0/mlflow/experiments/search?max_results=1"
     # password hashing (PBKDF2) is slow on a busy machine: generous timeouts
     status, _ = stack_mod.http_get(url, timeout=60)
     assert status == 401
@@ -367,6 +353,13 @@ def test_mlflow_basic_auth(stack: stack_mod.Stack) -> None:
     status, body = stack_mod.http_get(url, timeout=60, auth=("admin", password))
     assert status == 200, body
     assert isinstance(json.loads(body), dict)
+    uri = stack_env["MLFLOW_TRACKING_URI"]
+    assert mlflow.MlflowClient(uri).search_experiments(max_results=1) is not None
+    with pytest.MonkeyPatch.context() as mp:
+        mp.delenv("MLFLOW_TRACKING_USERNAME")
+        mp.delenv("MLFLOW_TRACKING_PASSWORD")
+        with pytest.raises(MlflowException, match=r"401|Unauthorized|credentials"):
+            mlflow.MlflowClient(uri).create_experiment(f"anonymous-{uuid.uuid4().hex[:8]}")
 
 
 def test_unauthenticated_requests_are_refused(stack: stack_mod.Stack) -> None:
@@ -383,9 +376,9 @@ def test_unauthenticated_requests_are_refused(stack: stack_mod.Stack) -> None:
     assert stack_mod.http_get(version, auth=("mammoflow", "wrong-auth-string"))[0] == 401
     user, password = stack.secrets()["prefect_auth_string"].split(":", 1)
     assert stack_mod.http_get(version, auth=(user, password))[0] == 200
-    # MLflow with the basic-auth app
-    port = _auth_port(stack)
-    search = f"http://{cfg.host}:{port}/api/2.0/mlflow/experiments/search?max_results=1"
+    # MLflow: the default stack runs the basic-auth app; only /health stays open
+    assert stack_mod.http_get(f"{cfg.mlflow_url}/health")[0] == 200
+    search = f"{cfg.mlflow_url}/api/2.0/mlflow/experiments/search?max_results=1"
     assert stack_mod.http_get(search, timeout=60)[0] == 401
     # S3: anonymous list, read and write are refused
     for bucket in stack_mod.BUCKETS:
@@ -603,13 +596,16 @@ def test_prefect_deployment_runs_through_a_worker_on_the_stack(
 
 
 def _post_json(url: str, payload: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+    """POST with the MLflow credentials of the environment (stack.env)."""
     import urllib.error
     import urllib.request
 
+    user, password = os.environ["MLFLOW_TRACKING_USERNAME"], os.environ["MLFLOW_TRACKING_PASSWORD"]
+    token = base64.b64encode(f"{user}:{password}".encode()).decode()
     request = urllib.request.Request(
         url,
         data=json.dumps(payload).encode(),
-        headers={"Content-Type": "application/json"},
+        headers={"Content-Type": "application/json", "Authorization": f"Basic {token}"},
         method="POST",
     )
     try:

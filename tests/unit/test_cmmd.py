@@ -593,3 +593,22 @@ def test_clinical_errors_quote_pseudonyms() -> None:
         parse_clinical(frame, "c.csv", pz)
     assert "MRN12345678" not in str(err.value)
     assert f"(ID1 {pz.patient('MRN12345678')!r})" in str(err.value)
+
+
+def test_burned_in_annotation_is_refused_naming_the_file_and_the_key(
+    sample: SampleResult, tmp_path: Path
+) -> None:
+    path = dicom_files(sample.cmmd_dir)[0]
+    ds = pydicom.dcmread(path)
+    ds.BurnedInAnnotation = "YES"
+    ds.save_as(path, enforce_file_format=True)
+    stored = _stored(sample, path)
+    with pytest.raises(IngestError) as err:
+        ingest_cmmd(sample.cmmd_dir, sample.clinical_path, tmp_path / "o", interface="params")
+    text = str(err.value)
+    assert f"  - {stored}: BurnedInAnnotation YES: text burnt into the pixels" in text
+    assert "set ingest.accept_burned_in: true in params.yaml" in text
+    accepted = ingest_cmmd(
+        sample.cmmd_dir, sample.clinical_path, tmp_path / "a", accept_burned_in=True
+    )
+    assert accepted.bad == [] and stored in set(accepted.frame["raw_path"])

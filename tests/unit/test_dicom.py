@@ -11,7 +11,7 @@ import pydicom
 import pytest
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.encaps import encapsulate
-from pydicom.pixels import get_encoder
+from pydicom.pixels import apply_modality_lut, apply_windowing, get_encoder
 from pydicom.uid import (
     UID,
     ExplicitVRLittleEndian,
@@ -213,9 +213,140 @@ def test_invalid_window_width_is_an_error(tmp_path: Path) -> None:
         read_dicom(path)
     assert str(err.value) == (
         f"{path}: invalid windowing (Window Center 10.0, Window Width 0.0, VOI LUT Function "
-        "'LINEAR'): Window Width 0.0 must be >= 1 for the LINEAR VOI function; fix or remove "
-        "the window tags"
+        "'LINEAR'): The (0028,1051) Window Width must be greater than or equal to 1 for a "
+        "'LINEAR' windowing operation; fix or remove the window tags"
     )
+
+
+@pytest.mark.parametrize("function", ["LINEAR", "LINEAR_EXACT", "SIGMOID"])
+@pytest.mark.parametrize("rescale", [False, True])
+def test_windowing_equals_pydicom(tmp_path: Path, function: str, rescale: bool) -> None:
+    """Window Center/Width is pydicom's apply_windowing, scaled from its output range to [0, 1]."""
+    raw = _breast(top=4095)
+    tags: dict[str, Any] = {"WindowCenter": 1800, "WindowWidth": 1500, "VOILUTFunction": function}
+    if rescale:
+        tags.update(RescaleSlope="0.5", RescaleIntercept="-20")
+    path = _write(tmp_path, _dataset(raw, **tags))
+    image = read_dicom(path)
+    ds = pydicom.dcmread(path)
+    reference = apply_windowing(apply_modality_lut(ds.pixel_array, ds), ds)
+    slope, intercept = (0.5, -20.0) if rescale else (1.0, 0.0)
+    y_min, y_max = intercept, 4095 * slope + intercept  # PS3.3 C.11.2.1.2: the output range
+    expected = (reference - y_min) / (y_max - y_min)
+    assert image.voi == "window"
+    np.testing.assert_allclose(image.pixels, expected, atol=1e-6)
+    assert image.pixels.min() >= 0.0 and image.pixels.max() <= 1.0
+
+
+@pytest.mark.parametrize("width", ["nan", "inf", "-5"])
+def test_non_finite_or_negative_window_is_an_error(tmp_path: Path, width: str) -> None:
+    path = _write(tmp_path, _dataset(_breast(), WindowCenter=10, WindowWidth=width))
+    with pytest.raises(DicomError, match=r"invalid windowing .*fix or remove the window tags"):
+        read_dicom(path)
+
+
+def test_presentation_lut_shape_inverse(tmp_path: Path) -> None:
+    raw = _breast()
+    plain = read_dicom(_write(tmp_path, _dataset(raw), "a.dcm")).pixels
+    inverse = read_dicom(
+        _write(tmp_path, _dataset(raw, PresentationLUTShape="INVERSE"), "b.dcm")
+    ).pixels
+    np.testing.assert_allclose(inverse, 1.0 - plain, atol=1e-6)
+    identity = read_dicom(
+        _write(tmp_path, _dataset(raw, PresentationLUTShape="IDENTITY"), "c.dcm")
+    ).pixels
+    np.testing.assert_array_equal(identity, plain)
+    # MONOCHROME1 is paired with INVERSE in DX/MG: one inversion, not two
+    mono1 = _dataset(4095 - raw, PhotometricInterpretation="MONOCHROME1")
+    both = _dataset(
+        4095 - raw, PhotometricInterpretation="MONOCHROME1", PresentationLUTShape="INVERSE"
+    )
+    np.testing.assert_allclose(
+        read_dicom(_write(tmp_path, both, "e.dcm")).pixels,
+        read_dicom(_write(tmp_path, mono1, "d.dcm")).pixels,
+    )
+    bogus = _write(tmp_path, _dataset(raw, PresentationLUTShape="GAMMA"), "f.dcm")
+    with pytest.raises(DicomError, match="Presentation LUT Shape 'GAMMA' is neither"):
+        read_dicom(bogus)
+
+
+def test_burned_in_annotation_is_refused_unless_accepted(tmp_path: Path) -> None:
+    path = _write(tmp_path, _dataset(_breast(), BurnedInAnnotation="YES"))
+    rules = Acceptance(min_size=1)
+    with pytest.raises(DicomError) as err:
+        read_dicom(path, rules)
+    message = str(err.value)
+    assert message.startswith(f"{path}: BurnedInAnnotation YES")
+    assert "set ingest.accept_burned_in: true" in message
+    assert read_dicom(path, dataclasses.replace(rules, accept_burned_in=True)).voi == "minmax"
+    no = _write(tmp_path, _dataset(_breast(), BurnedInAnnotation="NO"), "no.dcm")
+    assert read_dicom(no, rules).voi == "minmax"
+
+
+@pytest.mark.parametrize(
+    ("rows", "columns", "frames"), [(60000, 60000, None), (8193, 8192, None), (4096, 4096, "5")]
+)
+def test_declared_size_above_the_pixel_limit_is_refused_before_decoding(
+    tmp_path: Path, rows: int, columns: int, frames: str | None
+) -> None:
+    ds = _dataset(_breast())
+    ds.Rows, ds.Columns = rows, columns
+    if frames:
+        ds.NumberOfFrames = frames
+    path = _write(tmp_path, ds)
+    with pytest.raises(DicomError, match=r"above the limit of 67,108,864 \(images.MAX_PIXELS\)"):
+        read_dicom(path)
+
+
+def test_a_jpeg2000_codestream_larger_than_its_header_is_refused(tmp_path: Path) -> None:
+    if not get_encoder(JPEG2000Lossless).is_available:
+        pytest.skip("no JPEG 2000 encoder (pylibjpeg-openjpeg)")
+    ds = _dataset(_breast(h=64, w=48))
+    ds.compress(JPEG2000Lossless)
+    ds.Rows, ds.Columns = 32, 24  # the codestream still says 64 rows x 48 columns
+    with pytest.raises(DicomError, match="compressed pixel data declares 48x64 pixels"):
+        read_dicom(_write(tmp_path, ds))
+
+
+@pytest.mark.parametrize(
+    ("descriptor", "data", "match"),
+    [
+        ([4], [1, 2, 3, 4], "needs 3 values"),
+        ([4, 0, 32], [1, 2, 3, 4], "32 bits per entry"),
+        ([4, 0, 16], [1, 2], "declares 4 entries but LUT Data holds 2"),
+        ([0, 0, 16], b"\x01\x00" * 3, "declares 65536 entries but LUT Data holds 3"),
+        ([4, 0, 16], None, "no LUT Data"),
+    ],
+)
+def test_malformed_voi_lut_is_an_error(
+    tmp_path: Path, descriptor: list[int], data: Any, match: str
+) -> None:
+    item = Dataset()
+    item.add_new("LUTDescriptor", "US", descriptor)
+    if isinstance(data, bytes):
+        item.add_new("LUTData", "OW", data)
+    elif data is not None:
+        item.add_new("LUTData", "US", data)
+    ds = _dataset(_breast())
+    ds.VOILUTSequence = [item]
+    with pytest.raises(DicomError, match=match):
+        read_dicom(_write(tmp_path, ds))
+
+
+def test_non_finite_rescale_is_an_error(tmp_path: Path) -> None:
+    path = _write(tmp_path, _dataset(_breast(), RescaleSlope="1e308", RescaleIntercept="1e308"))
+    with pytest.raises(DicomError, match="invalid Rescale Slope"):
+        read_dicom(path)
+
+
+def test_a_malformed_header_value_is_a_dicom_error(tmp_path: Path) -> None:
+    path = _write(tmp_path, _dataset(_breast()))
+    data = bytearray(path.read_bytes())
+    at = data.index(b"CS", data.index(b"\x08\x00\x60\x00"))  # Modality's VR
+    data[at : at + 2] = b"Co"  # an unknown VR, as a flipped byte leaves it
+    path.write_bytes(bytes(data))
+    with pytest.raises(DicomError, match=r"malformed DICOM header \(NotImplementedError"):
+        read_dicom(path)
 
 
 def test_8bit_image(tmp_path: Path) -> None:

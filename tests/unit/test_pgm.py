@@ -155,3 +155,12 @@ def test_load_raw_unknown_suffix(tmp_path: Path) -> None:
         f"{path}: unsupported raw image suffix '.png'; expected one of .pgm, .dcm, .dicom "
         "(rename the file or convert it)"
     )
+
+
+@pytest.mark.parametrize(("width", "height"), [(60000, 60000), (8193, 8192)])
+def test_declared_size_above_the_pixel_limit_is_refused(width: int, height: int) -> None:
+    """A header declaring a bomb is refused before the raster is even measured."""
+    data = f"P5\n{width} {height}\n255\n".encode() + b"\0" * 16
+    with pytest.raises(PgmError, match=r"above the limit of 67,108,864 \(images.MAX_PIXELS\)"):
+        parse_pgm(data, "bomb.pgm")
+    assert parse_pgm(b"P5\n8192 1\n255\n" + b"\0" * 8192).width == 8192

@@ -49,6 +49,8 @@ def test_programs_round_trip_through_supervisors_parser(
     assert parsed["mlflow"].priority > parsed["postgres"].priority
     assert parsed["postgres"].stopsignal == 2
     assert parsed["prefect"].killasgroup is True
+    assert parsed["postgres"].killasgroup is True  # SIGINT to the postmaster, SIGKILL to all
+    assert parsed["postgres"].stopasgroup is False
     # credentials in the services' environment: the config is the owner's only
     assert (state / "supervisord.conf").stat().st_mode & 0o077 == 0
 
@@ -62,3 +64,32 @@ def test_unusable_state_dirs_are_refused(tmp_path: Path) -> None:
         deep._write_supervisord_conf()
     with pytest.raises(stack_mod.StackError, match="newlines and quotes are refused"):
         stack_mod.Program(("x",), tmp_path, env={"A": 'say "hi"'}).section("x", tmp_path, 5)
+
+
+def test_mlflow_auth_is_on_by_default_with_an_opt_out(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No one in by default: basic-auth on, credentials in stack.env; `--no-mlflow-auth` opts out."""
+    monkeypatch.delenv("MAMMOFLOW_STACK_MLFLOW_AUTH", raising=False)
+    monkeypatch.setenv("MAMMOFLOW_STACK_PG_OS_USER", pwd.getpwuid(os.geteuid()).pw_name)
+    config = stack_mod.StackConfig.load(tmp_path / "state")
+    assert config.mlflow_auth
+    stack = stack_mod.Stack(config, echo=None)
+    env = stack.env()
+    assert env["MLFLOW_TRACKING_USERNAME"] == "admin"
+    assert env["MLFLOW_TRACKING_PASSWORD"] == stack.secrets()["mlflow_admin_password"]
+    program = stack.programs()["mlflow"]
+    assert program.argv[-2:] == ("--app-name", "basic-auth")
+    assert "MLFLOW_AUTH_CONFIG_PATH" in program.env
+    opted_out = stack_mod.StackConfig.load(tmp_path / "state", mlflow_auth=False)
+    assert not opted_out.mlflow_auth
+    assert "MLFLOW_TRACKING_PASSWORD" not in stack_mod.Stack(opted_out, echo=None).env()
+    parser_seen: dict[str, object] = {}
+    monkeypatch.setattr(
+        stack_mod.StackConfig,
+        "load",
+        classmethod(lambda cls, state_dir=None, **o: parser_seen.update(o) or config),
+    )
+    monkeypatch.setattr(stack_mod.Stack, "up", lambda self: {})
+    assert stack_mod.main(["--state-dir", str(tmp_path / "state"), "up", "--no-mlflow-auth"]) == 0
+    assert parser_seen["mlflow_auth"] is False

@@ -305,6 +305,7 @@ def ingest_cmmd(
     *,
     min_size: int = DEFAULT_MIN_SIZE,
     accept_for_processing: bool = False,
+    accept_burned_in: bool = False,
     pseudonymizer: Pseudonymizer | None = None,
     interface: Interface = "python",
 ) -> IngestResult:
@@ -320,6 +321,7 @@ def ingest_cmmd(
             nothing; "quarantine" writes the good images plus ``out_dir/quarantine.json``.
         min_size: refuse images whose short side has fewer pixels.
         accept_for_processing: take FOR PROCESSING (raw detector) images too.
+        accept_burned_in: take images with BurnedInAnnotation YES (text in the pixels) too.
         pseudonymizer: maps patient IDs and raw paths (default: IDs kept, dates removed).
         interface: the spelling of hints in messages (Python argument, CLI option, params key).
 
@@ -334,6 +336,8 @@ def ingest_cmmd(
         accept_for_processing=accept_for_processing,
         min_size_hint=hint("min_size", interface),
         for_processing_hint=hint("accept_for_processing", interface),
+        accept_burned_in=accept_burned_in,
+        burned_in_hint=hint("accept_burned_in", interface),
     )
     source, clinical, out_dir = Path(source), Path(clinical), Path(out_dir)
     if not source.is_dir():

@@ -2,14 +2,22 @@
 
 The pixel pipeline follows the DICOM display chain: stored values → Modality LUT (Rescale
 Slope/Intercept, pydicom's ``apply_modality_lut``) → VOI (the first VOI LUT Sequence item, else
-the first Window Center/Width, else min–max over the breast) → MONOCHROME1 inversion.
+the first Window Center/Width through pydicom's ``apply_windowing``, else min–max over the
+breast) → inversion for MONOCHROME1 or Presentation LUT Shape INVERSE.
+
+No pixel is decoded before the declared size is checked against :data:`images.MAX_PIXELS`
+(Rows × Columns × frames, and for JPEG/JPEG 2000 the size in the codestream itself), so a
+decompression bomb is refused from its header. A malformed header value (unknown VR, a value
+that does not parse, a VOI LUT whose descriptor and data disagree) is a :class:`DicomError`
+naming the file, never another exception.
 
 Before any pixel is decoded, :func:`acceptance_problem` applies the acceptance rules of
 ingestion to the header alone: not an image (no Pixel Data, a non-image SOP class, Modality
 SR/PR/KO), a quality-control or calibration exposure (ViewPosition FLATFIELD; ImageType or
 SeriesDescription naming QC, phantom, flat field or calibration), a FOR PROCESSING (raw detector)
-image unless accepted, and a short side below the minimum size. Each rule has its own message
-saying what to do.
+image unless accepted, text burnt into the pixels (BurnedInAnnotation YES: PHI that no header
+rule removes) unless accepted, and a short side below the minimum size. Each rule has its own
+message saying what to do.
 
 Only pseudonymous header fields leave this module: PatientID (in CMMD the dataset's ID such as
 ``D1-0001``), laterality, view and modality. PatientName, PatientBirthDate, AccessionNumber,
@@ -19,6 +27,7 @@ InstitutionName and dates are never read into the result nor put into messages.
 from __future__ import annotations
 
 import re
+import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,8 +36,9 @@ from typing import Any, Literal
 import numpy as np
 import pydicom
 from pydicom.dataset import Dataset
-from pydicom.errors import InvalidDicomError
-from pydicom.pixels import apply_modality_lut, apply_voi_lut
+from pydicom.encaps import generate_frames
+from pydicom.errors import BytesLengthException, InvalidDicomError
+from pydicom.pixels import apply_modality_lut, apply_voi_lut, apply_windowing
 from pydicom.uid import UID
 
 from mammoflow.data import images
@@ -83,6 +93,8 @@ class Acceptance:
     accept_for_processing: bool = False
     min_size_hint: str = "lower ingest.min_size"
     for_processing_hint: str = "set ingest.accept_for_processing: true"
+    accept_burned_in: bool = False
+    burned_in_hint: str = "set ingest.accept_burned_in: true"
 
     def __post_init__(self) -> None:
         if self.min_size < 1:
@@ -223,8 +235,8 @@ def for_processing_marker(ds: Dataset) -> str | None:
 def acceptance_problem(ds: Dataset, rules: Acceptance) -> str | None:
     """The first acceptance rule ``ds``'s header breaks, as a message without the path (pure).
 
-    Rules in order: not an image, QC/calibration, FOR PROCESSING (unless accepted), short side
-    below ``rules.min_size``. Pixel data is never decoded here.
+    Rules in order: not an image, QC/calibration, burned-in annotation and FOR PROCESSING (each
+    unless accepted), short side below ``rules.min_size``. Pixel data is never decoded here.
     """
     problem = not_an_image(ds)
     if problem:
@@ -234,6 +246,13 @@ def acceptance_problem(ds: Dataset, rules: Acceptance) -> str | None:
         return (
             f"quality-control or calibration image ({marker}), not a patient mammogram: "
             "remove it from the source"
+        )
+    burned = str(ds.get("BurnedInAnnotation", "") or "").strip().upper()
+    if burned == "YES" and not rules.accept_burned_in:
+        return (
+            "BurnedInAnnotation YES: text burnt into the pixels may identify the patient and no "
+            "header rule removes it; remove the file, or, if the burnt-in text is known to hold "
+            f"no identifying data, {rules.burned_in_hint}"
         )
     marker = for_processing_marker(ds)
     if marker and not rules.accept_for_processing:
@@ -252,6 +271,28 @@ def acceptance_problem(ds: Dataset, rules: Acceptance) -> str | None:
     return None
 
 
+#: Exceptions pydicom and numpy raise on malformed header values (an unknown VR, a value that
+#: does not parse, a sequence item without its data): turned into a :class:`DicomError`.
+_MALFORMED = (
+    ValueError,
+    TypeError,
+    KeyError,
+    AttributeError,
+    IndexError,
+    OverflowError,
+    NotImplementedError,
+    UnicodeError,
+    struct.error,
+    BytesLengthException,
+)
+
+
+def _detail(exc: BaseException) -> str:
+    """``'<Type>: <first line of the message>'`` (at most 300 characters)."""
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text.splitlines()[0][:300] if text else ''}"
+
+
 def _first(value: Any) -> float:
     """First value of a possibly multi-valued numeric element."""
     if isinstance(value, str | bytes):
@@ -262,16 +303,78 @@ def _first(value: Any) -> float:
         return float(value)
 
 
-def _lut_entries(item: Dataset) -> np.ndarray:
-    """The entries of a VOI LUT Sequence item as an integer array."""
-    data = item.LUTData
-    if isinstance(data, bytes | bytearray):
-        entries = int(item.LUTDescriptor[0]) or 65536
-        packed = len(data) == entries  # 8-bit entries packed one per byte, else 16-bit words
-        return np.frombuffer(bytes(data), dtype=np.uint8 if packed else np.dtype("<u2"))
-    if isinstance(data, int | float):
-        return np.asarray([data])
-    return np.asarray(list(data))
+def _lut_entries(item: Dataset, name: str) -> np.ndarray:
+    """The entries of a VOI LUT Sequence item, after checking its descriptor and data agree.
+
+    Raises:
+        DicomError: no three-valued LUT Descriptor, bits per entry not 8 or 16, no LUT Data, or
+            LUT Data whose length is not the descriptor's number of entries.
+    """
+    descriptor = item.get("LUTDescriptor")
+    values = list(descriptor) if isinstance(descriptor, Sequence | list) else []
+    data = item.get("LUTData")
+    fix = "fix or remove the VOI LUT Sequence"
+    if len(values) != 3:
+        raise DicomError(f"{name}: malformed VOI LUT: LUT Descriptor {descriptor!r} needs 3 values")
+    entries, bits = int(values[0]) or 65536, int(values[2])
+    if bits != 8 and not 10 <= bits <= 16:
+        raise DicomError(
+            f"{name}: malformed VOI LUT: {bits} bits per entry (DICOM allows 8 or 10-16); {fix}"
+        )
+    if data is None or (isinstance(data, bytes | bytearray) and not data):
+        raise DicomError(f"{name}: malformed VOI LUT: the item has no LUT Data; {fix}")
+    if isinstance(data, bytes | bytearray):  # OW: 16-bit words whatever the depth (as pydicom)
+        count = min(len(data) // 2, entries)
+        table = np.frombuffer(bytes(data)[: 2 * count], dtype=np.dtype("<u2"))
+    else:
+        table = np.asarray([data] if isinstance(data, int | float) else list(data))
+    if table.size != entries:
+        raise DicomError(
+            f"{name}: malformed VOI LUT: the descriptor declares {entries} entries but LUT Data "
+            f"holds {table.size}; {fix}"
+        )
+    return table
+
+
+def _window(values: np.ndarray, ds: Dataset, name: str) -> np.ndarray:
+    """Window Center/Width through pydicom's ``apply_windowing``, scaled to [0, 1].
+
+    pydicom maps to the stored (or rescaled) value range ``[y_min, y_max]``; windowing ±inf
+    gives exactly that range, so the [0, 1] scaling uses pydicom's own bounds.
+    """
+    center, width = _first(ds.WindowCenter), _first(ds.WindowWidth)
+    function = str(ds.get("VOILUTFunction", "") or "LINEAR")
+    problem = None if np.isfinite([center, width]).all() else "values must be finite numbers"
+    if problem is None:
+        try:
+            with np.errstate(over="ignore", divide="ignore", invalid="ignore"):
+                low, high = apply_windowing(np.array([-np.inf, np.inf]), ds)
+                out = apply_windowing(values, ds)
+        except ValueError as exc:
+            problem = str(exc)
+    if problem is None and not (np.isfinite([low, high]).all() and high != low):
+        problem = f"the output range [{low}, {high}] is empty or not finite"
+    if problem is not None:
+        raise DicomError(
+            f"{name}: invalid windowing (Window Center {center}, Window Width {width}, "
+            f"VOI LUT Function {function!r}): {problem}; fix or remove the window tags"
+        ) from None
+    return np.clip((out - low) / (high - low), 0.0, 1.0)
+
+
+def _inverted(ds: Dataset, photometric: str, name: str) -> bool:
+    """Whether display inverts the VOI output: MONOCHROME1, or Presentation LUT Shape INVERSE.
+
+    DX/MG objects pair MONOCHROME1 with INVERSE (both say "low values are white"), so the two
+    together mean one inversion, not two.
+    """
+    shape = str(ds.get("PresentationLUTShape", "") or "").strip().upper()
+    if shape not in ("", "IDENTITY", "INVERSE"):
+        raise DicomError(
+            f"{name}: Presentation LUT Shape {shape!r} is neither IDENTITY nor INVERSE; fix the "
+            "tag or remove it"
+        )
+    return photometric == "MONOCHROME1" or shape == "INVERSE"
 
 
 def to_unit_range(
@@ -283,59 +386,53 @@ def to_unit_range(
         The array and which VOI path was used: ``"lut"``, ``"window"`` or ``"minmax"``.
 
     Raises:
-        DicomError: a window width or VOI function that DICOM does not allow.
+        DicomError: a rescale, window or VOI LUT that DICOM does not allow, or a non-finite
+            result.
     """
     photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).strip().upper()
-    modality = np.asarray(apply_modality_lut(raw, ds))
-    values = modality.astype(np.float64)
+    invert = _inverted(ds, photometric, name)
+    with np.errstate(over="ignore", invalid="ignore"):
+        modality = np.asarray(apply_modality_lut(raw, ds))
+        values = modality.astype(np.float64)
+    if not np.isfinite(values).all() or ("RescaleSlope" in ds and _first(ds.RescaleSlope) == 0):
+        raise DicomError(
+            f"{name}: invalid Rescale Slope {ds.get('RescaleSlope')!r} / Rescale Intercept "
+            f"{ds.get('RescaleIntercept')!r}: the rescaled values are not finite or all equal; "
+            "fix or remove the rescale tags"
+        )
     voi: VoiPath
     if ds.get("VOILUTSequence"):
-        item = ds.VOILUTSequence[0]
+        table = _lut_entries(ds.VOILUTSequence[0], name)
         # a LUT is indexed by integers: round rescaled values instead of passing floats
         lut_input = (
             modality
             if np.issubdtype(modality.dtype, np.integer)
             else np.rint(values).astype(np.int64)
         )
-        out = images.normalise_lut_output(
-            apply_voi_lut(lut_input, ds, index=0, prefer_lut=True), _lut_entries(item)
-        )
-        voi = "lut"
-    elif ds.get("WindowCenter") is not None and ds.get("WindowWidth") is not None:
-        center, width = _first(ds.WindowCenter), _first(ds.WindowWidth)
-        function = str(ds.get("VOILUTFunction", "") or "LINEAR")
         try:
-            out = images.window(values, center, width, function)
-        except ValueError as exc:
+            looked_up = apply_voi_lut(lut_input, ds, index=0, prefer_lut=True)
+        except _MALFORMED as exc:
             raise DicomError(
-                f"{name}: invalid windowing (Window Center {center}, Window Width {width}, "
-                f"VOI LUT Function {function!r}): {exc}; fix or remove the window tags"
+                f"{name}: malformed VOI LUT ({_detail(exc)}); fix or remove the VOI LUT Sequence"
             ) from None
-        voi = "window"
+        out, voi = images.normalise_lut_output(looked_up, table), "lut"
+    elif ds.get("WindowCenter") is not None and ds.get("WindowWidth") is not None:
+        out, voi = _window(values, ds, name), "window"
     else:
         background: images.Background = "high" if photometric == "MONOCHROME1" else "low"
-        out = images.minmax_over_breast(values, background=background)
-        voi = "minmax"
-    if photometric == "MONOCHROME1":
+        out, voi = images.minmax_over_breast(values, background=background), "minmax"
+    if invert:
         out = images.invert(out)
-    return np.asarray(out, dtype=np.float32), voi
+    result = np.asarray(out, dtype=np.float32)
+    if not np.isfinite(result).all():
+        raise DicomError(f"{name}: the display chain gave non-finite pixels; check the VOI tags")
+    return result, voi
 
 
-def read_dicom(path: str | Path, rules: Acceptance | None = None) -> DicomImage:
-    """Read one single-frame greyscale DICOM mammogram.
-
-    Args:
-        path: the file.
-        rules: ingestion's acceptance rules, checked on the header before decoding; ``None``
-            (conversion of files already accepted) checks only that the file holds an image.
-
-    Raises:
-        DicomError: not DICOM, not an image, refused by ``rules``, not greyscale, multi-frame,
-            or undecodable (the message names the file, the reason and what to do).
-    """
-    path = Path(path)
+def _read_dataset(path: Path) -> Dataset:
+    """``dcmread`` with every failure as a :class:`DicomError` naming the file."""
     try:
-        ds = pydicom.dcmread(path)
+        return pydicom.dcmread(path)
     except InvalidDicomError:
         raise DicomError(
             f"{path}: not a DICOM file (no 'DICM' marker after the 128-byte preamble); "
@@ -343,9 +440,64 @@ def read_dicom(path: str | Path, rules: Acceptance | None = None) -> DicomImage:
         ) from None
     except (OSError, EOFError) as exc:
         raise DicomError(f"{path}: cannot read the DICOM file: {exc}") from None
+    except _MALFORMED as exc:
+        raise DicomError(
+            f"{path}: malformed DICOM file ({_detail(exc)}); the file is corrupt: re-export it "
+            "from the source"
+        ) from None
+
+
+def _codestream_size(ds: Dataset) -> tuple[int, int] | None:
+    """``(rows, columns)`` declared inside the first JPEG 2000 / JPEG(-LS) frame, if any."""
+    try:
+        frame = next(generate_frames(ds.PixelData))
+    except (StopIteration, *_MALFORMED):
+        return None  # the decoder will refuse the data with its own message
+    siz = frame.find(b"\xff\x51", 0, 256)
+    if frame[:2] != b"\xff\xd8" and siz >= 0 and len(frame) >= siz + 22:  # J2K SIZ marker
+        x, y, x0, y0 = struct.unpack(">4I", frame[siz + 6 : siz + 22])
+        return max(y - y0, 0), max(x - x0, 0)
+    from pydicom.pixels.utils import _get_jpg_parameters
+
+    info = _get_jpg_parameters(frame)
+    return (int(info["height"]), int(info["width"])) if "height" in info else None
+
+
+def check_pixel_limit(ds: Dataset, name: str) -> None:
+    """Refuse, before decoding, an image larger than :data:`images.MAX_PIXELS` (a bomb).
+
+    Raises:
+        DicomError: the header or the codestream declares more pixels than the limit, or a
+            codestream size that differs from Rows × Columns.
+    """
+    rows, columns = int(ds.get("Rows") or 0), int(ds.get("Columns") or 0)
+    frames = max(int(ds.get("NumberOfFrames") or 1), 1)
+    samples = max(int(ds.get("SamplesPerPixel") or 1), 1)
+    declared = rows * columns * frames * samples
+    where = f"Rows {rows} x Columns {columns} x {frames} frame(s) x {samples} sample(s)"
+    inner = None
+    meta = getattr(ds, "file_meta", None)
+    syntax = UID(str(meta.get("TransferSyntaxUID", "") if meta is not None else ""))
+    compressed = syntax.is_transfer_syntax and syntax.is_compressed  # unknown: decoder refuses
+    if declared <= images.MAX_PIXELS and compressed and "PixelData" in ds:
+        inner = _codestream_size(ds)
+        if inner is not None and inner != (rows, columns):
+            raise DicomError(
+                f"{name}: the compressed pixel data declares {inner[1]}x{inner[0]} pixels but the "
+                f"header {columns}x{rows}; the file is corrupt: re-export it from the source"
+            )
+    if declared > images.MAX_PIXELS:
+        raise DicomError(
+            f"{name}: declares {declared:,} pixels ({where}), above the limit of "
+            f"{images.MAX_PIXELS:,} (images.MAX_PIXELS); not decoded: a corrupt header or a "
+            "decompression bomb, not a mammogram"
+        )
+
+
+def _decode(ds: Dataset, path: Path, rules: Acceptance | None) -> DicomImage:
+    """Acceptance rules, pixel limit, decoding and the display chain (see :func:`read_dicom`)."""
     meta = getattr(ds, "file_meta", None)
     syntax = str(meta.get("TransferSyntaxUID", "") if meta is not None else "")
-    described = describe_syntax(syntax)
     problem = acceptance_problem(ds, rules) if rules is not None else not_an_image(ds)
     if problem:
         raise DicomError(f"{path}: {problem}")
@@ -355,13 +507,15 @@ def read_dicom(path: str | Path, rules: Acceptance | None = None) -> DicomImage:
             f"{path}: photometric interpretation {photometric or 'missing'!r} is not greyscale; "
             "mammograms must be MONOCHROME1 or MONOCHROME2"
         )
+    check_pixel_limit(ds, str(path))
     try:
         raw = ds.pixel_array
+    except MemoryError:
+        raise
     except Exception as exc:  # pydicom raises many types for undecodable data
-        detail = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ""
         raise DicomError(
-            f"{path}: cannot decode the pixel data with transfer syntax {described}: "
-            f"{type(exc).__name__}: {detail}; hint: {decoder_hint(syntax)}"
+            f"{path}: cannot decode the pixel data with transfer syntax "
+            f"{describe_syntax(syntax)}: {_detail(exc)}; hint: {decoder_hint(syntax)}"
         ) from None
     if raw.ndim != 2:
         raise DicomError(
@@ -382,3 +536,29 @@ def read_dicom(path: str | Path, rules: Acceptance | None = None) -> DicomImage:
         voi=voi,
         image_type="/".join(_values(ds.get("ImageType"))) or None,
     )
+
+
+def read_dicom(path: str | Path, rules: Acceptance | None = None) -> DicomImage:
+    """Read one single-frame greyscale DICOM mammogram.
+
+    Args:
+        path: the file.
+        rules: ingestion's acceptance rules, checked on the header before decoding; ``None``
+            (conversion of files already accepted) checks only that the file holds an image.
+
+    Raises:
+        DicomError: not DICOM, not an image, refused by ``rules``, not greyscale, multi-frame,
+            larger than :data:`images.MAX_PIXELS`, a malformed header value, or undecodable
+            (the message names the file, the reason and what to do).
+    """
+    path = Path(path)
+    ds = _read_dataset(path)
+    try:
+        return _decode(ds, path, rules)
+    except DicomError:
+        raise
+    except _MALFORMED as exc:  # a header value pydicom could not convert, met on first access
+        raise DicomError(
+            f"{path}: malformed DICOM header ({_detail(exc)}); the file is corrupt: re-export it "
+            "from the source"
+        ) from None

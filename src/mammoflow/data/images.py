@@ -1,8 +1,9 @@
 """Pure numpy image functions for mammograms: intensity, the breast mask, and geometry (no I/O).
 
-Intensity: :func:`invert`, :func:`window` (DICOM VOI windowing), :func:`normalise_lut_output`
-and :func:`minmax_over_breast` return ``float32`` in [0, 1]. The breast: :func:`breast_mask`
-(the one rule that finds it) and :func:`breast_bbox`. Geometry on 2-D float images in [0, 1]:
+Intensity: :func:`invert`, :func:`normalise_lut_output` and :func:`minmax_over_breast` return
+``float32`` in [0, 1] (DICOM windowing is pydicom's ``apply_windowing``, in
+:mod:`mammoflow.data.dicom`). The breast: :func:`breast_mask` (the one rule that finds it) and
+:func:`breast_bbox`. Geometry on 2-D float images in [0, 1]:
 :func:`crop`, :func:`resize_to_fit`, :func:`pad_to_square`, :func:`letterbox`,
 :func:`quantize`. Every function takes and returns arrays, so :mod:`mammoflow.data.dicom`,
 :mod:`mammoflow.data.convert` and the tests compose them freely.
@@ -36,6 +37,13 @@ BBox = tuple[int, int, int, int]
 #: The breast mask's defaults: the side of the block-averaged copy and the fraction of
 #: Otsu's threshold (above the background level) that separates breast from background.
 MASK_MAX_SIDE = 256
+
+#: The most pixels a raw image may declare (8192 × 8192 = 67,108,864). The largest
+#: mammography detectors give about 4096 × 5200 (21 Mpx); decoding runs through a few float64
+#: copies (8 bytes a pixel each), so this bounds one image's memory to a few GB. Readers check
+#: the declared size against it before decoding anything: a 60000 × 60000 header is refused,
+#: never allocated.
+MAX_PIXELS = 8192 * 8192
 OTSU_FRACTION = 1.0 / 3.0
 
 
@@ -56,40 +64,6 @@ def _check_image(img: NDArray[np.floating] | NDArray[np.integer], what: str = "i
 def invert(arr: np.ndarray) -> np.ndarray:
     """Map [0, 1] to [1, 0] (MONOCHROME1 → MONOCHROME2: dense tissue bright)."""
     return (1.0 - np.asarray(arr, dtype=np.float32)).astype(np.float32)
-
-
-def window(arr: np.ndarray, center: float, width: float, function: str = "LINEAR") -> np.ndarray:
-    """Apply a DICOM window (PS3.3 C.11.2.1.2) and scale the output to [0, 1].
-
-    Args:
-        arr: modality-LUT output values (after Rescale Slope/Intercept).
-        center: Window Center.
-        width: Window Width (> 0; >= 1 for LINEAR).
-        function: VOI LUT Function: LINEAR (default), LINEAR_EXACT or SIGMOID.
-
-    Raises:
-        ValueError: unknown function or a width out of range.
-    """
-    func = (function or "LINEAR").strip().upper()
-    x = np.asarray(arr, dtype=np.float64)
-    if func == "LINEAR":
-        if width < 1:
-            raise ValueError(f"Window Width {width} must be >= 1 for the LINEAR VOI function")
-        c, w = center - 0.5, width - 1.0
-        out = (x > c).astype(np.float64) if w == 0 else np.clip((x - c) / w + 0.5, 0.0, 1.0)
-    elif func == "LINEAR_EXACT":
-        if width <= 0:
-            raise ValueError(f"Window Width {width} must be > 0 for LINEAR_EXACT")
-        out = np.clip((x - center) / width + 0.5, 0.0, 1.0)
-    elif func == "SIGMOID":
-        if width <= 0:
-            raise ValueError(f"Window Width {width} must be > 0 for SIGMOID")
-        out = 1.0 / (1.0 + np.exp(np.clip(-4.0 * (x - center) / width, -700, 700)))
-    else:
-        raise ValueError(
-            f"unknown VOI LUT Function {function!r}; expected LINEAR, LINEAR_EXACT or SIGMOID"
-        )
-    return out.astype(np.float32)
 
 
 def normalise_lut_output(arr: np.ndarray, lut: np.ndarray) -> np.ndarray:

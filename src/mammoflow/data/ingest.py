@@ -97,6 +97,11 @@ _SPELLINGS: dict[str, dict[Interface, str]] = {
         "cli": "pass --accept-for-processing",
         "params": "set ingest.accept_for_processing: true in params.yaml",
     },
+    "accept_burned_in": {
+        "python": "pass accept_burned_in=True",
+        "cli": "pass --accept-burned-in",
+        "params": "set ingest.accept_burned_in: true in params.yaml",
+    },
 }
 
 

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
+from mammoflow.data.images import MAX_PIXELS
 from mammoflow.io import atomic_write_bytes
 
 MAGIC = b"P5"
@@ -109,6 +110,12 @@ def parse_header(data: bytes, name: str = "<bytes>") -> tuple[int, int, int, int
         )
     if not 0 < maxval < 65536:
         raise PgmError(f"{name}: bad PGM header: maxval {maxval} must be between 1 and 65535")
+    if width * height > MAX_PIXELS:
+        raise PgmError(
+            f"{name}: bad PGM header: {width}x{height} = {width * height:,} pixels, above the "
+            f"limit of {MAX_PIXELS:,} (images.MAX_PIXELS); not decoded: a corrupt header, not a "
+            "mammogram"
+        )
     return width, height, maxval, pos + 1
 
 
