@@ -92,7 +92,6 @@ def project(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     _run(["dvc", "repro", "evaluate@site"], dest)
     _push(dest, "first")
     _change_one_film(source)
-    _run(["dvc", "repro", "-f", "-s", "acquire@site"], dest)  # its deps are code only (issue 19)
     _run(["dvc", "repro", "evaluate@site"], dest)
     _push(dest, "second")
     try:
