@@ -6,20 +6,25 @@ unchanged stage is skipped exactly as under a plain ``dvc repro``. DVC's Python 
 not a public contract (its maintainers point to the CLI), so this module only runs the ``dvc``
 command and reads what it prints; it is the one place that knows those messages.
 
-One workspace runs one DVC command at a time: every call passes ``--wait-for-lock`` (DVC ≥ 3.61),
-so two flow runs on one checkout queue on DVC's own repo lock instead of failing or corrupting
-dvc.lock.
+One workspace runs one DVC command at a time. DVC's ``--wait-for-lock`` (DVC ≥ 3.61) waits for
+its repo lock, but `dvc repro` lets go of that lock while a stage's command runs and guards the
+stage's outputs with a read/write lock that fails at once ("is busy") — so two flow runs on one
+checkout would still collide. Every command here that writes (repro, exp run, push, checkout)
+therefore first takes an exclusive ``flock`` on ``.dvc/tmp/mammoflow.lock``: a second flow run
+waits for the first, whatever started it (tested with two concurrent flows).
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
 import re
 import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -118,6 +123,25 @@ def _run(
     return proc.returncode, lines
 
 
+@contextlib.contextmanager
+def workspace_lock(root: Path, on_line: LineSink | None = None) -> Iterator[None]:
+    """Hold the checkout's exclusive MammoFlow lock (``.dvc/tmp/mammoflow.lock``), waiting for
+    another process that holds it; released when the block ends (or the process dies)."""
+    path = root / ".dvc" / "tmp" / "mammoflow.lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if on_line is not None:
+                on_line(f"waiting for another DVC command in {root} to finish ({path})")
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 def check_project(root: Path) -> None:
     """Refuse a folder that is not a DVC pipeline project, naming what is missing."""
     missing = [name for name in ("dvc.yaml", ".dvc") if not (root / name).exists()]
@@ -150,7 +174,8 @@ def repro(
         DvcError: any other failure, with DVC's message.
     """
     start = time.monotonic()
-    code, lines = _run(["repro", "--single-item", stage], root, env=env, on_line=on_line)
+    with workspace_lock(root, on_line):
+        code, lines = _run(["repro", "--single-item", stage], root, env=env, on_line=on_line)
     seconds = time.monotonic() - start
     if code != 0:
         message = _failure(f"stage {stage}", lines)
@@ -216,7 +241,8 @@ def push(root: Path, *, on_line: LineSink | None = None) -> PushResult:
             f"{root.resolve()}: no default DVC remote, so the data this run used is kept in the "
             "local cache only; set one with `dvc remote add -d NAME URL`"
         )
-    code, lines = _run(["push", "--run-cache"], root, on_line=on_line)
+    with workspace_lock(root, on_line):
+        code, lines = _run(["push", "--run-cache"], root, on_line=on_line)
     if code != 0:
         raise DvcError(_failure(f"dvc push to {remote[0]} ({remote[1]})", lines), exit_code=code)
     pushed = sum(int(m["n"]) for line in lines if (m := _PUSHED.search(line)))
@@ -271,16 +297,17 @@ def exp_run(
     outputs the experiment's checkout removed are checked out again from the cache, so the
     workspace's own pipeline stays as it was. Returns the experiment's name.
     """
-    kept = {
-        name: (root / name).read_bytes()
-        for name in ("params.yaml", "dvc.lock")
-        if (root / name).is_file()
-    }
     args = ["exp", "run", *(a for o in overrides for a in ("-S", o)), *targets]
-    try:
-        code, lines = _run(args, root, on_line=on_line)
-    finally:
-        _restore(root, kept)
+    with workspace_lock(root, on_line):  # read what to put back once no other run can change it
+        kept = {
+            name: (root / name).read_bytes()
+            for name in ("params.yaml", "dvc.lock")
+            if (root / name).is_file()
+        }
+        try:
+            code, lines = _run(args, root, on_line=on_line)
+        finally:
+            _restore(root, kept)
     if code != 0:
         raise DvcError(_failure("dvc exp run", lines), exit_code=command_exit_code(lines))
     for line in reversed(lines):
