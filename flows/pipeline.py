@@ -8,14 +8,15 @@ for a deployment is the project checkout.
 
 Flows:
     data_flow      acquire → ingest → validate → convert, per dataset
-    train_flow     split per dataset, then K-fold training of each backbone: one task each, or
-                   on Dask one task per (dataset, backbone, fold), aggregated per backbone
+    train_flow     split per dataset, then K-fold training of each backbone: one task each (with
+                   a Dask address the train stage itself runs one Dask task per fold)
     evaluate_flow  best backbone per dataset into the MLflow registry, then the comparison report
     pipeline_flow  the three in order
     score_flow     score the new images of a folder with a dataset's champion (mammoflow.predict)
 
 Training runs one task at a time by default (2 CPU cores); set ``MAMMOFLOW_DASK_ADDRESS`` or pass
-``dask_address`` to send the backbone tasks to a Dask cluster instead. Training tasks carry the
+``dask_address`` and the train stage fans its folds out to that Dask cluster (as under
+``dvc repro`` and ``mammoflow study``). Training tasks carry the
 tag ``mammoflow-train``: ``prefect concurrency-limit create mammoflow-train 1`` on a server caps
 them across all flow runs and workers (without a server the tag is a no-op).
 """
@@ -144,10 +145,17 @@ def split(params_path: str, dataset: str) -> Summary:
     retry_delay_seconds=30,
     retry_condition_fn=transient_io_error,
 )
-def train_backbone(params_path: str, dataset: str, backbone: str) -> Summary:
-    """K-fold training of one backbone on one dataset, tracked in MLflow, tested on hold-out."""
+def train_backbone(
+    params_path: str, dataset: str, backbone: str, dask_address: str | None = None
+) -> Summary:
+    """K-fold training of one backbone on one dataset, tracked in MLflow, tested on hold-out.
+
+    With a Dask address (argument or ``$MAMMOFLOW_DASK_ADDRESS``) the stage fans its folds out.
+    """
     cfg, layout = _load(params_path)
-    return stages.train_stage(cfg, dataset, backbone, layout=layout, progress=False)
+    return stages.train_stage(
+        cfg, dataset, backbone, layout=layout, progress=False, dask_address=dask_address
+    )
 
 
 @task(
@@ -275,15 +283,28 @@ def data_flow(params_path: str = "params.yaml", datasets: list[str] | None = Non
 
 @flow(name="mammoflow-train-backbones", task_runner=one_thread())
 def train_backbones_flow(
-    params_path: str, datasets: list[str], backbones: list[str]
+    params_path: str,
+    datasets: list[str],
+    backbones: list[str],
+    dask_address: str | None = None,
 ) -> list[Summary]:
     """One training task per (dataset, backbone); the task runner sets the concurrency."""
-    return _results([train_backbone.submit(params_path, d, b) for d in datasets for b in backbones])
+    return _results(
+        [
+            train_backbone.submit(params_path, d, b, dask_address)
+            for d in datasets
+            for b in backbones
+        ]
+    )
 
 
 @flow(name="mammoflow-train-folds")
 def train_folds_flow(params_path: str, datasets: list[str], backbones: list[str]) -> list[Summary]:
-    """(dataset × backbone × fold) tasks: features once per pair, folds fanned out, then aggregated."""
+    """(dataset × backbone × fold) tasks: features once per pair, folds fanned out, then aggregated.
+
+    Superseded by the train stage's own fan-out (``train_flow`` no longer calls it); still safe
+    to call: the stage trains nothing the fold tasks handed in.
+    """
     prepared = {
         (d, b): prepare_backbone.submit(params_path, d, b) for d in datasets for b in backbones
     }
@@ -303,15 +324,14 @@ def train_flow(
 ) -> list[Summary]:
     """Split each dataset, then train every backbone on it.
 
-    With a Dask address (argument or ``$MAMMOFLOW_DASK_ADDRESS``) the folds are the tasks,
-    fanned out on the cluster; without, one task per backbone reuses one compiled trainer.
+    One task per backbone, one at a time; with a Dask address (argument or
+    ``$MAMMOFLOW_DASK_ADDRESS``) each task's train stage runs its folds on that cluster.
     """
     todo = plan(params_path, datasets, backbones)
     for name in todo["datasets"]:
         split(params_path, name)
     address = dask_address or os.environ.get(DASK_ADDRESS_ENV) or None
-    sub = train_folds_flow if address else train_backbones_flow
-    return with_task_runner(sub, address)(params_path, todo["datasets"], todo["backbones"])
+    return train_backbones_flow(params_path, todo["datasets"], todo["backbones"], address)
 
 
 @flow(name="mammoflow-evaluate")

@@ -209,15 +209,26 @@ def train_stage(
     layout: Layout | None = None,
     progress: bool = False,
     computed: Mapping[int, FoldResult] | None = None,
+    dask_address: str | None = None,
 ) -> dict[str, Any]:
     """K-fold training of one backbone on one dataset, tracked in MLflow (resumable).
 
-    ``computed``: fold results already trained by fold tasks elsewhere (Dask), by fold number.
+    With ``dask_address`` or ``$MAMMOFLOW_DASK_ADDRESS`` set, the features are extracted here
+    once and the fold tasks run on that Dask cluster, one task per fold (same numbers).
+    ``computed``: fold results already trained elsewhere, by fold number.
     """
     from mammoflow.study import run_study
 
     _check_backbone(cfg, dataset, backbone)
-    result = run_study(cfg, dataset, backbone, layout=layout, progress=progress, computed=computed)
+    result = run_study(
+        cfg,
+        dataset,
+        backbone,
+        layout=layout,
+        progress=progress,
+        computed=computed,
+        dask=dask_address,
+    )
     return {
         "dataset": dataset,
         "backbone": backbone,

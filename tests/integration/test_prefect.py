@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import Any
 from uuid import UUID
 
-import numpy as np
 import pytest
 import yaml
 
@@ -394,73 +393,6 @@ def test_transient_io_error_is_retried(
     assert runs["acquire-sample_mias"].state.is_completed()
     assert runs["convert-sample_mias"].state.is_completed()
     assert [c[0] for c in calls] == ["acquire", "ingest", "validate", "convert"]
-
-
-@pytest.mark.slow
-def test_dask_fold_fan_out_matches_serial(
-    server: Server, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """Data flow on Dask, then (dataset × backbone × fold) tasks on a 2-worker LocalCluster:
-    the same fold metrics as the serial train stage, features extracted once."""
-    import shutil
-
-    from distributed import LocalCluster
-    from flows.pipeline import data_flow, train_flow, with_task_runner
-
-    from mammoflow import stages
-    from mammoflow.config import load_config
-    from mammoflow.paths import Layout
-
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)  # each project its own store
-    raw = tiny_params(
-        ["sample_mias"],
-        sample={"mias_patients": 12, "cmmd_patients": 4},
-        split={"k_folds": 3, "test_size": 0.2},
-        # a learning rate that separates the classes: near-tied probabilities would let the
-        # last-bit differences of two thread schedules reorder a ROC curve
-        train={"epochs": 3, "precision": "float32", "learning_rate": 0.02},
-        log_models="none",
-    )
-    params = tmp_path / "dask" / "params.yaml"
-    params.parent.mkdir()
-    params.write_text(yaml.safe_dump(raw, sort_keys=False))
-    with LocalCluster(
-        n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None
-    ) as cluster:
-        address = cluster.scheduler_address
-        summaries = with_task_runner(data_flow, address)(str(params), ["sample_mias"])
-        assert summaries[0]["converted"] > 0
-        (fanned,) = train_flow(str(params), ["sample_mias"], ["vgg16"], dask_address=address)
-    assert fanned["trained_folds"] == [1, 2, 3] and fanned["test_model"] == "ensemble"
-    cache = list((tmp_path / "dask" / ".cache" / "features").glob("*.npy"))
-    assert len(cache) == 1, cache  # extracted once, shared by the fold tasks
-
-    # the same project trained serially in one process (a fresh MLflow store)
-    serial_root = tmp_path / "serial"
-    shutil.copytree(
-        tmp_path / "dask",
-        serial_root,
-        ignore=shutil.ignore_patterns("mlflow.db*", "mlartifacts", ".cache"),
-    )
-    monkeypatch.chdir(serial_root)
-    cfg = load_config(serial_root / "params.yaml")
-    serial = stages.train_stage(cfg, "sample_mias", "vgg16", layout=Layout())
-    assert serial["trained_folds"] == fanned["trained_folds"]
-    for fold, metrics in serial["fold_metrics"].items():
-        for name, value in metrics.items():
-            assert fanned["fold_metrics"][fold][name] == pytest.approx(value, abs=1e-6), (
-                fold,
-                name,
-            )
-    assert fanned["test_f1_macro"] == pytest.approx(serial["test_f1_macro"], abs=1e-6)
-    preds = [
-        json.loads((root / "models" / "sample_mias" / "vgg16" / "predictions.json").read_text())
-        for root in (tmp_path / "dask", serial_root)
-    ]
-    for fold in ("1", "2", "3"):
-        a, b = (p["folds"][fold] for p in preds)
-        assert a["image_id"] == b["image_id"]
-        np.testing.assert_allclose(a["prob"], b["prob"], atol=1e-4)
 
 
 @pytest.mark.slow
