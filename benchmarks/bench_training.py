@@ -398,9 +398,9 @@ def epoch_overhead(work: Path) -> dict[str, Any]:
     ids = list(rows.train["image_id"]) * 10
     y = np.eye(3, dtype=np.float32)[np.tile(rows.train["label_index"].to_numpy(), 10)]
     idx, w = trainer.rows(ids), np.ones(len(ids), np.float32)
-    trainer._train_epoch(idx, y, w)
+    trainer._run_epoch(idx, y, w)
     t0 = time.perf_counter()
-    trainer._train_epoch(idx, y, w)[0].numpy()
+    trainer._run_epoch(idx, y, w)[0].numpy()
     steps_s = (time.perf_counter() - t0) / 10
     return {
         "train_images": len(rows.train),
