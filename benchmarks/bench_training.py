@@ -357,7 +357,7 @@ def tail_efficiency(work: Path, setting: str = "auto", n_epochs: int = 3) -> dic
     for _ in range(3):
         t0 = time.perf_counter()
         for _ in range(n_epochs):
-            trainer._train_epoch(idx, onehot, w)[0].numpy()
+            trainer._run_epoch(idx, onehot, w)[0].numpy()
         best = min(best, (time.perf_counter() - t0) / n_epochs)
     tail = _conv_flops(convs) * len(ids) / best / 1e9
     ceil2 = ceiling(convs, precision, 16)  # again after: drift shows as a spread
@@ -398,9 +398,9 @@ def epoch_overhead(work: Path) -> dict[str, Any]:
     ids = list(rows.train["image_id"]) * 10
     y = np.eye(3, dtype=np.float32)[np.tile(rows.train["label_index"].to_numpy(), 10)]
     idx, w = trainer.rows(ids), np.ones(len(ids), np.float32)
-    trainer._train_epoch(idx, y, w)
+    trainer._run_epoch(idx, y, w)
     t0 = time.perf_counter()
-    trainer._train_epoch(idx, y, w)[0].numpy()
+    trainer._run_epoch(idx, y, w)[0].numpy()
     steps_s = (time.perf_counter() - t0) / 10
     return {
         "train_images": len(rows.train),

@@ -168,5 +168,6 @@ def load_features(
             cache_dir=layout.features(),
             batch_size=cfg.train.batch_size,
             progress=on_batch,
+            dtype=cfg.train.feature_dtype,
         )
     return bb, data

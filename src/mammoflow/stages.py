@@ -16,7 +16,7 @@ from mammoflow.config import Config
 from mammoflow.paths import Layout
 
 if TYPE_CHECKING:
-    from mammoflow.train import FoldResult
+    pass
 
 log = logging.getLogger(__name__)
 
@@ -224,16 +224,24 @@ def train_stage(
     backbone: str,
     layout: Layout | None = None,
     progress: bool = False,
-    computed: Mapping[int, FoldResult] | None = None,
+    dask_address: str | None = None,
 ) -> dict[str, Any]:
     """K-fold training of one backbone on one dataset, tracked in MLflow (resumable).
 
-    ``computed``: fold results already trained by fold tasks elsewhere (Dask), by fold number.
+    With ``dask_address`` or ``$MAMMOFLOW_DASK_ADDRESS`` set, the features are extracted here
+    once and the fold tasks run on that Dask cluster, one task per fold (same numbers).
     """
     from mammoflow.study import run_study
 
     _check_backbone(cfg, dataset, backbone)
-    result = run_study(cfg, dataset, backbone, layout=layout, progress=progress, computed=computed)
+    result = run_study(
+        cfg,
+        dataset,
+        backbone,
+        layout=layout,
+        progress=progress,
+        dask=dask_address,
+    )
     return {
         "dataset": dataset,
         "backbone": backbone,
@@ -246,26 +254,6 @@ def train_stage(
         "parent_run_id": result.parent_run_id,
         "seconds": {k: round(v, 1) for k, v in result.seconds.items()},
     }
-
-
-def prepare_train_stage(
-    cfg: Config, dataset: str, backbone: str, layout: Layout | None = None
-) -> list[int]:
-    """Extract (or find) the backbone's cached features; the fold tasks still to run (0 = refit)."""
-    from mammoflow.study import prepare_study
-
-    _check_backbone(cfg, dataset, backbone)
-    return prepare_study(cfg, dataset, backbone, layout)
-
-
-def fold_stage(
-    cfg: Config, dataset: str, backbone: str, fold: int, layout: Layout | None = None
-) -> FoldResult:
-    """One fold task in this process, from the shared feature cache (a portable result)."""
-    from mammoflow.study import remote_fold_task
-
-    _check_backbone(cfg, dataset, backbone)
-    return remote_fold_task(cfg, dataset, backbone, fold, layout)
 
 
 def evaluate_stage(cfg: Config, dataset: str, layout: Layout | None = None) -> dict[str, Any]:

@@ -4,8 +4,10 @@
   frozen-prefix features (:func:`~mammoflow.inputs.load_features`, extracted once per key);
 * fold tasks: :func:`~mammoflow.train.fold_task` is the unit of work — features and split rows in, a
   :class:`~mammoflow.train.FoldResult` out, nothing else touched. Run here one after the other
-  on one compiled trainer, or fanned out by Prefect on Dask (:func:`remote_fold_task`), in which
-  case :func:`run_study` receives the results;
+  on one compiled trainer or, when ``MAMMOFLOW_DASK_ADDRESS`` names a Dask scheduler, one task
+  per fold on that cluster (:func:`fan_out` → :func:`remote_fold_task`, each worker reading the
+  shared feature cache this stage extracted once). Where a fold runs does not change its
+  numbers, so the address is an execution setting: not in params, not in the resume key;
 * aggregate: CV mean/std over the folds;
 * test: ``evaluate.test_model`` — ``ensemble`` averages the K fold models' probabilities on the
   held-out test set (no sixth fit), ``refit`` trains fold 0 on every CV row.
@@ -22,6 +24,7 @@ import io
 import json
 import logging
 import math
+import os
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -45,6 +48,9 @@ if TYPE_CHECKING:
     from mammoflow.train import FoldResult, FoldTrainer, TrainEvent
 
 log = logging.getLogger(__name__)
+
+#: Scheduler address (``tcp://host:8786``) of a Dask cluster to run the fold tasks on; unset = here.
+DASK_ADDRESS_ENV = "MAMMOFLOW_DASK_ADDRESS"
 
 
 @dataclass
@@ -119,27 +125,41 @@ def remote_fold_task(
     return res
 
 
-def prepare_study(
-    cfg: Config,
-    dataset: str,
-    backbone: str,
-    layout: Layout | None = None,
-    tracker: Tracker | None = None,
-) -> list[int]:
-    """Extract (or find) the cached features and list the fold tasks still to run.
+def dask_address(address: str | None = None) -> str | None:
+    """The Dask scheduler the fold tasks go to: ``address``, else ``$MAMMOFLOW_DASK_ADDRESS``."""
+    return address or os.environ.get(DASK_ADDRESS_ENV) or None
 
-    Fold 0 stands for the refit model (``evaluate.test_model: refit``). Read-only in MLflow.
+
+def fan_out(
+    cfg: Config, inp: StudyInputs, folds: Sequence[int], layout: Layout, address: str
+) -> dict[int, FoldResult]:
+    """Run fold tasks ``folds`` on the Dask cluster at ``address``: one task per fold.
+
+    Each worker loads the inputs and reads the feature cache this process extracted (the
+    project folder must be on a file system the workers share, at the same path); it returns
+    a portable result. Results come back by fold number, in the order the stage logs them.
     """
-    from mammoflow.tracking import StudyRun, Tracker
+    from distributed import Client
 
-    layout = layout or Layout()
-    inp = load_inputs(cfg, dataset, backbone, layout)
-    load_features(inp, layout)
-    done = StudyRun.finished_names(tracker or Tracker(root=layout.root), dataset, backbone, inp.key)
-    todo = [f for f in inp.folds if f"fold-{f}" not in done]
-    if inp.cfg.evaluate.test_model == "refit" and "test" not in done:
-        todo.append(0)
-    return todo
+    if not folds:
+        return {}
+    root = Layout(layout.root.resolve())  # workers may start in another folder
+    log.info("%s/%s: %d fold tasks on Dask at %s", inp.dataset, inp.backbone, len(folds), address)
+    with Client(address, set_as_default=False) as client:
+        futures = {
+            f: client.submit(
+                remote_fold_task,
+                cfg,
+                inp.dataset,
+                inp.backbone,
+                f,
+                root,
+                key=f"fold-{inp.dataset}-{inp.backbone}-{f}-{inp.key[:12]}",
+                pure=False,
+            )
+            for f in folds
+        }
+        return {f: fut.result() for f, fut in futures.items()}
 
 
 # ----------------------------------------------------------------------------- the study
@@ -227,6 +247,7 @@ def run_study(
     tracker: Tracker | None = None,
     progress: bool = False,
     computed: Mapping[int, FoldResult] | None = None,
+    dask: str | None = None,
 ) -> StudyResult:
     """Train and evaluate ``backbone`` on ``dataset``; log it to MLflow; write the DVC outputs.
 
@@ -236,7 +257,9 @@ def run_study(
         layout: project layout.
         tracker: MLflow tracker (default: the project's store).
         progress: progress bar for extraction, one line per epoch with an ETA.
-        computed: fold results already computed elsewhere (Dask fold tasks), by fold number.
+        computed: fold results already computed elsewhere, by fold number.
+        dask: Dask scheduler address for the fold tasks (default ``$MAMMOFLOW_DASK_ADDRESS``;
+            none: the folds train here, one after the other).
     """
     from mammoflow.tracking import TAG_DATA, TAG_LOCATION, StudyRun, Tracker
 
@@ -262,6 +285,10 @@ def run_study(
     ctx.example = _raw_example(inp.frame)
     with run.guard():
         finished = run.finished()
+        address = dask_address(dask)
+        if address:
+            todo = [f for f in _todo(inp, finished) if f not in ctx.computed]
+            ctx.computed = {**ctx.computed, **fan_out(cfg, inp, todo, layout, address)}
         if progress:
             ctx.eta = _Eta(backbone, inp.cfg.train.epochs, _fold_count(inp, finished))
         folds = {f: _cv_fold(ctx, f, finished.get(f"fold-{f}")) for f in inp.folds}
@@ -274,10 +301,16 @@ def run_study(
     return result
 
 
+def _todo(inp: StudyInputs, finished: Mapping[str, Any]) -> list[int]:
+    """The fold tasks a study still has to run: unfinished CV folds, and 0 for a pending refit."""
+    todo = [f for f in inp.folds if f"fold-{f}" not in finished]
+    if inp.cfg.evaluate.test_model == "refit" and "test" not in finished:
+        todo.append(0)
+    return todo
+
+
 def _fold_count(inp: StudyInputs, finished: Mapping[str, Any]) -> int:
-    todo = sum(1 for f in inp.folds if f"fold-{f}" not in finished)
-    refit = inp.cfg.evaluate.test_model == "refit" and "test" not in finished
-    return todo + int(refit)
+    return len(_todo(inp, finished))
 
 
 def _cv_fold(ctx: _Context, fold: int, done: Any | None) -> FoldOutcome:

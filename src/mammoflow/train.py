@@ -4,10 +4,17 @@ Inputs are either cached prefix features (:class:`~mammoflow.models.features.Fea
 path: only the tail + head run) or images (:class:`~mammoflow.models.features.ImageSet`: the full
 model runs every step, e.g. with augmentation).
 
-One :class:`FoldTrainer` per (backbone, settings) serves every fold: it keeps the whole input
-array on the device once, and compiles one ``tf.function`` that runs a *whole epoch* (gather a
+One :class:`FoldTrainer` per (backbone, settings) serves every fold. When the features fit the
+memory budget (``MAMMOFLOW_MEMORY_BUDGET_MB``, default 2048, as float32) it keeps the whole
+array on the device once and compiles one ``tf.function`` that runs a *whole epoch* (gather a
 batch, forward, backward, SGD update, in a graph loop) and one that predicts a batch of rows,
-both with fixed input signatures — so each is traced once and reused by every fold. Between
+both with fixed input signatures — so each is traced once and reused by every fold. When they do
+not, it streams the memory-mapped cache: the epoch's shuffled rows are read in chunks (a whole
+number of batches, the next chunk read while the current one trains) and one compiled call
+trains each chunk, carrying the loss sums from chunk to chunk — the same batches, updates and
+numbers as the in-memory epoch, with resident memory bounded by the budget whatever the number
+of images. Prediction and BatchNorm recalibration read through the same chunks. The choice is
+logged; the budget is an execution setting (not in params) because it never changes a number. Between
 folds the variables and the optimizer state are restored to their start, so every fold starts
 from the backbone's tail weights and the same freshly initialised head (seeded with
 ``train.seed``); the per-epoch shuffle of fold ``k`` is seeded with ``train.seed + k``.
@@ -18,8 +25,10 @@ recalibration all go batch by batch, so memory stays bounded at any image size.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -33,7 +42,13 @@ from mammoflow.models.build import (
     full_model,
     trainable_tail_and_head,
 )
-from mammoflow.models.features import FeatureSet, ImageSet, extractor
+from mammoflow.models.features import (
+    FeatureSet,
+    ImageSet,
+    extractor,
+    memory_budget_bytes,
+    read_rows,
+)
 
 if TYPE_CHECKING:
     from mammoflow.inputs import StudyInputs
@@ -41,6 +56,11 @@ if TYPE_CHECKING:
 SPLIT_COLUMNS = ("image_id", "label_index", "split", "fold")
 #: Rows per prediction / statistics call on cached features (images use train.batch_size).
 FEATURE_EVAL_BATCH = 64
+#: Float32 copies of a chunk resident at once when streaming: the chunk training, the next one
+#: being read (+ its 16-bit read buffer), and the tensor TensorFlow makes of the first.
+STREAM_COPIES = 4
+
+log = logging.getLogger(__name__)
 
 
 class TrainError(ValueError):
@@ -256,6 +276,36 @@ def tail_head_from_weights(
     return model
 
 
+def stream_rows(inputs: FeatureSet | ImageSet, budget: int) -> int | None:
+    """Rows per streamed chunk, or None when the inputs are held in memory.
+
+    Cached features whose float32 size fits ``budget`` bytes stay in memory (the fast path);
+    larger ones stream in chunks of ``budget / (STREAM_COPIES · row bytes)`` rows. Images (the
+    end-to-end path, used with augmentation) are always in memory.
+    """
+    if not isinstance(inputs, FeatureSet):
+        return None
+    n = max(len(inputs.image_ids), 1)
+    need = inputs.nbytes_float32
+    if need <= budget:
+        log.info(
+            "features: %.0f MB as float32 ≤ memory budget %.0f MB; held in memory",
+            need / 2**20,
+            budget / 2**20,
+        )
+        return None
+    rows = max(1, budget // (STREAM_COPIES * (need // n)))
+    log.info(
+        "features: %.0f MB as float32 > memory budget %.0f MB; streamed from %s in chunks of "
+        "%d rows",
+        need / 2**20,
+        budget / 2**20,
+        getattr(inputs.features, "filename", "memory"),
+        rows,
+    )
+    return int(rows)
+
+
 class FoldTrainer:
     """Compiled training of one tail + head, reused by every fold of a (backbone, settings).
 
@@ -266,6 +316,8 @@ class FoldTrainer:
         train_cfg: epochs, batch size, optimiser, class weights, early stopping, seed.
         n_classes: number of classes.
         pooling: head pooling, ``avg`` or ``flatten``.
+        memory_budget: bytes the features may take resident (default
+            ``$MAMMOFLOW_MEMORY_BUDGET_MB``); over it they are streamed (same numbers).
     """
 
     def __init__(
@@ -277,6 +329,7 @@ class FoldTrainer:
         train_cfg: TrainConfig,
         n_classes: int,
         pooling: Pooling = "avg",
+        memory_budget: int | None = None,
     ) -> None:
         import keras
         import tensorflow as tf
@@ -301,25 +354,50 @@ class FoldTrainer:
         )
         array = inputs.features if isinstance(inputs, FeatureSet) else inputs.images
         self._index = {k: i for i, k in enumerate(inputs.image_ids)}
-        self._x = tf.constant(np.asarray(array, np.float32))
+        budget = memory_budget if memory_budget is not None else memory_budget_bytes()
+        self.chunk = stream_rows(inputs, budget)
+        self._source = array
+        self._x = None if self.chunk else tf.constant(np.asarray(array, np.float32))
         self.eval_batch = FEATURE_EVAL_BATCH if self.cached else train_cfg.batch_size
         self.optimizer = _optimizer(train_cfg, bb.precision)
         self.optimizer.build(self.model.trainable_variables)
-        self._train_epoch = self._compile_epoch()
-        self._predict = self._compile_predict()
+        if self.chunk:
+            self._train_chunk, self._predict_x = self._compile_chunk(), self._compile_predict_x()
+        else:
+            self._train_epoch, self._predict = self._compile_epoch(), self._compile_predict()
         self._start = [v.numpy() for v in self.model.variables]
         self._opt_start = [v.numpy() for v in self.optimizer.variables]
         self.build_s = time.perf_counter() - t0
 
     # ---- compiled pieces
-    def _compile_epoch(self) -> Any:
+    def _step(self) -> Callable[[Any, Any, Any, Any, Any], tuple[Any, Any]]:
+        """One SGD step on a batch, adding its loss and hits to the running sums (graph code)."""
         import keras
         import tensorflow as tf
 
-        model, opt, x_all = self.model, self.optimizer, self._x
+        model, opt = self.model, self.optimizer
         variables = model.trainable_variables
-        batch = self.cfg.batch_size
         scaled = isinstance(opt, keras.optimizers.LossScaleOptimizer)
+
+        def step(xb: Any, yb: Any, wb: Any, loss_sum: Any, correct: Any) -> tuple[Any, Any]:
+            with tf.GradientTape() as tape:
+                prob = tf.cast(model(xb, training=True), tf.float32)
+                loss = tf.reduce_mean(keras.losses.categorical_crossentropy(yb, prob) * wb)
+                target = opt.scale_loss(loss) if scaled else loss
+            grads = tape.gradient(target, variables)
+            opt.apply(grads, variables)
+            size = tf.cast(tf.shape(yb)[0], tf.float32)
+            loss_sum += loss * size
+            hits = tf.equal(tf.argmax(prob, -1), tf.argmax(yb, -1))
+            correct += tf.reduce_sum(tf.cast(hits, tf.float32))
+            return loss_sum, correct
+
+        return step
+
+    def _compile_epoch(self) -> Any:
+        import tensorflow as tf
+
+        x_all, batch, step = self._x, self.cfg.batch_size, self._step()
         c = self.n_classes
 
         @tf.function(
@@ -336,21 +414,87 @@ class FoldTrainer:
             for start in tf.range(0, n, batch):
                 stop = tf.minimum(start + batch, n)
                 xb = tf.gather(x_all, rows[start:stop])
-                yb, wb = y[start:stop], w[start:stop]
-                with tf.GradientTape() as tape:
-                    prob = tf.cast(model(xb, training=True), tf.float32)
-                    loss = tf.reduce_mean(keras.losses.categorical_crossentropy(yb, prob) * wb)
-                    target = opt.scale_loss(loss) if scaled else loss
-                grads = tape.gradient(target, variables)
-                opt.apply(grads, variables)
-                size = tf.cast(stop - start, tf.float32)
-                loss_sum += loss * size
-                hits = tf.equal(tf.argmax(prob, -1), tf.argmax(yb, -1))
-                correct += tf.reduce_sum(tf.cast(hits, tf.float32))
+                loss_sum, correct = step(xb, y[start:stop], w[start:stop], loss_sum, correct)
             total = tf.cast(n, tf.float32)
             return loss_sum / total, correct / total
 
         return train_epoch
+
+    def _compile_chunk(self) -> Any:
+        """Train the batches of one streamed chunk, carrying the epoch's loss and hit sums."""
+        import tensorflow as tf
+
+        batch, step, c = self.cfg.batch_size, self._step(), self.n_classes
+        shape = [None, *self._source.shape[1:]]
+
+        @tf.function(
+            input_signature=[
+                tf.TensorSpec(shape, tf.float32),
+                tf.TensorSpec([None, c], tf.float32),
+                tf.TensorSpec([None], tf.float32),
+                tf.TensorSpec([], tf.float32),
+                tf.TensorSpec([], tf.float32),
+            ],
+            reduce_retracing=True,
+        )
+        def train_chunk(x: Any, y: Any, w: Any, loss_sum: Any, correct: Any) -> Any:
+            n = tf.shape(x)[0]
+            for start in tf.range(0, n, batch):
+                stop = tf.minimum(start + batch, n)
+                loss_sum, correct = step(
+                    x[start:stop], y[start:stop], w[start:stop], loss_sum, correct
+                )
+            return loss_sum, correct
+
+        return train_chunk
+
+    def _compile_predict_x(self) -> Any:
+        import tensorflow as tf
+
+        model = self.model
+        spec = tf.TensorSpec([None, *self._source.shape[1:]], tf.float32)
+
+        @tf.function(input_signature=[spec], reduce_retracing=True)
+        def predict_x(x: Any) -> Any:
+            return tf.cast(model(x, training=False), tf.float32)
+
+        return predict_x
+
+    # ---- streaming
+    def _chunk_rows(self, multiple: int) -> int:
+        """Rows per chunk: the planned chunk rounded down to whole ``multiple``s (at least one)."""
+        return max(multiple, (self.chunk or 0) // multiple * multiple)
+
+    def _chunks(self, rows: np.ndarray, size: int) -> Iterator[tuple[int, np.ndarray]]:
+        """``(start, features of rows[start:start+size])`` chunk by chunk, the next one read in a
+        background thread while the caller works on the current one (callers drop each chunk
+        before asking for the next, so at most two are resident)."""
+        starts = list(range(0, len(rows), size))
+        if not starts:
+            return
+        with ThreadPoolExecutor(1, thread_name_prefix="mammoflow-chunks") as pool:
+            ahead: Future[np.ndarray] = pool.submit(read_rows, self._source, rows[:size])
+            for i, lo in enumerate(starts):
+                x = ahead.result()
+                if i + 1 < len(starts):
+                    nxt = starts[i + 1]
+                    ahead = pool.submit(read_rows, self._source, rows[nxt : nxt + size])
+                yield lo, x
+                del x
+
+    def _run_epoch(self, rows: np.ndarray, y: np.ndarray, w: np.ndarray) -> tuple[Any, Any]:
+        """One epoch over ``rows`` in this order: one compiled call, or one per streamed chunk."""
+        if not self.chunk:
+            return self._train_epoch(rows, y, w)
+        import tensorflow as tf
+
+        loss_sum, correct = tf.constant(0.0), tf.constant(0.0)
+        for lo, x in self._chunks(rows, self._chunk_rows(self.cfg.batch_size)):
+            hi = lo + len(x)
+            loss_sum, correct = self._train_chunk(x, y[lo:hi], w[lo:hi], loss_sum, correct)
+            del x
+        total = tf.cast(len(rows), tf.float32)
+        return loss_sum / total, correct / total
 
     def _compile_predict(self) -> Any:
         import tensorflow as tf
@@ -385,11 +529,17 @@ class FoldTrainer:
             ) from None
 
     def predict(self, ids: Sequence[str]) -> np.ndarray:
-        """Class probabilities for ``ids``, batch by batch."""
-        rows = self.rows(ids)
+        """Class probabilities for ``ids``, batch by batch (streamed chunk by chunk if planned)."""
+        rows, eb = self.rows(ids), self.eval_batch
         out = np.zeros((len(rows), self.n_classes), np.float32)
-        for lo in range(0, len(rows), self.eval_batch):
-            out[lo : lo + self.eval_batch] = self._predict(rows[lo : lo + self.eval_batch]).numpy()
+        if not self.chunk:
+            for lo in range(0, len(rows), eb):
+                out[lo : lo + eb] = self._predict(rows[lo : lo + eb]).numpy()
+            return out
+        for lo, x in self._chunks(rows, self._chunk_rows(eb)):
+            for b in range(0, len(x), eb):
+                out[lo + b : lo + b + eb] = self._predict_x(x[b : b + eb]).numpy()
+            del x
         return out
 
     def _feature_batches(self, ids: Sequence[str]) -> Callable[[], Iterator[Any]]:
@@ -397,6 +547,11 @@ class FoldTrainer:
         import tensorflow as tf
 
         rows = self.rows(ids)
+        if self.chunk:
+            return lambda: (
+                read_rows(self._source, rows[lo : lo + self.eval_batch])
+                for lo in range(0, len(rows), self.eval_batch)
+            )
         if self.cached:
             return lambda: (
                 tf.gather(self._x, rows[lo : lo + self.eval_batch])
@@ -493,7 +648,7 @@ class FoldTrainer:
         stopper = _EarlyStopping(cfg.patience) if cfg.early_stopping and val_ids else None
         for epoch in range(1, cfg.epochs + 1):
             order = rng.permutation(len(rows))
-            loss, acc = self._train_epoch(rows[order], onehot[order], w_tr[order])
+            loss, acc = self._run_epoch(rows[order], onehot[order], w_tr[order])
             history["loss"].append(float(loss))
             history["accuracy"].append(float(acc))
             if val_ids:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -127,3 +128,56 @@ def test_augmentation_turns_cache_off(tmp_path: Path, caplog: pytest.LogCaptureF
     assert isinstance(fs, FeatureSet)
     with pytest.raises(FeatureError, match="'nope'"):
         fs.rows(["nope"])
+
+
+def test_float16_cache_is_mapped_and_keyed_apart(tmp_path: Path) -> None:
+    """float16 and float32 caches are two keys; the float16 one is the float32 values rounded,
+    memory-mapped read-only, with its sha256 in the sidecar."""
+    import json
+
+    frame = write_pngs(tmp_path / "png", [0, 1, 2, 0])
+    bb = build.load_backbone("vgg16", trainable_layers=3, input_size=32)
+    cache = tmp_path / "cache"
+    f32 = cached_features(frame, bb, dataset="t", cache_dir=cache, dtype="float32")
+    f16 = cached_features(frame, bb, dataset="t", cache_dir=cache, dtype="float16")
+    assert f16.key != f32.key and f16.key is not None and f16.key.dtype == "float16"
+    assert isinstance(f16.features, np.memmap) and not f16.features.flags.writeable
+    np.testing.assert_array_equal(f16.features, np.asarray(f32.features).astype(np.float16))
+    np.testing.assert_array_equal(f16.rows(["img001"]), f16.features[[1]].astype(np.float32))
+    npy = cache / f"{f16.key.stem()}.npy"
+    meta = json.loads(npy.with_suffix(".json").read_text())
+    assert meta["sha256"] == sha256_file(npy) and meta["dtype"] == "float16"
+    with pytest.raises(FeatureError, match=r"train\.feature_dtype='bfloat16'"):
+        cached_features(frame, bb, dataset="t", cache_dir=cache, dtype="bfloat16")
+
+
+def test_cache_write_full_disk_and_overflow_leave_nothing(tmp_path: Path) -> None:
+    """ENOSPC in the middle of a cache write, or values float16 cannot hold: a clear error and
+    no file (final or temp) that a later run could read."""
+    import errno
+
+    from mammoflow.models.features import write_cache
+
+    def full_disk() -> Iterator[np.ndarray]:
+        yield np.ones((2, 3), np.float32)
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    target = tmp_path / "c" / "x.npy"
+    with pytest.raises(OSError, match="No space left"):
+        write_cache(target, full_disk(), (4, 3), "float16")
+    with pytest.raises(FeatureError, match=r"float16's range.*train\.feature_dtype: float32"):
+        write_cache(target, iter([np.full((4, 3), 1e6, np.float32)]), (4, 3), "float16")
+    with pytest.raises(FeatureError, match="gave 2 rows for 4"):
+        write_cache(target, iter([np.ones((2, 3), np.float32)]), (4, 3), "float32")
+    assert list((tmp_path / "c").iterdir()) == []
+    sha = write_cache(target, iter([np.ones((4, 3), np.float32)]), (4, 3), "float16")
+    assert sha == sha256_file(target) and np.load(target).dtype == np.float16
+
+
+def test_memory_budget_setting() -> None:
+    from mammoflow.models.features import memory_budget_bytes
+
+    assert memory_budget_bytes("") == 2048 << 20
+    assert memory_budget_bytes("512") == 512 << 20
+    with pytest.raises(FeatureError, match="MAMMOFLOW_MEMORY_BUDGET_MB='2GB'"):
+        memory_budget_bytes("2GB")

@@ -226,3 +226,34 @@ def test_ensemble_model_is_the_mean_of_the_fold_models(dataset: tuple, tmp_path:
         np.mean([h.predict(test_x, verbose=0) for h in heads], axis=0),
         atol=1e-5,
     )
+
+
+def test_streamed_features_train_as_in_memory(
+    dataset: tuple, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Over the memory budget the memory-mapped float16 cache streams in chunks (several per
+    epoch and per prediction): the same losses, weights and probabilities as in memory."""
+    import logging
+
+    root, frame, splits = dataset
+    bb = build.load_backbone("vgg16", trainable_layers=2, input_size=32)
+    feats = cached_features(
+        frame, bb, dataset="synthetic", cache_dir=root / "cache16", dtype="float16"
+    )
+    assert isinstance(feats.features, np.memmap) and feats.features.dtype == np.float16
+    rows = fold_rows(splits, 1)
+    cfg = TRAIN.model_copy(update={"epochs": 3})
+    caplog.set_level(logging.INFO, logger="mammoflow.train")
+    held = FoldTrainer(feats, bb, model_cfg=MODEL, train_cfg=cfg, n_classes=3)
+    assert held.chunk is None and "held in memory" in caplog.text
+    row_bytes = feats.nbytes_float32 // len(feats.image_ids)
+    streamed = FoldTrainer(
+        feats, bb, model_cfg=MODEL, train_cfg=cfg, n_classes=3, memory_budget=4 * 3 * row_bytes
+    )
+    assert streamed.chunk == 3 and "streamed from" in caplog.text  # 3 rows → one 8-row batch
+    a, b = held.fit(rows), streamed.fit(rows)
+    np.testing.assert_array_equal(a.history["loss"], b.history["loss"])
+    np.testing.assert_array_equal(a.history["val_loss"], b.history["val_loss"])
+    np.testing.assert_array_equal(a.val_prob, b.val_prob)
+    for wa, wb in zip(a.weights, b.weights, strict=True):
+        np.testing.assert_array_equal(wa, wb)

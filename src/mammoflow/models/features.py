@@ -2,9 +2,18 @@
 
 The frozen prefix of a backbone never changes during training, so its outputs are computed once
 per :class:`CacheKey` (dataset, backbone, converted-image content hash, weights sha256, N and cut
-layer, input size, precision) and stored as ``<cache_dir>/<dataset>-<backbone>-<digest>.npy`` plus
-a ``.json`` sidecar (written atomically, sidecar last). Every fold, epoch and tuning trial with the
-same key reuses them; changing the images, the weights or N changes the key (a miss).
+layer, input size, precision, stored dtype) and stored as
+``<cache_dir>/<dataset>-<backbone>-<digest>.npy`` plus a ``.json`` sidecar. Every fold, epoch and
+tuning trial with the same key reuses them; changing the images, the weights or N changes the key
+(a miss).
+
+Bounded memory: the ``.npy`` is written batch by batch as extraction runs (never a whole array in
+memory) into a temp file that is renamed into place once complete, its sha256 computed on the way
+and recorded in the sidecar (written last). It is stored as ``train.feature_dtype`` (float16 by
+default: half the disk and page traffic; float32 keeps the extracted values exactly) and read
+back memory-mapped, verified against the recorded sha256 first — a truncated or bit-flipped file
+is a miss (recomputed, never trained on). The trainer decides from ``MAMMOFLOW_MEMORY_BUDGET_MB``
+whether to hold it on the device in float32 or stream it in chunks.
 
 With ``train.augment`` on, images differ every epoch, so caching is off (and the log says so):
 :func:`prepare_inputs` then returns the images for end-to-end training.
@@ -16,9 +25,9 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import io
 import json
 import logging
+import os
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
@@ -28,14 +37,20 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from mammoflow.io import atomic_write_bytes, atomic_write_json, sha256_file
+from mammoflow.io import _UMASK, atomic_write_json, sha256_file
 from mammoflow.models.build import BackboneModel, check_precision, extraction_model
 
 log = logging.getLogger(__name__)
 
 #: Bump when the stored layout or the preprocessing changes (invalidates every cache entry).
-CACHE_FORMAT = 1
+#: 2: stored dtype in the key, sha256 of the .npy in the sidecar.
+CACHE_FORMAT = 2
 DEFAULT_CACHE_DIR = Path(".cache/features")
+#: How the cache stores features on disk (``train.feature_dtype``).
+FEATURE_DTYPES = ("float16", "float32")
+#: Resident memory the trainer may use for features (an execution setting: never changes numbers).
+MEMORY_BUDGET_ENV = "MAMMOFLOW_MEMORY_BUDGET_MB"
+DEFAULT_MEMORY_BUDGET_MB = 2048
 
 #: ``progress(done, total)`` — called after every batch.
 BatchProgress = Callable[[int, int], None]
@@ -43,6 +58,29 @@ BatchProgress = Callable[[int, int], None]
 
 class FeatureError(ValueError):
     """Images or settings unusable for feature extraction; the message names them."""
+
+
+def memory_budget_bytes(value: str | None = None) -> int:
+    """``$MAMMOFLOW_MEMORY_BUDGET_MB`` (default 2048) in bytes.
+
+    Args:
+        value: the setting's text (read from the environment when None).
+
+    Raises:
+        FeatureError: not a positive whole number of MB.
+    """
+    text = os.environ.get(MEMORY_BUDGET_ENV) if value is None else value
+    if text is None or not text.strip():
+        return DEFAULT_MEMORY_BUDGET_MB << 20
+    try:
+        mb = int(text)
+    except ValueError:
+        mb = 0
+    if mb < 1:
+        raise FeatureError(
+            f"{MEMORY_BUDGET_ENV}={text!r}; set a positive number of MB, e.g. 2048, or unset it"
+        )
+    return mb << 20
 
 
 # ----------------------------------------------------------------------------- precision
@@ -187,23 +225,20 @@ def extractor(bb: BackboneModel) -> Any:
     return forward
 
 
-def extract_features(
+def iter_features(
     bb: BackboneModel,
     images: np.ndarray | Sequence[Path | str],
     *,
     batch_size: int = 16,
     progress: BatchProgress | None = None,
-) -> np.ndarray:
-    """Run the frozen prefix over images, batched, with tf.data prefetching.
+) -> Iterator[np.ndarray]:
+    """Run the frozen prefix over images, batched with tf.data prefetching; yield float32 batches.
 
     Args:
         bb: the backbone (its precision decides the compute dtype).
-        images: grey float array ``(n, h, w, 1)`` in [0, 255], or PNG paths.
+        images: grey float array ``(n, h, w, 1)`` in [0, 255], or PNG paths (read batch by batch).
         batch_size: images per forward pass.
         progress: ``progress(done, total)`` after each batch.
-
-    Returns:
-        float32 array ``(n, *bb.feature_shape)``.
     """
     import tensorflow as tf
 
@@ -220,17 +255,31 @@ def extract_features(
         paths = [str(p) for p in images]
         total = len(paths)
         ds = _png_dataset(paths, bb.input_size)
-    out = np.zeros((total, *bb.feature_shape), np.float32)
     if total == 0:
-        return out
+        return
     forward = extractor(bb)
     done = 0
     for batch in ds.batch(batch_size).prefetch(tf.data.AUTOTUNE):
         feats = forward(batch).numpy()
-        out[done : done + len(feats)] = feats
         done += len(feats)
+        yield feats
         if progress is not None:
             progress(done, total)
+
+
+def extract_features(
+    bb: BackboneModel,
+    images: np.ndarray | Sequence[Path | str],
+    *,
+    batch_size: int = 16,
+    progress: BatchProgress | None = None,
+) -> np.ndarray:
+    """:func:`iter_features` gathered into one float32 array ``(n, *bb.feature_shape)``."""
+    out = np.zeros((len(images), *bb.feature_shape), np.float32)
+    done = 0
+    for feats in iter_features(bb, images, batch_size=batch_size, progress=progress):
+        out[done : done + len(feats)] = feats
+        done += len(feats)
     return out
 
 
@@ -269,6 +318,7 @@ class CacheKey:
     cut_layer: str
     input_size: int
     precision: str
+    dtype: str = "float32"
     format: int = CACHE_FORMAT
 
     @property
@@ -284,7 +334,10 @@ class CacheKey:
 
 @dataclass
 class FeatureSet:
-    """Cached prefix features for a set of images (rows in ``image_ids`` order)."""
+    """Cached prefix features for a set of images (rows in ``image_ids`` order).
+
+    ``features`` is the cache file memory-mapped read-only (float16 or float32), or an array.
+    """
 
     image_ids: tuple[str, ...]
     features: np.ndarray
@@ -302,11 +355,30 @@ class FeatureSet:
         if not self._index:
             self._index = {k: i for i, k in enumerate(self.image_ids)}
         try:
-            return self.features[[self._index[i] for i in ids]]
+            rows = np.asarray([self._index[i] for i in ids], np.int64)
         except KeyError as exc:
             raise FeatureError(
                 f"no features for image {exc.args[0]!r}; rebuild the cache"
             ) from None
+        return read_rows(self.features, rows)
+
+    @property
+    def nbytes_float32(self) -> int:
+        """Bytes of every feature as float32 (what the in-memory training path holds)."""
+        return int(np.prod(self.features.shape, dtype=np.int64)) * 4
+
+
+def read_rows(source: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """``source[rows]`` as a new float32 array, read in ascending row order.
+
+    On a memory map, ascending order turns a shuffled batch into forward reads of the file; the
+    rows are put back in the order asked. Values are exact (float16 → float32 is lossless).
+    """
+    rows = np.asarray(rows, np.int64)
+    order = np.argsort(rows, kind="stable")
+    out = np.empty((len(rows), *source.shape[1:]), np.float32)
+    out[order] = source[rows[order]]
+    return out
 
 
 @dataclass
@@ -331,8 +403,21 @@ class ImageSet:
             raise FeatureError(f"no image for {exc.args[0]!r}") from None
 
 
-def cache_key(frame: pd.DataFrame, bb: BackboneModel, dataset: str) -> CacheKey:
-    """The cache key of ``frame``'s converted images through ``bb``'s prefix."""
+def check_feature_dtype(dtype: str) -> str:
+    """``dtype`` if the cache can store it.
+
+    Raises:
+        FeatureError: another dtype.
+    """
+    if dtype not in FEATURE_DTYPES:
+        raise FeatureError(f"train.feature_dtype={dtype!r}; use one of {', '.join(FEATURE_DTYPES)}")
+    return dtype
+
+
+def cache_key(
+    frame: pd.DataFrame, bb: BackboneModel, dataset: str, dtype: str = "float32"
+) -> CacheKey:
+    """The cache key of ``frame``'s converted images through ``bb``'s prefix, stored as ``dtype``."""
     return CacheKey(
         dataset=dataset,
         backbone=bb.name,
@@ -342,27 +427,107 @@ def cache_key(frame: pd.DataFrame, bb: BackboneModel, dataset: str) -> CacheKey:
         cut_layer=bb.plan.cut_layer,
         input_size=bb.input_size,
         precision=bb.precision,
+        dtype=check_feature_dtype(dtype),
     )
 
 
+#: (path, size, mtime, inode) of cache files whose sha256 this process checked.
+_VERIFIED: set[tuple[str, int, int, int]] = set()
+
+
+def _stat_key(path: Path) -> tuple[str, int, int, int]:
+    st = path.stat()
+    return (str(path.resolve()), st.st_size, st.st_mtime_ns, st.st_ino)
+
+
 def _load(stem: Path, key: CacheKey, ids: tuple[str, ...]) -> np.ndarray | None:
+    """The cache file of ``key`` memory-mapped, or None when absent, stale or corrupt.
+
+    Its sha256 must equal the one recorded in the sidecar when it was written (checked once per
+    process and file version): a truncated or bit-flipped file is a miss, never trained on.
+    """
     meta_path, data_path = stem.with_suffix(".json"), stem.with_suffix(".npy")
     if not (meta_path.is_file() and data_path.is_file()):
         return None
     try:
         meta = json.loads(meta_path.read_text(encoding="utf-8"))
-        arr = np.load(data_path, allow_pickle=False)
+        if meta.get("key") != asdict(key) or tuple(meta.get("image_ids", ())) != ids:
+            log.warning("feature cache %s does not match its key; recomputing", data_path)
+            return None
+        stat = _stat_key(data_path)
+        if stat not in _VERIFIED:
+            if sha256_file(data_path) != meta.get("sha256"):
+                log.warning(
+                    "feature cache %s fails its recorded sha256 (truncated or corrupted); "
+                    "recomputing",
+                    data_path,
+                )
+                return None
+            _VERIFIED.add(stat)
+        arr = np.load(data_path, mmap_mode="r", allow_pickle=False)
     except (OSError, ValueError) as exc:
         log.warning("feature cache %s unreadable (%s); recomputing", data_path, exc)
         return None
-    if (
-        meta.get("key") != asdict(key)
-        or tuple(meta.get("image_ids", ())) != ids
-        or len(arr) != len(ids)
-    ):
-        log.warning("feature cache %s does not match its key; recomputing", data_path)
+    if arr.shape != (len(ids), *meta.get("shape", [])[1:]) or str(arr.dtype) != key.dtype:
+        log.warning("feature cache %s has the wrong shape or dtype; recomputing", data_path)
         return None
-    return np.asarray(arr, dtype=np.float32)
+    return arr
+
+
+class _HashingWriter:
+    """A binary file that hashes what is written to it (the header included)."""
+
+    def __init__(self, fh: Any) -> None:
+        self.fh, self.sha = fh, hashlib.sha256()
+
+    def write(self, data: bytes | memoryview) -> int:
+        self.sha.update(data)
+        return int(self.fh.write(data))
+
+
+def write_cache(
+    path: Path, batches: Iterator[np.ndarray], shape: tuple[int, ...], dtype: str
+) -> str:
+    """Write an ``.npy`` of ``shape`` / ``dtype`` batch by batch; return its sha256.
+
+    Goes through a temp file in the same folder, fsynced and renamed into place only when
+    complete, so a crash or a full disk (``ENOSPC``) never leaves a file a later run would read.
+
+    Raises:
+        FeatureError: a value does not fit ``dtype`` (float16 overflows above 65504), or fewer
+            rows came than ``shape`` says.
+    """
+    import tempfile
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp's 0600 would make the cache private
+        with os.fdopen(fd, "wb") as fh:
+            out = _HashingWriter(fh)
+            header = {"descr": np.dtype(dtype).str, "fortran_order": False, "shape": shape}
+            np.lib.format.write_array_header_1_0(out, header)
+            done = 0
+            for feats in batches:
+                with np.errstate(over="ignore"):  # overflow is checked just below
+                    stored = feats.astype(dtype)
+                if not np.isfinite(stored).all() and np.isfinite(feats).all():
+                    raise FeatureError(
+                        f"features of rows {done}..{done + len(feats) - 1} exceed {dtype}'s "
+                        f"range (max |x| = {float(np.abs(feats).max()):.4g}); set "
+                        "train.feature_dtype: float32"
+                    )
+                out.write(np.ascontiguousarray(stored).tobytes())
+                done += len(feats)
+            if done != shape[0]:
+                raise FeatureError(f"extraction gave {done} rows for {shape[0]} images")
+            fh.flush()
+            os.fsync(fh.fileno())
+        Path(tmp).replace(path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return out.sha.hexdigest()
 
 
 def cached_features(
@@ -373,36 +538,46 @@ def cached_features(
     cache_dir: Path | str = DEFAULT_CACHE_DIR,
     batch_size: int = 16,
     progress: BatchProgress | None = None,
+    dtype: str = "float32",
 ) -> FeatureSet:
     """Prefix features for every row of ``frame`` (manifest rows with ``converted_path``).
 
-    Loads ``<cache_dir>/<stem>.npy`` on a hit; on a miss extracts and writes it atomically.
+    Memory-maps ``<cache_dir>/<stem>.npy`` on a hit (after checking its recorded sha256); on a
+    miss extracts and writes it batch by batch (see :func:`write_cache`), then maps it.
+
+    Args:
+        dtype: how the features are stored (``float16`` or ``float32``; part of the key).
     """
     t0 = time.perf_counter()
     ordered = frame.sort_values("image_id").reset_index(drop=True)
     ids = tuple(str(i) for i in ordered["image_id"])
-    key = cache_key(ordered, bb, dataset)
+    key = cache_key(ordered, bb, dataset, dtype)
     stem = Path(cache_dir) / key.stem()
+    data_path, meta_path = stem.with_suffix(".npy"), stem.with_suffix(".json")
     arr = _load(stem, key, ids)
     if arr is not None:
-        log.info("feature cache hit: %s (%d images)", stem.with_suffix(".npy"), len(ids))
+        log.info("feature cache hit: %s (%d images, %s)", data_path, len(ids), dtype)
         return FeatureSet(ids, arr, key, hit=True, seconds=time.perf_counter() - t0)
-    log.info("feature cache miss: %s; extracting %d images", stem.with_suffix(".npy"), len(ids))
-    arr = extract_features(
+    log.info("feature cache miss: %s; extracting %d images (%s)", data_path, len(ids), dtype)
+    meta_path.unlink(missing_ok=True)  # the sidecar names a complete, verified file only
+    shape = (len(ids), *bb.feature_shape)
+    batches = iter_features(
         bb, list(ordered["converted_path"].astype(str)), batch_size=batch_size, progress=progress
     )
-    buf = io.BytesIO()
-    np.save(buf, arr, allow_pickle=False)
-    atomic_write_bytes(stem.with_suffix(".npy"), buf.getvalue())
+    sha = write_cache(data_path, batches, shape, dtype)
     atomic_write_json(
-        stem.with_suffix(".json"),
+        meta_path,
         {
             "key": asdict(key),
             "digest": key.digest,
             "image_ids": list(ids),
-            "shape": list(arr.shape),
+            "shape": list(shape),
+            "dtype": dtype,
+            "sha256": sha,
         },
     )
+    _VERIFIED.add(_stat_key(data_path))
+    arr = np.load(data_path, mmap_mode="r", allow_pickle=False)
     return FeatureSet(ids, arr, key, hit=False, seconds=time.perf_counter() - t0)
 
 
@@ -416,6 +591,7 @@ def prepare_inputs(
     cache_dir: Path | str = DEFAULT_CACHE_DIR,
     batch_size: int = 16,
     progress: BatchProgress | None = None,
+    dtype: str = "float32",
 ) -> FeatureSet | ImageSet:
     """Cached features when allowed, else the images (augmentation or ``train.feature_cache: false``)."""
     if feature_cache and not augment:
@@ -426,6 +602,7 @@ def prepare_inputs(
             cache_dir=cache_dir,
             batch_size=batch_size,
             progress=progress,
+            dtype=dtype,
         )
     why = "train.augment is on" if augment else "train.feature_cache is off"
     log.info("feature cache disabled: %s; training end to end on images", why)
