@@ -124,7 +124,7 @@ class TrainConfig(_Section):
     patience: Annotated[int, Field(ge=1, le=100)] = 3
     precision: Literal["auto", "float32", "mixed_bfloat16", "mixed_float16"] = "auto"
     feature_cache: bool = True
-    feature_dtype: Literal["float16", "float32"] = "float16"
+    feature_dtype: Literal["float16", "float32"] = "float32"
     augment: bool = False
     seed: int = 42
 

@@ -6,27 +6,30 @@ second worker, a crash) never sees half a file. This module imports nothing from
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import json
 import os
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 _UMASK = os.umask(0)
 os.umask(_UMASK)
 
 
-def atomic_write_bytes(path: Path, data: bytes, mode: int | None = None) -> None:
-    """Write ``data`` to ``path`` through a temp file + rename, so readers never see half a file.
+@contextlib.contextmanager
+def atomic_file(path: Path, mode: int | None = None) -> Iterator[BinaryIO]:
+    """A binary file to write ``path`` through: a temp file beside it, fsynced and renamed into
+    place when the block ends without error, so readers never see half a file.
 
     A full disk (``ENOSPC``/``EDQUOT``) raises an ``OSError`` with the same errno naming
     ``path``; the temporary file is removed on every error.
 
     Args:
         path: Destination; its parent folders are created.
-        data: The file's bytes.
         mode: Permission bits (``0o600`` for a file holding credentials); default what the
             umask gives a new file.
     """
@@ -36,7 +39,7 @@ def atomic_write_bytes(path: Path, data: bytes, mode: int | None = None) -> None
         # mkstemp's 0600 would make outputs private to root
         os.fchmod(fd, 0o666 & ~_UMASK if mode is None else mode)
         with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
+            yield fh
             fh.flush()
             os.fsync(fh.fileno())
         Path(tmp).replace(path)
@@ -45,14 +48,20 @@ def atomic_write_bytes(path: Path, data: bytes, mode: int | None = None) -> None
         if exc.errno in (errno.ENOSPC, errno.EDQUOT):  # a full disk: say which file, and that
             raise OSError(  # nothing half-written stays behind
                 exc.errno,
-                f"no space left on the device while writing {path} ({len(data):,} bytes); the "
-                f"partial temporary file was removed and {path.name} keeps its earlier content, "
-                "if any: free space there and rerun",
+                f"no space left on the device while writing {path}; the partial temporary file "
+                f"was removed and {path.name} keeps its earlier content, if any: free space "
+                "there and rerun",
             ) from exc
         raise
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def atomic_write_bytes(path: Path, data: bytes, mode: int | None = None) -> None:
+    """Write ``data`` to ``path`` atomically (see :func:`atomic_file`, which takes ``mode``)."""
+    with atomic_file(path, mode) as fh:
+        fh.write(data)
 
 
 def atomic_write_text(path: Path, text: str, mode: int | None = None) -> None:

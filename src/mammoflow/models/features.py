@@ -37,7 +37,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from mammoflow.io import _UMASK, atomic_write_json, sha256_file
+from mammoflow.io import atomic_file, atomic_write_json, sha256_file
 from mammoflow.models.build import BackboneModel, check_precision, extraction_model
 
 log = logging.getLogger(__name__)
@@ -497,36 +497,24 @@ def write_cache(
         FeatureError: a value does not fit ``dtype`` (float16 overflows above 65504), or fewer
             rows came than ``shape`` says.
     """
-    import tempfile
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp's 0600 would make the cache private
-        with os.fdopen(fd, "wb") as fh:
-            out = _HashingWriter(fh)
-            header = {"descr": np.dtype(dtype).str, "fortran_order": False, "shape": shape}
-            np.lib.format.write_array_header_1_0(out, header)
-            done = 0
-            for feats in batches:
-                with np.errstate(over="ignore"):  # overflow is checked just below
-                    stored = feats.astype(dtype)
-                if not np.isfinite(stored).all() and np.isfinite(feats).all():
-                    raise FeatureError(
-                        f"features of rows {done}..{done + len(feats) - 1} exceed {dtype}'s "
-                        f"range (max |x| = {float(np.abs(feats).max()):.4g}); set "
-                        "train.feature_dtype: float32"
-                    )
-                out.write(np.ascontiguousarray(stored).tobytes())
-                done += len(feats)
-            if done != shape[0]:
-                raise FeatureError(f"extraction gave {done} rows for {shape[0]} images")
-            fh.flush()
-            os.fsync(fh.fileno())
-        Path(tmp).replace(path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_file(path) as fh:
+        out = _HashingWriter(fh)
+        header = {"descr": np.dtype(dtype).str, "fortran_order": False, "shape": shape}
+        np.lib.format.write_array_header_1_0(out, header)
+        done = 0
+        for feats in batches:
+            with np.errstate(over="ignore"):  # overflow is checked just below
+                stored = feats.astype(dtype)
+            if not np.isfinite(stored).all() and np.isfinite(feats).all():
+                raise FeatureError(
+                    f"features of rows {done}..{done + len(feats) - 1} exceed {dtype}'s "
+                    f"range (max |x| = {float(np.abs(feats).max()):.4g}); set "
+                    "train.feature_dtype: float32"
+                )
+            out.write(np.ascontiguousarray(stored).tobytes())
+            done += len(feats)
+        if done != shape[0]:
+            raise FeatureError(f"extraction gave {done} rows for {shape[0]} images")
     return out.sha.hexdigest()
 
 
