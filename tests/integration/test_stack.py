@@ -29,7 +29,13 @@ from infra.local import stack as stack_mod
 from mammoflow import storage
 from mammoflow.data.dicom import read_dicom
 from mammoflow.data.sample import FAKE_PHI, mammogram_dicom
-from tests.helpers import drain_prefect_workers, scan_bucket, stop_process_tree, tiny_params
+from tests.helpers import (
+    drain_prefect_workers,
+    dvc_project,
+    scan_bucket,
+    stop_process_tree,
+    tiny_params,
+)
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -532,13 +538,11 @@ def test_prefect_deployment_runs_through_a_worker_on_the_stack(
     auth = stack_env["PREFECT_API_AUTH_STRING"]  # the stack's API refuses requests without it
     home = tmp_path / "prefect-home"
     home.mkdir()
-    project = tmp_path / "project"
-    project.mkdir()
     raw = yaml.safe_load((stack_mod.ROOT / "params.yaml").read_text(encoding="utf-8"))
     raw["sample"].update({"mias_patients": 6, "cmmd_patients": 4, "size": 64})
     raw["convert"].update({"size": 64, "workers": 1})
-    params = project / "params.yaml"
-    params.write_text(yaml.safe_dump(raw, sort_keys=False), encoding="utf-8")
+    params = dvc_project(tmp_path / "project", raw)  # flows run their stages through DVC
+    project = params.parent
     pool = f"stack-test-{uuid.uuid4().hex[:8]}"
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
     env |= {
