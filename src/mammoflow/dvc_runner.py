@@ -79,15 +79,14 @@ class PushResult:
     message: str
 
 
-def dvc_executable() -> str:
-    """The ``dvc`` of this interpreter's environment (the project's .venv), else on PATH."""
+def dvc_command() -> list[str]:
+    """The ``dvc`` of this interpreter's environment (the project's .venv), else on PATH, else
+    ``python -m dvc`` (DVC is a dependency, so the module is always there)."""
     beside = Path(sys.executable).with_name("dvc")
     if beside.is_file():
-        return str(beside)
+        return [str(beside)]
     found = shutil.which("dvc")
-    if found is None:
-        raise DvcError("the `dvc` command was not found; run `make venv` (it installs DVC)")
-    return found
+    return [found] if found else [sys.executable, "-m", "dvc"]
 
 
 def _run(
@@ -98,7 +97,7 @@ def _run(
     on_line: LineSink | None = None,
 ) -> tuple[int, list[str]]:
     """Run ``dvc --wait-for-lock ARGS`` in ``root``; stream and return its output lines."""
-    cmd = [dvc_executable(), "--wait-for-lock", *args]
+    cmd = [*dvc_command(), "--wait-for-lock", *args]
     full_env = {**os.environ, **(env or {})}
     # the stages' `bin/mammoflow` finds this environment's CLI first, as under `make`
     here = str(Path(sys.executable).parent)

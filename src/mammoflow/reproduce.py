@@ -306,10 +306,12 @@ def fetch_data(setup: DvcSetup, scratch: Path, target: Target, project: Path) ->
     Raises:
         ReproduceError: a version is in neither the cache nor the remote (its hash named).
     """
-    dvc = str(Path(sys.executable).with_name("dvc"))
+    from mammoflow.dvc_runner import dvc_command
+
+    dvc = dvc_command()
     fetch = scratch / "fetch"
     fetch.mkdir(parents=True)
-    _run([dvc, "init", "-q", "--no-scm"], fetch)
+    _run([*dvc, "init", "-q", "--no-scm"], fetch)
     from mammoflow.dvcdata import write_local_config
 
     write_local_config(fetch, setup)
@@ -327,9 +329,9 @@ def fetch_data(setup: DvcSetup, scratch: Path, target: Target, project: Path) ->
             f"{setup.remote_url or '(none set)'}: it was never pushed, or was garbage-collected"
         )
     targets = [f"{p}.dvc" for p in wanted]
-    res = _run([dvc, "checkout", *targets], fetch)
+    res = _run([*dvc, "checkout", *targets], fetch)
     if res.returncode != 0:
-        res = _run([dvc, "pull", *targets], fetch)
+        res = _run([*dvc, "pull", *targets], fetch)
     if res.returncode != 0:
         raise ReproduceError(
             f"dvc pull of {', '.join(wanted.values())} failed: {(res.stderr or res.stdout).strip()[-2000:]}"

@@ -17,9 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-import shutil
 import subprocess
-import sys
 import time
 import uuid
 from collections.abc import Mapping
@@ -327,16 +325,6 @@ def _quiet_delete(s3: Any, bucket: str, key: str) -> None:
 # ------------------------------------------------------------------------------------ DVC
 
 
-def _dvc_command() -> list[str]:
-    beside = Path(sys.executable).with_name("dvc")
-    if beside.is_file():
-        return [str(beside)]
-    found = shutil.which("dvc")
-    if found:
-        return [found]
-    return [sys.executable, "-m", "dvc"]
-
-
 def configure_dvc_remote(
     repo_dir: str | Path,
     bucket: str,
@@ -374,7 +362,9 @@ def configure_dvc_remote(
             ["remote", "modify", "--local", name, "access_key_id", access_key_id],
             ["remote", "modify", "--local", name, "secret_access_key", secret_access_key],
         ]
-    dvc = _dvc_command()
+    from mammoflow.dvc_runner import dvc_command
+
+    dvc = dvc_command()
     for args in commands:
         proc = subprocess.run([*dvc, *args], cwd=repo, capture_output=True, text=True, check=False)
         if proc.returncode != 0:
