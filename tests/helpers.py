@@ -268,6 +268,21 @@ def copy_project(dest: Path) -> None:
             shutil.copy2(src, dest / rel)
 
 
+def replace_film(film: Path) -> None:
+    """Re-export one film (a brighter patch inside the breast) as a new file moved over the
+    old one, the way an export tool replaces it: a new inode, so the hard link in data/raw
+    still holds the old film."""
+    from mammoflow.data.pgm import read_pgm, write_pgm
+
+    image = read_pgm(film)
+    pixels = image.pixels.copy()
+    h, w = pixels.shape
+    pixels[h // 3 : h // 2, w // 3 : w // 2] = image.maxval
+    fresh = film.with_suffix(".new")
+    write_pgm(fresh, pixels, image.maxval)
+    fresh.replace(film)
+
+
 # ------------------------------------------------------------------------------ DVC
 
 GIT_ID = ["-c", "user.email=test@mammoflow.invalid", "-c", "user.name=test"]

@@ -28,6 +28,7 @@ from tests.helpers import (
     dvc_project,
     dvc_status,
     free_port,
+    replace_film,
     stop_process_tree,
     tiny_params,
 )
@@ -317,21 +318,6 @@ def _site_project(tmp_path: Path, log_models: str = "final") -> tuple[Path, Path
     return dvc_project(tmp_path / "project", raw), source
 
 
-def _replace_film(film: Path) -> None:
-    """Re-export one film (a brighter patch inside the breast) as a new file moved over the
-    old one, the way an export tool replaces it: a new inode, so the hard link in data/raw
-    still holds the old film."""
-    from mammoflow.data.pgm import read_pgm, write_pgm
-
-    image = read_pgm(film)
-    pixels = image.pixels.copy()
-    h, w = pixels.shape
-    pixels[h // 3 : h // 2, w // 3 : w // 2] = image.maxval
-    fresh = film.with_suffix(".new")
-    write_pgm(fresh, pixels, image.maxval)
-    fresh.replace(film)
-
-
 def _parents(project: Path) -> list[Any]:
     """The project's MLflow parent runs, newest first."""
     from tests.helpers import mlflow_client
@@ -394,7 +380,7 @@ def test_weekly_retrain_runs_through_dvc_and_keeps_every_data_version(
     assert len(_parents(project)) == n_runs  # no training
     assert (project / "dvc.lock").read_bytes() == lock
 
-    _replace_film(source / "mdb003.pgm")
+    replace_film(source / "mdb003.pgm")
     third = pipeline_flow(str(params))
     assert {"acquire@site", "convert@site", "train@site-vgg16"} <= set(third["changed"])
     week2 = _parents(project)[0].data.tags["dvc_data_hash"]

@@ -22,6 +22,7 @@ from tests.helpers import (
     copy_project,
     delete_mlflow_models_and_experiments,
     mlflow_client,
+    replace_film,
     tiny_params,
 )
 
@@ -38,19 +39,6 @@ def _run(cmd: list[str], cwd: Path, check: bool = True) -> subprocess.CompletedP
     if check:
         assert res.returncode == 0, f"{cmd} failed:\n{res.stdout[-4000:]}\n{res.stderr[-4000:]}"
     return res
-
-
-def _change_one_film(source: Path) -> None:
-    """A site re-exports one film (a brighter patch inside the breast), as a new file."""
-    from mammoflow.data.pgm import read_pgm, write_pgm
-
-    film = source / "mdb003.pgm"
-    image = read_pgm(film)
-    pixels = image.pixels.copy()
-    h, w = pixels.shape
-    pixels[h // 3 : h // 2, w // 3 : w // 2] = image.maxval
-    film.unlink()
-    write_pgm(film, pixels, image.maxval)
 
 
 MARKED: dict[str, list[str]] = {}  # run ids mark_pushed updated after each push
@@ -91,7 +79,7 @@ def project(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
 
     _run(["dvc", "repro", "evaluate@site"], dest)
     _push(dest, "first")
-    _change_one_film(source)
+    replace_film(source / "mdb003.pgm")
     _run(["dvc", "repro", "evaluate@site"], dest)
     _push(dest, "second")
     try:
