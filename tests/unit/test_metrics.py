@@ -94,3 +94,28 @@ def test_bad_shapes_are_clear() -> None:
         mm.compute_metrics(np.array([0, 1]), np.zeros((3, 2)), ("a", "b"))
     with pytest.raises(mm.MetricsError, match=r"outside 0\.\.1"):
         mm.compute_metrics(np.array([0, 5]), np.zeros((2, 2)), ("a", "b"))
+
+
+def _auc_by_tie_loop(y: np.ndarray, s: np.ndarray) -> float:
+    """The rank AUC as first written (a loop over tie groups): the reference of the CIs in
+    metrics/, which must not move."""
+    y = y.astype(bool)
+    n_pos, n_neg = int(y.sum()), int((~y).sum())
+    order = np.argsort(s, kind="mergesort")
+    ranks = np.empty(len(s), dtype=np.float64)
+    sorted_s = s[order]
+    starts = np.r_[0, np.flatnonzero(np.diff(sorted_s)) + 1]
+    ends = np.r_[starts[1:], len(s)]
+    for a, b in zip(starts, ends, strict=True):
+        ranks[order[a:b]] = (a + b + 1) / 2.0
+    return float((ranks[y].sum() - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_binary_auc_equals_the_tie_loop_bit_for_bit(seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    for n in (2, 7, 60, 400):
+        y = rng.integers(0, 2, n)
+        y[:2] = [0, 1]
+        s = np.round(rng.uniform(size=n), int(rng.integers(1, 4)))  # many ties
+        assert mm.binary_roc_auc(y, s) == _auc_by_tie_loop(y, s)
