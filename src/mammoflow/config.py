@@ -50,9 +50,10 @@ class SampleConfig(_Section):
     """The embedded synthetic dataset."""
 
     seed: int = 20240601
-    mias_patients: Annotated[int, Field(ge=6, le=200)] = 20
-    cmmd_patients: Annotated[int, Field(ge=4, le=200)] = 12
-    size: Annotated[int, Field(ge=64, le=512)] = 256
+    # up to hospital scale (CMMD: 1,775 women, 3,728 films) for the scale studies
+    mias_patients: Annotated[int, Field(ge=6, le=5000)] = 20
+    cmmd_patients: Annotated[int, Field(ge=4, le=5000)] = 12
+    size: Annotated[int, Field(ge=64, le=4096)] = 256  # make_sample's own limit
 
 
 class IngestConfig(_Section):
