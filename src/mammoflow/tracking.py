@@ -436,6 +436,24 @@ def check_server(uri: str, timeout: float = PROBE_TIMEOUT_S) -> None:
     )
 
 
+def _mlflow_client(uri: str) -> Any:
+    """``MlflowClient`` of ``uri`` (tracking and registry).
+
+    Raises:
+        TrackingUnavailable: MLflow has no store for the URI's scheme (bad input: exit 2).
+    """
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return MlflowClient(tracking_uri=uri, registry_uri=uri)
+    except MlflowException as exc:
+        raise TrackingUnavailable(
+            f"MLFLOW_TRACKING_URI={uri!r}: {exc.message}; use the http(s)://host:port of a "
+            "tracking server, or unset MLFLOW_TRACKING_URI to track into ./mlflow.db"
+        ) from None
+
+
 @dataclass
 class Tracker:
     """An MLflow client bound to one store; every call names its run explicitly."""
@@ -448,8 +466,6 @@ class Tracker:
 
     def __post_init__(self) -> None:
         _quiet_mlflow()
-        from mlflow import MlflowClient
-
         self.uri = self.uri or tracking_uri(self.root)
         t0 = time.perf_counter()
         client = None
@@ -458,8 +474,8 @@ class Tracker:
                 os.environ.setdefault(key, value)
             self._retry = _Retry(self.uri, retry_seconds())
             check_server(self.uri)  # fail fast, not after minutes of retries
-            client = _RetryingClient(MlflowClient(self.uri, self.uri), self._retry)
-        self._client = client or MlflowClient(tracking_uri=self.uri, registry_uri=self.uri)
+            client = _RetryingClient(_mlflow_client(self.uri), self._retry)
+        self._client = client or _mlflow_client(self.uri)
         self.seconds += time.perf_counter() - t0
 
     def _call(self, what: str, fn: Callable[[], T]) -> T:

@@ -451,3 +451,7 @@ def test_cli_exits_75_when_the_server_is_down_and_2_when_it_is_misconfigured(
         other.close()
     assert result.exit_code == 2, result.output
     assert f"is {other.uri} an MLflow tracking server?" in " ".join(result.output.split())
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "htp://127.0.0.1:5000")  # a typo in the scheme
+    result = runner.invoke(app, ["compare", *params])
+    assert result.exit_code == 2, result.output
+    assert "MLFLOW_TRACKING_URI='htp://127.0.0.1:5000'" in " ".join(result.output.split())
