@@ -188,6 +188,7 @@ def test_mlflow_killed_mid_stage_is_waited_for(
         output = _finish(proc, log)
     assert proc.returncode == 0, output
     assert "unreachable during" in output, output  # the stage did meet the outage
+    print(*(line for line in output.splitlines() if "MLflow tracking server" in line), sep="\n")
     parent, children = _study(client, experiment)
     assert {n: len(r) for n, r in children.items() if len(r) > 1} == {}  # no duplicate runs
     _assert_complete(client, parent, {n: r[0] for n, r in children.items()})
@@ -210,6 +211,7 @@ def test_mlflow_down_past_the_bound_fails_then_resumes(
         if stack.pid("mlflow") is None:
             stack.start_service("mlflow")
     assert proc.returncode == EX_TEMPFAIL, output
+    print(*(line for line in output.splitlines() if "MLflow tracking server" in line), sep="\n")
     assert f"the MLflow tracking server {uri} (MLFLOW_TRACKING_URI) did not answer" in output
     finished_before = {r.info.run_name for r in _fold_runs(client, experiment, "FINISHED")}
     assert "fold-1" in finished_before
