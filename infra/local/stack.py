@@ -976,6 +976,60 @@ class Stack:
 _SECRET_KEYS = ("SECRET", "PASSWORD", "AUTH_STRING", "ACCESS_KEY")
 
 
+# ----------------------------------------------------------------------------- docker compose
+
+COMPOSE_TEMPLATE = ROOT / "infra" / ".env.example"
+COMPOSE_ENV = ROOT / "infra" / ".env"
+#: what replaces each ``change-me`` value of infra/.env.example (as the local stack's secrets)
+COMPOSE_SECRETS: dict[str, Callable[[], str]] = {
+    "POSTGRES_PASSWORD": lambda: secrets.token_urlsafe(24),
+    "S3_ACCESS_KEY": lambda: "MF" + secrets.token_hex(9).upper(),
+    "S3_SECRET_KEY": lambda: secrets.token_urlsafe(30),
+    "MLFLOW_AUTH_ADMIN_PASSWORD": lambda: secrets.token_urlsafe(18),
+    "MLFLOW_FLASK_SERVER_SECRET_KEY": lambda: secrets.token_hex(32),
+    "PREFECT_AUTH_STRING": lambda: "mammoflow:" + secrets.token_urlsafe(24),
+}
+
+
+def compose_env(template: str) -> str:
+    """``template`` (infra/.env.example) with a generated credential for every ``change-me``.
+
+    Raises:
+        StackError: a ``change-me`` value that no generator covers (the template grew a key).
+    """
+    lines = []
+    for line in template.splitlines():
+        key, sep, value = line.partition("=")
+        if sep and not key.lstrip().startswith("#") and value.startswith("change-me"):
+            make = COMPOSE_SECRETS.get(key.strip())
+            if make is None:
+                raise StackError(
+                    f"{key.strip()}={value}: no generator for it; add one to COMPOSE_SECRETS "
+                    "in infra/local/stack.py"
+                )
+            line = f"{key}={make()}"
+        lines.append(line)
+    return "\n".join(lines) + "\n"
+
+
+def write_compose_env(
+    path: Path = COMPOSE_ENV, template: Path = COMPOSE_TEMPLATE, force: bool = False
+) -> Path:
+    """Write compose's env file from ``template``, credentials generated, mode 0600.
+
+    Raises:
+        StackError: ``path`` exists and ``force`` is not set (its credentials may already be
+            baked into the stack's volumes: PostgreSQL keeps the first password).
+    """
+    if path.exists() and not force:
+        raise StackError(
+            f"{path} exists; keep it (PostgreSQL and MLflow's admin keep the credentials they "
+            "were first started with), or pass --force for a fresh stack with empty volumes"
+        )
+    atomic_write_text(path, compose_env(template.read_text(encoding="utf-8")), PRIVATE)
+    return path
+
+
 def _mask(env: Mapping[str, str]) -> str:
     """The env file's lines with passwords, keys and auth strings replaced by ***."""
     lines = []
@@ -1008,7 +1062,20 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("env", help="print the env file, credentials included")
     remote = sub.add_parser("dvc-remote", help="add DVC remote 'team' (.dvc/config.local)")
     remote.add_argument("--repo", type=Path, default=ROOT)
+    compose = sub.add_parser(
+        "compose-env", help="write infra/.env (0600) for docker compose, credentials generated"
+    )
+    compose.add_argument("--out", type=Path, default=COMPOSE_ENV)
+    compose.add_argument("--force", action="store_true", help="replace an existing file")
     args = parser.parse_args(argv)
+    if args.command == "compose-env":
+        try:
+            written = write_compose_env(args.out, force=args.force)
+        except StackError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 1
+        print(f"{written} written (mode 0600, credentials generated; MLflow auth on)")
+        return 0
 
     from mammoflow.storage import StorageError
 

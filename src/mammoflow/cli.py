@@ -51,6 +51,10 @@ def _friendly(func: Callable[P, R]) -> Callable[P, R]:
         try:
             return func(*args, **kwargs)
         except (ConfigError, ValueError, FileNotFoundError) as exc:
+            if is_transient(exc):  # tracking.TrackingUnreachable: a ValueError for old callers
+                kind = "transient error (worth a retry)"
+                console.print(f"[bold red]{kind}:[/] {exc}", highlight=False, soft_wrap=True)
+                raise typer.Exit(code=EX_TEMPFAIL) from None
             console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
             raise typer.Exit(code=2) from None
         except DvcError as exc:  # a stage run through DVC failed: its own lines say why

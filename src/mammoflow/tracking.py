@@ -4,6 +4,9 @@
   artifacts under ``./mlartifacts/`` — no server needed.
   A server is probed first (:func:`check_server`): down or unable to reach its database, it
   is a :class:`TrackingUnavailable` error within seconds, not minutes of MLflow retries.
+  Once it answered, a call that finds it unreachable (killed, restarting) is retried with
+  backoff for ``$MAMMOFLOW_TRACKING_RETRY_S`` (120 s), then :class:`TrackingUnreachable`
+  (transient: exit 75); creating a run is safe to repeat (a lost answer creates no twin).
 * One experiment per dataset, ``mammoflow-<dataset>``.
 * Per pipeline execution one parent run per backbone (named after it), and under it one nested
   run per fold (``fold-1`` … ``fold-k``) and one for the held-out test evaluation (``test``).
@@ -25,11 +28,12 @@ import os
 import re
 import tempfile
 import time
+import uuid
 import warnings
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 if TYPE_CHECKING:
     from mammoflow.card import CardFacts
@@ -146,6 +150,209 @@ class TrackingUnavailable(ValueError):  # noqa: N818 (the documented name)
     """The MLflow tracking server cannot be reached or cannot serve requests."""
 
 
+class TrackingUnreachable(TrackingUnavailable, ConnectionError):  # noqa: N818
+    """The server did not answer (connection refused or reset, timeout, 502/503/504): transient.
+
+    A :class:`TrackingUnavailable` for callers that catch that, and a ``ConnectionError`` for
+    :func:`mammoflow.errors.is_transient`, so the CLI exits 75 and a flow retries the stage.
+    """
+
+
+#: Seconds one tracking call keeps retrying while the server is unreachable (an execution
+#: setting: it changes no number, so it is not in params.yaml). 0 = no retry.
+RETRY_ENV = "MAMMOFLOW_TRACKING_RETRY_S"
+RETRY_DEFAULT_S = 120.0
+BACKOFF_FIRST_S = 1.0
+BACKOFF_MAX_S = 15.0
+_RETRY_STATUS = ("502", "503", "504")
+#: on every run a server store creates: finds the run when the answer to its creation was lost
+TAG_CREATE_TOKEN = "mammoflow.create_token"
+
+T = TypeVar("T")
+
+
+def retry_seconds() -> float:
+    """``$MAMMOFLOW_TRACKING_RETRY_S`` (default 120).
+
+    Raises:
+        ValueError: not a number ≥ 0 (the message names the variable and its value).
+    """
+    raw = os.environ.get(RETRY_ENV, "").strip()
+    if not raw:
+        return RETRY_DEFAULT_S
+    try:
+        value = float(raw)
+    except ValueError:
+        value = -1.0
+    if not (math.isfinite(value) and value >= 0):
+        raise ValueError(
+            f"{RETRY_ENV}={raw!r}: want the seconds a tracking call keeps retrying while the "
+            f"MLflow server is unreachable, a number >= 0 (default {RETRY_DEFAULT_S:.0f})"
+        )
+    return value
+
+
+def server_unreachable(exc: BaseException) -> bool:
+    """Whether ``exc`` says the tracking server did not answer: a refused, reset or broken
+    connection, a timeout, or 502/503/504 (a proxy without its server, the server without its
+    database) — what waiting can fix. MLflow wraps the ``requests`` error in an
+    ``MlflowException`` raised while handling it, so the chain is searched."""
+    import requests
+
+    seen: set[int] = set()
+    err: BaseException | None = exc
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        # a malformed URL never works; a call that already waited its budget is not retried again
+        if isinstance(err, requests.exceptions.InvalidURL | TrackingUnreachable):
+            return False
+        if isinstance(
+            err,
+            requests.exceptions.ConnectionError
+            | requests.exceptions.Timeout
+            | requests.exceptions.ChunkedEncodingError
+            | ConnectionError
+            | TimeoutError,
+        ):
+            return True
+        status = getattr(getattr(err, "response", None), "status_code", None)
+        if status is not None and str(status) in _RETRY_STATUS:
+            return True
+        if getattr(err, "error_code", None) == "TEMPORARILY_UNAVAILABLE":
+            return True
+        # urllib3's "too many 503 error responses", MLflow's "failed with error code 503"
+        if re.search(r"(too many|error code) 50[234]\b", str(err)):
+            return True
+        err = err.__cause__ or err.__context__
+    return False
+
+
+@dataclass
+class _Retry:
+    """Bounded retry of tracking calls while the server at ``uri`` is unreachable.
+
+    Each call gets ``budget_s`` seconds from its start; waits double from 1 s up to 15 s. After
+    one call gave up, later calls try once (the run guards marking runs FAILED on the way out
+    must not wait again); a call that succeeds ends that.
+    """
+
+    uri: str
+    budget_s: float
+    sleep: Callable[[float], None] = time.sleep
+    down: bool = False
+
+    def call(self, what: str, fn: Callable[[], T]) -> T:
+        """``fn()``, retried on :func:`server_unreachable` errors; other errors pass at once.
+
+        Raises:
+            TrackingUnreachable: still unreachable after the budget; names the server.
+        """
+        started = time.monotonic()
+        delay = BACKOFF_FIRST_S
+        tries = 0
+        while True:
+            tries += 1
+            try:
+                result = fn()
+            except Exception as exc:
+                if not server_unreachable(exc):
+                    raise
+                waited = time.monotonic() - started
+                if self.down or waited >= self.budget_s:
+                    self.down = True
+                    raise TrackingUnreachable(
+                        f"the MLflow tracking server {self.uri} (MLFLOW_TRACKING_URI) did not "
+                        f"answer {what} for {waited:.0f} s ({tries} tries): {_short_reason(exc)}; "
+                        "rerun once it is back (the train stage resumes the folds that "
+                        f"finished; {RETRY_ENV}={self.budget_s:.0f} is how long a call waits); "
+                        f"{_STACK_HINT}"
+                    ) from exc
+                pause = min(delay, self.budget_s - waited)
+                log.warning(
+                    "MLflow tracking server %s unreachable during %s (%s); retry %d in %.0f s "
+                    "(waited %.0f of %.0f s)",
+                    self.uri,
+                    what,
+                    _short_reason(exc),
+                    tries,
+                    pause,
+                    waited,
+                    self.budget_s,
+                )
+                self.sleep(pause)
+                delay = min(2 * delay, BACKOFF_MAX_S)
+                continue
+            if tries > 1:
+                log.warning(
+                    "MLflow tracking server %s answered %s again after %.0f s",
+                    self.uri,
+                    what,
+                    time.monotonic() - started,
+                )
+            self.down = False
+            return result
+
+
+class _RetryingClient:
+    """An ``MlflowClient`` whose public calls go through :meth:`_Retry.call`.
+
+    Repeating a call is harmless for nearly every call (tags and terminal states overwrite, a
+    server store drops duplicate metrics and dataset inputs); creating a run or an experiment is
+    not — the first try may have created it and only its answer got lost — so those look for
+    what the first try made before trying again.
+    """
+
+    def __init__(self, client: Any, retry: _Retry) -> None:
+        self._inner = client
+        self._retry = retry
+
+    def __getattr__(self, name: str) -> Any:
+        attr = getattr(self._inner, name)
+        if name.startswith("_") or not callable(attr):
+            return attr
+
+        def call(*args: Any, **kwargs: Any) -> Any:
+            return self._retry.call(name, lambda: attr(*args, **kwargs))
+
+        return call
+
+    def create_run(
+        self, experiment_id: str, *args: Any, tags: Mapping[str, Any] | None = None, **kw: Any
+    ) -> Any:
+        """``create_run`` with a unique tag, by which a retry finds a run the lost try made."""
+        token = uuid.uuid4().hex
+        tagged = {**(tags or {}), TAG_CREATE_TOKEN: token}
+        tries = 0
+
+        def attempt() -> Any:
+            nonlocal tries
+            tries += 1
+            if tries > 1:
+                found = self._inner.search_runs(
+                    [experiment_id], f"tags.`{TAG_CREATE_TOKEN}` = '{token}'", max_results=1
+                )
+                if found:
+                    return found[0]
+            return self._inner.create_run(experiment_id, *args, tags=tagged, **kw)
+
+        return self._retry.call("create_run", attempt)
+
+    def create_experiment(self, name: str, *args: Any, **kw: Any) -> Any:
+        """``create_experiment``; a retry first looks the name up (the lost try made it)."""
+        tries = 0
+
+        def attempt() -> Any:
+            nonlocal tries
+            tries += 1
+            if tries > 1:
+                exp = self._inner.get_experiment_by_name(name)
+                if exp is not None:
+                    return exp.experiment_id
+            return self._inner.create_experiment(name, *args, **kw)
+
+        return self._retry.call("create_experiment", attempt)
+
+
 def _short_reason(exc: BaseException) -> str:
     """``[Errno 111] Connection refused`` out of requests' nested messages, else the text."""
     text = str(exc)
@@ -165,7 +372,9 @@ def check_server(uri: str, timeout: float = PROBE_TIMEOUT_S) -> None:
     (``MLFLOW_TRACKING_USERNAME`` / ``_PASSWORD`` / ``_TOKEN``) are sent as MLflow sends them.
 
     Raises:
-        TrackingUnavailable: naming ``uri``, the server's reason and where to look.
+        TrackingUnavailable: naming ``uri``, the server's reason and where to look;
+            :class:`TrackingUnreachable` (transient) when it did not answer or answered
+            502/503/504, a plain one (bad input: exit 2) for a wrong URL or 401/403/404.
     """
     from mlflow.exceptions import MlflowException
     from mlflow.utils.credentials import get_default_host_creds
@@ -186,14 +395,19 @@ def check_server(uri: str, timeout: float = PROBE_TIMEOUT_S) -> None:
                 **kwargs,
             )
         except MlflowException as exc:
-            raise TrackingUnavailable(
+            # refused / timed out: transient (exit 75, a flow retries); a malformed URL is not
+            error = TrackingUnreachable if server_unreachable(exc) else TrackingUnavailable
+            raise error(
                 f"cannot reach the MLflow tracking server {uri} (MLFLOW_TRACKING_URI): "
                 f"{_short_reason(exc)}; {_STACK_HINT}"
             ) from None
 
+    def unavailable(status: int) -> type[TrackingUnavailable]:
+        return TrackingUnreachable if str(status) in _RETRY_STATUS else TrackingUnavailable
+
     health = request("/health", "GET")
     if health.status_code >= 500:  # other answers: the API call below decides
-        raise TrackingUnavailable(
+        raise unavailable(health.status_code)(
             f"the MLflow tracking server {uri} is unhealthy: GET /health answered "
             f"{health.status_code} {health.text.strip()[:200]!r}; {_STACK_HINT}"
         )
@@ -216,10 +430,28 @@ def check_server(uri: str, timeout: float = PROBE_TIMEOUT_S) -> None:
         fix = f"the server cannot serve requests (is its database up?); {_STACK_HINT}"
     else:
         fix = f"is {uri} an MLflow tracking server? {_STACK_HINT}"
-    raise TrackingUnavailable(
+    raise unavailable(answer.status_code)(
         f"the MLflow tracking server {uri} answered {answer.status_code} to {endpoint}: "
         f"{reason}; {fix}"
     )
+
+
+def _mlflow_client(uri: str) -> Any:
+    """``MlflowClient`` of ``uri`` (tracking and registry).
+
+    Raises:
+        TrackingUnavailable: MLflow has no store for the URI's scheme (bad input: exit 2).
+    """
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return MlflowClient(tracking_uri=uri, registry_uri=uri)
+    except MlflowException as exc:
+        raise TrackingUnavailable(
+            f"MLFLOW_TRACKING_URI={uri!r}: {exc.message}; use the http(s)://host:port of a "
+            "tracking server, or unset MLFLOW_TRACKING_URI to track into ./mlflow.db"
+        ) from None
 
 
 @dataclass
@@ -230,19 +462,25 @@ class Tracker:
     uri: str = ""
     seconds: float = 0.0  # wall time spent inside MLflow calls (for the overhead benchmark)
     _client: Any = None
+    _retry: _Retry | None = None  # a tracking server's calls: retried while it is unreachable
 
     def __post_init__(self) -> None:
         _quiet_mlflow()
-        from mlflow import MlflowClient
-
         self.uri = self.uri or tracking_uri(self.root)
         t0 = time.perf_counter()
+        client = None
         if self.uri.startswith(("http://", "https://")):
             for key, value in HTTP_DEFAULTS.items():
                 os.environ.setdefault(key, value)
+            self._retry = _Retry(self.uri, retry_seconds())
             check_server(self.uri)  # fail fast, not after minutes of retries
-        self._client = MlflowClient(tracking_uri=self.uri, registry_uri=self.uri)
+            client = _RetryingClient(_mlflow_client(self.uri), self._retry)
+        self._client = client or _mlflow_client(self.uri)
         self.seconds += time.perf_counter() - t0
+
+    def _call(self, what: str, fn: Callable[[], T]) -> T:
+        """``fn()`` (MLflow's fluent API, outside the client) retried like the client's calls."""
+        return self._retry.call(what, fn) if self._retry is not None else fn()
 
     @property
     def client(self) -> Any:
@@ -534,20 +772,24 @@ class Tracker:
             logged = self._client.create_logged_model(
                 run.info.experiment_id, name=MODEL_NAME, source_run_id=source_run_id or run_id
             )
-            # Keras' export prints its whole signature to stdout; keep the stage output readable.
-            with contextlib.redirect_stdout(io.StringIO()):
-                info = Model.log(
-                    artifact_path=None,
-                    name=MODEL_NAME,
-                    flavor=mlflow.keras,
-                    run_id=run_id,
-                    model_id=logged.model_id,
-                    model=model,
-                    signature=signature,
-                    input_example=input_example,
-                    save_exported_model=False,
-                    pip_requirements=_pip_requirements(),
-                )
+
+            def upload() -> Any:  # into the one logged model: a retry overwrites its files
+                # Keras' export prints its whole signature to stdout; keep the output readable.
+                with contextlib.redirect_stdout(io.StringIO()):
+                    return Model.log(
+                        artifact_path=None,
+                        name=MODEL_NAME,
+                        flavor=mlflow.keras,
+                        run_id=run_id,
+                        model_id=logged.model_id,
+                        model=model,
+                        signature=signature,
+                        input_example=input_example,
+                        save_exported_model=False,
+                        pip_requirements=_pip_requirements(),
+                    )
+
+            info = self._call("log_model", upload)
             self._client.set_tag(run_id, "mammoflow.model_uri", info.model_uri)
         return str(info.model_uri)
 
@@ -558,8 +800,11 @@ class Tracker:
         from mlflow.artifacts import download_artifacts
 
         with self.timed(), tempfile.TemporaryDirectory() as tmp:
-            local = download_artifacts(
-                run_id=run_id, artifact_path=path, dst_path=tmp, tracking_uri=self.uri
+            local = self._call(
+                f"download of {path}",
+                lambda: download_artifacts(
+                    run_id=run_id, artifact_path=path, dst_path=tmp, tracking_uri=self.uri
+                ),
             )
             return json.loads(Path(local).read_text(encoding="utf-8"))
 

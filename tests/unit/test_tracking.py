@@ -321,3 +321,137 @@ def test_logging_a_model_leaves_the_environment_alone(tmp_path: Path) -> None:
     with _use_store(other):
         assert mlflow.get_tracking_uri() == other and mlflow.get_registry_uri() == other
     assert (os.environ.get("MLFLOW_TRACKING_URI"), mlflow.get_tracking_uri()) == before
+
+
+# ------------------------------------------------- a tracking server that goes away (real ports)
+
+
+def _refusing_uri() -> str:
+    """The URL of a local port nothing listens on: every connection is refused."""
+    from infra.local.stack import free_port
+
+    return f"http://127.0.0.1:{free_port()}"
+
+
+def test_calls_retry_with_backoff_then_give_up_as_transient(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import time
+
+    from mlflow import MlflowClient
+
+    from mammoflow.errors import is_transient
+
+    uri = _refusing_uri()
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # only our retries
+    pauses: list[float] = []
+
+    def sleep(seconds: float) -> None:
+        pauses.append(seconds)
+        time.sleep(seconds)
+
+    retry = tracking._Retry(uri, budget_s=4.0, sleep=sleep)
+    client = tracking._RetryingClient(MlflowClient(uri), retry)
+    started = time.monotonic()
+    with pytest.raises(tracking.TrackingUnreachable) as err:
+        client.get_experiment_by_name("mammoflow-x")
+    elapsed = time.monotonic() - started
+    assert 4.0 <= elapsed < 10.0, elapsed
+    assert pauses[:2] == [1.0, 2.0] and 3.0 < sum(pauses) <= 4.0 + 1e-6, pauses  # then the rest
+    text = str(err.value)
+    assert text.startswith(
+        f"the MLflow tracking server {uri} (MLFLOW_TRACKING_URI) did not answer "
+        "get_experiment_by_name for 4 s"
+    ), text
+    assert "Connection refused" in text and "MAMMOFLOW_TRACKING_RETRY_S=4" in text, text
+    assert "resumes the folds that finished" in text
+    # exit 75 in the CLI, retried by the flows; still a TrackingUnavailable for old callers
+    assert is_transient(err.value) and isinstance(err.value, TrackingUnavailable)
+    # after giving up, a call (the run guards marking runs FAILED on the way out) tries once
+    tries = len(pauses)
+    started = time.monotonic()
+    with pytest.raises(tracking.TrackingUnreachable):
+        client.set_terminated("0" * 32, status="FAILED")
+    assert time.monotonic() - started < 2.0 and len(pauses) == tries
+    # run creation through the client goes through the same retries
+    with pytest.raises(tracking.TrackingUnreachable, match="create_run"):
+        client.create_run("0")
+
+
+def test_errors_other_than_an_absent_server_are_not_retried(tracker: Tracker) -> None:
+    import time
+
+    from mlflow.exceptions import MlflowException
+
+    retry = tracking._Retry("http://127.0.0.1:9", budget_s=60.0)
+    started = time.monotonic()
+    with pytest.raises(MlflowException) as err:
+        retry.call("get_run", lambda: tracker.client.get_run("0" * 32))
+    assert time.monotonic() - started < 5.0
+    assert not tracking.server_unreachable(err.value)
+
+
+def test_retry_budget_comes_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(tracking.RETRY_ENV, raising=False)
+    assert tracking.retry_seconds() == 120.0
+    monkeypatch.setenv(tracking.RETRY_ENV, "30")
+    assert tracking.retry_seconds() == 30.0
+    monkeypatch.setenv(tracking.RETRY_ENV, "two minutes")
+    with pytest.raises(ValueError, match="MAMMOFLOW_TRACKING_RETRY_S='two minutes'"):
+        tracking.retry_seconds()
+
+
+class _NotMlflow:
+    """A real local HTTP server that is not MLflow: every request gets 404."""
+
+    def __init__(self) -> None:
+        import threading
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        class NotFound(BaseHTTPRequestHandler):
+            def _answer(self) -> None:
+                self.send_response(404)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            do_GET = do_POST = _answer  # noqa: N815
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), NotFound)
+        self.uri = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_cli_exits_75_when_the_server_is_down_and_2_when_it_is_misconfigured(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from typer.testing import CliRunner
+
+    from mammoflow.cli import app
+
+    runner = CliRunner()
+    params = ["--params", str(Path(__file__).resolve().parents[2] / "params.yaml")]
+    down = _refusing_uri()
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", down)
+    result = runner.invoke(app, ["compare", *params])
+    assert result.exit_code == 75, result.output
+    assert f"cannot reach the MLflow tracking server {down}" in " ".join(result.output.split())
+    other = _NotMlflow()
+    try:
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", other.uri)
+        result = runner.invoke(app, ["compare", *params])
+    finally:
+        other.close()
+    assert result.exit_code == 2, result.output
+    assert f"is {other.uri} an MLflow tracking server?" in " ".join(result.output.split())
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "htp://127.0.0.1:5000")  # a typo in the scheme
+    result = runner.invoke(app, ["compare", *params])
+    assert result.exit_code == 2, result.output
+    assert "MLFLOW_TRACKING_URI='htp://127.0.0.1:5000'" in " ".join(result.output.split())
