@@ -11,7 +11,8 @@ payload (a converted sample PNG, a DICOM of a sample film; see bench_serving.py)
   base64 decoding of the binary column);
 * ``enforce_ms``: MLflow's schema enforcement (``_enforce_schema``) of the parsed input;
 * ``model_ms``: the model's own predict (Keras ``predict``; for the wrapper decoding,
-  conversion and the same Keras ``predict``);
+  conversion and the Keras model's traced call, split into ``decode_convert_ms`` and
+  ``network_ms``);
 * ``invocations_ms``: the whole ``scoring_server.invocations`` call (all of the above, plus
   serializing the predictions), which is what a request costs the server minus HTTP.
 
@@ -31,6 +32,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -60,6 +63,13 @@ def phases(model: Any, body: bytes, repeats: int) -> dict[str, float]:
     parse_ms, parsed = timed(lambda: scoring_server.infer_and_parse_data(decoded, schema), repeats)
     enforce_ms, enforced = timed(lambda: _enforce_schema(parsed, schema), repeats)
     model_ms, _ = timed(lambda: impl.predict(enforced), repeats)
+    inner: dict[str, float] = {}
+    wrapper = getattr(impl, "python_model", None)
+    if hasattr(wrapper, "pixels"):  # the file wrapper: reading + conversion, then the network
+        rows = list(enforced["image"])
+        inner["decode_convert_ms"], pixels = timed(lambda: wrapper.pixels(rows), repeats)
+        batch = np.stack(pixels)
+        inner["network_ms"], _ = timed(lambda: wrapper.call(batch), repeats)
     total_ms, response = timed(
         lambda: scoring_server.invocations(body, "application/json", model, schema), repeats
     )
@@ -71,6 +81,7 @@ def phases(model: Any, body: bytes, repeats: int) -> dict[str, float]:
         "parse_ms": parse_ms,
         "enforce_ms": enforce_ms,
         "model_ms": model_ms,
+        **inner,
         "invocations_ms": total_ms,
     }
 

@@ -9,6 +9,7 @@ format told by its magic bytes.
 from __future__ import annotations
 
 import io
+import struct
 from pathlib import Path
 from typing import BinaryIO
 
@@ -81,15 +82,16 @@ def _png_pixels(source: Path | BinaryIO, name: str) -> np.ndarray:
     from PIL import Image, UnidentifiedImageError
 
     try:
+        if isinstance(source, Path):
+            with source.open("rb") as fh:
+                head = fh.read(24)
+        else:
+            head = source.read(24)
+            source.seek(0)
+        _check_png_size(head, name)  # before Pillow opens it (its own limit is higher)
         with Image.open(source) as img:
             if img.format != "PNG":
                 raise ValueError(f"{name}: not a PNG file (format {img.format!r})")
-            width, height = img.size  # from the header: nothing is decoded yet
-            if width * height > MAX_PIXELS:
-                raise ValueError(
-                    f"{name}: PNG declares {width}x{height} = {width * height:,} pixels, above "
-                    f"the limit of {MAX_PIXELS:,} (images.MAX_PIXELS); not decoded"
-                )
             if img.mode in ("I;16", "I;16B", "I"):
                 arr = np.asarray(img, dtype=np.float32) / np.float32(65535.0)
             else:
@@ -99,6 +101,18 @@ def _png_pixels(source: Path | BinaryIO, name: str) -> np.ndarray:
     if arr.ndim != 2 or min(arr.shape) < 1:
         raise ValueError(f"{name}: PNG has shape {arr.shape}; expected a 2-D image")
     return np.clip(arr, 0.0, 1.0).astype(np.float32)
+
+
+def _check_png_size(head: bytes, name: str) -> None:
+    """Refuse a PNG whose IHDR (the first chunk, bytes 16-24) declares more than MAX_PIXELS."""
+    if head.startswith(PNG_MAGIC) and head[12:16] == b"IHDR" and len(head) >= 24:
+        width, height = struct.unpack(">II", head[16:24])
+        if width * height > MAX_PIXELS:
+            raise ValueError(
+                f"{name}: PNG declares {width}x{height} = {width * height:,} pixels, above the "
+                f"limit of {MAX_PIXELS:,} (images.MAX_PIXELS); not decoded: a corrupt header or "
+                "a decompression bomb, not a mammogram"
+            )
 
 
 def sniff_format(data: bytes) -> str | None:
