@@ -44,9 +44,9 @@ ROOT = Path(__file__).resolve().parents[1]
 HOST = "127.0.0.1"
 TARGET_P50_MS = 150.0  # at 1 client, on 2 cores, the sample model
 TARGET_SCALING = 1.5  # requests/s at 4 clients over 1 client
-#: RSS growth allowed between warm-up and the end: 25% of the warm server, at least 150 MB (each
+#: RSS growth allowed between warm-up and the end: 10% of the warm server, at least 150 MB (each
 #: uvicorn worker's thread pool grows to 6 threads at 16 clients, each with its malloc arena).
-RSS_BOUND_FRACTION, RSS_BOUND_MIN_MB = 0.25, 150.0
+RSS_BOUND_FRACTION, RSS_BOUND_MIN_MB = 0.10, 150.0
 REQUEST_TIMEOUT_S = 120.0
 
 

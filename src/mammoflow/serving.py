@@ -30,9 +30,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import mlflow.pyfunc
 import numpy as np
 import pandas as pd  # at run time: MLflow reads predict's type hints (a DataFrame: no inference)
+from mlflow.pyfunc.model import PythonModel
 
 from mammoflow.config import Config
 
@@ -160,6 +160,7 @@ def ensure_wrapper(
 def _build(tracker: Tracker, config: dict[str, Any], scratch: Path) -> None:
     """Download the pinned champion, check it, save the pyfunc wrapper to ``scratch/wrapper``."""
     import mlflow.keras
+    import mlflow.pyfunc
     from mlflow.artifacts import download_artifacts
     from mlflow.exceptions import MlflowException
 
@@ -201,9 +202,9 @@ def _build(tracker: Tracker, config: dict[str, Any], scratch: Path) -> None:
 def signature(classes: Sequence[str]) -> Any:
     """Input: one binary column of file bytes; output: a probability per class and the class."""
     from mlflow.models.signature import ModelSignature
-    from mlflow.types.schema import ColSpec, Schema
+    from mlflow.types.schema import ColSpec, Schema, TensorSpec
 
-    outputs = [ColSpec("double", f"p_{c}") for c in classes]
+    outputs: list[ColSpec | TensorSpec] = [ColSpec("double", f"p_{c}") for c in classes]
     outputs += [ColSpec("string", n) for n in ("predicted", "model_name", "model_version")]
     return ModelSignature(inputs=Schema([ColSpec("binary", IMAGE_COLUMN)]), outputs=Schema(outputs))
 
@@ -241,7 +242,7 @@ def compiled(model: Any, size: int) -> Callable[[np.ndarray], np.ndarray]:
     return run
 
 
-class ImageClassifier(mlflow.pyfunc.PythonModel):  # type: ignore[misc]
+class ImageClassifier(PythonModel):
     """The champion on image files: bytes in (column ``image``), one row of probabilities out.
 
     A request with a bad row (not DICOM/PNG/PGM, refused by the DICOM rules, corrupt) scores
