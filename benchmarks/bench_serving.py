@@ -394,9 +394,16 @@ def main() -> None:
     def interrupted(signum: int, frame: Any) -> None:
         raise KeyboardInterrupt(f"signal {signum}")
 
-    signal.signal(signal.SIGTERM, interrupted)  # stop the server on the way out, as on Ctrl-C
-    with tempfile.TemporaryDirectory(prefix="bench-serving-") as tmp:
-        report = measure(args, Path(tmp))
+    # SIGTERM, and SIGINT even where a shell started us ignoring it (a background job), stop
+    # the server on the way out (measure's finally), as Ctrl-C does
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, interrupted)
+    try:
+        with tempfile.TemporaryDirectory(prefix="bench-serving-") as tmp:
+            report = measure(args, Path(tmp))
+    except KeyboardInterrupt as exc:
+        print(f"interrupted ({exc or 'Ctrl-C'}): the server was stopped", file=sys.stderr)
+        raise SystemExit(130) from None
     print(json.dumps(report))
 
 
