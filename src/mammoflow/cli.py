@@ -40,6 +40,7 @@ R = TypeVar("R")
 ParamsOpt = Annotated[Path, typer.Option("--params", "-p", help="Parameters file.")]
 OnBad = Literal["fail", "quarantine"]
 Pseudonymize = Literal["none", "hmac"]
+ServeFormat = Literal["file", "tensor"]
 
 
 def _friendly(func: Callable[P, R]) -> Callable[P, R]:
@@ -511,6 +512,19 @@ def serve_cmd(
     dataset: Annotated[str, typer.Option(help="Serve this dataset's champion.")],
     port: Annotated[int, typer.Option(help="Port on 127.0.0.1.")] = 5001,
     model: Annotated[str | None, typer.Option(help="Another MLflow model URI.")] = None,
+    fmt: Annotated[
+        ServeFormat,
+        typer.Option(
+            "--format",
+            help="file: requests carry image files (DICOM/PNG/PGM, base64), decoded and "
+            "converted by the served wrapper; tensor: the model as registered, on converted "
+            "pixels (`serve-request --format tensor`).",
+        ),
+    ] = "file",
+    workers: Annotated[
+        int, typer.Option(help="uvicorn worker processes (2: measured on 2 cores).")
+    ] = 2,
+    params: ParamsOpt = Path("params.yaml"),
 ) -> None:
     """Serve the champion with `mlflow models serve` on 127.0.0.1 (POST /invocations).
 
@@ -518,29 +532,58 @@ def serve_cmd(
     """
     from mammoflow.predict import default_model_uri, serve_command
     from mammoflow.procs import run_until_stopped
-    from mammoflow.tracking import tracking_uri
+    from mammoflow.serving import ensure_wrapper, serve_env
 
-    # mlflow starts uvicorn by name: the environment's bin folder must be on PATH
-    path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
-    env = {**os.environ, "MLFLOW_TRACKING_URI": tracking_uri(), "PATH": path}
-    cmd = serve_command(model or default_model_uri(dataset), port)
-    console.print(f"serving {cmd[6]} on http://127.0.0.1:{port}/invocations", highlight=False)
-    raise typer.Exit(code=run_until_stopped(cmd, env=env))
+    uri = model or default_model_uri(dataset)
+    served = uri
+    if fmt == "file":
+        folder, built = ensure_wrapper(_config(params), dataset, uri)
+        console.print(
+            f"{'built' if built else 'using'} the file-serving wrapper of {uri} in {folder}",
+            highlight=False,
+        )
+        served = str(folder)
+    cmd = serve_command(served, port, workers=workers)
+    console.print(
+        f"serving {uri} ({fmt} requests, {workers} worker(s)) on "
+        f"http://127.0.0.1:{port}/invocations",
+        highlight=False,
+    )
+    raise typer.Exit(code=run_until_stopped(cmd, env=serve_env()))
 
 
 @app.command("serve-request")
 @_friendly
 def serve_request_cmd(
     paths: Annotated[list[Path], typer.Argument(help="Image files (DICOM/PGM/PNG).")],
-    dataset: Annotated[str, typer.Option(help="Dataset whose conversion applies.")],
     out_file: Annotated[Path, typer.Option("--out", help="JSON request body to write.")],
+    dataset: Annotated[
+        str | None, typer.Option(help="Dataset whose conversion applies (--format tensor).")
+    ] = None,
+    fmt: Annotated[
+        ServeFormat,
+        typer.Option(
+            "--format",
+            help="file: the files' bytes, base64 (`serve --format file`, the default); tensor: "
+            "the converted pixels, ~2 MB per image (`serve --format tensor`).",
+        ),
+    ] = "file",
     params: ParamsOpt = Path("params.yaml"),
 ) -> None:
-    """Write the /invocations body for PATHS, converted exactly as `mammoflow predict` does."""
+    """Write the /invocations body for PATHS (`mammoflow serve`'s --format)."""
     from mammoflow.io import atomic_write_text
     from mammoflow.predict import request_body
+    from mammoflow.serving import file_body
 
-    atomic_write_text(out_file, json.dumps(request_body(paths, _config(params), dataset)))
+    if fmt == "tensor":
+        if dataset is None:
+            raise typer.BadParameter(
+                "--format tensor converts: name the --dataset", param_hint="--dataset"
+            )
+        body = request_body(paths, _config(params), dataset)
+    else:
+        body = file_body(paths)
+    atomic_write_text(out_file, json.dumps(body))
 
 
 @app.command("config")

@@ -28,6 +28,7 @@ from numpy.typing import NDArray
 from mammoflow.config import Config
 
 if TYPE_CHECKING:
+    from mammoflow.config import ConvertConfig
     from mammoflow.data.dicom import Acceptance
     from mammoflow.tracking import ServingModel
 
@@ -199,20 +200,24 @@ def prepare(
     path: Path, cfg: Config, rules: Acceptance | None, key: bytes | None = None
 ) -> Prepared:
     """Read and convert one file exactly as the convert stage does, scaled to [0, 255]."""
-    from mammoflow.data.convert import prepare_image
-
     img = read_image(path, rules)
     conv = cfg.convert
-    pixels = prepare_image(img, conv.size, conv.bit_depth, conv.crop_to_breast)
-    # as features._png_dataset: 8-bit as is, 16-bit / 257, both in [0, 255]
-    scaled = pixels.astype(np.float32) / (np.float32(257.0) if conv.bit_depth == 16 else 1.0)
     return Prepared(
         path=str(path),
         image_id=image_id(path, key),
-        pixels=scaled,
+        pixels=model_input(img, conv),
         original=img,
         geometry=geometry(img, conv.size, conv.crop_to_breast),
     )
+
+
+def model_input(img: NDArray[np.floating], conv: ConvertConfig) -> NDArray[np.float32]:
+    """A decoded image as the model is fed: :func:`convert.prepare_image`, in [0, 255]."""
+    from mammoflow.data.convert import prepare_image
+
+    pixels = prepare_image(img, conv.size, conv.bit_depth, conv.crop_to_breast)
+    # as features._png_dataset: 8-bit as is, 16-bit / 257, both in [0, 255]
+    return pixels.astype(np.float32) / (np.float32(257.0) if conv.bit_depth == 16 else 1.0)
 
 
 # --------------------------------------------------------------------------- model
@@ -420,16 +425,21 @@ def explain_batch(
 # --------------------------------------------------------------------------- serving
 
 
-def serve_command(model_uri: str, port: int, host: str = "127.0.0.1") -> list[str]:
-    """``mlflow models serve`` of ``model_uri`` in this environment (no new virtualenv).
+def serve_command(
+    model_uri: str, port: int, host: str = "127.0.0.1", workers: int = 1
+) -> list[str]:
+    """``mlflow models serve`` of ``model_uri`` in this environment (no new virtualenv), with
+    ``workers`` uvicorn worker processes.
 
     Raises:
-        ValueError: a port outside 1..65535.
+        ValueError: a port outside 1..65535, or fewer than 1 worker.
     """
     import sys
 
     if not 0 < port < 65536:
         raise ValueError(f"port {port!r} is not a TCP port (1..65535)")
+    if workers < 1:
+        raise ValueError(f"--workers {workers!r}: serve with at least 1 worker")
     return [
         sys.executable,
         "-m",
@@ -444,11 +454,14 @@ def serve_command(model_uri: str, port: int, host: str = "127.0.0.1") -> list[st
         host,
         "-p",
         str(port),
+        "-w",
+        str(workers),
     ]
 
 
 def request_body(paths: Sequence[Path], cfg: Config, dataset: str) -> dict[str, Any]:
-    """The JSON body for a served model: the files converted as :func:`predict_files` does.
+    """The tensor JSON body for the Keras champion served as registered (``--format tensor``):
+    the files converted as :func:`predict_files` does (~2 MB per 512 px image).
 
     ``{"inputs": [[[[v], …], …], …]}``: ``(n, size, size, 1)`` grey in [0, 255].
 

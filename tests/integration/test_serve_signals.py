@@ -65,6 +65,8 @@ def test_serve_stops_its_server_on_a_signal(model_dir: Path, tmp_path: Path, sig
             str(model_dir),
             "--port",
             str(port),
+            "--format",  # the echo model as it is (the file wrapper needs a Keras champion)
+            "tensor",
         ],
         stdout=log,
         stderr=subprocess.STDOUT,

@@ -26,12 +26,13 @@ InstitutionName and dates are never read into the result nor put into messages.
 
 from __future__ import annotations
 
+import io
 import re
 import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, BinaryIO, Literal
 
 import numpy as np
 import pydicom
@@ -429,10 +430,11 @@ def to_unit_range(
     return result, voi
 
 
-def _read_dataset(path: Path) -> Dataset:
-    """``dcmread`` with every failure as a :class:`DicomError` naming the file."""
+def _read_dataset(path: Path | str, source: Path | BinaryIO | None = None) -> Dataset:
+    """``dcmread`` of ``source`` (default the file ``path``) with every failure as a
+    :class:`DicomError` naming ``path``."""
     try:
-        return pydicom.dcmread(path)
+        return pydicom.dcmread(path if source is None else source)
     except InvalidDicomError:
         raise DicomError(
             f"{path}: not a DICOM file (no 'DICM' marker after the 128-byte preamble); "
@@ -494,7 +496,7 @@ def check_pixel_limit(ds: Dataset, name: str) -> None:
         )
 
 
-def _decode(ds: Dataset, path: Path, rules: Acceptance | None) -> DicomImage:
+def _decode(ds: Dataset, path: Path | str, rules: Acceptance | None) -> DicomImage:
     """Acceptance rules, pixel limit, decoding and the display chain (see :func:`read_dicom`)."""
     meta = getattr(ds, "file_meta", None)
     syntax = str(meta.get("TransferSyntaxUID", "") if meta is not None else "")
@@ -552,7 +554,16 @@ def read_dicom(path: str | Path, rules: Acceptance | None = None) -> DicomImage:
             (the message names the file, the reason and what to do).
     """
     path = Path(path)
-    ds = _read_dataset(path)
+    return _checked_decode(_read_dataset(path), path, rules)
+
+
+def read_dicom_bytes(data: bytes, name: str, rules: Acceptance | None = None) -> DicomImage:
+    """:func:`read_dicom` of a file's bytes (a served request); messages start with ``name``."""
+    return _checked_decode(_read_dataset(name, io.BytesIO(data)), name, rules)
+
+
+def _checked_decode(ds: Dataset, path: Path | str, rules: Acceptance | None) -> DicomImage:
+    """:func:`_decode` with a malformed header value met on first access as a DicomError."""
     try:
         return _decode(ds, path, rules)
     except DicomError:
