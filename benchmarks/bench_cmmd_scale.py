@@ -30,13 +30,13 @@ import logging
 import math
 import os
 import time
-from pathlib import Path
 from typing import Any
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import numpy as np
 
+from machine import cpu_model
 from mammoflow.backbones import PAPER_BACKBONES
 from mammoflow.config import ModelConfig, TrainConfig
 from mammoflow.models import build
@@ -135,7 +135,7 @@ def main() -> None:
         json.dumps(
             {
                 "machine": {
-                    "cpu": _cpu_model(),
+                    "cpu": cpu_model(),
                     "cpus": os.cpu_count(),
                     "load_avg_1m_at_start": round(load_start, 2),
                     "load_avg_1m_at_end": round(os.getloadavg()[0], 2),
@@ -150,13 +150,6 @@ def main() -> None:
             }
         )
     )
-
-
-def _cpu_model() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.partition(":")[2].strip()
-    return "unknown"
 
 
 if __name__ == "__main__":

@@ -37,6 +37,7 @@ import pandas as pd
 import pydicom
 from pydicom.uid import generate_uid
 
+from machine import cpu_model
 from mammoflow.config import ConvertConfig
 from mammoflow.data.cmmd import ingest_cmmd, load_clinical_frame
 from mammoflow.data.convert import convert_dataset
@@ -218,7 +219,7 @@ def main() -> None:
     finally:
         shutil.rmtree(work, ignore_errors=True)
     out["machine"] = {
-        "cpu": _cpu(),
+        "cpu": cpu_model(),
         "cpus": os.cpu_count(),
         "load_avg_1m_at_start": round(load, 2),
         "load_avg_1m_at_end": round(os.getloadavg()[0], 2),
@@ -241,13 +242,6 @@ def main() -> None:
 
 def tree_bytes(files: list[Path]) -> int:
     return sum(p.stat().st_size for p in files)
-
-
-def _cpu() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return "unknown"
 
 
 if __name__ == "__main__":

@@ -42,6 +42,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_training import _conv_flops, _tail_convs, ceiling
+from machine import cpu_model
 from mammoflow.config import ModelConfig, TrainConfig
 from mammoflow.models import build
 from mammoflow.models.features import FeatureSet, write_cache
@@ -196,7 +197,7 @@ def main() -> None:
             s["time_vs_first"] = round(s["s_per_image_epoch"] / first["s_per_image_epoch"], 3)
     result = {
         "machine": {
-            "cpu": _cpu_model(),
+            "cpu": cpu_model(),
             "cpus": os.cpu_count(),
             "tensorflow": tf.__version__,
             "load_avg_1m_at_start": round(load_start, 2),
@@ -210,13 +211,6 @@ def main() -> None:
         "sizes": sizes,
     }
     print(json.dumps(result))
-
-
-def _cpu_model() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.partition(":")[2].strip()
-    return "unknown"
 
 
 if __name__ == "__main__":
