@@ -171,7 +171,10 @@ def test_mlflow_killed_mid_stage_is_waited_for(
     experiment = f"mammoflow-{DATASET}-killed"
     client = _client(stack)
     log = tmp_path / "train.log"
-    env = _env(stack, MAMMOFLOW_EXPERIMENT_SUFFIX="-killed")
+    # MLflow's own urllib3 retries (≈ 12 s) can absorb a fast restart on a quiet machine, and the
+    # stage would then never meet the outage (seen here): without them every call made while the
+    # server is down reaches MammoFlow's retry layer, which is what this test is about.
+    env = _env(stack, MAMMOFLOW_EXPERIMENT_SUFFIX="-killed", MLFLOW_HTTP_REQUEST_MAX_RETRIES="0")
     proc = _train(project, env, log)
     try:
         _wait_for(proc, lambda: _fold_runs(client, experiment), limit_s=600)
