@@ -250,6 +250,20 @@ def missing_binaries() -> list[str]:
     return missing
 
 
+# ----------------------------------------------------------------------------- credentials
+
+#: how each credential of the stack is generated: secrets.json's keys (the local stack) and,
+#: through COMPOSE_SECRETS, the change-me values of docker compose's infra/.env
+SECRET_GENERATORS: dict[str, Callable[[], str]] = {
+    "pg_password": lambda: secrets.token_urlsafe(24),
+    "s3_access_key": lambda: "MF" + secrets.token_hex(9).upper(),
+    "s3_secret_key": lambda: secrets.token_urlsafe(30),
+    "mlflow_admin_password": lambda: secrets.token_urlsafe(18),
+    "mlflow_flask_secret_key": lambda: secrets.token_hex(32),
+    "prefect_auth_string": lambda: "mammoflow:" + secrets.token_urlsafe(24),
+}
+
+
 # ----------------------------------------------------------------------------- network
 
 
@@ -431,15 +445,7 @@ class Stack:
         values: dict[str, str] = {}
         if path.is_file():
             values = dict(json.loads(path.read_text(encoding="utf-8")))
-        generators = {
-            "pg_password": lambda: secrets.token_urlsafe(24),
-            "s3_access_key": lambda: "MF" + secrets.token_hex(9).upper(),
-            "s3_secret_key": lambda: secrets.token_urlsafe(30),
-            "mlflow_admin_password": lambda: secrets.token_urlsafe(18),
-            "mlflow_flask_secret_key": lambda: secrets.token_hex(32),
-            "prefect_auth_string": lambda: "mammoflow:" + secrets.token_urlsafe(24),
-        }
-        missing = {k: make() for k, make in generators.items() if k not in values}
+        missing = {k: make() for k, make in SECRET_GENERATORS.items() if k not in values}
         if missing:
             values.update(missing)
             atomic_write_text(path, json.dumps(values, indent=2), PRIVATE)
@@ -980,14 +986,14 @@ _SECRET_KEYS = ("SECRET", "PASSWORD", "AUTH_STRING", "ACCESS_KEY")
 
 COMPOSE_TEMPLATE = ROOT / "infra" / ".env.example"
 COMPOSE_ENV = ROOT / "infra" / ".env"
-#: what replaces each ``change-me`` value of infra/.env.example (as the local stack's secrets)
-COMPOSE_SECRETS: dict[str, Callable[[], str]] = {
-    "POSTGRES_PASSWORD": lambda: secrets.token_urlsafe(24),
-    "S3_ACCESS_KEY": lambda: "MF" + secrets.token_hex(9).upper(),
-    "S3_SECRET_KEY": lambda: secrets.token_urlsafe(30),
-    "MLFLOW_AUTH_ADMIN_PASSWORD": lambda: secrets.token_urlsafe(18),
-    "MLFLOW_FLASK_SERVER_SECRET_KEY": lambda: secrets.token_hex(32),
-    "PREFECT_AUTH_STRING": lambda: "mammoflow:" + secrets.token_urlsafe(24),
+#: the local stack's secret generated for each ``change-me`` value of infra/.env.example
+COMPOSE_SECRETS: dict[str, str] = {
+    "POSTGRES_PASSWORD": "pg_password",
+    "S3_ACCESS_KEY": "s3_access_key",
+    "S3_SECRET_KEY": "s3_secret_key",
+    "MLFLOW_AUTH_ADMIN_PASSWORD": "mlflow_admin_password",
+    "MLFLOW_FLASK_SERVER_SECRET_KEY": "mlflow_flask_secret_key",
+    "PREFECT_AUTH_STRING": "prefect_auth_string",
 }
 
 
@@ -1001,13 +1007,13 @@ def compose_env(template: str) -> str:
     for line in template.splitlines():
         key, sep, value = line.partition("=")
         if sep and not key.lstrip().startswith("#") and value.startswith("change-me"):
-            make = COMPOSE_SECRETS.get(key.strip())
-            if make is None:
+            secret = COMPOSE_SECRETS.get(key.strip())
+            if secret is None:
                 raise StackError(
                     f"{key.strip()}={value}: no generator for it; add one to COMPOSE_SECRETS "
                     "in infra/local/stack.py"
                 )
-            line = f"{key}={make()}"
+            line = f"{key}={SECRET_GENERATORS[secret]()}"
         lines.append(line)
     return "\n".join(lines) + "\n"
 
