@@ -216,6 +216,27 @@ def scan_bucket(
 TINY_TEMPERATURE = 0.5  # tiny_champion's calibration layer
 
 
+def dicom_bytes(image: Any, encoding: int = 0) -> bytes:
+    """One For Presentation mammogram of ``image`` (2-D in [0, 1]) as the sample writes it
+    (``encoding``: 0 12-bit MONOCHROME2, 1 MONOCHROME1, 2 16-bit windowed, 3 rescaled)."""
+    from pydicom.uid import generate_uid
+
+    from mammoflow.data.sample import mammogram_dicom
+
+    return mammogram_dicom(
+        seed=1,
+        image=image,
+        encoding=encoding,
+        special=0,
+        patient="T-1",
+        side="L",
+        view="CC",
+        number=1,
+        study_uid=generate_uid(entropy_srcs=["study"]),
+        series_uid=generate_uid(entropy_srcs=["series"]),
+    )
+
+
 def tiny_champion(root: Path, dataset: str = "sample_mias", n_classes: int = 3) -> str:
     """Register a tiny untrained VGG16 ensemble (32 px, 2 folds) as ``dataset``'s champion.
 

@@ -23,7 +23,6 @@ from typing import Any
 import numpy as np
 import pytest
 import yaml
-from pydicom.uid import generate_uid
 from typer.testing import CliRunner
 
 from mammoflow import predict
@@ -31,10 +30,11 @@ from mammoflow.cli import app
 from mammoflow.config import load_config
 from mammoflow.data.convert import encode_png, prepare_image
 from mammoflow.data.readers import load_raw
-from mammoflow.data.sample import make_sample, mammogram_dicom
+from mammoflow.data.sample import make_sample
 from tests.helpers import (
     ROOT,
     delete_mlflow_models_and_experiments,
+    dicom_bytes,
     free_port,
     stop_process_tree,
     tiny_champion,
@@ -61,7 +61,7 @@ def project(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
         sample = make_sample(root / "sample", seed=5, mias_patients=2, cmmd_patients=2, size=SIZE)
         films = sorted(sample.mias_dir.glob("*.pgm"))
         (root / "film.png").write_bytes(encode_png(prepare_image(load_raw(films[0]), 64, 8, False)))
-        (root / "film.dcm").write_bytes(_dicom(load_raw(films[1])))
+        (root / "film.dcm").write_bytes(dicom_bytes(load_raw(films[1])))
         small = sorted(sample.cmmd_dir.rglob("*.dcm"))[0]  # 96 x 80: below the minimum of 96
         (root / "small.dcm").write_bytes(small.read_bytes())
         tiny_champion(root)
@@ -69,21 +69,6 @@ def project(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
             yield root
         finally:
             delete_mlflow_models_and_experiments(root)
-
-
-def _dicom(img: np.ndarray) -> bytes:
-    return mammogram_dicom(
-        seed=5,
-        image=img,
-        encoding=0,
-        special=0,
-        patient="T-1",
-        side="R",
-        view="MLO",
-        number=1,
-        study_uid=generate_uid(entropy_srcs=["study"]),
-        series_uid=generate_uid(entropy_srcs=["series"]),
-    )
 
 
 def _serve(root: Path, fmt: str) -> tuple[subprocess.Popen[bytes], int]:

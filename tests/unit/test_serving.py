@@ -10,7 +10,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from pydicom.uid import generate_uid
 
 from mammoflow.config import ConvertConfig
 from mammoflow.data.convert import encode_png
@@ -24,29 +23,14 @@ from mammoflow.data.readers import (
     load_raw,
     sniff_format,
 )
-from mammoflow.data.sample import mammogram_dicom
 from mammoflow.predict import serve_command
+from tests.helpers import dicom_bytes
 
 
 def _film(h: int = 40, w: int = 32) -> np.ndarray:
     ramp = np.linspace(0.0, 1.0, h * w, dtype=np.float32).reshape(h, w)
     ramp[:, :4] = 0.0
     return ramp
-
-
-def _dicom(img: np.ndarray) -> bytes:
-    return mammogram_dicom(
-        seed=1,
-        image=img,
-        encoding=1,  # MONOCHROME1: the display chain inverts
-        special=0,
-        patient="T-1",
-        side="L",
-        view="CC",
-        number=1,
-        study_uid=generate_uid(entropy_srcs=["s"]),
-        series_uid=generate_uid(entropy_srcs=["r"]),
-    )
 
 
 def _files(tmp_path: Path) -> dict[str, Path]:
@@ -58,7 +42,7 @@ def _files(tmp_path: Path) -> dict[str, Path]:
     }
     files["png"].write_bytes(encode_png(np.round(img * 255).astype(np.uint8)))
     files["pgm"].write_bytes(encode_pgm(np.round(img * 4095).astype(np.uint16), 4095))
-    files["dicom"].write_bytes(_dicom(img))
+    files["dicom"].write_bytes(dicom_bytes(img, encoding=1))  # MONOCHROME1: the chain inverts
     return files
 
 
@@ -86,7 +70,7 @@ def test_bad_bytes_name_the_row_and_the_problem(tmp_path: Path) -> None:
     png = _files(tmp_path)["png"].read_bytes()
     with pytest.raises(ValueError, match=r"^row 1: cannot read the PNG"):
         load_bytes(png[:60], "row 1")  # truncated
-    dicom = _dicom(_film())
+    dicom = dicom_bytes(_film(), encoding=1)
     # ingestion's acceptance rules apply to bytes as to files: a thumbnail is refused
     with pytest.raises(DicomError, match=r"^row 2: .*short side below the minimum of 64"):
         load_bytes(dicom, "row 2", Acceptance(min_size=64))
