@@ -25,7 +25,6 @@ import contextlib
 import http.client
 import json
 import os
-import platform
 import signal
 import socket
 import subprocess
@@ -39,6 +38,8 @@ from typing import Any
 
 import numpy as np
 import psutil
+
+from machine import cpu_model, simd
 
 ROOT = Path(__file__).resolve().parents[1]
 HOST = "127.0.0.1"
@@ -282,18 +283,10 @@ def run_level(port: int, bodies: list[bytes], clients: int, seconds: float) -> d
 
 def machine() -> dict[str, Any]:
     """CPU model, cores this process may use, SIMD level, load average now."""
-    model, flags = platform.processor() or "", ""
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name") and not model.strip():
-                model = line.split(":", 1)[1].strip()
-            if line.startswith("flags") and not flags:
-                flags = line
-    simd = "avx512" if "avx512f" in flags else "avx2" if "avx2" in flags else "other"
     return {
-        "cpu": model,
+        "cpu": cpu_model(),
         "cores": len(os.sched_getaffinity(0)),
-        "simd": simd,
+        "simd": simd(),
         "load_start": [round(x, 2) for x in os.getloadavg()],
     }
 
