@@ -110,8 +110,9 @@ def templates(work: Path, women: int, size: int) -> tuple[list[list[Path]], pd.D
     return [per_woman[w] for w in sorted(per_woman)], clinical
 
 
-def grow(tree: Path, n: int, women: list[list[Path]], clinical: pd.DataFrame) -> int:
-    """Write a tree of ``n`` DICOMs copied from ``women`` as new women; the bytes written."""
+def grow(tree: Path, n: int, women: list[list[Path]], clinical: pd.DataFrame) -> tuple[int, int]:
+    """Write a tree of at least ``n`` DICOMs (whole women) copied from ``women`` as new women;
+    the files and bytes written."""
     rows, written, index, made = [], 0, 0, 0
     while made < n:
         files = women[index % len(women)]
@@ -135,7 +136,7 @@ def grow(tree: Path, n: int, women: list[list[Path]], clinical: pd.DataFrame) ->
             written += out.stat().st_size
             made += 1
     pd.DataFrame(rows).to_excel(tree / CLINICAL_NAME, index=False)
-    return written
+    return made, written
 
 
 def one_size(
@@ -144,9 +145,8 @@ def one_size(
     """Grow a tree of ``n`` DICOMs, ingest and convert it; the figures."""
     tree = work / f"n{n}"
     t0 = time.perf_counter()
-    raw_bytes = grow(tree, n, women, clinical)
+    n, raw_bytes = grow(tree, n, women, clinical)
     write_s = time.perf_counter() - t0
-    n = sum(1 for _ in tree.rglob("*.dcm"))
     with PeakTreeRss() as ingest_rss:
         t0 = time.perf_counter()
         result = ingest_cmmd(
