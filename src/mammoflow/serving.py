@@ -67,21 +67,17 @@ def pin(tracker: Tracker, uri: str) -> Pinned:
     """
     from mlflow.exceptions import MlflowException
 
-    if not uri.startswith("models:/"):
-        return Pinned(uri, uri, "", "")
-    ref = uri.removeprefix("models:/").strip("/")
-    name, sep, alias = ref.partition("@")
-    if not sep:
-        name, _, version = ref.partition("/")
-        return Pinned(uri, uri, name, version if version.isdigit() else "")
+    from mammoflow.tracking import _registry_version
+
     try:
-        version = str(tracker.client.get_model_version_by_alias(name, alias).version)
+        name, version = _registry_version(tracker.client, uri)
     except MlflowException as exc:
         raise ValueError(
             f"cannot resolve model {uri!r} in {tracker.uri}: {exc.message.splitlines()[0]}; "
             "train and evaluate the dataset first (`make run`), or pass --model"
         ) from None
-    return Pinned(uri, f"models:/{name}/{version}", name, version)
+    aliased = uri.startswith("models:/") and "@" in uri
+    return Pinned(uri, f"models:/{name}/{version}" if aliased else uri, name, version)
 
 
 def wrapper_config(cfg: Config, dataset: str, model: Pinned) -> dict[str, Any]:
