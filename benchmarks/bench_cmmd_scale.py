@@ -6,7 +6,7 @@ Per paper backbone at its native input size (224 px; 299 for InceptionV3), ``wei
 * ``extract_s_per_image``: the frozen prefix's forward pass (``extract_features``) on random
   grey images, after a warm-up batch;
 * ``epoch_s_per_image``: one training pass of the tail + head per image (the real
-  :class:`~mammoflow.train.FoldTrainer` compiled epoch on synthetic features of the tail's input
+  :class:`~mammoflow.training.fit.FoldTrainer` compiled epoch on synthetic features of the tail's input
   shape, ``--tail-rows`` rows in memory);
 * ``predict_s_per_image``: the fold model's prediction per image (validation each epoch, BN
   recalibration, the fold's validation and test predictions).
@@ -37,11 +37,11 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import numpy as np
 
 from machine import cpu_model
-from mammoflow.backbones import PAPER_BACKBONES
 from mammoflow.config import ModelConfig, TrainConfig
 from mammoflow.models import build
+from mammoflow.models.backbones import PAPER_BACKBONES
 from mammoflow.models.features import FeatureSet, extract_features
-from mammoflow.train import FoldTrainer
+from mammoflow.training.fit import FoldTrainer
 
 
 def rates(name: str, args: argparse.Namespace) -> dict[str, Any]:

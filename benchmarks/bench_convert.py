@@ -23,7 +23,7 @@ import pandas as pd
 from mammoflow.config import ConvertConfig
 from mammoflow.data.convert import convert_dataset
 from mammoflow.data.manifest import ManifestRow, to_frame
-from mammoflow.io import sha256_file
+from mammoflow.files import sha256_file
 
 DEFAULT_ARCHIVE = Path(__file__).resolve().parents[1] / "../shared/data/mias/all-mias.tar.gz"
 

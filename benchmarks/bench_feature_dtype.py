@@ -29,11 +29,11 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_training import MIAS_ARCHIVE, mias_frame
 from mammoflow.config import ModelConfig, TrainConfig
-from mammoflow.metrics import compute_metrics
+from mammoflow.data.split import make_splits
+from mammoflow.evaluation.metrics import compute_metrics
 from mammoflow.models import build
 from mammoflow.models.features import cached_features, resolve_precision
-from mammoflow.split import make_splits
-from mammoflow.train import train_folds
+from mammoflow.training.fit import train_folds
 
 CLASSES = ("normal", "benign", "malignant")
 

@@ -2,10 +2,10 @@
 
 For each backbone a serving model of the shape the study registers (``ensemble_model``: one
 frozen prefix, ``split.k_folds`` tails + heads, weights ``none`` — speed does not depend on the
-values) is scored through :func:`mammoflow.predict.forward` on ``convert.size`` canvases:
+values) is scored through :func:`mammoflow.serving.predict.forward` on ``convert.size`` canvases:
 
 * ``predict_images_per_s_batch1`` / ``_batch16``: forward passes of 1 and 16 images.
-* ``gradcam_images_per_s``: :func:`mammoflow.explain.gradcam_batch` on batches of 16 (the flat
+* ``gradcam_images_per_s``: :func:`mammoflow.explain.gradcam.gradcam_batch` on batches of 16 (the flat
   float32 rebuild is made once, before timing; ``gradcam_setup_s`` is that one-off cost).
 * ``prepare_images_per_s`` (once): reading and converting the sample's PGMs (readers + convert).
 
@@ -69,8 +69,8 @@ def rate(fn: Any, batches: list[np.ndarray]) -> float:
 
 def bench_backbone(backbone: str, cfg: Any, n_images: int) -> dict[str, Any]:
     """The three rates of one backbone."""
-    from mammoflow.explain import gradcam_batch
-    from mammoflow.predict import forward
+    from mammoflow.explain.gradcam import gradcam_batch
+    from mammoflow.serving.predict import forward
 
     model, size, precision = serving_model(backbone, cfg)
     canvas = cfg.convert.size
@@ -97,7 +97,7 @@ def bench_backbone(backbone: str, cfg: Any, n_images: int) -> dict[str, Any]:
 def prepare_rate(cfg: Any, dataset: str) -> float:
     """Images per second of reading + converting the embedded sample's PGMs."""
     from mammoflow.data.sample import make_sample
-    from mammoflow.predict import acceptance, prepare
+    from mammoflow.serving.predict import acceptance, prepare
 
     with tempfile.TemporaryDirectory() as tmp:
         s = cfg.sample

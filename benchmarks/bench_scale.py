@@ -3,7 +3,7 @@
 For each N (``--sizes``, default 1000,10000,50000) a feature cache with the VGG16 tail's input
 shape (the cut of ``model.trainable_layers`` at 224 px: 14×14×512) is written to disk in
 ``--dtype`` (float16 by default, as the pipeline stores it), memory-mapped, and the real
-:class:`~mammoflow.train.FoldTrainer` trains on it under ``MAMMOFLOW_MEMORY_BUDGET_MB``
+:class:`~mammoflow.training.fit.FoldTrainer` trains on it under ``MAMMOFLOW_MEMORY_BUDGET_MB``
 (``--budget-mb``): in memory when the cache fits the budget as float32, else streamed in chunks.
 A full epoch for N ≤ ``--full-up-to`` (10,000), else ``--batches`` batches (300) of rows drawn at
 random across the whole file; ``--batches`` also caps the smaller sizes when given explicitly.
@@ -46,7 +46,7 @@ from machine import cpu_model
 from mammoflow.config import ModelConfig, TrainConfig
 from mammoflow.models import build
 from mammoflow.models.features import FeatureSet, write_cache
-from mammoflow.train import FoldTrainer
+from mammoflow.training.fit import FoldTrainer
 
 BLOCK = 256  # rows generated at a time
 

@@ -64,8 +64,8 @@ def payloads(fmt: str, dataset: str, work: Path) -> dict[str, bytes]:
     from mammoflow.data.convert import encode_png, prepare_image
     from mammoflow.data.readers import load_raw
     from mammoflow.data.sample import make_sample
-    from mammoflow.predict import request_body
-    from mammoflow.serving import file_body
+    from mammoflow.serving.predict import request_body
+    from mammoflow.serving.serve import file_body
 
     cfg = load_config(ROOT / "params.yaml").for_dataset(dataset)
     s = cfg.sample

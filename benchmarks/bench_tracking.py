@@ -38,8 +38,8 @@ def main() -> None:
     from mammoflow import stages
     from mammoflow.config import parse_config
     from mammoflow.paths import Layout
-    from mammoflow.study import run_study
     from mammoflow.tracking import Tracker
+    from mammoflow.training.train import run_study
 
     raw = yaml.safe_load((ROOT / "params.yaml").read_text())
     raw["tracking"]["log_models"] = args.log_models

@@ -40,11 +40,12 @@ import yaml
 from PIL import Image
 
 from mammoflow import stages
-from mammoflow.backbones import PAPER_BACKBONES
 from mammoflow.config import Config, ModelConfig, TrainConfig, load_config
-from mammoflow.io import sha256_file
-from mammoflow.metrics import compute_metrics
+from mammoflow.data.split import make_splits
+from mammoflow.evaluation.metrics import compute_metrics
+from mammoflow.files import sha256_file
 from mammoflow.models import build
+from mammoflow.models.backbones import PAPER_BACKBONES
 from mammoflow.models.features import (
     cached_features,
     cpu_supports_bf16,
@@ -53,8 +54,7 @@ from mammoflow.models.features import (
     resolve_precision,
 )
 from mammoflow.paths import Layout
-from mammoflow.split import make_splits
-from mammoflow.train import FoldTrainer, fold_rows, train_folds
+from mammoflow.training.fit import FoldTrainer, fold_rows, train_folds
 
 ROOT = Path(__file__).resolve().parents[1]
 MIAS_ARCHIVE = ROOT / ".." / "shared" / "data" / "mias" / "all-mias.tar.gz"

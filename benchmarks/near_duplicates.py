@@ -21,9 +21,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from mammoflow.audit import breast_dhash_array, dhash_array, hamming
 from mammoflow.data.convert import prepare_image
 from mammoflow.data.pgm import parse_pgm
+from mammoflow.evaluation.audit import breast_dhash_array, dhash_array, hamming
 
 THRESHOLDS = (8, 12, 16, 20, 24, 28, 32)
 

@@ -91,7 +91,7 @@ def main() -> None:
     import mlflow.pyfunc
 
     from mammoflow.config import load_config
-    from mammoflow.serving import ensure_wrapper
+    from mammoflow.serving.serve import ensure_wrapper
     from mammoflow.tracking import Tracker, _use_store
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])

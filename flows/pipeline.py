@@ -14,7 +14,7 @@ Flows:
     evaluate_flow  champion per dataset, Grad-CAM check, comparison report
     pipeline_flow  the three in order, then push; artifacts in the Prefect UI
     tune_flow      tuning/dvc.yaml's Optuna stages;  audit_flow  audit/dvc.yaml's leakage audit
-    score_flow     score the new images of a folder with a dataset's champion (mammoflow.predict)
+    score_flow     score the new images of a folder with a dataset's champion (mammoflow.serving.predict)
 
 Two flow runs on one checkout queue on DVC's repo lock (``dvc --wait-for-lock``). Training tasks
 carry the tag ``mammoflow-train`` (``prefect concurrency-limit create mammoflow-train 1``).
@@ -36,10 +36,11 @@ from prefect.cache_policies import NO_CACHE
 from prefect.client.schemas.objects import TaskRun
 from prefect.states import State
 
-from mammoflow import dvc_runner, summary
+from mammoflow import dvc_runner
 from mammoflow.config import Config, ConfigError, load_config
 from mammoflow.errors import is_transient
 from mammoflow.paths import Layout
+from mammoflow.reporting import summary
 
 DASK_ADDRESS_ENV = "MAMMOFLOW_DASK_ADDRESS"
 TRAIN_TAG = "mammoflow-train"
@@ -291,7 +292,7 @@ def score(
     params_path: str, folder: str, dataset: str, out: str, model_uri: str | None = None
 ) -> Summary:
     """Score every image under ``folder`` (the same function as ``mammoflow predict``)."""
-    from mammoflow.predict import PredictError, predict_files
+    from mammoflow.serving.predict import PredictError, predict_files
 
     cfg = load_config(params_path)
     root = Path(params_path).parent

@@ -54,7 +54,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mammoflow.io import atomic_write_text
+from mammoflow.files import atomic_write_text
 
 ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_STATE_DIR = Path(__file__).resolve().parent / "state"

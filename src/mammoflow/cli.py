@@ -296,7 +296,7 @@ def compare_cmd(
 
 def _print_comparison(res: dict[str, Any], table: bool = True, write: bool = True) -> None:
     """The comparison tables, each titled with the settings its runs used, and where to look."""
-    from mammoflow import report
+    from mammoflow.reporting import figures as report
 
     wide = Console(width=max(out.width, 112))  # the paper's seven columns need the room
     for name, rows in res["tables"].items() if table else ():
@@ -447,7 +447,7 @@ def predict_cmd(
     params: ParamsOpt = Path("params.yaml"),
 ) -> None:
     """Score new mammograms with the dataset's champion (or --model); exit 1 if any file failed."""
-    from mammoflow.predict import predict_files
+    from mammoflow.serving.predict import predict_files
 
     try:
         res = predict_files(
@@ -486,7 +486,7 @@ def external_cmd(
     params: ParamsOpt = Path("params.yaml"),
 ) -> None:
     """External validation: score DATASET with MODEL; metrics, calibration, shift; log, report."""
-    from mammoflow.external import run_external
+    from mammoflow.evaluation.external import run_external
 
     _echo(run_external(_config(params), model, dataset))
 
@@ -501,7 +501,7 @@ def explain_check_cmd(
     params: ParamsOpt = Path("params.yaml"),
 ) -> None:
     """Pointing game: share of abnormal test images whose Grad-CAM peak is inside a lesion."""
-    from mammoflow.pointing import explain_check
+    from mammoflow.explain.explain_check import explain_check
 
     _echo(explain_check(_config(params), dataset, target_layer=target_layer))
 
@@ -530,9 +530,9 @@ def serve_cmd(
 
     SIGTERM or SIGINT (Ctrl-C) stops the server and its uvicorn workers with it.
     """
-    from mammoflow.predict import default_model_uri, serve_command
     from mammoflow.procs import run_until_stopped
-    from mammoflow.serving import ensure_wrapper, serve_env
+    from mammoflow.serving.predict import default_model_uri, serve_command
+    from mammoflow.serving.serve import ensure_wrapper, serve_env
 
     uri = model or default_model_uri(dataset)
     served = uri
@@ -571,9 +571,9 @@ def serve_request_cmd(
     params: ParamsOpt = Path("params.yaml"),
 ) -> None:
     """Write the /invocations body for PATHS (`mammoflow serve`'s --format)."""
-    from mammoflow.io import atomic_write_text
-    from mammoflow.predict import request_body
-    from mammoflow.serving import file_body
+    from mammoflow.files import atomic_write_text
+    from mammoflow.serving.predict import request_body
+    from mammoflow.serving.serve import file_body
 
     if fmt == "tensor":
         if dataset is None:

@@ -25,7 +25,7 @@ from pydantic import (
     model_validator,
 )
 
-from mammoflow.backbones import BACKBONE_NAMES, PAPER_BACKBONES  # the registry: pure data
+from mammoflow.models.backbones import BACKBONE_NAMES, PAPER_BACKBONES  # the registry: pure data
 
 DEFAULT_PARAMS = Path("params.yaml")
 

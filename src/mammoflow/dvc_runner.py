@@ -323,7 +323,7 @@ def _restore(root: Path, kept: Mapping[str, bytes]) -> None:
     """
     import yaml
 
-    from mammoflow.io import atomic_write_bytes
+    from mammoflow.files import atomic_write_bytes
 
     for name, data in kept.items():
         atomic_write_bytes(root / name, data)

@@ -25,7 +25,7 @@ def source_stage(cfg: Config, dataset: str, layout: Layout | None = None) -> dic
     """Record what ``dataset``'s source holds now (data/sources/<dataset>.json): the acquire
     stage depends on it, so DVC re-acquires when a film of a local source is replaced."""
     from mammoflow.data.acquire import source_fingerprint
-    from mammoflow.io import atomic_write_json
+    from mammoflow.files import atomic_write_json
 
     layout = layout or Layout()
     record = {"dataset": dataset, **source_fingerprint(cfg.dataset(dataset))}
@@ -131,7 +131,7 @@ def validate_stage(cfg: Config, dataset: str, layout: Layout | None = None) -> d
     """
     from mammoflow.data.manifest import read_manifest
     from mammoflow.data.validate import ValidationFailed, validate_manifest
-    from mammoflow.io import atomic_write_json
+    from mammoflow.files import atomic_write_json
 
     kind = cfg.dataset(dataset).kind
     layout = layout or Layout()
@@ -194,7 +194,7 @@ def convert_stage(
 def split_stage(cfg: Config, dataset: str, layout: Layout | None = None) -> dict[str, Any]:
     """Held-out test set + stratified K folds, grouped by patient; written to data/splits."""
     from mammoflow.data.manifest import read_manifest
-    from mammoflow.split import fold_summary, make_splits, write_splits
+    from mammoflow.data.split import fold_summary, make_splits, write_splits
 
     cfg.dataset(dataset)
     layout = layout or Layout()
@@ -231,7 +231,7 @@ def train_stage(
     With ``dask_address`` or ``$MAMMOFLOW_DASK_ADDRESS`` set, the features are extracted here
     once and the fold tasks run on that Dask cluster, one task per fold (same numbers).
     """
-    from mammoflow.study import run_study
+    from mammoflow.training.train import run_study
 
     _check_backbone(cfg, dataset, backbone)
     result = run_study(
@@ -260,8 +260,8 @@ def evaluate_stage(cfg: Config, dataset: str, layout: Layout | None = None) -> d
     """Pick the best backbone of ``dataset`` and promote it in the MLflow registry."""
     import json
 
-    from mammoflow import champion
-    from mammoflow.io import atomic_write_json
+    from mammoflow.evaluation import champion
+    from mammoflow.files import atomic_write_json
     from mammoflow.tracking import Tracker
 
     cfg.dataset(dataset)
@@ -303,7 +303,7 @@ def evaluate_stage(cfg: Config, dataset: str, layout: Layout | None = None) -> d
 
 def _settings(cfg: Config, dataset: str, rows: list[dict[str, Any]], runs: list[Any]) -> str:
     """The settings line of ``dataset``: its rows' MLflow run params (else the resolved config)."""
-    from mammoflow import report
+    from mammoflow.reporting import figures as report
 
     by_id = {run.info.run_id: dict(run.data.params) for run in runs}
     fallback = cfg.for_dataset(dataset).flat()
@@ -331,8 +331,8 @@ def compare_stage(
     """
     import json
 
-    from mammoflow import report
-    from mammoflow.io import atomic_write_text
+    from mammoflow.files import atomic_write_text
+    from mammoflow.reporting import figures as report
     from mammoflow.tracking import Tracker
 
     layout = layout or Layout()
@@ -368,7 +368,7 @@ def compare_stage(
     if write:
         atomic_write_text(md, report.markdown(tables, notes, settings))
         atomic_write_text(page, report.html_report(tables, figures, notes, settings))
-        from mammoflow.study_report import write_report
+        from mammoflow.reporting.report import write_report
 
         for dataset in tables:  # reports/<dataset>/report.html, the whole study's evidence
             studies[dataset] = write_report(cfg, dataset, layout, tracker)["html"]
@@ -390,7 +390,7 @@ def audit_stage(
         ``{"dataset", "backbone", "inflation", "checks", "run_id", "summary"}`` (the summary is
         the printed text); the whole audit is in reports/<dataset>/audit.json.
     """
-    from mammoflow.audit import run_audit, summary_text
+    from mammoflow.evaluation.audit import run_audit, summary_text
 
     res = run_audit(cfg, dataset, backbone, layout or Layout())
     keys = ("dataset", "backbone", "inflation", "checks")
@@ -410,7 +410,7 @@ def tune_stage(
     workers: int | None = None,
 ) -> dict[str, Any]:
     """Optuna study of ``backbone`` on ``dataset``; best params → tuning/<dataset>-<backbone>.json."""
-    from mammoflow.tune import run_tuning
+    from mammoflow.tuning.tune import run_tuning
 
     cfg = cfg.for_dataset(dataset)  # its own model / train keys, as the train stage uses them
     return run_tuning(cfg, dataset, backbone, n_trials, workers, layout or Layout())

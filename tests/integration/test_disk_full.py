@@ -1,7 +1,7 @@
 """A full disk during convert and during the feature-cache write: a clear error, nothing
 truncated left behind that a later run would trust, and the rerun completes.
 
-The fault is injected at the write call: every file :mod:`mammoflow.io` opens for writing (its
+The fault is injected at the write call: every file :mod:`mammoflow.files` opens for writing (its
 atomic writer's temporary file) whose path matches gets ``OSError(ENOSPC)`` once a byte budget
 is spent, after writing the bytes that still "fit" (a disk that fills mid-file). Everything
 else is real: the sample's raw files, the conversion, the backbone, the cache.
@@ -20,14 +20,14 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from mammoflow import io as mf_io
+from mammoflow import files as mf_io
 from mammoflow.config import ConvertConfig
 from mammoflow.data.convert import STATE_NAME, ConvertError, convert_dataset
 from mammoflow.data.manifest import MANIFEST_NAME
 from mammoflow.data.mias import ingest_mias
 from mammoflow.data.readers import load_png
 from mammoflow.data.sample import make_sample
-from mammoflow.io import sha256_file
+from mammoflow.files import sha256_file
 
 pytestmark = [pytest.mark.integration]
 
@@ -61,7 +61,7 @@ class _FullDisk:
 def disk_full(
     monkeypatch: pytest.MonkeyPatch, budget: int, matches: Callable[[str], bool]
 ) -> Iterator[list[int]]:
-    """Writes through :mod:`mammoflow.io` to temp files whose final name ``matches`` share
+    """Writes through :mod:`mammoflow.files` to temp files whose final name ``matches`` share
     ``budget`` bytes, then fail with ENOSPC (the budget list is yielded, to read what is left)."""
     left = [budget]
     real_fdopen = os.fdopen

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 
 from mammoflow import stages
-from mammoflow.calibration import apply_temperature
 from mammoflow.config import Config
+from mammoflow.evaluation.calibration import apply_temperature
 from mammoflow.paths import Layout
 from mammoflow.tracking import CALIBRATION_FILE, TAG_TEMPERATURE
 from tests.helpers import (
@@ -78,8 +78,8 @@ def test_the_registered_model_serves_the_calibrated_probabilities(
     test rows — T on each fold model, then the mean — and their ECE is the logged one."""
     import mlflow.pyfunc
 
-    from mammoflow.calibration import calibrated_probabilities, ece
     from mammoflow.data.manifest import read_manifest
+    from mammoflow.evaluation.calibration import calibrated_probabilities, ece
     from mammoflow.models.build import model_temperature, with_temperature
     from mammoflow.models.features import load_images
     from mammoflow.tracking import Tracker, _use_store

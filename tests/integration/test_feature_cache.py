@@ -16,11 +16,11 @@ import numpy as np
 import pytest
 
 from mammoflow.config import ModelConfig, TrainConfig
-from mammoflow.io import sha256_file
+from mammoflow.data.split import make_splits
+from mammoflow.files import sha256_file
 from mammoflow.models import build, features
 from mammoflow.models.features import FeatureSet, cached_features
-from mammoflow.split import make_splits
-from mammoflow.train import FoldTrainer, fold_rows
+from mammoflow.training.fit import FoldTrainer, fold_rows
 from tests.unit.test_features import write_pngs
 
 pytestmark = pytest.mark.integration

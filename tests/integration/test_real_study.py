@@ -53,9 +53,9 @@ def test_uncached_path_at_224_px_on_real_mias(mias_project: tuple[Path, Config])
     """Full VGG16 at 224 px on the 232 training films of a fold: no crash, exact BN statistics."""
     import keras
 
-    from mammoflow.inputs import load_features, load_inputs
     from mammoflow.models.features import ImageSet, extract_features
-    from mammoflow.train import FoldTrainer, fold_rows, recalibrate_batchnorm
+    from mammoflow.training.fit import FoldTrainer, fold_rows, recalibrate_batchnorm
+    from mammoflow.training.inputs import load_features, load_inputs
 
     root, cfg = mias_project
     cfg = cfg.model_copy(

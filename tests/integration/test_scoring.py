@@ -20,9 +20,9 @@ from typer.testing import CliRunner
 
 from mammoflow.cli import app
 from mammoflow.config import Config
+from mammoflow.explain.explain_check import explain_check
 from mammoflow.paths import Layout
-from mammoflow.pointing import explain_check
-from mammoflow.predict import predict_files, request_body
+from mammoflow.serving.predict import predict_files, request_body
 from tests.helpers import (
     free_port,
     mlflow_client,
@@ -112,7 +112,7 @@ def test_pointing_game_hits_a_planted_lesion_and_misses_a_wrong_geometry(
     y axis not flipped (the classic MIAS mistake) is missed."""
     import dataclasses
 
-    from mammoflow.pointing import annotated_test_images, pointing_game
+    from mammoflow.explain.explain_check import annotated_test_images, pointing_game
     from mammoflow.tracking import Tracker
 
     root, cfg = project
@@ -146,7 +146,7 @@ def test_pointing_game_hits_a_planted_lesion_and_misses_a_wrong_geometry(
 def test_external_validation_on_another_vendors_films(project: tuple[Path, Config]) -> None:
     """`mammoflow external`: the sample_mias champion on the second embedded sample (12-bit,
     another detector curve and noise, other women): evidence, run, link, card and page."""
-    from mammoflow.external import ExternalError, run_external
+    from mammoflow.evaluation.external import ExternalError, run_external
 
     root, cfg = project
     uri = f"models:/mammoflow-{DATASET}@champion"
@@ -229,7 +229,7 @@ def test_served_champion_answers_like_predict(project: tuple[Path, Config]) -> N
 def test_score_flow_writes_results_and_names_bad_files(project: tuple[Path, Config]) -> None:
     from flows.pipeline import score, score_flow
 
-    from mammoflow.predict import PredictError
+    from mammoflow.serving.predict import PredictError
 
     root, _ = project
     params = str(root / "params.yaml")

@@ -25,12 +25,12 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from mammoflow import predict
 from mammoflow.cli import app
 from mammoflow.config import load_config
 from mammoflow.data.convert import encode_png, prepare_image
 from mammoflow.data.readers import load_raw
 from mammoflow.data.sample import make_sample
+from mammoflow.serving import predict
 from tests.helpers import (
     ROOT,
     delete_mlflow_models_and_experiments,
@@ -179,7 +179,7 @@ def test_bad_payloads_get_a_clear_400_and_the_server_goes_on(
 
 
 def test_the_wrapper_is_cached_per_champion_version(project: Path) -> None:
-    from mammoflow.serving import ensure_wrapper
+    from mammoflow.serving.serve import ensure_wrapper
     from mammoflow.tracking import Tracker
 
     cfg = load_config(project / "params.yaml")

@@ -22,9 +22,11 @@ import pytest
 from infra.local import stack as stack_mod
 from optuna.trial import TrialState
 
-from mammoflow import stages, tune, tuned
+from mammoflow import stages
 from mammoflow.config import Config, parse_config
 from mammoflow.paths import Layout
+from mammoflow.tuning import params as tuned
+from mammoflow.tuning import tune
 from tests.helpers import mlflow_client, prepare_data, project_dir, tiny_params
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -167,7 +169,7 @@ def learnable(
     from PIL import Image
 
     from mammoflow.data.manifest import read_manifest, write_manifest
-    from mammoflow.io import sha256_file
+    from mammoflow.files import sha256_file
 
     root = tmp_path_factory.mktemp("tune-learnable")
     raw = _params()

@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from mammoflow.audit import (
+from mammoflow.evaluation.audit import (
     NEAR_DUPLICATE_BITS,
     AuditLayout,
     check_split,
@@ -119,8 +119,8 @@ def test_summary_says_inflation() -> None:
 
 
 def test_breast_dhash_ignores_padding_and_tells_women_apart(tmp_path: Path) -> None:
-    from mammoflow.audit import breast_dhash
     from mammoflow.data.sample import synth_image
+    from mammoflow.evaluation.audit import breast_dhash
 
     def film(seed: int) -> np.ndarray:
         img = synth_image(np.random.default_rng(seed), (160, 128), "L", [], 0.5)

@@ -8,8 +8,8 @@ import math
 import numpy as np
 import pytest
 
-from mammoflow import calibration as cal
-from mammoflow.metrics import MetricsError
+from mammoflow.evaluation import calibration as cal
+from mammoflow.evaluation.metrics import MetricsError
 
 
 def _loop_ece(y: np.ndarray, p: np.ndarray, n_bins: int = 15) -> float:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from mammoflow.card import DESCRIPTION_LIMIT, CardFacts, description, model_card
+from mammoflow.reporting.card import DESCRIPTION_LIMIT, CardFacts, description, model_card
 
 
 def _facts(

@@ -141,7 +141,7 @@ def test_demo_settings_live_with_the_sample_datasets() -> None:
 
 
 def test_native_sizes_for_the_real_datasets() -> None:
-    from mammoflow.backbones import input_size_for
+    from mammoflow.models.backbones import input_size_for
 
     cfg = load_config(ROOT / "params.yaml").for_dataset("mias")
     sizes = {b: input_size_for(b, cfg.model.input_size) for b in cfg.model.backbones}

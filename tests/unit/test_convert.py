@@ -18,7 +18,7 @@ from mammoflow.data.convert import (
     prepare_image,
 )
 from mammoflow.data.manifest import ManifestRow, read_manifest, to_frame
-from mammoflow.io import sha256_file
+from mammoflow.files import sha256_file
 
 
 def write_pgm8(path: Path, pixels: np.ndarray) -> Path:

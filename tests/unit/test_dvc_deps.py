@@ -48,6 +48,8 @@ def _closure(start: set[str]) -> set[str]:
         if name in seen:
             continue
         seen.add(name)
+        # importing a.b.c runs a/__init__.py and a/b/__init__.py first
+        todo.extend(".".join(name.split(".")[:i]) for i in range(2, name.count(".") + 1))
         path = _module_file(name)
         if path is not None:
             todo.extend(_imports(ast.parse(path.read_text(encoding="utf-8")), name))

@@ -9,7 +9,7 @@ import pytest
 
 from mammoflow.data.pgm import read_pgm
 from mammoflow.data.sample import make_sample, make_vendor_sample
-from mammoflow.external import ExternalError, Scored, check_labels, shift_ci
+from mammoflow.evaluation.external import ExternalError, Scored, check_labels, shift_ci
 
 CLASSES = ("normal", "benign", "malignant")
 

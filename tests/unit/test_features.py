@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from mammoflow.io import sha256_file
+from mammoflow.files import sha256_file
 from mammoflow.models import build
 from mammoflow.models.features import (
     FeatureError,

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from sklearn import metrics as skm
 
-from mammoflow import metrics as mm
+from mammoflow.evaluation import metrics as mm
 
 NAMES3 = ("normal", "benign", "malignant")
 

@@ -22,7 +22,7 @@ from mammoflow.data.mias import (
 )
 from mammoflow.data.pgm import encode_pgm, write_pgm
 from mammoflow.data.readers import load_raw, raw_stats
-from mammoflow.io import sha256_file
+from mammoflow.files import sha256_file
 
 PROSE = """\
               MAMMOGRAPHIC IMAGE ANALYSIS SOCIETY

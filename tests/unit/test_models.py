@@ -9,8 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from mammoflow import backbones
-from mammoflow.models import build
+from mammoflow.models import backbones, build
 from mammoflow.models.weights import WeightsError, resolve_weights
 
 SMALL = {"vgg16": 32, "vgg19": 32, "resnet50": 32, "inception_v3": 75, "efficientnet_b0": 32}
@@ -25,11 +24,11 @@ EXPECTED_CUT = {
 def test_cheap_imports_do_not_load_keras() -> None:
     code = (
         "import sys\n"
-        "import mammoflow.backbones, mammoflow.models.build, mammoflow.models.weights\n"
-        "import mammoflow.models.features, mammoflow.train, mammoflow.split, mammoflow.metrics\n"
+        "import mammoflow.models.backbones, mammoflow.models.build, mammoflow.models.weights\n"
+        "import mammoflow.models.features, mammoflow.training.fit, mammoflow.data.split, mammoflow.evaluation.metrics\n"
         "heavy = [m for m in ('keras', 'tensorflow') if m in sys.modules]\n"
         "assert not heavy, heavy\n"
-        "print(mammoflow.backbones.BACKBONE_NAMES)\n"
+        "print(mammoflow.models.backbones.BACKBONE_NAMES)\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
     assert out.returncode == 0, out.stderr
@@ -153,7 +152,7 @@ def test_calibrated_ensemble_applies_t_to_each_member_and_loads_as_stock_keras(
     """The served model's temperature layer: calibration.py's numbers, stock Keras, T = 1 raw."""
     import keras
 
-    from mammoflow.calibration import calibrated_probabilities
+    from mammoflow.evaluation.calibration import calibrated_probabilities
 
     bb = build.load_backbone("vgg16", trainable_layers=2, input_size=32)
     heads = [

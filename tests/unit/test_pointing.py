@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from mammoflow.pointing import chance_and_outside, lesion_mask
+from mammoflow.explain.explain_check import chance_and_outside, lesion_mask
 
 
 def _film() -> np.ndarray:

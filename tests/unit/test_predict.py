@@ -12,12 +12,11 @@ import pytest
 import yaml
 from PIL import Image
 
-from mammoflow import predict
 from mammoflow.config import Config, load_config
 from mammoflow.data.convert import encode_png, prepare_image
 from mammoflow.data.readers import load_raw
 from mammoflow.data.sample import make_sample
-from mammoflow.explain import (
+from mammoflow.explain.gradcam import (
     bootstrap_rate,
     flat_model,
     gradcam_batch,
@@ -27,6 +26,7 @@ from mammoflow.explain import (
     target_names,
     to_original,
 )
+from mammoflow.serving import predict
 from tests.helpers import TINY_TEMPERATURE, delete_mlflow_models_and_experiments, tiny_champion
 
 pytestmark = pytest.mark.slow
@@ -251,8 +251,8 @@ def test_pointing_game_flips_mias_y_and_bootstraps_patients() -> None:
 
 
 def test_explain_check_skips_a_dataset_without_lesion_circles(tmp_path: Path) -> None:
+    from mammoflow.explain.explain_check import explain_check
     from mammoflow.paths import Layout
-    from mammoflow.pointing import explain_check
 
     res = explain_check(_cfg(), "sample_cmmd", Layout(root=tmp_path))
     assert res["backbones"] == {} and "no abnormal test image" in res["skipped"]

@@ -7,11 +7,11 @@ import numpy as np
 import pytest
 import yaml
 
-from mammoflow import report
 from mammoflow.config import load_config
 from mammoflow.provenance import dvc_data_hash, study_params
-from mammoflow.study import _finite
+from mammoflow.reporting import figures as report
 from mammoflow.tracking import config_hash, experiment_name, registered_model_name
+from mammoflow.training.train import _finite
 
 ROOT = Path(__file__).resolve().parents[2]
 

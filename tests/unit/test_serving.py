@@ -23,7 +23,7 @@ from mammoflow.data.readers import (
     load_raw,
     sniff_format,
 )
-from mammoflow.predict import serve_command
+from mammoflow.serving.predict import serve_command
 from tests.helpers import dicom_bytes
 
 
@@ -99,7 +99,7 @@ def test_png_bomb_is_refused_from_its_header() -> None:
 
 
 def test_file_body_is_base64_of_the_files(tmp_path: Path) -> None:
-    from mammoflow.serving import IMAGE_COLUMN, file_body
+    from mammoflow.serving.serve import IMAGE_COLUMN, file_body
 
     files = _files(tmp_path)
     body = file_body([files["png"], files["dicom"]])
@@ -120,7 +120,7 @@ def test_file_body_is_base64_of_the_files(tmp_path: Path) -> None:
 def test_wrapper_refuses_bad_rows_together_and_scores_none(tmp_path: Path) -> None:
     from mlflow.exceptions import MlflowException
 
-    from mammoflow.serving import ImageClassifier
+    from mammoflow.serving.serve import ImageClassifier
 
     files = _files(tmp_path)
     wrapper = ImageClassifier()
@@ -141,7 +141,7 @@ def test_wrapper_refuses_bad_rows_together_and_scores_none(tmp_path: Path) -> No
 
 
 def test_cache_folder_follows_store_version_and_settings(tmp_path: Path) -> None:
-    from mammoflow.serving import Pinned, cache_dir
+    from mammoflow.serving.serve import Pinned, cache_dir
 
     def config(version: str, size: int = 512) -> dict[str, object]:
         pinned = Pinned("models:/m@champion", f"models:/m/{version}", "m", version)

@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from mammoflow.split import SplitError, make_splits, read_splits, split_hash, write_splits
+from mammoflow.data.split import SplitError, make_splits, read_splits, split_hash, write_splits
 
 LABELS = ("normal", "benign", "malignant")
 

@@ -7,8 +7,8 @@ import re
 import numpy as np
 import pytest
 
-from mammoflow.calibration import calibrate
-from mammoflow.study_report import BackboneData, ReportData, baseline, render
+from mammoflow.evaluation.calibration import calibrate
+from mammoflow.reporting.report import BackboneData, ReportData, baseline, render
 
 CLASSES = ("benign", "malignant")
 
@@ -139,8 +139,8 @@ def test_baseline_ci_resamples_patients_not_images() -> None:
 
 
 def test_learning_curves_mark_the_final_model_after_recalibration() -> None:
-    from mammoflow.calibration import nll
-    from mammoflow.study_report import learning_figure
+    from mammoflow.evaluation.calibration import nll
+    from mammoflow.reporting.report import learning_figure
 
     b = _backbone("vgg16", 0)
     fig = learning_figure(b, 2)

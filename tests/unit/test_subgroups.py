@@ -8,8 +8,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from mammoflow.metrics import compute_metrics
-from mammoflow.subgroups import factor_frame, subgroup_markdown, subgroup_rows
+from mammoflow.evaluation.metrics import compute_metrics
+from mammoflow.evaluation.subgroups import factor_frame, subgroup_markdown, subgroup_rows
 
 
 def _mias_frame() -> pd.DataFrame:

@@ -258,7 +258,7 @@ def test_unreachable_server_fails_fast() -> None:
 
 
 def test_calibration_is_logged_and_carried_by_the_registered_version(tracker: Tracker) -> None:
-    from mammoflow.calibration import calibrate, reliability_figure
+    from mammoflow.evaluation.calibration import calibrate, reliability_figure
 
     study = tracking.StudyRun.open(
         tracker, dataset="cal_ds", backbone="vgg16", key="k", tags={}, params={"lr": 0.1}

@@ -9,10 +9,10 @@ import pytest
 from pydantic import ValidationError
 
 from mammoflow.config import ModelConfig, TrainConfig
+from mammoflow.data.split import make_splits
 from mammoflow.models import build
 from mammoflow.models.features import cached_features, prepare_inputs
-from mammoflow.split import make_splits
-from mammoflow.train import (
+from mammoflow.training.fit import (
     FoldTrainer,
     TrainError,
     TrainEvent,
@@ -200,7 +200,7 @@ def test_ensemble_model_is_the_mean_of_the_fold_models(dataset: tuple, tmp_path:
     """The registered ensemble: one prefix, K tails + heads, averaged; loads as stock Keras."""
     import keras
 
-    from mammoflow.train import tail_head_from_weights
+    from mammoflow.training.fit import tail_head_from_weights
 
     root, frame, splits = dataset
     bb = build.load_backbone("vgg16", trainable_layers=2, input_size=32)
@@ -243,7 +243,7 @@ def test_streamed_features_train_as_in_memory(
     assert isinstance(feats.features, np.memmap) and feats.features.dtype == np.float16
     rows = fold_rows(splits, 1)
     cfg = TRAIN.model_copy(update={"epochs": 3})
-    caplog.set_level(logging.INFO, logger="mammoflow.train")
+    caplog.set_level(logging.INFO, logger="mammoflow.training.fit")
     held = FoldTrainer(feats, bb, model_cfg=MODEL, train_cfg=cfg, n_classes=3)
     assert held.chunk is None and "held in memory" in caplog.text
     row_bytes = feats.nbytes_float32 // len(feats.image_ids)

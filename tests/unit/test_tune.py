@@ -11,9 +11,10 @@ import pytest
 import yaml
 from pydantic import ValidationError
 
-from mammoflow import tune, tuned
 from mammoflow.config import Config, ConfigError, TuneConfig, TuneSpace, load_config, parse_config
 from mammoflow.paths import Layout
+from mammoflow.tuning import params as tuned
+from mammoflow.tuning import tune
 
 ROOT = Path(__file__).resolve().parents[2]
 BEST = {

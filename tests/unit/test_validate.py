@@ -23,7 +23,7 @@ from mammoflow.data.validate import (
     validate_converted,
     validate_manifest,
 )
-from mammoflow.io import sha256_file
+from mammoflow.files import sha256_file
 
 LABELS = ["normal", "normal", "benign", "benign", "malignant", "normal"]
 

@@ -46,7 +46,7 @@ from mammoflow.data.ingest import (
 from mammoflow.data.manifest import ManifestRow, label_index
 from mammoflow.data.pseudonym import Pseudonymizer
 from mammoflow.data.readers import DICOM_SUFFIXES, raw_stats
-from mammoflow.io import sha256_file
+from mammoflow.files import sha256_file
 
 KIND = "cmmd"
 REQUIRED_COLUMNS = ("ID1", "LeftRight", "Age", "abnormality", "classification")

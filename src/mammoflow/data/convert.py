@@ -40,7 +40,7 @@ from PIL import Image
 from mammoflow.config import ConvertConfig
 from mammoflow.data import images
 from mammoflow.data.manifest import MANIFEST_NAME, check, read_manifest, write_manifest
-from mammoflow.io import atomic_write_bytes, atomic_write_json, sha256_bytes, sha256_file
+from mammoflow.files import atomic_write_bytes, atomic_write_json, sha256_bytes, sha256_file
 
 STATE_NAME = "convert_state.json"
 IMAGES_DIR = "images"

@@ -29,7 +29,7 @@ from mammoflow.data.manifest import (
     to_frame,
     write_manifest,
 )
-from mammoflow.io import atomic_write_json
+from mammoflow.files import atomic_write_json
 
 OnBadFile = Literal["fail", "quarantine"]
 Interface = Literal["python", "cli", "params"]

@@ -17,7 +17,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from mammoflow.io import atomic_write_bytes
+from mammoflow.files import atomic_write_bytes
 
 MANIFEST_NAME = "manifest.parquet"
 

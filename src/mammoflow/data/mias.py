@@ -36,7 +36,7 @@ from mammoflow.data.ingest import (
 from mammoflow.data.manifest import ManifestRow, label_index
 from mammoflow.data.pgm import PgmError, parse_pgm
 from mammoflow.data.readers import pgm_to_unit, raw_stats
-from mammoflow.io import atomic_write_bytes, sha256_bytes
+from mammoflow.files import atomic_write_bytes, sha256_bytes
 
 KIND = "mias"
 INFO_NAME = "Info.txt"

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from mammoflow.data.images import MAX_PIXELS
-from mammoflow.io import atomic_write_bytes
+from mammoflow.files import atomic_write_bytes
 
 MAGIC = b"P5"
 _WHITESPACE = b" \t\n\r\v\f"

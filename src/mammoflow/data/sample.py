@@ -32,7 +32,7 @@ from pydicom.sequence import Sequence as DicomSequence
 from pydicom.uid import UID, ExplicitVRLittleEndian, generate_uid
 
 from mammoflow.data.pgm import write_pgm
-from mammoflow.io import atomic_write_bytes, atomic_write_text
+from mammoflow.files import atomic_write_bytes, atomic_write_text
 
 MAMMO_FOR_PRESENTATION = UID("1.2.840.10008.5.1.4.1.1.1.2")
 CLINICAL_NAME = "CMMD_clinicaldata_revision.xlsx"

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import pandas as pd
 
 from mammoflow.data.manifest import CLASSES, COLUMNS
-from mammoflow.io import atomic_write_json, sha256_file
+from mammoflow.files import atomic_write_json, sha256_file
 
 if TYPE_CHECKING:
     from great_expectations.expectations import Expectation

@@ -38,7 +38,7 @@ from functools import cache
 from pathlib import Path
 from typing import Any, Literal
 
-from mammoflow.backbones import BackboneSpec, get_spec, input_size_for
+from mammoflow.models.backbones import BackboneSpec, get_spec, input_size_for
 from mammoflow.models.weights import WeightsInfo, resolve_weights
 
 Pooling = Literal["avg", "flatten"]
@@ -147,7 +147,7 @@ def _grey_affine(name: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
     """
     import numpy as np
 
-    from mammoflow.backbones import preprocess_function
+    from mammoflow.models.backbones import preprocess_function
 
     probe = np.stack([np.full((1, 1, 3), v, np.float32) for v in (0.0, 1.0, 255.0)])
     out = np.asarray(preprocess_function(name)(probe.copy()), dtype=np.float64)[:, 0, 0, :]
@@ -256,7 +256,7 @@ def build_base(
         ModelBuildError: if the weights file does not fit the architecture.
     """
 
-    from mammoflow.backbones import constructor
+    from mammoflow.models.backbones import constructor
 
     ctor = constructor(backbone)
     with dtype_policy(precision):

@@ -37,7 +37,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from mammoflow.io import atomic_file, atomic_write_json, sha256_file
+from mammoflow.files import atomic_file, atomic_write_json, sha256_file
 from mammoflow.models.build import BackboneModel, check_precision, extraction_model
 
 log = logging.getLogger(__name__)

@@ -18,8 +18,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Literal
 
-from mammoflow.backbones import KERAS_CACHE_SUBDIR, get_spec
-from mammoflow.io import sha256_file
+from mammoflow.files import sha256_file
+from mammoflow.models.backbones import KERAS_CACHE_SUBDIR, get_spec
 
 WeightsSource = Literal["imagenet", "file", "none"]
 

@@ -76,7 +76,7 @@ def shift_ci(
     Returns:
         ``{metric: {"external", "own", "delta", "low", "high", "n_valid"}}``.
     """
-    from mammoflow.metrics import compute_metrics, patient_rows, percentile_interval
+    from mammoflow.evaluation.metrics import compute_metrics, patient_rows, percentile_interval
 
     def metric(s: Scored, idx: np.ndarray | None = None) -> dict[str, float]:
         y, p = (s.y, s.raw) if idx is None else (s.y[idx], s.raw[idx])
@@ -117,9 +117,9 @@ def evidence(
 ) -> dict[str, Any]:
     """The study's test evidence for an external set (pure): metrics, CIs, calibration,
     confusion, subgroups and the shift from the model's own test."""
-    from mammoflow import calibration as cal
-    from mammoflow import metrics as mt
-    from mammoflow.subgroups import subgroup_rows
+    from mammoflow.evaluation import calibration as cal
+    from mammoflow.evaluation import metrics as mt
+    from mammoflow.evaluation.subgroups import subgroup_rows
 
     boot: dict[str, Any] = {"n": max(n, 1), "ci": ci, "seed": seed}
     out: dict[str, Any] = {
@@ -232,9 +232,9 @@ def run_external(
         ValueError: the model URI names nothing in the store.
     """
     from mammoflow.data.manifest import CLASSES
-    from mammoflow.io import atomic_write_json, atomic_write_text
+    from mammoflow.evaluation.subgroups import factor_frame
+    from mammoflow.files import atomic_write_json, atomic_write_text
     from mammoflow.models.build import model_temperature, with_temperature
-    from mammoflow.subgroups import factor_frame
     from mammoflow.tracking import Tracker
 
     layout = layout or Layout()
@@ -324,9 +324,17 @@ def _finite(obj: Any) -> Any:
 
 def render(ev: Mapping[str, Any], ext: Scored) -> str:
     """``reports/<D>/report.html`` of an external validation (figures embedded)."""
-    from mammoflow import report
-    from mammoflow.calibration import reliability_figure
-    from mammoflow.study_report import _CSS, _LABELS, _ci_cell, _fmt, _grid, _subgroup_html, _table
+    from mammoflow.evaluation.calibration import reliability_figure
+    from mammoflow.reporting import figures as report
+    from mammoflow.reporting.report import (
+        _CSS,
+        _LABELS,
+        _ci_cell,
+        _fmt,
+        _grid,
+        _subgroup_html,
+        _table,
+    )
 
     names = ev["class_names"]
     pct = f"{ev['ci_level']:.0%}"

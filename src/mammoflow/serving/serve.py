@@ -4,7 +4,7 @@ The registered champion is a Keras model whose input is the converted canvas as 
 request body of ``convert.size``² floats as a JSON nested list (~2 MB for 512 px) that the
 scoring server spends over a second parsing. The wrapper takes the image file's own bytes
 instead (base64 in a ``dataframe_split`` column, ~1.4× the file), decodes them with the readers
-:mod:`mammoflow.predict` uses (DICOM with ingestion's acceptance rules, PNG, PGM; the format
+:mod:`mammoflow.serving.predict` uses (DICOM with ingestion's acceptance rules, PNG, PGM; the format
 told by its magic bytes), converts them with ``convert.prepare_image`` and calls the same Keras
 champion (calibrated), so a served probability is ``mammoflow predict``'s for the same file.
 
@@ -82,7 +82,7 @@ def pin(tracker: Tracker, uri: str) -> Pinned:
 
 def wrapper_config(cfg: Config, dataset: str, model: Pinned) -> dict[str, Any]:
     """What the wrapper applies (its ``model_config``): conversion, DICOM rules, classes, model."""
-    from mammoflow.predict import acceptance, class_names
+    from mammoflow.serving.predict import acceptance, class_names
 
     cfg = cfg.for_dataset(dataset)
     conv = cfg.convert
@@ -161,7 +161,7 @@ def _build(tracker: Tracker, config: dict[str, Any], scratch: Path) -> None:
     from mlflow.exceptions import MlflowException
 
     from mammoflow.models.build import model_temperature
-    from mammoflow.predict import check_outputs
+    from mammoflow.serving.predict import check_outputs
 
     model = config["model"]
     try:
@@ -251,7 +251,7 @@ class ImageClassifier(PythonModel):
 
         from mammoflow.config import ConvertConfig
         from mammoflow.data.dicom import Acceptance
-        from mammoflow.predict import check_outputs
+        from mammoflow.serving.predict import check_outputs
 
         config = context.model_config
         self.classes: list[str] = list(config["classes"])
@@ -290,7 +290,7 @@ class ImageClassifier(PythonModel):
         from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 
         from mammoflow.data.readers import load_bytes
-        from mammoflow.predict import model_input
+        from mammoflow.serving.predict import model_input
 
         ready: list[np.ndarray] = []
         problems: list[str] = []

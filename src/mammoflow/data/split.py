@@ -21,7 +21,7 @@ from typing import Literal
 import numpy as np
 import pandas as pd
 
-from mammoflow.io import atomic_write_bytes, sha256_bytes
+from mammoflow.files import atomic_write_bytes, sha256_bytes
 
 SPLITS_NAME = "splits.parquet"
 COLUMNS: tuple[str, ...] = ("image_id", "patient_id", "label_index", "split", "fold")

@@ -9,7 +9,7 @@ sharing one PostgreSQL storage.
 
 A trial samples the space (``tune.space``: head units, dropout, learning rate, momentum, batch
 size, trainable layers N, class weights), then trains the tail + head fold by fold with
-:func:`mammoflow.train.train_folds` on the frozen-prefix features — cached on disk per N and kept
+:func:`mammoflow.training.fit.train_folds` on the frozen-prefix features — cached on disk per N and kept
 in memory per process, so a trial costs only the tail + head training. After each fold it reports
 the running mean of the validation metric (step = folds done) and the pruner (median by default,
 Hyperband or none) may stop it.
@@ -40,9 +40,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 from mammoflow.config import Config, FloatRange, TuneConfig, TuneSpace, parse_config
-from mammoflow.io import atomic_write_json
+from mammoflow.files import atomic_write_json
 from mammoflow.paths import Layout
-from mammoflow.tuned import (
+from mammoflow.tuning.params import (
     MODEL_KEYS,
     PARAM_NAMES,
     TRAIN_KEYS,
@@ -221,8 +221,8 @@ def study_identity(
     Raises:
         FileNotFoundError: the dataset has not been split yet.
     """
+    from mammoflow.data.split import read_splits, split_hash
     from mammoflow.provenance import dvc_data_hash
-    from mammoflow.split import read_splits, split_hash
 
     layout = layout or Layout()
     splits_path = layout.splits(dataset)
@@ -345,7 +345,7 @@ class Objective:
         layout: Layout | None = None,
         trial_log: TrialLog | None = None,
     ) -> None:
-        from mammoflow.inputs import InputsError, load_inputs
+        from mammoflow.training.inputs import InputsError, load_inputs
 
         self.cfg = cfg
         self.dataset = dataset
@@ -369,7 +369,7 @@ class Objective:
     def inputs(self, trainable_layers: int) -> tuple[Any, Any]:
         """``(backbone, features)`` for N = ``trainable_layers`` (one cache entry per N)."""
         if trainable_layers not in self._inputs:
-            from mammoflow.inputs import load_features
+            from mammoflow.training.inputs import load_features
 
             self._inputs[trainable_layers] = load_features(
                 self.study_inputs, self.layout, trainable_layers=trainable_layers
@@ -379,8 +379,8 @@ class Objective:
     def __call__(self, trial: optuna.Trial) -> float:
         import optuna
 
-        from mammoflow.metrics import compute_metrics
-        from mammoflow.train import FoldTrainer, fold_task
+        from mammoflow.evaluation.metrics import compute_metrics
+        from mammoflow.training.fit import FoldTrainer, fold_task
 
         params = suggest(trial, self.cfg.tune.space)
         trial.set_user_attr("worker", _worker_id())
@@ -678,7 +678,7 @@ def _request(
     Raises:
         TuneError: unknown backbone, non-positive counts, several workers on SQLite.
     """
-    from mammoflow.backbones import BACKBONE_NAMES
+    from mammoflow.models.backbones import BACKBONE_NAMES
 
     cfg.dataset(dataset)
     if backbone not in BACKBONE_NAMES:

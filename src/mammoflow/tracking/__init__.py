@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 if TYPE_CHECKING:
-    from mammoflow.card import CardFacts
+    from mammoflow.reporting.card import CardFacts
 
 log = logging.getLogger(__name__)
 
@@ -1083,7 +1083,7 @@ class Tracker:
 
         Returns ``{alias: version}`` of the cards written.
         """
-        from mammoflow.card import description, model_card
+        from mammoflow.reporting.card import description, model_card
 
         written: dict[str, str] = {}
         for alias in ("champion", "challenger"):
@@ -1098,7 +1098,7 @@ class Tracker:
         """What the model card of ``mammoflow-<dataset>@<alias>`` is written from, or None."""
         from mlflow.exceptions import MlflowException
 
-        from mammoflow.card import CardFacts
+        from mammoflow.reporting.card import CardFacts
 
         name = registered_model_name(dataset)
         with self.timed():
@@ -1600,7 +1600,11 @@ class StudyRun:
         )
 
     def _evaluation(self, run_id: str, ev: Evaluation, prefix: str) -> None:
-        from mammoflow.report import classification_report_text, confusion_figure, roc_figure
+        from mammoflow.reporting.figures import (
+            classification_report_text,
+            confusion_figure,
+            roc_figure,
+        )
 
         t = self.tracker
         t.log_metrics(run_id, ev.metrics, prefix=prefix)
@@ -1632,7 +1636,7 @@ class StudyRun:
     ) -> str:
         """A finished fold into child ``fold-<k>`` (``run_id`` from :meth:`start_fold`, else a new
         one): validation metrics, curves, predictions, model; the run ends FINISHED."""
-        from mammoflow.report import curves_figure
+        from mammoflow.reporting.figures import curves_figure
 
         run_id = run_id or self.start_fold(fold)
         with self.tracker.run_guard(run_id):

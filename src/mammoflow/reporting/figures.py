@@ -50,7 +50,7 @@ def classification_report_text(y: np.ndarray, prob: np.ndarray, class_names: Seq
 
 def confusion_figure(y_true: np.ndarray, y_prob: np.ndarray, class_names: Sequence[str]) -> Any:
     """Confusion matrix heat map with counts."""
-    from mammoflow.metrics import confusion_matrix
+    from mammoflow.evaluation.metrics import confusion_matrix
 
     plt = _plt()
     cm = confusion_matrix(y_true, np.asarray(y_prob).argmax(axis=1), len(class_names))
@@ -69,7 +69,7 @@ def confusion_figure(y_true: np.ndarray, y_prob: np.ndarray, class_names: Sequen
 
 def roc_figure(y_true: np.ndarray, y_prob: np.ndarray, class_names: Sequence[str]) -> Any:
     """ROC curve of the malignant class (the last) against the rest."""
-    from mammoflow.metrics import binary_roc_auc, roc_points
+    from mammoflow.evaluation.metrics import binary_roc_auc, roc_points
 
     plt = _plt()
     pts = roc_points(y_true, y_prob)
@@ -178,7 +178,7 @@ def _one_or_each(values: Mapping[str, str]) -> str:
 
 
 def _size(backbone: str, value: Any) -> str:
-    from mammoflow.backbones import input_size_for
+    from mammoflow.models.backbones import input_size_for
 
     native = value is None or str(value).strip().lower() in ("none", "null", "")
     return f"{input_size_for(backbone, None if native else int(value))} px"

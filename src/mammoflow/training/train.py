@@ -1,9 +1,9 @@
 """The train stage: plan → fold tasks → aggregate → test, for one backbone on one dataset.
 
-* plan: :func:`~mammoflow.inputs.load_inputs` (frame, splits, folds, identity) and the cached
-  frozen-prefix features (:func:`~mammoflow.inputs.load_features`, extracted once per key);
-* fold tasks: :func:`~mammoflow.train.fold_task` is the unit of work — features and split rows in, a
-  :class:`~mammoflow.train.FoldResult` out, nothing else touched. Run here one after the other
+* plan: :func:`~mammoflow.training.inputs.load_inputs` (frame, splits, folds, identity) and the cached
+  frozen-prefix features (:func:`~mammoflow.training.inputs.load_features`, extracted once per key);
+* fold tasks: :func:`~mammoflow.training.fit.fold_task` is the unit of work — features and split rows in, a
+  :class:`~mammoflow.training.fit.FoldResult` out, nothing else touched. Run here one after the other
   on one compiled trainer or, when ``MAMMOFLOW_DASK_ADDRESS`` names a Dask scheduler, one task
   per fold on that cluster (:func:`fan_out` → :func:`remote_fold_task`, each worker reading the
   shared feature cache this stage extracted once). Where a fold runs does not change its
@@ -35,17 +35,17 @@ import numpy as np
 import pandas as pd
 
 from mammoflow.config import Config
-from mammoflow.inputs import StudyInputs, load_features, load_inputs
-from mammoflow.io import atomic_write_bytes, atomic_write_json, atomic_write_text
+from mammoflow.files import atomic_write_bytes, atomic_write_json, atomic_write_text
 from mammoflow.lineage import data_lineage, dataset_source
 from mammoflow.paths import Layout
 from mammoflow.provenance import device, git_state, packages, versions
+from mammoflow.training.inputs import StudyInputs, load_features, load_inputs
 
 if TYPE_CHECKING:
     from mammoflow.models.build import BackboneModel
     from mammoflow.models.features import FeatureSet, ImageSet
     from mammoflow.tracking import Evaluation, StudyRun, Tracker
-    from mammoflow.train import FoldResult, FoldTrainer, TrainEvent
+    from mammoflow.training.fit import FoldResult, FoldTrainer, TrainEvent
 
 log = logging.getLogger(__name__)
 
@@ -115,7 +115,7 @@ def remote_fold_task(
 
     Returns the portable result (weights, no Keras model).
     """
-    from mammoflow.train import fold_task
+    from mammoflow.training.fit import fold_task
 
     layout = layout or Layout()
     inp = load_inputs(cfg, dataset, backbone, layout)
@@ -184,7 +184,7 @@ class _Context:
         """Fold ``fold``'s result: handed in (Dask), else trained here on the shared trainer."""
         if fold in self.computed:
             return self.computed[fold]
-        from mammoflow.train import FoldTrainer, fold_task
+        from mammoflow.training.fit import FoldTrainer, fold_task
 
         if self.trainer is None:
             cfg = self.inp.cfg
@@ -207,7 +207,7 @@ class _Context:
         return res
 
     def evaluation(self, ids: Sequence[str], y: np.ndarray, prob: np.ndarray) -> Evaluation:
-        from mammoflow.metrics import compute_metrics
+        from mammoflow.evaluation.metrics import compute_metrics
         from mammoflow.tracking import Evaluation
 
         m = compute_metrics(y, prob, self.inp.class_names)
@@ -215,7 +215,7 @@ class _Context:
 
     def heads(self, weights: Sequence[Sequence[np.ndarray]]) -> list[Any]:
         """Trained tails + heads rebuilt from their weights (one per fold, or the refit one)."""
-        from mammoflow.train import tail_head_from_weights
+        from mammoflow.training.fit import tail_head_from_weights
 
         return [
             tail_head_from_weights(
@@ -345,7 +345,7 @@ def _failed_on_error(ctx: _Context, run_id: str, train: Callable[[], FoldResult]
 
 def _temperature(folds: Mapping[int, FoldOutcome], n_classes: int) -> float:
     """T fitted on the folds' out-of-fold validation predictions (calibration.py)."""
-    from mammoflow.calibration import fit_temperature
+    from mammoflow.evaluation.calibration import fit_temperature
 
     _, val_y, val_p = _oof(folds, n_classes)
     return fit_temperature(val_y, val_p)
@@ -404,8 +404,8 @@ def _aggregate(
     temperature: float,
 ) -> StudyResult:
     """CV mean/std, test metrics with patient-bootstrap CIs, logged on the parent run."""
-    from mammoflow import metrics as mt
-    from mammoflow.report import folds_figure
+    from mammoflow.evaluation import metrics as mt
+    from mammoflow.reporting.figures import folds_figure
 
     inp, cfg = ctx.inp, ctx.inp.cfg
     ids, y, prob = _from_record(test_rec, inp.n_classes)
@@ -463,7 +463,7 @@ def _subgroups(
     test: tuple[list[str], np.ndarray, np.ndarray],
 ) -> dict[str, Any]:
     """Test and out-of-fold metrics per subgroup (counts, CIs, small flag), logged."""
-    from mammoflow import subgroups as sg
+    from mammoflow.evaluation import subgroups as sg
 
     inp, cfg = ctx.inp, ctx.inp.cfg
     factors = sg.factor_frame(inp.frame, cfg.dataset(inp.dataset).kind)
@@ -491,7 +491,7 @@ def _calibrate(
 ) -> dict[str, Any]:
     """Temperature fitted on the out-of-fold validation predictions, applied to the test as the
     served model applies it: to each fold model of an ensemble before the mean."""
-    from mammoflow import calibration as cal
+    from mammoflow.evaluation import calibration as cal
 
     cfg = ctx.inp.cfg
     ids, y, prob = test
@@ -633,7 +633,7 @@ def write_outputs(
     histories: Mapping[int, Mapping[str, list[float]]],
 ) -> None:
     """DVC outputs of the train stage: metrics JSON, plots data, predictions, histories."""
-    from mammoflow import metrics as mt
+    from mammoflow.evaluation import metrics as mt
 
     ds, bbn = result.dataset, result.backbone
     atomic_write_json(layout.metrics(ds, bbn), _finite(result.summary()))
@@ -656,7 +656,7 @@ def write_outputs(
     if result.calibration:
         atomic_write_json(models / "calibration.json", _finite(result.calibration))
     if result.subgroups:
-        from mammoflow.subgroups import subgroup_markdown
+        from mammoflow.evaluation.subgroups import subgroup_markdown
 
         atomic_write_json(models / "subgroups.json", _finite(result.subgroups))
         atomic_write_text(models / "subgroups.md", subgroup_markdown(result.subgroups))

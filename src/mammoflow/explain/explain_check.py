@@ -4,8 +4,8 @@ For each backbone's test model, the share of abnormal held-out test images whose
 maximum (in the original geometry) falls inside an annotated lesion circle, with a patient
 bootstrap CI, beside its chance level (the mean share of the breast mask inside the circles: a
 uniformly random peak in the breast) and the share of maps that peak outside the breast — logged to MLflow and written to ``metrics/explain/<dataset>.json``. Images are read
-and converted by :mod:`mammoflow.predict` (the training conversion), maps computed by
-:mod:`mammoflow.explain`.
+and converted by :mod:`mammoflow.serving.predict` (the training conversion), maps computed by
+:mod:`mammoflow.explain.gradcam`.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from mammoflow.config import Config
-from mammoflow.explain import bootstrap_rate, gradcam_batch, hit, peak, to_original
+from mammoflow.explain.gradcam import bootstrap_rate, gradcam_batch, hit, peak, to_original
 from mammoflow.paths import Layout
 
 
@@ -113,7 +113,7 @@ def pointing_game(
     The explained class is the image's true class (the pointing game asks where the evidence
     for the annotated finding is), in batches of ``train.batch_size``.
     """
-    from mammoflow.predict import acceptance, prepare
+    from mammoflow.serving.predict import acceptance, prepare
 
     rules = acceptance(cfg, dataset)
     rows: list[dict[str, Any]] = []
@@ -153,7 +153,7 @@ def explain_check(
     ``evaluate.ci``). A dataset without lesion annotations (CMMD) is reported as skipped.
     Writes ``metrics/explain/<dataset>.json``.
     """
-    from mammoflow.io import atomic_write_json
+    from mammoflow.files import atomic_write_json
     from mammoflow.paths import Layout
     from mammoflow.tracking import Tracker
 

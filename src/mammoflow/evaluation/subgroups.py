@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from mammoflow.metrics import bootstrap_ci
+from mammoflow.evaluation.metrics import bootstrap_ci
 
 FACTORS: dict[str, tuple[str, ...]] = {
     "mias": ("tissue", "abnormality", "laterality"),

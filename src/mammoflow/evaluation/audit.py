@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
-from mammoflow.metrics import compute_metrics, patient_rows, percentile_interval
+from mammoflow.evaluation.metrics import compute_metrics, patient_rows, percentile_interval
 from mammoflow.paths import Layout
 
 if TYPE_CHECKING:
@@ -270,8 +270,8 @@ def _study(
 ) -> tuple[dict[str, Any], dict[str, Any], pd.DataFrame]:
     """One grouping: its split written under the audit layout, the study, its predictions."""
     from mammoflow.data.manifest import read_manifest
-    from mammoflow.split import make_splits, write_splits
-    from mammoflow.study import run_study
+    from mammoflow.data.split import make_splits, write_splits
+    from mammoflow.training.train import run_study
 
     cfg = cfg.with_overrides({"split.group_by": group_by}, source="audit")
     al = AuditLayout(root=layout.root, out=layout.root / ".cache" / "audit" / dataset / group_by)
@@ -379,8 +379,8 @@ def summary_text(audit: Mapping[str, Any]) -> str:
 
 
 def _write(layout: Layout, dataset: str, audit: Mapping[str, Any], text: str) -> None:
-    from mammoflow.io import atomic_write_json, atomic_write_text
-    from mammoflow.study import _finite
+    from mammoflow.files import atomic_write_json, atomic_write_text
+    from mammoflow.training.train import _finite
 
     folder = layout.reports() / dataset
     atomic_write_json(folder / "audit.json", _finite(dict(audit)))

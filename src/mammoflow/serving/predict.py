@@ -190,7 +190,7 @@ def geometry(img: NDArray[np.floating], size: int, crop_to_breast: bool) -> Geom
 def image_id(path: Path, key: bytes | None) -> str:
     """``i`` + 16 hex digits of the file's sha256 (HMAC-keyed with ``key``): no name leaks."""
     from mammoflow.data.pseudonym import keyed_hex
-    from mammoflow.io import sha256_file
+    from mammoflow.files import sha256_file
 
     digest = sha256_file(path)
     return "i" + (keyed_hex(key, f"image:{digest}", ID_HEX) if key else digest[:ID_HEX])
@@ -286,7 +286,7 @@ def write_rows(rows: Sequence[dict[str, Any]], out: Path) -> None:
     Raises:
         ValueError: another suffix.
     """
-    from mammoflow.io import atomic_write_text
+    from mammoflow.files import atomic_write_text
 
     suffix = out.suffix.lower()
     if suffix == ".json":
@@ -414,7 +414,7 @@ def explain_batch(
     target_layer: str | None,
 ) -> list[str]:
     """Grad-CAM of each image's predicted class, written under ``out_dir``; the PNG paths."""
-    from mammoflow.explain import gradcam_batch, write_explanation
+    from mammoflow.explain.gradcam import gradcam_batch, write_explanation
 
     maps = gradcam_batch(
         model, np.stack([r.pixels for r in ready]), np.argmax(probs, axis=1), target_layer

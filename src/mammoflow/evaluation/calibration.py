@@ -12,7 +12,7 @@
   ensemble before the mean (:func:`calibrated_probabilities`), exactly as the registered
   serving model does it (a ``temperature`` layer, see ``models.build.ensemble_model``). On one
   model it never changes the arg-max; on an ensemble's mean it can (counted: ``argmax_changed``).
-* Confidence intervals resample *patients*, as :func:`mammoflow.metrics.bootstrap_ci` does.
+* Confidence intervals resample *patients*, as :func:`mammoflow.evaluation.metrics.bootstrap_ci` does.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from mammoflow.metrics import MetricsError, _check, patient_bootstrap
+from mammoflow.evaluation.metrics import MetricsError, _check, patient_bootstrap
 
 N_BINS = 15
 _EPS = 1e-12

@@ -48,7 +48,7 @@ class Geometry(Protocol):
 
 
 class Prepared(Protocol):
-    """An input as :mod:`mammoflow.predict` prepares it (only what an explanation reads)."""
+    """An input as :mod:`mammoflow.serving.predict` prepares it (only what an explanation reads)."""
 
     @property
     def image_id(self) -> str: ...
@@ -254,7 +254,7 @@ def write_explanation(item: Prepared, cam: NDArray[np.float32], out_dir: Path) -
     """
     from PIL import Image
 
-    from mammoflow.io import atomic_write_bytes
+    from mammoflow.files import atomic_write_bytes
 
     out_dir.mkdir(parents=True, exist_ok=True)
     buf = io.BytesIO()

@@ -21,9 +21,9 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from mammoflow import report
-from mammoflow.calibration import T_BOUNDS
-from mammoflow.card import PAPER_CLAIM
+from mammoflow.evaluation.calibration import T_BOUNDS
+from mammoflow.reporting import figures as report
+from mammoflow.reporting.card import PAPER_CLAIM
 
 if TYPE_CHECKING:
     from mammoflow.config import Config
@@ -121,7 +121,7 @@ def collect(cfg: Config, dataset: str, layout: Layout, tracker: Tracker | None) 
     champion = _json(layout.champion(dataset), {})
     card = ""
     if tracker is not None and champion.get("registry"):
-        from mammoflow.card import model_card
+        from mammoflow.reporting.card import model_card
 
         facts = tracker.card_facts(dataset, "champion")
         card = model_card(facts) if facts else ""
@@ -176,7 +176,7 @@ def baseline(data: ReportData, seed: int = 0, n: int = 1000) -> dict[str, Any]:
     Raises:
         ValueError: a test image whose patient is unknown (the manifest does not list it).
     """
-    from mammoflow.metrics import bootstrap_ci
+    from mammoflow.evaluation.metrics import bootstrap_ci
 
     k = len(data.class_names)
     first = data.backbones[0]
@@ -252,7 +252,7 @@ def learning_figure(b: BackboneData, n_classes: int | None = None) -> Any:
     recalibrated for the final model; so each fold's final model as used — its out-of-fold
     validation NLL, from its predictions — is drawn as a star after the last epoch, labelled.
     """
-    from mammoflow.calibration import nll
+    from mammoflow.evaluation.calibration import nll
 
     plt = report._plt()
     fig, ax = plt.subplots(figsize=(4.5, 3.2), dpi=100)
@@ -281,7 +281,7 @@ def learning_figure(b: BackboneData, n_classes: int | None = None) -> Any:
 
 def fold_metrics(b: BackboneData, class_names: Sequence[str]) -> dict[int, dict[str, float]]:
     """Each fold's validation metrics, from its predictions."""
-    from mammoflow.metrics import compute_metrics
+    from mammoflow.evaluation.metrics import compute_metrics
 
     out = {}
     for fold, rec in sorted(b.predictions.get("folds", {}).items(), key=lambda kv: int(kv[0])):
@@ -349,7 +349,7 @@ def _code(text: str) -> str:
 
 def _selection(data: ReportData) -> str:
     """The selection rule, the winner's-curse warning if it peeks, the champion's test estimate."""
-    from mammoflow import champion
+    from mammoflow.evaluation import champion
 
     metric = str(data.champion.get("metric") or "")
     if not metric:
@@ -425,7 +425,7 @@ def _calibration(data: ReportData) -> str:
 
 
 def _subgroup_html(tables: Mapping[str, Sequence[Mapping[str, Any]]]) -> str:
-    from mammoflow.subgroups import METRICS
+    from mammoflow.evaluation.subgroups import METRICS
 
     parts = []
     order = [k for k in ("test", "out-of-fold") if k in tables]
@@ -613,7 +613,7 @@ _CSS = (
 
 def _figures(data: ReportData) -> dict[str, str]:
     """The per-backbone figure grids, by section title."""
-    from mammoflow.calibration import reliability_figure
+    from mammoflow.evaluation.calibration import reliability_figure
 
     names, bbs = data.class_names, data.backbones
 
@@ -687,7 +687,7 @@ def write_report(
     Returns:
         ``{"dataset", "html", "bytes", "logged_to"}``.
     """
-    from mammoflow.io import atomic_write_text
+    from mammoflow.files import atomic_write_text
 
     data = collect(cfg, dataset, layout, tracker)
     ds_cfg = cfg.for_dataset(dataset)

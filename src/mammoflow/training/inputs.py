@@ -76,14 +76,14 @@ def load_inputs(
     Raises:
         InputsError: unconverted images, missing splits, or splits without CV folds.
     """
+    from mammoflow.data.split import read_splits, split_hash
     from mammoflow.models.features import resolve_precision
-    from mammoflow.split import read_splits, split_hash
     from mammoflow.tracking import config_hash
 
     layout = layout or Layout()
     cfg = cfg.for_dataset(dataset)  # datasets.<name>.model / .train over the global sections
     if cfg.tune.use_best:
-        from mammoflow.tuned import apply_best, best_params_path
+        from mammoflow.tuning.params import apply_best, best_params_path
 
         cfg = apply_best(cfg, dataset, backbone, best_params_path(dataset, backbone, layout))
     frame = read_manifest(layout.processed(dataset))

@@ -137,7 +137,7 @@ def _metrics(f: CardFacts) -> list[str]:
 
 def _selection(f: CardFacts) -> list[str]:
     """The selection rule, and the winner's-curse warning when the test set chose the model."""
-    from mammoflow.champion import rule_text, warning_text
+    from mammoflow.evaluation.champion import rule_text, warning_text
 
     if not f.selection_metric:
         return ["Selection rule: not recorded on this version (promoted before it was).", ""]

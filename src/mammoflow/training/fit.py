@@ -51,7 +51,7 @@ from mammoflow.models.features import (
 )
 
 if TYPE_CHECKING:
-    from mammoflow.inputs import StudyInputs
+    from mammoflow.training.inputs import StudyInputs
 
 SPLIT_COLUMNS = ("image_id", "label_index", "split", "fold")
 #: Rows per prediction / statistics call on cached features (images use train.batch_size).
@@ -166,7 +166,7 @@ def check_splits(splits: pd.DataFrame) -> list[int]:
     missing = [c for c in SPLIT_COLUMNS if c not in splits.columns]
     if missing:
         raise TrainError(
-            f"splits lack columns {missing!r}; build them with mammoflow.split.make_splits"
+            f"splits lack columns {missing!r}; build them with mammoflow.data.split.make_splits"
         )
     folds = sorted(int(f) for f in splits.loc[splits["split"] == "cv", "fold"].unique())
     if not folds:
@@ -718,7 +718,7 @@ def train_folds(
 
     Args:
         inputs: cached features or images, covering every image in ``splits``.
-        splits: output of :func:`mammoflow.split.make_splits`.
+        splits: output of :func:`mammoflow.data.split.make_splits`.
         bb: the backbone the inputs came from.
         model_cfg: head settings (head_units, dropout).
         train_cfg: epochs, batch size, optimiser, class weights, early stopping, seed.
@@ -766,7 +766,7 @@ def fold_task(
 ) -> FoldResult:
     """The unit of work: train fold ``fold`` (0 = every CV row) and predict its val and test rows.
 
-    Pure: features and split rows in, a :class:`~mammoflow.train.FoldResult` out.
+    Pure: features and split rows in, a :class:`~mammoflow.training.fit.FoldResult` out.
     """
     (res,) = train_folds(
         data,

@@ -1,0 +1,1 @@
+"""Metrics, calibration, the champion rule, subgroups, external validation, the audit."""

@@ -1,0 +1,1 @@
+"""Grad-CAM maps and the explain_check stage (the pointing game)."""

@@ -1,0 +1,1 @@
+"""The report stage: figures, the study report, model cards, the Prefect summary."""

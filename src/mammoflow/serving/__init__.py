@@ -1,0 +1,1 @@
+"""Scoring files (predict) and serving the champion over HTTP (serve)."""
