@@ -41,6 +41,7 @@ import re
 import secrets
 import shlex
 import shutil
+import signal
 import socket
 import stat
 import subprocess
@@ -924,13 +925,27 @@ class Stack:
         if self._spawn(service):
             self._wait(service, self._ready(service), self.config.start_timeout_s)
 
-    def stop_service(self, service: str) -> bool:
-        """Stop one service and wait for it (supervisord kills it after ``stop_timeout_s``)."""
-        if self.pid(service) is None:
+    def stop_service(self, service: str, *, crash: bool = False) -> bool:
+        """Stop one service and wait for it (supervisord kills it after ``stop_timeout_s``).
+
+        ``crash``: SIGKILL at once, as a crash or a power cut would end it — a graceful stop
+        lets a server finish the requests it is serving first (supervisord does not restart
+        it: it is marked stopping before the kill).
+        """
+        pid = self.pid(service)
+        if pid is None:
             return False
         with contextlib.suppress(xmlrpc.client.Fault):  # NOT_RUNNING: it stopped meanwhile
-            self._rpc().stopProcess(service, True)
-        self.echo(f"{service:10s} stopped")
+            self._rpc().stopProcess(service, not crash)
+            if crash:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+                deadline = time.monotonic() + self.config.stop_timeout_s
+                while self._info(service)["statename"] == "STOPPING":
+                    if time.monotonic() > deadline:
+                        raise StackError(f"{service} did not stop after SIGKILL")
+                    time.sleep(0.05)
+        self.echo(f"{service:10s} {'killed' if crash else 'stopped'}")
         return True
 
     def down(self) -> None:

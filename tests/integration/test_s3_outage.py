@@ -89,7 +89,9 @@ def test_s3_stopped_during_dvc_push(stack: stack_mod.Stack, stack_env: dict[str,
         data.mkdir()
         rng = np.random.default_rng(11)
         originals = {
-            f"part{i:03d}.bin": rng.integers(0, 256, 1024 * 1024, dtype=np.uint8).tobytes()
+            # 8 MiB each: the push is still going when S3 dies (1 MiB files all landed once
+            # between the poll and the stop, the push exiting 0)
+            f"part{i:03d}.bin": rng.integers(0, 256, 8 << 20, dtype=np.uint8).tobytes()
             for i in range(12)
         }
         for name, content in originals.items():
@@ -110,12 +112,12 @@ def test_s3_stopped_during_dvc_push(stack: stack_mod.Stack, stack_env: dict[str,
             _wait_for_objects(
                 stack_mod.DVC_BUCKET, prefix, 2, lambda: push.poll() is None, limit_s=240
             )
-            assert stack.stop_service("seaweedfs")
+            assert stack.stop_service("seaweedfs", crash=True)
             stopped = time.monotonic()
             # DVC goes on with the other files and retries each (s3fs and botocore), so the
             # error comes after every remaining file failed: seconds per file
             output, _ = push.communicate(timeout=600)
-            print(f"dvc push failed {time.monotonic() - stopped:.0f} s after S3 stopped")
+            print(f"dvc push ended {time.monotonic() - stopped:.0f} s after S3 died")
         finally:
             if push.poll() is None:
                 push.kill()

@@ -4,11 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
-import subprocess
-import sys
 import tarfile
-import time
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -22,11 +18,8 @@ from mammoflow.cli import app
 from mammoflow.config import Config
 from mammoflow.explain.explain_check import explain_check
 from mammoflow.paths import Layout
-from mammoflow.serving.predict import predict_files, request_body
 from tests.helpers import (
-    free_port,
     mlflow_client,
-    stop_process_tree,
     tiny_params,
     trained_project,
 )
@@ -179,51 +172,6 @@ def test_external_validation_on_another_vendors_films(project: tuple[Path, Confi
         run_external(cfg, uri, "sample_cmmd", Layout())
     with pytest.raises(ExternalError, match="was trained on sample_mias"):
         run_external(cfg, uri, DATASET, Layout())
-
-
-def _wait_ready(
-    port: int, proc: subprocess.Popen[bytes], log: Path, timeout: float = 120.0
-) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise AssertionError(f"server exited with {proc.returncode}:\n{log.read_text()}")
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2) as resp:
-                if resp.status == 200:
-                    return
-        except OSError:
-            time.sleep(1.0)
-    raise AssertionError(f"server on port {port} not ready after {timeout} s")
-
-
-def test_served_champion_answers_like_predict(project: tuple[Path, Config]) -> None:
-    root, cfg = project
-    image = _sample_pgms(root)[0]
-    port = free_port()
-    log = root / "serve.log"
-    server = subprocess.Popen(
-        [sys.executable, "-m", "mammoflow", "serve", "--dataset", DATASET, "--port", str(port)],
-        cwd=root,
-        start_new_session=True,
-        stdout=log.open("wb"),
-        stderr=subprocess.STDOUT,
-    )
-    try:
-        _wait_ready(port, server, log)
-        body = json.dumps(request_body([image], cfg, DATASET)).encode()
-        req = urllib.request.Request(
-            f"http://127.0.0.1:{port}/invocations",
-            data=body,
-            headers={"Content-Type": "application/json"},
-        )
-        with urllib.request.urlopen(req, timeout=60) as resp:
-            served = np.asarray(json.loads(resp.read())["predictions"], np.float32)
-    finally:
-        stop_process_tree(server, grace=15)
-    row = predict_files([image], cfg, DATASET, progress=False).rows[0]
-    local = np.array([row[f"p_{c}"] for c in ("normal", "benign", "malignant")], np.float32)
-    np.testing.assert_allclose(served[0], local, atol=1e-5)
 
 
 def test_score_flow_writes_results_and_names_bad_files(project: tuple[Path, Config]) -> None:
