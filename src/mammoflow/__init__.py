@@ -1,5 +1,1 @@
-"""MammoFlow."""
-
-from mammoflow import quiet
-
-quiet.install()
+"""MammoFlow: transfer-learning classification of mammograms, tracked end to end."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 import sys
 from collections.abc import Callable
 from functools import wraps
@@ -402,11 +403,21 @@ def deploy_cmd(
     pool: Annotated[str, typer.Option(help="Prefect process work pool.")] = "mammoflow-pool",
     params: ParamsOpt = Path("params.yaml"),
 ) -> None:
-    """Register the scheduled Prefect deployments (nightly validation, weekly retrain)."""
-    sys.path.insert(0, str(Path.cwd()))  # flows/ belongs to the checkout, not to the package
-    from flows.deploy import deploy_all
+    """Register the scheduled Prefect deployments (nightly validation, weekly retrain).
 
-    _echo({"deployments": deploy_all(work_pool=pool, params_path=str(params))})
+    flows/ belongs to the checkout, not to the installed package: this runs
+    ``python -m flows.deploy`` in the current directory (the project root).
+    """
+    if not Path("flows/deploy.py").is_file():
+        raise typer.BadParameter(
+            f"no flows/deploy.py under {Path.cwd()}: run `mammoflow deploy` from the project root"
+        )
+    cmd = [sys.executable, "-m", "flows.deploy", "--pool", pool, "--params", str(params)]
+    done = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        console.print(done.stderr, end="", highlight=False)
+        raise typer.Exit(code=done.returncode)
+    _echo({"deployments": done.stdout.split()})
 
 
 @storage_app.command("check")

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from mammoflow.config import Config
+from mammoflow.quiet import load_keras, load_tensorflow
 
 #: Prefixes of the params that define a backbone's study (the resume key).
 STUDY_PARAM_PREFIXES = ("convert.", "split.", "model.", "train.", "evaluate.", "tracking.")
@@ -132,7 +133,7 @@ def _matches(path: str, patterns: list[str]) -> bool:
 
 def device() -> str:
     """``GPU xN`` or ``CPU (<processor>)``: where TensorFlow computes."""
-    import tensorflow as tf
+    tf = load_tensorflow()
 
     gpus = tf.config.list_physical_devices("GPU")
     return f"GPU x{len(gpus)}" if gpus else f"CPU ({platform.processor() or platform.machine()})"
@@ -140,8 +141,8 @@ def device() -> str:
 
 def versions() -> dict[str, str]:
     """TensorFlow and Keras versions."""
-    import keras
-    import tensorflow as tf
+    keras = load_keras()
+    tf = load_tensorflow()
 
     return {"tensorflow_version": tf.__version__, "keras_version": keras.__version__}
 

@@ -3,17 +3,15 @@
 Importing TensorFlow prints C++ log lines before its logging is initialised, so neither
 ``TF_CPP_MIN_LOG_LEVEL`` nor absl flags reach them: "All log messages before
 absl::InitializeLog()", "Could not find cuda drivers", "failed call to cuInit", "oneDNN custom
-operations are on". :func:`install` puts a finder on ``sys.meta_path`` that wraps the *first*
-``import tensorflow`` (direct or through Keras) and the first device listing in a file-descriptor
-level filter: those known lines are dropped, every other line reaches stderr unchanged.
-Importing this module imports nothing heavy.
+operations are on". Code that needs TensorFlow or Keras gets it from :func:`load_tensorflow` /
+:func:`load_keras`, which run the *first* import and device listing in a file-descriptor level
+filter: those known lines are dropped, every other line reaches stderr unchanged. Importing
+this module imports nothing heavy (and installs nothing: no import hook).
 """
 
 from __future__ import annotations
 
 import contextlib
-import importlib.abc
-import importlib.machinery
 import os
 import sys
 import tempfile
@@ -74,46 +72,22 @@ def filtered_stderr(noise: Sequence[str] = NOISE) -> Iterator[None]:
                 sys.stderr.flush()
 
 
-class _Loader(importlib.abc.Loader):
-    def __init__(self, inner: importlib.abc.Loader) -> None:
-        self.inner = inner
-
-    def create_module(self, spec: importlib.machinery.ModuleSpec) -> ModuleType | None:
-        return self.inner.create_module(spec)
-
-    def exec_module(self, module: ModuleType) -> None:
-        with filtered_stderr():
-            self.inner.exec_module(module)
-            # cuInit runs at the first device query: do it here, inside the filter
-            with contextlib.suppress(Exception):
-                module.config.list_physical_devices()
-
-
-class _Finder(importlib.abc.MetaPathFinder):
-    def find_spec(
-        self, fullname: str, path: Sequence[str] | None, target: ModuleType | None = None
-    ) -> importlib.machinery.ModuleSpec | None:
-        if fullname != "tensorflow":
-            return None
-        uninstall()  # once; the real finders do the work
-        spec = importlib.machinery.PathFinder.find_spec(fullname, path)
-        if spec is None or spec.loader is None:
-            return spec
-        spec.loader = _Loader(spec.loader)
-        return spec
-
-
-_FINDER = _Finder()
-
-
-def install() -> None:
-    """Filter the start-up lines of the first ``import tensorflow`` (no-op if already imported)."""
+def load_tensorflow() -> ModuleType:
+    """``import tensorflow``: the first time (and its first device listing, where cuInit runs)
+    inside :func:`filtered_stderr`; later calls return the imported module."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    if "tensorflow" not in sys.modules and _FINDER not in sys.meta_path:
-        sys.meta_path.insert(0, _FINDER)
+    if "tensorflow" not in sys.modules:
+        with filtered_stderr():
+            import tensorflow
+
+            with contextlib.suppress(Exception):
+                tensorflow.config.list_physical_devices()
+    return sys.modules["tensorflow"]
 
 
-def uninstall() -> None:
-    """Remove the finder."""
-    with contextlib.suppress(ValueError):
-        sys.meta_path.remove(_FINDER)
+def load_keras() -> ModuleType:
+    """``import keras`` (TensorFlow first, through :func:`load_tensorflow`)."""
+    load_tensorflow()
+    import keras
+
+    return keras

@@ -22,13 +22,18 @@ def test_filter_drops_known_lines_and_keeps_the_rest(capfd: pytest.CaptureFixtur
     assert not is_noise("ValueError: mdb001.pgm is not a PGM file")
 
 
-def test_importing_keras_through_mammoflow_prints_no_cuda_noise() -> None:
-    code = "import mammoflow, keras, tensorflow as tf; print(float(tf.constant(1.0) + 1))"
+def test_load_keras_prints_no_cuda_noise_and_importing_mammoflow_hooks_nothing() -> None:
+    code = (
+        "import sys; hooks = list(sys.meta_path); import mammoflow.cli; "
+        "assert sys.meta_path == hooks, sys.meta_path; "
+        "from mammoflow.quiet import load_keras, load_tensorflow; keras = load_keras(); "
+        "tf = load_tensorflow(); print(float(tf.constant(1.0) + 1), keras.__name__)"
+    )
     env = {k: v for k, v in os.environ.items() if not k.startswith("TF_CPP")}
     res = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120
     )
     assert res.returncode == 0, res.stderr
-    assert res.stdout.strip() == "2.0"
+    assert res.stdout.strip() == "2.0 keras"
     for noise in ("cuda", "cuInit", "absl::InitializeLog", "oneDNN custom operations"):
         assert noise not in res.stderr, res.stderr

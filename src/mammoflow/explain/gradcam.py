@@ -25,6 +25,8 @@ from typing import Any, Protocol
 import numpy as np
 from numpy.typing import NDArray
 
+from mammoflow.quiet import load_keras, load_tensorflow
+
 
 class Geometry(Protocol):
     """Where the original image lies on the model's square canvas (``predict.Geometry``)."""
@@ -86,7 +88,7 @@ def _is_functional(layer: Any) -> bool:
 
 def flat_model(model: Any) -> FlatModel:
     """Rebuild ``model`` (nested functional models allowed) as one flat float32 model."""
-    import keras
+    keras = load_keras()
 
     copies: dict[str, list[str]] = {}
     convs: list[str] = []
@@ -157,7 +159,7 @@ _CACHE: dict[tuple[int, str | None], tuple[Any, tuple[str, ...]]] = {}
 
 def gradcam_model(model: Any, target_layer: str | None) -> Any:
     """``images → (target activations…, probabilities)`` on the flat rebuild (cached per model)."""
-    import keras
+    keras = load_keras()
 
     key = (id(model), target_layer)
     if key not in _CACHE:
@@ -188,7 +190,7 @@ def gradcam_batch(
         ReLU(sum of gradient-weighted activations) / its maximum; all zeros (never NaN) where
         the gradients vanish or the map is nowhere positive.
     """
-    import tensorflow as tf
+    tf = load_tensorflow()
 
     grad = gradcam_model(model, target_layer)
     x = tf.convert_to_tensor(np.asarray(images, np.float32)[..., None])

@@ -40,6 +40,7 @@ from typing import Any, Literal
 
 from mammoflow.models.backbones import BackboneSpec, get_spec, input_size_for
 from mammoflow.models.weights import WeightsInfo, resolve_weights
+from mammoflow.quiet import load_keras
 
 Pooling = Literal["avg", "flatten"]
 PRECISIONS = ("float32", "mixed_bfloat16", "mixed_float16")
@@ -121,7 +122,7 @@ def check_precision(precision: str) -> str:
 @contextlib.contextmanager
 def dtype_policy(precision: str) -> Iterator[None]:
     """Build layers under Keras dtype policy ``precision``, restoring the old one afterwards."""
-    import keras
+    keras = load_keras()
 
     check_precision(precision)
     old = keras.config.dtype_policy()
@@ -166,7 +167,7 @@ def grey_preprocess(name: str, x: Any) -> Any:
     Built from stock Keras layers only (Concatenate, Normalization), so a saved model loads
     without MammoFlow's code (``mlflow models serve`` anywhere).
     """
-    import keras
+    keras = load_keras()
 
     scale, offset = _grey_affine(name)
     rgb = keras.layers.Concatenate(axis=-1, name="grey_to_rgb", dtype="float32")([x, x, x])
@@ -181,7 +182,7 @@ def grey_preprocess(name: str, x: Any) -> Any:
 
 
 def _is_batchnorm(layer: Any) -> bool:
-    import keras
+    keras = load_keras()
 
     return isinstance(layer, keras.layers.BatchNormalization)
 
@@ -192,7 +193,7 @@ def weighted_layers(base: Any) -> list[str]:
     Layers with weights, except BatchNormalization and Normalization (whose weights are
     statistics, never trained). Independent of the layers' current ``trainable`` flags.
     """
-    import keras
+    keras = load_keras()
 
     stats = (keras.layers.BatchNormalization, keras.layers.Normalization)
     return [layer.name for layer in base.layers if layer.weights and not isinstance(layer, stats)]
@@ -325,7 +326,7 @@ def load_backbone(
         precision: Keras dtype policy (float32, mixed_bfloat16, mixed_float16).
         keras_home: Keras home for the ImageNet cache.
     """
-    import keras
+    keras = load_keras()
 
     spec = get_spec(name)
     size = input_size_for(name, input_size)
@@ -361,7 +362,7 @@ def load_backbone(
 
 def _fresh_tail(bb: BackboneModel) -> Any:
     """An independent copy of the tail (own layers, same initial weights, trainable flags set)."""
-    import keras
+    keras = load_keras()
 
     if bb.tail is None:
         return None
@@ -394,7 +395,7 @@ def trainable_tail_and_head(
     Raises:
         ModelBuildError: for fewer than 2 classes or an unknown pooling.
     """
-    import keras
+    keras = load_keras()
 
     if n_classes < 2:
         raise ModelBuildError(f"n_classes={n_classes}; a classifier needs at least 2 classes")
@@ -432,7 +433,7 @@ def extraction_model(bb: BackboneModel) -> Any:
     The model the feature cache runs, and the frozen part of :func:`full_model` for images
     already at ``bb.input_size``; always in inference mode.
     """
-    import keras
+    keras = load_keras()
 
     inp = keras.Input(shape=(bb.input_size, bb.input_size, 1), name="image")
     x = bb.prefix(grey_preprocess(bb.name, inp), training=False)
@@ -446,7 +447,7 @@ def full_model(bb: BackboneModel, tail_and_head: Any, *, augment: bool = False) 
     frozen prefix → tail + head``. With ``augment`` a random horizontal flip and a small rotation
     run (training only) after resizing.
     """
-    import keras
+    keras = load_keras()
 
     inp = keras.Input(shape=(None, None, 1), name="image")
     x = keras.layers.Resizing(bb.input_size, bb.input_size, dtype="float32", name="resize")(inp)
@@ -476,7 +477,7 @@ def ensemble_model(
     (Rescaling by 1/T named ``temperature``, Activation softmax), so the served model returns
     calibrated probabilities anywhere; :func:`with_temperature` rebuilds it with another T.
     """
-    import keras
+    keras = load_keras()
 
     if not tail_heads:
         raise ModelBuildError("an ensemble needs at least one fold model")
@@ -503,7 +504,7 @@ TEMPERATURE_LAYER = "temperature"
 
 def logits_model(tail_head: Any) -> Any:
     """A copy of a tail + head that outputs the logits (its ``predictions`` layer, linear)."""
-    import keras
+    keras = load_keras()
 
     cfg = tail_head.get_config()
     found = [c for c in cfg["layers"] if c["config"].get("name") == "predictions"]
@@ -533,7 +534,7 @@ def with_temperature(model: Any, temperature: float) -> Any:
     Raises:
         ModelBuildError: the model has no temperature layer (it serves raw probabilities).
     """
-    import keras
+    keras = load_keras()
 
     if model_temperature(model) is None:
         raise ModelBuildError(
@@ -551,7 +552,7 @@ def with_temperature(model: Any, temperature: float) -> Any:
 
 def ensemble_head(bb: BackboneModel, tail_heads: list[Any]) -> Any:
     """``prefix features → mean probability of the tails + heads`` (one head: itself)."""
-    import keras
+    keras = load_keras()
 
     if len(tail_heads) == 1:
         return tail_heads[0]

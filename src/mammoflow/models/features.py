@@ -39,6 +39,7 @@ import pandas as pd
 
 from mammoflow.files import atomic_file, atomic_write_json, sha256_file
 from mammoflow.models.build import BackboneModel, check_precision, extraction_model
+from mammoflow.quiet import load_tensorflow
 
 log = logging.getLogger(__name__)
 
@@ -106,7 +107,7 @@ def cpu_supports_bf16(cpuinfo: str | None = None) -> bool:
 
 def gpu_bf16_support() -> bool | None:
     """None without a GPU; otherwise whether every visible GPU has compute capability ≥ 8.0."""
-    import tensorflow as tf
+    tf = load_tensorflow()
 
     gpus = tf.config.list_physical_devices("GPU")
     if not gpus:
@@ -170,7 +171,7 @@ def images_hash(frame: pd.DataFrame) -> str:
 
 
 def _png_dataset(paths: Sequence[str], size: int) -> Any:
-    import tensorflow as tf
+    tf = load_tensorflow()
 
     def load(path: Any) -> Any:
         raw = tf.io.read_file(path)
@@ -189,7 +190,7 @@ def load_images(paths: Sequence[Path | str], size: int) -> np.ndarray:
     Raises:
         FeatureError: a file is missing.
     """
-    import tensorflow as tf
+    tf = load_tensorflow()
 
     strs = [str(p) for p in paths]
     missing = [p for p in strs if not Path(p).is_file()]
@@ -210,7 +211,7 @@ def extractor(bb: BackboneModel) -> Any:
     Traced once per backbone (kept in ``bb.compiled``) and shared by extraction, the uncached
     training path and BatchNorm recalibration.
     """
-    import tensorflow as tf
+    tf = load_tensorflow()
 
     forward: Any = bb.compiled.get("extract")
     if forward is None:
@@ -240,7 +241,7 @@ def iter_features(
         batch_size: images per forward pass.
         progress: ``progress(done, total)`` after each batch.
     """
-    import tensorflow as tf
+    tf = load_tensorflow()
 
     if batch_size < 1:
         raise FeatureError(f"batch_size={batch_size}; use a positive batch size")

@@ -20,6 +20,7 @@ from typing import Literal
 
 from mammoflow.files import sha256_file
 from mammoflow.models.backbones import KERAS_CACHE_SUBDIR, get_spec
+from mammoflow.quiet import load_keras
 
 WeightsSource = Literal["imagenet", "file", "none"]
 
@@ -67,7 +68,7 @@ def keras_cache_dir(keras_home: Path | str | None = None) -> Path:
 
 
 def _download(backbone: str, keras_home: Path) -> Path:
-    import keras  # lazy: heavy import
+    keras = load_keras()
 
     spec = get_spec(backbone)
     fetched = keras.utils.get_file(

@@ -35,6 +35,7 @@ import pandas as pd  # at run time: MLflow reads predict's type hints (a DataFra
 from mlflow.pyfunc.model import PythonModel
 
 from mammoflow.config import Config
+from mammoflow.quiet import load_tensorflow
 
 if TYPE_CHECKING:
     from mammoflow.tracking import Tracker
@@ -227,7 +228,7 @@ def compiled(model: Any, size: int) -> Callable[[np.ndarray], np.ndarray]:
     weights; the served probabilities equal ``mammoflow predict``'s to 1e-5
     (tests/integration/test_serving.py). It is safe to call from several threads at once.
     """
-    import tensorflow as tf
+    tf = load_tensorflow()
 
     spec = tf.TensorSpec([None, size, size, 1], tf.float32)
     call = tf.function(lambda x: model(x, training=False), input_signature=[spec])

@@ -49,6 +49,7 @@ from mammoflow.models.features import (
     memory_budget_bytes,
     read_rows,
 )
+from mammoflow.quiet import load_keras, load_tensorflow
 
 if TYPE_CHECKING:
     from mammoflow.training.inputs import StudyInputs
@@ -229,7 +230,7 @@ def recalibrate_batchnorm(model: Any, batches: Callable[[], Iterator[Any]]) -> i
     Returns:
         How many layers were recalibrated.
     """
-    import keras
+    keras = load_keras()
 
     layers = [
         layer
@@ -331,8 +332,8 @@ class FoldTrainer:
         pooling: Pooling = "avg",
         memory_budget: int | None = None,
     ) -> None:
-        import keras
-        import tensorflow as tf
+        keras = load_keras()
+        tf = load_tensorflow()
 
         check_train_params(train_cfg, n_classes)
         t0 = time.perf_counter()
@@ -372,8 +373,8 @@ class FoldTrainer:
     # ---- compiled pieces
     def _step(self) -> Callable[[Any, Any, Any, Any, Any], tuple[Any, Any]]:
         """One SGD step on a batch, adding its loss and hits to the running sums (graph code)."""
-        import keras
-        import tensorflow as tf
+        keras = load_keras()
+        tf = load_tensorflow()
 
         model, opt = self.model, self.optimizer
         variables = model.trainable_variables
@@ -395,7 +396,7 @@ class FoldTrainer:
         return step
 
     def _compile_epoch(self) -> Any:
-        import tensorflow as tf
+        tf = load_tensorflow()
 
         x_all, batch, step = self._x, self.cfg.batch_size, self._step()
         c = self.n_classes
@@ -422,7 +423,7 @@ class FoldTrainer:
 
     def _compile_chunk(self) -> Any:
         """Train the batches of one streamed chunk, carrying the epoch's loss and hit sums."""
-        import tensorflow as tf
+        tf = load_tensorflow()
 
         batch, step, c = self.cfg.batch_size, self._step(), self.n_classes
         shape = [None, *self._source.shape[1:]]
@@ -449,7 +450,7 @@ class FoldTrainer:
         return train_chunk
 
     def _compile_predict_x(self) -> Any:
-        import tensorflow as tf
+        tf = load_tensorflow()
 
         model = self.model
         spec = tf.TensorSpec([None, *self._source.shape[1:]], tf.float32)
@@ -486,7 +487,7 @@ class FoldTrainer:
         """One epoch over ``rows`` in this order: one compiled call, or one per streamed chunk."""
         if not self.chunk:
             return self._train_epoch(rows, y, w)
-        import tensorflow as tf
+        tf = load_tensorflow()
 
         loss_sum, correct = tf.constant(0.0), tf.constant(0.0)
         for lo, x in self._chunks(rows, self._chunk_rows(self.cfg.batch_size)):
@@ -497,7 +498,7 @@ class FoldTrainer:
         return loss_sum / total, correct / total
 
     def _compile_predict(self) -> Any:
-        import tensorflow as tf
+        tf = load_tensorflow()
 
         model, x_all = self.model, self._x
 
@@ -544,7 +545,7 @@ class FoldTrainer:
 
     def _feature_batches(self, ids: Sequence[str]) -> Callable[[], Iterator[Any]]:
         """Batches of tail inputs for ``ids`` (features; images go through the frozen prefix)."""
-        import tensorflow as tf
+        tf = load_tensorflow()
 
         rows = self.rows(ids)
         if self.chunk:
@@ -569,7 +570,7 @@ class FoldTrainer:
 
     def snapshot(self) -> tuple[list[np.ndarray], Any]:
         """The trained tail + head: its weights and an independent Keras copy."""
-        import keras
+        keras = load_keras()
 
         weights = self.tail_head.get_weights()
         copy = keras.Model.from_config(self.tail_head.get_config())
@@ -685,7 +686,7 @@ class _EarlyStopping:
 
 
 def _optimizer(cfg: TrainConfig, precision: str) -> Any:
-    import keras
+    keras = load_keras()
 
     opt = keras.optimizers.SGD(learning_rate=cfg.learning_rate, momentum=cfg.momentum)
     return keras.optimizers.LossScaleOptimizer(opt) if precision == "mixed_float16" else opt

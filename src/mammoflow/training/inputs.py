@@ -17,6 +17,7 @@ from mammoflow.config import Config
 from mammoflow.data.manifest import CLASSES, read_manifest
 from mammoflow.paths import Layout
 from mammoflow.provenance import dvc_data_hash, study_params
+from mammoflow.quiet import load_keras
 
 if TYPE_CHECKING:
     from mammoflow.models.build import BackboneModel
@@ -134,7 +135,7 @@ def load_features(
         trainable_layers: N (default ``model.trainable_layers``; the tuner varies it).
         progress: show a progress bar while extracting.
     """
-    import keras
+    keras = load_keras()
 
     from mammoflow.models.build import load_backbone
     from mammoflow.models.features import prepare_inputs, rich_progress
