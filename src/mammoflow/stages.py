@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Mapping, Sequence
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from mammoflow.config import Config
@@ -44,44 +43,10 @@ def acquire_stage(cfg: Config, dataset: str, layout: Layout | None = None) -> di
     return {"dataset": dataset, "raw_dir": str(target), "files": n_files}
 
 
-def min_size(cfg: Config, dataset: str) -> int:
-    """``ingest.min_size``; for the embedded sample, at most its images' own short side.
-
-    The sample is deliberately small (``sample.size``, 256 px by default) so that the pipeline
-    runs on a laptop; the rule exists to refuse thumbnails and test patterns in real data.
-    """
-    ds = cfg.dataset(dataset)
-    if ds.acquire != "sample":
-        return cfg.ingest.min_size
-    from mammoflow.data.sample import image_shape
-
-    return min(cfg.ingest.min_size, *image_shape(ds.kind, cfg.sample.size))
-
-
-def cmmd_root(dataset: str, layout: Layout | None = None) -> Path:
-    """The source root of an acquired CMMD dataset; its manifest's ``raw_path`` is relative to it."""
-    return (layout or Layout()).raw(dataset) / "CMMD"
-
-
-def raw_files(cfg: Config, dataset: str, layout: Layout | None = None) -> dict[str, Path] | None:
-    """Manifest ``raw_path`` → file on disk for a DICOM dataset (``None`` for MIAS).
-
-    Raises:
-        PseudonymKeyError: ``ingest.pseudonymize: hmac`` without the key in the environment.
-    """
-    if cfg.dataset(dataset).kind != "cmmd":
-        return None
-    from mammoflow.data.cmmd import dicom_files
-    from mammoflow.data.pseudonym import locate_raw, pseudonymizer
-
-    root = cmmd_root(dataset, layout)
-    files = dicom_files(root) if root.is_dir() else []
-    return locate_raw(files, root, pseudonymizer(cfg.ingest.pseudonymize))
-
-
 def ingest_stage(cfg: Config, dataset: str, layout: Layout | None = None) -> dict[str, Any]:
     """Parse the raw files into ``data/interim/<dataset>/manifest.parquet``."""
     from mammoflow.data.acquire import find_clinical
+    from mammoflow.data.raw import cmmd_root, min_size
 
     layout = layout or Layout()
     ds = cfg.dataset(dataset)
@@ -130,6 +95,7 @@ def validate_stage(cfg: Config, dataset: str, layout: Layout | None = None) -> d
     DVC metrics file; raises :class:`ValidationFailed` listing the failed expectations.
     """
     from mammoflow.data.manifest import read_manifest
+    from mammoflow.data.raw import min_size, raw_files
     from mammoflow.data.validate import ValidationFailed, validate_manifest
     from mammoflow.files import atomic_write_json
 
@@ -171,6 +137,7 @@ def convert_stage(
     """
     from mammoflow.data.convert import convert_dataset
     from mammoflow.data.manifest import read_manifest
+    from mammoflow.data.raw import raw_files
     from mammoflow.data.validate import validate_converted
 
     kind = cfg.dataset(dataset).kind

@@ -498,7 +498,7 @@ def test_quarantine_of_every_file_is_an_error(
 def test_the_default_sample_passes_the_pipeline_min_size(tmp_path: Path) -> None:
     """The embedded sample (sample.size 256: CMMD images 256 x 214) is never refused."""
     from mammoflow.config import load_config
-    from mammoflow.stages import min_size
+    from mammoflow.data.raw import min_size
 
     cfg = load_config(Path(__file__).resolve().parents[2] / "params.yaml")
     assert cfg.ingest.min_size == 256 and cfg.sample.size == 256

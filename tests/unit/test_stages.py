@@ -14,6 +14,7 @@ import yaml
 
 from mammoflow import stages
 from mammoflow.config import Config, ConfigError, TrackingConfig, parse_config
+from mammoflow.data import raw
 from mammoflow.data.manifest import read_manifest
 from mammoflow.data.sample import image_shape
 from mammoflow.data.validate import ConvertedImagesInvalid, ValidationFailed
@@ -83,12 +84,12 @@ def test_acquire_and_ingest_summaries(ingested: tuple[Config, Layout]) -> None:
 
 def test_sizes_roots_and_raw_files(ingested: tuple[Config, Layout]) -> None:
     cfg, layout = ingested
-    assert stages.min_size(cfg, MIAS) == min(cfg.ingest.min_size, *image_shape("mias", 64))
-    assert stages.min_size(cfg, CMMD) == min(cfg.ingest.min_size, *image_shape("cmmd", 64)) < 256
-    assert stages.min_size(cfg, "cmmd") == cfg.ingest.min_size  # real data: the rule as set
-    assert stages.cmmd_root(CMMD, layout) == layout.raw(CMMD) / "CMMD"
-    assert stages.raw_files(cfg, MIAS, layout) is None
-    files = stages.raw_files(cfg, CMMD, layout)
+    assert raw.min_size(cfg, MIAS) == min(cfg.ingest.min_size, *image_shape("mias", 64))
+    assert raw.min_size(cfg, CMMD) == min(cfg.ingest.min_size, *image_shape("cmmd", 64)) < 256
+    assert raw.min_size(cfg, "cmmd") == cfg.ingest.min_size  # real data: the rule as set
+    assert raw.cmmd_root(CMMD, layout) == layout.raw(CMMD) / "CMMD"
+    assert raw.raw_files(cfg, MIAS, layout) is None
+    files = raw.raw_files(cfg, CMMD, layout)
     assert files is not None
     frame = read_manifest(layout.interim(CMMD))
     assert set(frame["raw_path"]) <= set(files)

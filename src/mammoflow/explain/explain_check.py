@@ -45,7 +45,7 @@ def annotated_test_images(cfg: Config, dataset: str, layout: Layout) -> list[Ann
     import pandas as pd
 
     from mammoflow.data.manifest import read_manifest
-    from mammoflow.stages import raw_files
+    from mammoflow.data.raw import raw_files
 
     manifest = layout.processed(dataset) / "manifest.parquet"
     split = layout.splits(dataset)

@@ -136,7 +136,7 @@ def _scorable(path: Path) -> bool:
 def acceptance(cfg: Config, dataset: str) -> Acceptance:
     """Ingestion's DICOM acceptance rules for ``dataset`` (the sample's own minimum size)."""
     from mammoflow.data.dicom import Acceptance
-    from mammoflow.stages import min_size
+    from mammoflow.data.raw import min_size
 
     return Acceptance(
         min_size=min_size(cfg, dataset),
