@@ -10,11 +10,14 @@ import contextlib
 import errno
 import hashlib
 import json
+import math
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any, BinaryIO
+
+import numpy as np
 
 _UMASK = os.umask(0)
 os.umask(_UMASK)
@@ -86,3 +89,17 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
 def sha256_bytes(data: bytes) -> str:
     """Hex sha256 of bytes."""
     return hashlib.sha256(data).hexdigest()
+
+
+def finite_json(obj: Any) -> Any:
+    """``obj`` with NaN/inf replaced by ``None`` (and NumPy scalars by Python numbers), so that
+    the JSON written or logged is strict JSON (DVC metrics, MLflow artifacts)."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, np.floating | np.integer):
+        return finite_json(obj.item())
+    if isinstance(obj, Mapping):
+        return {str(k): finite_json(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [finite_json(v) for v in obj]
+    return obj

@@ -379,9 +379,8 @@ def summary_text(audit: Mapping[str, Any]) -> str:
 
 
 def _write(layout: Layout, dataset: str, audit: Mapping[str, Any], text: str) -> None:
-    from mammoflow.files import atomic_write_json, atomic_write_text
-    from mammoflow.training.train import _finite
+    from mammoflow.files import atomic_write_json, atomic_write_text, finite_json
 
     folder = layout.reports() / dataset
-    atomic_write_json(folder / "audit.json", _finite(dict(audit)))
+    atomic_write_json(folder / "audit.json", finite_json(dict(audit)))
     atomic_write_text(folder / "audit.md", f"```\n{text}```\n")

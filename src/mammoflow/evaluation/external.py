@@ -233,7 +233,7 @@ def run_external(
     """
     from mammoflow.data.manifest import CLASSES
     from mammoflow.evaluation.subgroups import factor_frame
-    from mammoflow.files import atomic_write_json, atomic_write_text
+    from mammoflow.files import atomic_write_json, atomic_write_text, finite_json
     from mammoflow.models.build import model_temperature, with_temperature
     from mammoflow.tracking import Tracker
 
@@ -290,7 +290,7 @@ def run_external(
         raise
     tracker.log_external(run_id, source, dataset, flat_metrics(ev), ev, page)
     out_dir = layout.reports() / dataset
-    atomic_write_json(out_dir / "external.json", _finite(ev))
+    atomic_write_json(out_dir / "external.json", finite_json(ev))
     atomic_write_text(out_dir / "report.html", page)
     if source.name:
         tracker.write_model_cards(source.dataset)
@@ -303,20 +303,6 @@ def run_external(
         "mlflow_run_id": run_id,
         "report": str(out_dir / "report.html"),
     }
-
-
-def _finite(obj: Any) -> Any:
-    import math
-
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, np.floating | np.integer):
-        return _finite(obj.item())
-    if isinstance(obj, Mapping):
-        return {str(k): _finite(v) for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
-        return [_finite(v) for v in obj]
-    return obj
 
 
 # ----------------------------------------------------------------------------- the page

@@ -35,7 +35,7 @@ import numpy as np
 import pandas as pd
 
 from mammoflow.config import Config
-from mammoflow.files import atomic_write_bytes, atomic_write_json, atomic_write_text
+from mammoflow.files import atomic_write_bytes, atomic_write_json, atomic_write_text, finite_json
 from mammoflow.lineage import data_lineage, dataset_source
 from mammoflow.paths import Layout
 from mammoflow.provenance import device, git_state, packages, versions
@@ -636,13 +636,13 @@ def write_outputs(
     from mammoflow.evaluation import metrics as mt
 
     ds, bbn = result.dataset, result.backbone
-    atomic_write_json(layout.metrics(ds, bbn), _finite(result.summary()))
+    atomic_write_json(layout.metrics(ds, bbn), finite_json(result.summary()))
     _, y, prob = _from_record(test_rec, len(result.class_names))
     plots = layout.plots(ds, bbn)
     atomic_write_json(
         plots / "confusion.json", mt.confusion_rows(y, prob.argmax(axis=1), result.class_names)
     )
-    atomic_write_json(plots / "roc.json", _finite(mt.roc_points(y, prob)))
+    atomic_write_json(plots / "roc.json", finite_json(mt.roc_points(y, prob)))
     models = layout.models(ds, bbn)
     atomic_write_json(
         models / "predictions.json",
@@ -654,11 +654,11 @@ def write_outputs(
     )
     atomic_write_json(models / "history.json", {str(k): dict(v) for k, v in histories.items()})
     if result.calibration:
-        atomic_write_json(models / "calibration.json", _finite(result.calibration))
+        atomic_write_json(models / "calibration.json", finite_json(result.calibration))
     if result.subgroups:
         from mammoflow.evaluation.subgroups import subgroup_markdown
 
-        atomic_write_json(models / "subgroups.json", _finite(result.subgroups))
+        atomic_write_json(models / "subgroups.json", finite_json(result.subgroups))
         atomic_write_text(models / "subgroups.md", subgroup_markdown(result.subgroups))
     atomic_write_text(models / "README.txt", _models_readme(result))
 
@@ -682,14 +682,3 @@ def _models_readme(result: StudyResult) -> str:
         "subgroups.json / .md: test and out-of-fold metrics per subgroup with counts and CIs\n"
         f"MLflow parent run: {result.parent_run_id} (full serving models are in MLflow)\n"
     )
-
-
-def _finite(obj: Any) -> Any:
-    """Replace NaN/inf by None so the JSON is strict (DVC metrics)."""
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, Mapping):
-        return {k: _finite(v) for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
-        return [_finite(v) for v in obj]
-    return obj
