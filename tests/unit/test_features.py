@@ -181,3 +181,25 @@ def test_memory_budget_setting() -> None:
     assert memory_budget_bytes("512") == 512 << 20
     with pytest.raises(FeatureError, match="MAMMOFLOW_MEMORY_BUDGET_MB='2GB'"):
         memory_budget_bytes("2GB")
+
+
+@pytest.mark.parametrize("bit_depth", [8, 16])
+def test_training_and_serving_feed_the_model_the_same_pixels(
+    tmp_path: Path, bit_depth: int
+) -> None:
+    """Parity: the feature loader reading the convert stage's PNG (training) and
+    predict.model_input on the decoded image (serving) give the same float32 array."""
+    from mammoflow.config import ConvertConfig
+    from mammoflow.data.convert import encode_png, prepare_image
+    from mammoflow.serving.predict import model_input
+
+    rng = np.random.default_rng(bit_depth)
+    img = rng.random((90, 70)).astype(np.float32)  # a decoded film in [0, 1]
+    conv = ConvertConfig(size=64, bit_depth=bit_depth, crop_to_breast=False)
+    png = tmp_path / "film.png"
+    png.write_bytes(encode_png(prepare_image(img, conv.size, bit_depth, False)))
+    trained_on = load_images([png], conv.size)[0, ..., 0]
+    served = model_input(img, conv)
+    assert served.dtype == trained_on.dtype == np.float32
+    assert served.min() >= 0.0 and served.max() <= 255.0 and served.max() > 200.0
+    np.testing.assert_array_equal(served, trained_on)

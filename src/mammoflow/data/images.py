@@ -278,3 +278,22 @@ def quantize(img: FloatImage, bit_depth: int) -> NDArray[np.uint8] | NDArray[np.
     top = 255.0 if bit_depth == 8 else 65535.0
     scaled = np.rint(np.clip(np.nan_to_num(img, nan=0.0), 0.0, 1.0) * top)
     return scaled.astype(np.uint8 if bit_depth == 8 else np.uint16)
+
+
+#: The model is fed grey in [0, 255] whatever the PNG's depth. TensorFlow decodes any PNG as
+#: uint16 with 8-bit values scaled by 257, and a 16-bit value / 257 is in [0, 255] too, so
+#: training (features.load_images) and serving (:func:`to_model_range`) divide by this.
+UINT16_PER_MODEL_UNIT = 257.0
+
+
+def to_model_range(pixels: NDArray[np.uint8] | NDArray[np.uint16]) -> NDArray[np.float32]:
+    """Converted pixels (as the PNG holds them) as the model is fed: float32 grey in [0, 255].
+
+    The serving side of the training/serving parity (tests/unit/test_features.py checks both
+    give the same array for 8- and 16-bit conversions).
+    """
+    if pixels.dtype == np.uint16:
+        return pixels.astype(np.float32) / np.float32(UINT16_PER_MODEL_UNIT)
+    if pixels.dtype == np.uint8:
+        return pixels.astype(np.float32)
+    raise ImageError(f"converted pixels must be uint8 or uint16, got {pixels.dtype}")

@@ -37,6 +37,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from mammoflow.data.images import UINT16_PER_MODEL_UNIT
 from mammoflow.files import atomic_file, atomic_write_json, sha256_file
 from mammoflow.models.build import BackboneModel, check_precision, extraction_model
 from mammoflow.quiet import load_tensorflow
@@ -175,9 +176,10 @@ def _png_dataset(paths: Sequence[str], size: int) -> Any:
 
     def load(path: Any) -> Any:
         raw = tf.io.read_file(path)
-        # uint16 decoding scales 8-bit PNGs by 257, so one division maps both depths to [0, 255].
+        # uint16 decoding scales 8-bit PNGs by 257, so one division maps both depths to [0, 255]
+        # (serving: images.to_model_range)
         img = tf.io.decode_png(raw, channels=1, dtype=tf.uint16)
-        img = tf.cast(img, tf.float32) / 257.0
+        img = tf.cast(img, tf.float32) / UINT16_PER_MODEL_UNIT
         return tf.image.resize(img, (size, size), method="bilinear", antialias=False)
 
     ds = tf.data.Dataset.from_tensor_slices(list(paths))

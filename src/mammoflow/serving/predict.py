@@ -214,10 +214,9 @@ def prepare(
 def model_input(img: NDArray[np.floating], conv: ConvertConfig) -> NDArray[np.float32]:
     """A decoded image as the model is fed: :func:`convert.prepare_image`, in [0, 255]."""
     from mammoflow.data.convert import prepare_image
+    from mammoflow.data.images import to_model_range
 
-    pixels = prepare_image(img, conv.size, conv.bit_depth, conv.crop_to_breast)
-    # as features._png_dataset: 8-bit as is, 16-bit / 257, both in [0, 255]
-    return pixels.astype(np.float32) / (np.float32(257.0) if conv.bit_depth == 16 else 1.0)
+    return to_model_range(prepare_image(img, conv.size, conv.bit_depth, conv.crop_to_breast))
 
 
 # --------------------------------------------------------------------------- model
