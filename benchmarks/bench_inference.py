@@ -96,8 +96,8 @@ def bench_backbone(backbone: str, cfg: Any, n_images: int) -> dict[str, Any]:
 
 def prepare_rate(cfg: Any, dataset: str) -> float:
     """Images per second of reading + converting the embedded sample's PGMs."""
+    from mammoflow.data.prepare import acceptance, prepare
     from mammoflow.data.sample import make_sample
-    from mammoflow.serving.predict import acceptance, prepare
 
     with tempfile.TemporaryDirectory() as tmp:
         s = cfg.sample

@@ -188,10 +188,10 @@ def test_training_and_serving_feed_the_model_the_same_pixels(
     tmp_path: Path, bit_depth: int
 ) -> None:
     """Parity: the feature loader reading the convert stage's PNG (training) and
-    predict.model_input on the decoded image (serving) give the same float32 array."""
+    data.prepare.model_input on the decoded image (serving) give the same float32 array."""
     from mammoflow.config import ConvertConfig
     from mammoflow.data.convert import encode_png, prepare_image
-    from mammoflow.serving.predict import model_input
+    from mammoflow.data.prepare import model_input
 
     rng = np.random.default_rng(bit_depth)
     img = rng.random((90, 70)).astype(np.float32)  # a decoded film in [0, 1]

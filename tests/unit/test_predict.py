@@ -13,6 +13,7 @@ import yaml
 from PIL import Image
 
 from mammoflow.config import Config, load_config
+from mammoflow.data import prepare
 from mammoflow.data.convert import encode_png, prepare_image
 from mammoflow.data.readers import load_raw
 from mammoflow.data.sample import make_sample
@@ -151,14 +152,14 @@ def test_raw_gives_the_uncalibrated_probabilities(project: tuple[Path, Config, s
 def test_inputs_are_the_convert_stage_pixels(project: tuple[Path, Config, str]) -> None:
     root, cfg, _ = project
     path = _pgms(root)[0]
-    item = predict.prepare(path, cfg, predict.acceptance(cfg, "sample_mias"))
+    item = prepare.prepare(path, cfg, prepare.acceptance(cfg, "sample_mias"))
     png = prepare_image(load_raw(path), 64, 8, False)
     decoded = np.asarray(Image.open(__import__("io").BytesIO(encode_png(png))), np.float32)
     np.testing.assert_array_equal(item.pixels, decoded)
     # a converted PNG scores exactly like its raw file
     conv = root / "conv.png"
     conv.write_bytes(encode_png(png))
-    again = predict.prepare(conv, cfg, None)
+    again = prepare.prepare(conv, cfg, None)
     np.testing.assert_array_equal(again.pixels, item.pixels)
 
 
@@ -167,9 +168,9 @@ def test_dicom_acceptance_rules_apply(project: tuple[Path, Config, str]) -> None
     dcm = next((root / "sample" / "cmmd").rglob("*.dcm"))
     strict = _cfg(**{"ingest.min_size": 4000})
     own = _cfg(**{"sample.size": 96})  # the sample is checked against its own size
-    assert predict.read_image(dcm, predict.acceptance(own, "sample_cmmd")).ndim == 2
+    assert prepare.read_image(dcm, prepare.acceptance(own, "sample_cmmd")).ndim == 2
     with pytest.raises(ValueError, match=r"too small|short side|min_size"):
-        predict.read_image(dcm, predict.acceptance(strict, "cmmd"))
+        prepare.read_image(dcm, prepare.acceptance(strict, "cmmd"))
 
 
 def test_explanations_in_original_geometry(project: tuple[Path, Config, str]) -> None:
@@ -228,7 +229,7 @@ def test_zero_map_when_gradients_vanish() -> None:
 
 
 def test_to_original_removes_padding_and_restores_aspect() -> None:
-    geo = predict.geometry(np.zeros((40, 80), np.float32), 64, False)
+    geo = prepare.geometry(np.zeros((40, 80), np.float32), 64, False)
     assert (geo.top, geo.left, geo.fit_h, geo.fit_w) == (16, 0, 32, 64)
     cam = np.zeros((64, 64), np.float32)
     cam[16:48, 48:64] = 1.0  # the right quarter of the image (inside the padding band)

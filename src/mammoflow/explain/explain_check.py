@@ -113,7 +113,7 @@ def pointing_game(
     The explained class is the image's true class (the pointing game asks where the evidence
     for the annotated finding is), in batches of ``train.batch_size``.
     """
-    from mammoflow.serving.predict import acceptance, prepare
+    from mammoflow.data.prepare import acceptance, prepare
 
     rules = acceptance(cfg, dataset)
     rows: list[dict[str, Any]] = []

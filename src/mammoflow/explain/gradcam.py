@@ -20,46 +20,13 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 from numpy.typing import NDArray
 
+from mammoflow.data.prepare import Geometry, Prepared
 from mammoflow.quiet import load_keras, load_tensorflow
-
-
-class Geometry(Protocol):
-    """Where the original image lies on the model's square canvas (``predict.Geometry``)."""
-
-    @property
-    def height(self) -> int: ...
-    @property
-    def width(self) -> int: ...
-    @property
-    def bbox(self) -> tuple[int, int, int, int]: ...
-    @property
-    def top(self) -> int: ...
-    @property
-    def left(self) -> int: ...
-    @property
-    def fit_h(self) -> int: ...
-    @property
-    def fit_w(self) -> int: ...
-    @property
-    def size(self) -> int: ...
-
-
-class Prepared(Protocol):
-    """An input as :mod:`mammoflow.serving.predict` prepares it (only what an explanation reads)."""
-
-    @property
-    def image_id(self) -> str: ...
-
-    @property
-    def original(self) -> NDArray[np.float32]: ...
-
-    @property
-    def geometry(self) -> Geometry: ...
 
 
 class ExplainError(ValueError):

@@ -83,7 +83,8 @@ def pin(tracker: Tracker, uri: str) -> Pinned:
 
 def wrapper_config(cfg: Config, dataset: str, model: Pinned) -> dict[str, Any]:
     """What the wrapper applies (its ``model_config``): conversion, DICOM rules, classes, model."""
-    from mammoflow.serving.predict import acceptance, class_names
+    from mammoflow.data.prepare import acceptance
+    from mammoflow.serving.predict import class_names
 
     cfg = cfg.for_dataset(dataset)
     conv = cfg.convert
@@ -290,8 +291,8 @@ class ImageClassifier(PythonModel):
         from mlflow.exceptions import MlflowException
         from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 
+        from mammoflow.data.prepare import model_input
         from mammoflow.data.readers import load_bytes
-        from mammoflow.serving.predict import model_input
 
         ready: list[np.ndarray] = []
         problems: list[str] = []
