@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from mammoflow.dvcdata import IN_REMOTE, LOCAL_ONLY, UNKNOWN, dvc_hash, dvc_setup, locate
+from mammoflow.paths import Layout
 from mammoflow.tracking import TAG_DATA, TAG_LOCATION, TAG_REMOTE, TAG_SPLIT
 from mammoflow.tracking import TAG_LINEAGE_WARNING as TAG_WARNING
 
@@ -37,8 +38,9 @@ class LineageWarning(UserWarning):
 
 def data_lineage(dataset: str, root: Path = Path()) -> dict[str, str]:
     """The lineage tags of a study of ``dataset`` in the checkout at ``root`` (see module doc)."""
-    data = dvc_hash(root / "data" / "processed" / dataset)
-    split = dvc_hash(root / "data" / "splits" / f"{dataset}.parquet")
+    layout = Layout(root)
+    data = dvc_hash(layout.processed(dataset))
+    split = dvc_hash(layout.splits(dataset))
     setup = dvc_setup(root)
     location = locate(root, [data, split]) if setup is not None else UNKNOWN
     tags = {

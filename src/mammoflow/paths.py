@@ -64,6 +64,18 @@ class Layout:
         """A trained fold's tail + head weights (a cache for resuming an ensemble; not a DVC out)."""
         return self.root / ".cache" / "folds" / f"{backbone}-{key[:16]}-fold-{fold}.npz"
 
+    def explain_metrics(self, dataset: str) -> Path:
+        """The explain_check stage's pointing-game metrics."""
+        return self.root / "metrics" / "explain" / f"{dataset}.json"
+
+    def best_params(self, dataset: str, backbone: str) -> Path:
+        """The tune stage's best values (``tuning/<dataset>-<backbone>.json``, a DVC out)."""
+        return self.root / "tuning" / f"{dataset}-{backbone}.json"
+
+    def audit_work(self, dataset: str, group_by: str) -> Path:
+        """Scratch of the leakage audit's study split by ``group_by`` (a cache, not a DVC out)."""
+        return self.root / ".cache" / "audit" / dataset / group_by
+
     def reports(self) -> Path:
         """Comparison reports."""
         return self.root / "reports"

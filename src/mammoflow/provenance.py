@@ -10,6 +10,7 @@ import platform
 import posixpath
 import re
 import subprocess
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,10 @@ from mammoflow.quiet import load_keras, load_tensorflow
 
 #: Prefixes of the params that define a backbone's study (the resume key).
 STUDY_PARAM_PREFIXES = ("convert.", "split.", "model.", "train.", "evaluate.", "tracking.")
+
+
+class ProvenanceWarning(UserWarning):
+    """Part of a run's provenance could not be recorded (it is tagged 'unknown')."""
 
 
 def study_params(cfg: Config, dataset: str) -> dict[str, Any]:
@@ -44,12 +49,20 @@ def dvc_data_hash(dataset: str, root: Path = Path()) -> str:
     Computed by DVC's own hashing code (dvc-data), the value ``dvc.lock`` records for the convert
     stage's output — but of the files actually there, whoever wrote them (``dvc repro``, a
     Prefect flow, a direct command), so a run's lineage tag names the data it used.
-    'unknown' when the folder is missing.
+
+    Raises:
+        FileNotFoundError: the folder is missing (a run cannot name data it does not have).
     """
     from mammoflow.dvcdata import dvc_hash
+    from mammoflow.paths import Layout
 
-    folder = root / "data" / "processed" / dataset
-    return dvc_hash(folder) if folder.is_dir() else "unknown"
+    folder = Layout(root).processed(dataset)
+    if not folder.is_dir():
+        raise FileNotFoundError(
+            f"{folder}: no converted data to hash; run `mammoflow convert {dataset}` (or "
+            "`dvc repro`) first"
+        )
+    return dvc_hash(folder)
 
 
 def git_state(root: Path = Path()) -> dict[str, str]:
@@ -75,10 +88,19 @@ def git_state(root: Path = Path()) -> dict[str, str]:
     patterns = [prefix + p for p in pipeline_outputs(root)]
     changed = [] if status is None else changed_paths(status)
     dirty = [p for p in changed if not _matches(p, patterns)]
-    return {
+    state = {
         "git_commit": commit or "unknown",
         "git_dirty": "unknown" if status is None else str(bool(dirty)).lower(),
     }
+    if "unknown" in state.values():
+        warnings.warn(
+            f"{Path(root).resolve()}: no git commit (not a git checkout, or git failed): the "
+            "run is tagged git_commit/git_dirty 'unknown' and cannot be reproduced from a "
+            "commit; run from a git clone of the project",
+            ProvenanceWarning,
+            stacklevel=2,
+        )
+    return state
 
 
 def changed_paths(porcelain_z: str) -> list[str]:

@@ -298,3 +298,28 @@ def test_compare_reads_mlflow_and_writes_only_when_asked(project: tuple[Path, Co
     stages.compare_stage(cfg, [DATASET], Layout(root), write=True)
     assert f"## {DATASET}" in (root / "reports" / "comparison.md").read_text()
     assert "data:image/png;base64," in (root / "reports" / "comparison.html").read_text()
+
+
+def test_a_fold_trained_again_for_the_served_model_says_so(project: tuple[Path, Config]) -> None:
+    """Reused folds whose cached weights are gone are trained again for the ensemble: a
+    visible warning and a parent-run tag say so and whether the retrained member matches."""
+    from mammoflow.training.train import TAG_RETRAINED, RetrainedFoldWarning
+
+    root, cfg = project
+    client = mlflow_client(root)
+    test_runs = [
+        r
+        for r in _runs(root)
+        if r.data.tags.get("mammoflow.role") == "test"
+        and r.data.tags.get("mammoflow.backbone") == "vgg16"
+    ]
+    for run in test_runs:  # the test model is made again from the folds' weights …
+        client.delete_run(run.info.run_id)
+    for cached in (root / ".cache" / "folds").glob("vgg16-*-fold-2.npz"):
+        cached.unlink()  # … and fold 2's are gone
+    with pytest.warns(RetrainedFoldWarning, match=r"fold 2's weights .* match the logged run's"):
+        res = stages.train_stage(cfg, DATASET, "vgg16", Layout(root))
+    assert res["resumed_folds"] == [1, 2, 3]
+    parent = client.get_run(test_runs[0].data.tags["mlflow.parentRunId"])
+    assert parent.data.tags[f"{TAG_RETRAINED}2"].startswith("its validation predictions match")
+    assert f"{TAG_RETRAINED}1" not in parent.data.tags

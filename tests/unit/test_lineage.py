@@ -119,6 +119,15 @@ def test_git_dirty_means_code_or_params_changed(tmp_path: Path) -> None:
     assert git_state(tmp_path / "..")["git_dirty"] in ("unknown", "true", "false")
 
 
+def test_provenance_that_cannot_be_recorded_is_said(tmp_path: Path) -> None:
+    from mammoflow.provenance import ProvenanceWarning, dvc_data_hash
+
+    with pytest.warns(ProvenanceWarning, match="no git commit"):
+        assert git_state(tmp_path) == {"git_commit": "unknown", "git_dirty": "unknown"}
+    with pytest.raises(FileNotFoundError, match=r"processed/site: no converted data.*convert"):
+        dvc_data_hash("site", tmp_path)
+
+
 def test_logged_params_rebuild_the_config_the_run_used() -> None:
     from mammoflow.tracking import _param_value
 

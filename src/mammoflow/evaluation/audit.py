@@ -274,7 +274,7 @@ def _study(
     from mammoflow.training.train import run_study
 
     cfg = cfg.with_overrides({"split.group_by": group_by}, source="audit")
-    al = AuditLayout(root=layout.root, out=layout.root / ".cache" / "audit" / dataset / group_by)
+    al = AuditLayout(root=layout.root, out=layout.audit_work(dataset, group_by))
     frame = read_manifest(layout.processed(dataset))
     splits = make_splits(
         frame,

@@ -186,7 +186,7 @@ def explain_check(
             rate["outside_breast"] = float(np.mean([r["outside_breast"] for r in rows]))
             tracker.log_pointing_game(run_id, rate, rows)
             out["backbones"][backbone] = {**rate, "mlflow_test_run_id": run_id}
-    atomic_write_json(layout.root / "metrics" / "explain" / f"{dataset}.json", out)
+    atomic_write_json(layout.explain_metrics(dataset), out)
     return out
 
 

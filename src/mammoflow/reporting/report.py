@@ -133,7 +133,7 @@ def collect(cfg: Config, dataset: str, layout: Layout, tracker: Tracker | None) 
         champion=champion,
         validation=_json(layout.validation(dataset) / "validation.json", {}),
         audit=_json(layout.reports() / dataset / "audit.json"),
-        explain=_json(layout.root / "metrics" / "explain" / f"{dataset}.json"),
+        explain=_json(layout.explain_metrics(dataset)),
         card=card,
         settings=report.settings_line({b.name: b.params for b in backbones if b.params}),
         ci=ds_cfg.evaluate.ci,

@@ -26,6 +26,7 @@ import logging
 import math
 import os
 import time
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,6 +49,16 @@ if TYPE_CHECKING:
     from mammoflow.training.fit import FoldResult, FoldTrainer, TrainEvent
 
 log = logging.getLogger(__name__)
+
+#: parent-run tag prefix: a fold trained again because its cached weights were missing
+TAG_RETRAINED = "mammoflow.retrained_fold."
+#: largest |Δp| between a retrained fold's and its logged validation predictions called a match
+RETRAIN_TOLERANCE = 1e-5
+
+
+class RetrainedFoldWarning(UserWarning):
+    """A reused fold's weights were missing and it was trained again for the served model."""
+
 
 #: Scheduler address (``tcp://host:8786``) of a Dask cluster to run the fold tasks on; unset = here.
 DASK_ADDRESS_ENV = "MAMMOFLOW_DASK_ADDRESS"
@@ -392,8 +403,30 @@ def _fold_weights(ctx: _Context, outcome: FoldOutcome) -> list[np.ndarray]:
     if path.is_file():
         with np.load(path) as z:
             return [z[f"arr_{i}"] for i in range(len(z.files))]
-    log.warning("fold %d's weights are not cached (%s); training it again", outcome.fold, path)
-    return ctx.result(outcome.fold).weights
+    res = ctx.result(outcome.fold)
+    note = _retrained_note(outcome, res.val_ids, res.val_prob)
+    warnings.warn(
+        f"fold {outcome.fold}'s weights were not in the fold cache ({path}): it was trained "
+        f"again for the served model; {note}",
+        RetrainedFoldWarning,
+        stacklevel=2,
+    )
+    ctx.run.tracker.set_tags(ctx.run.parent_id, {f"{TAG_RETRAINED}{outcome.fold}": note})
+    return res.weights
+
+
+def _retrained_note(outcome: FoldOutcome, ids: Sequence[str], prob: np.ndarray) -> str:
+    """How a fold trained again compares with its logged run, on the same validation images."""
+    logged = dict(zip(outcome.val.get("image_id", []), outcome.val.get("prob", []), strict=False))
+    if not ids or set(ids) != set(logged):
+        return "its validation images differ from the logged run's: not comparable"
+    delta = float(np.max(np.abs(np.asarray([logged[i] for i in ids], np.float64) - prob)))
+    if delta <= RETRAIN_TOLERANCE:
+        return f"its validation predictions match the logged run's (max |dp| {delta:.1e})"
+    return (
+        f"its validation predictions DIFFER from the logged run's (max |dp| {delta:.3g}): the "
+        "served ensemble's member is not the logged fold"
+    )
 
 
 def _aggregate(

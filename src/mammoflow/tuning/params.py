@@ -52,7 +52,7 @@ def overrides(params: Mapping[str, Any]) -> dict[str, Any]:
 
 def best_params_path(dataset: str, backbone: str, layout: Layout | None = None) -> Path:
     """``tuning/<dataset>-<backbone>.json`` under the project root (the tune stage's DVC out)."""
-    return (layout or Layout()).root / "tuning" / f"{dataset}-{backbone}.json"
+    return (layout or Layout()).best_params(dataset, backbone)
 
 
 def read_best(path: Path | str) -> dict[str, Any]:
