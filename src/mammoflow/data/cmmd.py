@@ -24,7 +24,7 @@ bad-file messages, ``quarantine.json`` and ``unlabelled.json`` use the same path
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -348,18 +348,51 @@ def ingest_cmmd(
         raise IngestError(
             f"{source}: no .dcm files found; expected CMMD/<patient>/<study>/<series>/1-N.dcm"
         )
+    bad, unlabelled = BadFiles(), BadFiles()
+    examined = _examine_all(files, source, table, str(clinical), rules, pz, bad, unlabelled)
+    good = _drop_duplicates(examined, bad)
+    bad.items.sort()
+    if bad and policy == "fail":
+        raise IngestError(format_bad("CMMD", source, bad.items, interface))
+    return finish(
+        kind=KIND,
+        source=source,
+        rows=_rows(good, dataset),
+        bad=bad,
+        out_dir=out_dir,
+        on_bad_file=policy,
+        unlabelled=unlabelled.items,
+        interface=interface,
+    )
+
+
+def _examine_all(
+    files: Sequence[Path],
+    source: Path,
+    table: Mapping[tuple[str, str], ClinicalRow],
+    clinical: str,
+    rules: Acceptance,
+    pz: Pseudonymizer,
+    bad: BadFiles,
+    unlabelled: BadFiles,
+) -> list[_Image]:
+    """Every file examined: the good images returned, the others added to ``bad`` or
+    ``unlabelled`` under their stored (pseudonymous) paths."""
     stored = pz.raw_paths(files, source)
-    bad = BadFiles()
-    unlabelled = BadFiles()
     good: list[_Image] = []
     for path in files:
-        result = _examine(path, stored[path], table, str(clinical), rules, pz)
+        result = _examine(path, stored[path], table, clinical, rules, pz)
         if isinstance(result, str):
             bad.add(stored[path], result)
         elif isinstance(result, _Unlabelled):
             unlabelled.add(stored[path], result.reason)
         else:
             good.append(result)
+    return good
+
+
+def _drop_duplicates(good: list[_Image], bad: BadFiles) -> list[_Image]:
+    """Images whose bytes are identical to another's all go to ``bad`` (none is kept)."""
     by_sha: dict[str, list[_Image]] = {}
     for image in good:
         by_sha.setdefault(image.sha256, []).append(image)
@@ -371,12 +404,13 @@ def ingest_cmmd(
                     image.path,
                     f"duplicate image: identical bytes in {[c.path for c in copies]}",
                 )
-    good = [image for image in good if id(image) not in duplicates]
-    bad.items.sort()
-    if bad and policy == "fail":
-        raise IngestError(format_bad("CMMD", source, bad.items, interface))
+    return [image for image in good if id(image) not in duplicates]
+
+
+def _rows(good: Sequence[_Image], dataset: str) -> list[ManifestRow]:
+    """The manifest rows of the accepted images (image ids assigned per patient/side/view)."""
     ids = assign_image_ids([(i.patient_id, i.side, i.view) for i in good])
-    rows = [
+    return [
         ManifestRow(
             image_id=image_id,
             patient_id=image.patient_id,
@@ -396,13 +430,3 @@ def ingest_cmmd(
         )
         for image_id, image in zip(ids, good, strict=True)
     ]
-    return finish(
-        kind=KIND,
-        source=source,
-        rows=rows,
-        bad=bad,
-        out_dir=out_dir,
-        on_bad_file=policy,
-        unlabelled=unlabelled.items,
-        interface=interface,
-    )

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import re
 import tarfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -475,17 +475,7 @@ def ingest_mias(
     source, out_dir = Path(source), Path(out_dir)
     raw_dir = out_dir / "raw"
     bad = BadFiles()
-    if source.is_dir():
-        scan = _scan_folder(source, bad)
-        missing_where = f"{source}/"
-    elif source.is_file() and tarfile.is_tarfile(source):
-        scan = _scan_archive(source, raw_dir, bad)
-        missing_where = f"{source}:"
-    else:
-        raise IngestError(
-            f"{source}: not a folder or a tar archive; pass all-mias.tar.gz or the folder "
-            "that holds Info.txt and the mdbNNN.pgm files"
-        )
+    scan, missing_where = _scan(source, raw_dir, bad)
     if scan.info_text is None:
         scan.fatal.append(f"no {INFO_NAME} in {source}; MIAS labels come from Info.txt")
     if scan.fatal:
@@ -502,6 +492,34 @@ def ingest_mias(
         wanted = {f.member: f.sha256 for f in good if f.member is not None}
         wanted.update({name: "" for name in scan.extra_members})
         _extract(source, raw_dir, wanted)
+    bad.items.sort()
+    return finish(
+        kind=KIND,
+        source=source,
+        rows=_rows(good, images, dataset),
+        bad=bad,
+        out_dir=out_dir,
+        on_bad_file=policy,
+        interface=interface,
+    )
+
+
+def _scan(source: Path, raw_dir: Path, bad: BadFiles) -> tuple[_Scan, str]:
+    """Scan a folder or a tar archive; the scan and how a missing file's place is written."""
+    if source.is_dir():
+        return _scan_folder(source, bad), f"{source}/"
+    if source.is_file() and tarfile.is_tarfile(source):
+        return _scan_archive(source, raw_dir, bad), f"{source}:"
+    raise IngestError(
+        f"{source}: not a folder or a tar archive; pass all-mias.tar.gz or the folder "
+        "that holds Info.txt and the mdbNNN.pgm files"
+    )
+
+
+def _rows(
+    good: Sequence[_Found], images: Mapping[str, MiasImageInfo], dataset: str
+) -> list[ManifestRow]:
+    """The manifest rows of the accepted films, labelled from their Info.txt rows."""
     rows = []
     for found in good:
         info = images[found.image_id]
@@ -528,13 +546,4 @@ def ingest_mias(
                 },
             )
         )
-    bad.items.sort()
-    return finish(
-        kind=KIND,
-        source=source,
-        rows=rows,
-        bad=bad,
-        out_dir=out_dir,
-        on_bad_file=policy,
-        interface=interface,
-    )
+    return rows

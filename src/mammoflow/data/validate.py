@@ -328,6 +328,16 @@ def build_expectations(
     import great_expectations as gx
 
     e = gx.expectations
+    suite = _identity_expectations(e, kind, dataset)
+    suite += _geometry_expectations(e, min_size)
+    suite += _patient_expectations(e, kind)
+    if converted:
+        suite += converted_expectations()
+    return suite
+
+
+def _identity_expectations(e: Any, kind: str, dataset: str) -> list[Expectation]:
+    """Columns, ids, labels, laterality, view and QC: what each row says it is."""
     classes = list(CLASSES[kind])
     pair_missing: Literal["either_value_is_missing"] = "either_value_is_missing"
     suite: list[Expectation] = [
@@ -367,6 +377,14 @@ def build_expectations(
         e.ExpectColumnValuesToBeNull(
             column="qc_marker", description="no QC or calibration image (flat field, phantom)"
         ),
+    ]
+    return suite
+
+
+def _geometry_expectations(e: Any, min_size: int) -> list[Expectation]:
+    """Sizes, bit depth and intensity: what each raw file holds."""
+    pair_missing: Literal["either_value_is_missing"] = "either_value_is_missing"
+    return [
         e.ExpectColumnValuesToBeBetween(
             column="short_side",
             min_value=min_size,
@@ -398,6 +416,12 @@ def build_expectations(
             strict_min=True,
             description="intensity not constant (std > 0)",
         ),
+    ]
+
+
+def _patient_expectations(e: Any, kind: str) -> list[Expectation]:
+    """How images group into patients (MIAS: film pairs)."""
+    suite: list[Expectation] = [
         e.ExpectColumnValuesToBeBetween(
             column="patient_lateralities",
             min_value=1,
@@ -423,8 +447,6 @@ def build_expectations(
                 description="a MIAS patient has at most two films",
             ),
         ]
-    if converted:
-        suite += converted_expectations()
     return suite
 
 
