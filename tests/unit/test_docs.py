@@ -19,7 +19,7 @@ README = ROOT / "README.md"
 PAGES = [README, *sorted((ROOT / "docs").glob("*.md"))]
 MAX_README_LINES = 260
 
-_FENCE = re.compile(r"^(```|~~~).*?^\1[^\n]*$", re.M | re.S)
+_FENCE = re.compile(r"^[ \t]*(```|~~~).*?^[ \t]*\1[^\n]*$", re.M | re.S)
 _CODE_SPAN = re.compile(r"(`+)(.+?)\1", re.S)
 _LINK = re.compile(r"!?\[[^\]]*\]\(\s*<?([^)\s>]+)>?(?:\s+\"[^\"]*\")?\s*\)")
 _HEADING = re.compile(r"^(#{1,6})\s+(.+?)\s*#*\s*$", re.M)
@@ -124,7 +124,7 @@ def test_the_checks_see_a_broken_link_and_a_renamed_module(tmp_path: Path) -> No
     page.write_text(
         "# Title\n[ok](other.md#real-heading) [self](#title) [web](https://example.org)\n"
         "[gone](missing.md) [bad anchor](other.md#nope) `src/mammoflow/study.py`\n"
-        "```\n[in code](nowhere.md)\n```\n"
+        "```\n[in code](nowhere.md)\n```\n- item\n\n  ```bash\n  [indented](nowhere.md)\n  ```\n"
     )
     problems = broken_links(page)
     assert len(problems) == 2
