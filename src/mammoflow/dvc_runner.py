@@ -38,6 +38,14 @@ _RESTORED = re.compile(r"^Stage '(?P<stage>[^']+)' is cached - skipping run")
 _FAILED_CMD = re.compile(r"failed to run: .*, exited with (?P<code>-?\d+)")
 _PUSHED = re.compile(r"(?P<n>\d+) files? pushed")
 
+# DVC's bookkeeping between a study's stages, which the stages' own step lines make redundant:
+# the command echo, lock-file updates, "Running stage" headers, hash-info warnings about outputs
+# an experiment has not made yet.
+_BOOKKEEPING = re.compile(
+    r"^(> |Running stage '|Updating lock file '|Generating lock file '"
+    r"|WARNING: No file hash info found for )"
+)
+
 LineSink = Callable[[str], None]
 
 
@@ -183,6 +191,19 @@ def repro(
             raise TransientStageError(message)
         raise DvcError(message, exit_code=status)
     return StageRun(stage, outcome(stage, lines), seconds, tuple(lines))
+
+
+def narrate(line: str) -> str | None:
+    """What a person watching a stage run needs of one line DVC printed: the stages' own
+    lines and DVC's errors as they are, a skipped or restored stage said once, DVC's
+    bookkeeping dropped (``None``)."""
+    if _BOOKKEEPING.match(line):
+        return None
+    if match := _SKIPPED.match(line):
+        return f"{match['stage']}: unchanged, skipped"
+    if match := _RESTORED.match(line):
+        return f"{match['stage']}: restored from the run cache"
+    return line
 
 
 def outcome(stage: str, lines: Sequence[str]) -> str:

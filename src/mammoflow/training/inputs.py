@@ -6,8 +6,6 @@ the same identity (config hash) and the same feature cache entry.
 
 from __future__ import annotations
 
-import contextlib
-from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -20,7 +18,7 @@ from mammoflow.provenance import dvc_data_hash, study_params
 
 if TYPE_CHECKING:
     from mammoflow.models.build import BackboneModel
-    from mammoflow.models.features import BatchProgress, FeatureSet, ImageSet
+    from mammoflow.models.features import FeatureSet, ImageSet
 
 
 class InputsError(ValueError):
@@ -136,8 +134,9 @@ def load_features(
     """
     import keras
 
+    from mammoflow.console import progress as shown
     from mammoflow.models.build import load_backbone
-    from mammoflow.models.features import prepare_inputs, rich_progress
+    from mammoflow.models.features import prepare_inputs
 
     layout = layout or Layout()
     cfg = inp.cfg
@@ -153,12 +152,7 @@ def load_features(
         input_size=cfg.model.input_size,
         precision=inp.precision,
     )
-    bar: AbstractContextManager[BatchProgress | None] = (
-        rich_progress(f"{inp.dataset}/{inp.backbone} features")
-        if progress
-        else contextlib.nullcontext(None)
-    )
-    with bar as on_batch:
+    with shown(f"{inp.dataset}/{inp.backbone} features", enabled=progress) as ticker:
         data = prepare_inputs(
             inp.frame,
             bb,
@@ -167,7 +161,7 @@ def load_features(
             augment=cfg.train.augment,
             cache_dir=layout.features(),
             batch_size=cfg.train.batch_size,
-            progress=on_batch,
+            progress=ticker.update if progress else None,
             dtype=cfg.train.feature_dtype,
         )
     return bb, data
