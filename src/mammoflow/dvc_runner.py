@@ -103,8 +103,14 @@ def _run(
     *,
     env: Mapping[str, str] | None = None,
     on_line: LineSink | None = None,
+    own_group: bool = False,
 ) -> tuple[int, list[str]]:
-    """Run ``dvc --wait-for-lock ARGS`` in ``root``; stream and return its output lines."""
+    """Run ``dvc --wait-for-lock ARGS`` in ``root``; stream and return its output lines.
+
+    With ``own_group`` DVC runs in its own process group, and an interrupt of ours (SIGTERM
+    turned into KeyboardInterrupt by the entry wrapper, or Ctrl-C) stops DVC and the stage it
+    runs (SIGTERM, then SIGKILL after a grace period) instead of waiting for them to finish.
+    """
     cmd = [*dvc_command(), "--wait-for-lock", *args]
     full_env = {**os.environ, **(env or {})}
     # the stages' `bin/mammoflow` finds this environment's CLI first, as under `make`
@@ -120,13 +126,21 @@ def _run(
         stderr=subprocess.STDOUT,
         text=True,
         errors="replace",
+        start_new_session=own_group,
     ) as proc:
         assert proc.stdout is not None
-        for raw in proc.stdout:
-            line = raw.rstrip("\n")
-            lines.append(line)
-            if on_line is not None and line.strip():
-                on_line(line)
+        try:
+            for raw in proc.stdout:
+                line = raw.rstrip("\n")
+                lines.append(line)
+                if on_line is not None and line.strip():
+                    on_line(line)
+        except BaseException:
+            if own_group:
+                from mammoflow.procs import stop_group
+
+                stop_group(proc)
+            raise
     return proc.returncode, lines
 
 
@@ -325,7 +339,7 @@ def exp_run(
             if (root / name).is_file()
         }
         try:
-            code, lines = _run(args, root, on_line=on_line)
+            code, lines = _run(args, root, on_line=on_line, own_group=True)
         finally:
             _restore(root, kept)
     if code != 0:
