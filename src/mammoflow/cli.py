@@ -673,6 +673,7 @@ def serve_request_cmd(
     else:
         body = file_body(paths)
     atomic_write_text(out_file, json.dumps(body))
+    say(f"serve-request: {len(paths)} file(s) ({fmt}) → {out_file}")
 
 
 @app.command("config")
