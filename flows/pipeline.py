@@ -23,8 +23,9 @@ carry the tag ``mammoflow-train`` (``prefect concurrency-limit create mammoflow-
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, ParamSpec, TypeVar
 
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import (
@@ -35,6 +36,7 @@ from prefect.artifacts import (
 from prefect.cache_policies import NO_CACHE
 from prefect.client.schemas.objects import TaskRun
 from prefect.states import State
+from prefect.tasks import Task
 
 from mammoflow import dvc_runner
 from mammoflow.config import Config, ConfigError, load_config
@@ -49,6 +51,8 @@ IO_RETRY_DELAYS: list[float] = [2.0, 10.0]
 DATA_STAGES = ("source", "acquire", "ingest", "validate", "convert")
 
 Summary = dict[str, Any]
+P = ParamSpec("P")
+R = TypeVar("R")
 
 
 def _load(params_path: str) -> tuple[Config, Path]:
@@ -74,6 +78,21 @@ def transient_io_error(task: Any, task_run: TaskRun, state: State[Any]) -> bool:
     return False
 
 
+def retrying_task(
+    *, retries: int = IO_RETRIES, delays: float | list[float] = IO_RETRY_DELAYS, **options: Any
+) -> Callable[[Callable[P, R]], Task[P, R]]:
+    """``@task`` for work that touches files, servers or DVC: retried ``retries`` times after
+    ``delays`` seconds, but only on transient I/O (:func:`transient_io_error`); bad input or a
+    missing prerequisite fails at once with its message. ``options`` go to ``@task``."""
+    return task(
+        cache_policy=NO_CACHE,
+        retries=retries,
+        retry_delay_seconds=delays,
+        retry_condition_fn=transient_io_error,
+        **options,
+    )
+
+
 def _stage(params_path: str, stage: str) -> Summary:
     """Run one stage through DVC in the project, streaming its output to the run's log."""
     _, root = _load(params_path)
@@ -83,27 +102,14 @@ def _stage(params_path: str, stage: str) -> Summary:
     return {"stage": stage, "outcome": run.outcome, "seconds": round(run.seconds, 1)}
 
 
-@task(
-    task_run_name="{stage}",
-    cache_policy=NO_CACHE,
-    retries=IO_RETRIES,
-    retry_delay_seconds=IO_RETRY_DELAYS,
-    retry_condition_fn=transient_io_error,
-)
+@retrying_task(task_run_name="{stage}")
 def run_stage(params_path: str, stage: str) -> Summary:
     """One DVC stage (``dvc repro --single-item``): ran, restored from the run cache, or skipped."""
     return _stage(params_path, stage)
 
 
 # Training resumes finished folds (MLflow), so one retry after a transient error is cheap.
-@task(
-    task_run_name="{stage}",
-    cache_policy=NO_CACHE,
-    tags=[TRAIN_TAG],
-    retries=1,
-    retry_delay_seconds=30,
-    retry_condition_fn=transient_io_error,
-)
+@retrying_task(task_run_name="{stage}", tags=[TRAIN_TAG], retries=1, delays=30)
 def run_training_stage(params_path: str, stage: str) -> Summary:
     """A stage that trains (train, tune, audit): tagged for a Prefect concurrency limit."""
     return _stage(params_path, stage)
@@ -177,7 +183,7 @@ def evaluate_flow(params_path: str = "params.yaml", datasets: list[str] | None =
     return {"stages": stages, "report": run_stage(params_path, "report")}
 
 
-@task(task_run_name="push", cache_policy=NO_CACHE, retries=IO_RETRIES, retry_delay_seconds=10)
+@retrying_task(task_run_name="push", delays=10)
 def push(params_path: str) -> Summary:
     """Send the data and run cache to the project's default DVC remote; say what was sent."""
     from mammoflow.lineage import mark_pushed

@@ -6,17 +6,14 @@ import json
 import os
 import subprocess
 import sys
-from collections.abc import Callable
-from functools import wraps
 from pathlib import Path
-from typing import Annotated, Any, Literal, ParamSpec, TypeVar
+from typing import Annotated, Any, Literal
 
 import typer
 from rich.console import Console
 
-from mammoflow.config import Config, ConfigError, load_config, parse_assignments
-from mammoflow.dvc_runner import DvcError
-from mammoflow.errors import EX_TEMPFAIL, is_transient
+from mammoflow.config import Config, load_config, parse_assignments
+from mammoflow.console import entry, err, finish, heartbeat, out, say
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
@@ -32,54 +29,35 @@ app.add_typer(ingest_app, name="ingest")
 storage_app = typer.Typer(help="S3 storage of the team stack.", no_args_is_help=True)
 app.add_typer(storage_app, name="storage")
 
-console = Console(stderr=True)
-out = Console()
-
-P = ParamSpec("P")
-R = TypeVar("R")
+console = err  # the narrative (steps, progress, errors) on stderr; results on stdout (`out`)
 
 ParamsOpt = Annotated[Path, typer.Option("--params", "-p", help="Parameters file.")]
+JsonOpt = Annotated[
+    bool, typer.Option("--json", help="Print the result as one JSON object on stdout.")
+]
+SetOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--set", help="KEY=VALUE over params.yaml, e.g. --set train.epochs=1 (repeatable)."
+    ),
+]
+WeightsOpt = Annotated[
+    str | None,
+    typer.Option(
+        help="imagenet | none | a weights file (default: the dataset's model.weights, "
+        "imagenet for the real datasets). 'none' is recorded and labelled as not transfer "
+        "learning."
+    ),
+]
 OnBad = Literal["fail", "quarantine"]
 Pseudonymize = Literal["none", "hmac"]
 ServeFormat = Literal["file", "tensor"]
 
 
-def _friendly(func: Callable[P, R]) -> Callable[P, R]:
-    """Turn expected errors into one readable message and an exit code: 2 for bad input or
-    params, 75 (EX_TEMPFAIL) for transient I/O that a scheduler may retry, 1 for other I/O."""
-
-    @wraps(func)
-    def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
-        try:
-            return func(*args, **kwargs)
-        except (ConfigError, ValueError, FileNotFoundError) as exc:
-            if is_transient(exc):  # tracking.TrackingUnreachable: a ValueError for old callers
-                kind = "transient error (worth a retry)"
-                console.print(f"[bold red]{kind}:[/] {exc}", highlight=False, soft_wrap=True)
-                raise typer.Exit(code=EX_TEMPFAIL) from None
-            console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
-            raise typer.Exit(code=2) from None
-        except DvcError as exc:  # a stage run through DVC failed: its own lines say why
-            console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
-            raise typer.Exit(code=1) from None
-        except OSError as exc:
-            transient = is_transient(exc)
-            kind = "transient I/O error (worth a retry)" if transient else "I/O error"
-            console.print(f"[bold red]{kind}:[/] {exc}", highlight=False, soft_wrap=True)
-            raise typer.Exit(code=EX_TEMPFAIL if transient else 1) from None
-
-    return wrapper
-
-
-def _interrupt_on_sigterm() -> None:
-    """Turn SIGTERM (a scheduler or `kill` stopping us) into KeyboardInterrupt, so open MLflow
-    runs are marked FAILED on the way out instead of being left RUNNING."""
-    import signal
-
-    def handler(signum: int, frame: Any) -> None:
-        raise KeyboardInterrupt(f"signal {signum}")
-
-    signal.signal(signal.SIGTERM, handler)
+# Every command runs in the one entry wrapper (mammoflow.console.entry): SIGTERM becomes
+# KeyboardInterrupt (open MLflow runs end FAILED, not RUNNING), and expected errors become one
+# readable message and an exit code: 2 bad input, 75 (EX_TEMPFAIL) transient I/O, 1 other I/O.
+_friendly = entry
 
 
 def _config(params: Path) -> Config:
@@ -90,12 +68,35 @@ def _echo(summary: dict[str, Any]) -> None:
     out.print_json(json.dumps(summary, default=str))
 
 
+def _counts(counts: dict[str, Any]) -> str:
+    """``normal 24 / benign 18``: a label count in a step line."""
+    return " / ".join(f"{k} {v}" for k, v in counts.items())
+
+
+def _num(value: Any) -> str:
+    """A score in a step line: 3 decimals, or ``n/a``."""
+    return f"{value:.3f}" if isinstance(value, int | float) else "n/a"
+
+
+def _options_config(
+    params: Path, dataset: str, weights: str | None, sets: list[str] | None
+) -> Config:
+    """params.yaml with the command line's ``--weights`` / ``--set`` applied as a study applies
+    them (:func:`mammoflow.stages.option_keys`); params.yaml itself without options."""
+    from mammoflow.stages import option_keys
+
+    keys = option_keys(dataset, weights, parse_assignments(sets or []))
+    cfg = _config(params)
+    return cfg.with_overrides(keys, source="options") if keys else cfg
+
+
 @app.command()
 @_friendly
 def sample(
     out_dir: Annotated[Path, typer.Option("--out", help="Folder to write the sample into.")],
     seed: Annotated[int | None, typer.Option(help="Seed (default: params sample.seed).")] = None,
     params: ParamsOpt = Path("params.yaml"),
+    as_json: JsonOpt = False,
 ) -> None:
     """Write the embedded synthetic sample: a MIAS-shaped folder and a CMMD-shaped DICOM tree."""
     from mammoflow.data.sample import make_sample
@@ -108,7 +109,8 @@ def sample(
         cmmd_patients=s.cmmd_patients,
         size=s.size,
     )
-    _echo({"out": str(out_dir), "result": str(res)})
+    facts = [f"{len(res.files)} files", f"MIAS in {res.mias_dir}", f"CMMD in {res.cmmd_dir}"]
+    finish("sample", facts, {"out": str(out_dir), "result": str(res)}, as_json)
 
 
 @ingest_app.command("mias")
@@ -118,12 +120,15 @@ def ingest_mias_cmd(
     out_dir: Annotated[Path, typer.Option("--out", help="Output folder for manifest.parquet.")],
     dataset: Annotated[str, typer.Option(help="Dataset name recorded in the manifest.")] = "mias",
     on_bad_file: Annotated[OnBad, typer.Option(help="fail | quarantine")] = "fail",
+    as_json: JsonOpt = False,
 ) -> None:
     """Ingest the MIAS archive (or folder) into OUT/manifest.parquet."""
     from mammoflow.data.mias import ingest_mias
 
     res = ingest_mias(source, out_dir, dataset=dataset, on_bad_file=on_bad_file, interface="cli")
-    _echo({"manifest": str(res.manifest_path), "images": len(res.frame), "bad": len(res.bad)})
+    summary = {"manifest": str(res.manifest_path), "images": len(res.frame), "bad": len(res.bad)}
+    facts = [f"{len(res.frame)} images", f"{len(res.bad)} bad", f"manifest {res.manifest_path}"]
+    finish(f"ingest {dataset}", facts, summary, as_json)
 
 
 @ingest_app.command("cmmd")
@@ -151,6 +156,7 @@ def ingest_cmmd_cmd(
         Pseudonymize,
         typer.Option(help="none | hmac (PatientID → HMAC with env MAMMOFLOW_PSEUDONYM_KEY)."),
     ] = "none",
+    as_json: JsonOpt = False,
 ) -> None:
     """Ingest a CMMD DICOM tree joined with its clinical table."""
     from mammoflow.data.cmmd import ingest_cmmd
@@ -168,61 +174,93 @@ def ingest_cmmd_cmd(
         pseudonymizer=pseudonymizer(pseudonymize),
         interface="cli",
     )
-    _echo({"manifest": str(res.manifest_path), "images": len(res.frame), "bad": len(res.bad)})
+    summary = {"manifest": str(res.manifest_path), "images": len(res.frame), "bad": len(res.bad)}
+    facts = [f"{len(res.frame)} images", f"{len(res.bad)} bad", f"manifest {res.manifest_path}"]
+    finish(f"ingest {dataset}", facts, summary, as_json)
 
 
 @ingest_app.command("dataset")
 @_friendly
-def ingest_dataset_cmd(dataset: str, params: ParamsOpt = Path("params.yaml")) -> None:
+def ingest_dataset_cmd(
+    dataset: str, params: ParamsOpt = Path("params.yaml"), as_json: JsonOpt = False
+) -> None:
     """Pipeline stage: ingest data/raw/DATASET into data/interim/DATASET."""
     from mammoflow.stages import ingest_stage
 
-    _echo(ingest_stage(_config(params), dataset))
+    res = ingest_stage(_config(params), dataset)
+    facts = [
+        f"{res['images']} images of {res['patients']} patients ({_counts(res['labels'])})",
+        f"{res['bad_files']} bad files",
+    ]
+    finish(f"ingest {dataset}", facts, res, as_json)
 
 
 @app.command("source")
 @_friendly
-def source_cmd(dataset: str, params: ParamsOpt = Path("params.yaml")) -> None:
+def source_cmd(
+    dataset: str, params: ParamsOpt = Path("params.yaml"), as_json: JsonOpt = False
+) -> None:
     """Pipeline stage: record DATASET's source files (names, sizes, times) for DVC."""
     from mammoflow.stages import source_stage
 
-    _echo(source_stage(_config(params), dataset))
+    res = source_stage(_config(params), dataset)
+    facts = [f"{res['files']} source files" if res["acquire"] == "local" else "generated sample"]
+    finish(f"source {dataset}", facts, res, as_json)
 
 
 @app.command("acquire")
 @_friendly
-def acquire_cmd(dataset: str, params: ParamsOpt = Path("params.yaml")) -> None:
+def acquire_cmd(
+    dataset: str, params: ParamsOpt = Path("params.yaml"), as_json: JsonOpt = False
+) -> None:
     """Pipeline stage: bring DATASET's raw files to data/raw/DATASET."""
     from mammoflow.stages import acquire_stage
 
-    _echo(acquire_stage(_config(params), dataset))
+    res = acquire_stage(_config(params), dataset)
+    facts = [f"{res['files']} files in {res['raw_dir']}"]
+    finish(f"acquire {dataset}", facts, res, as_json)
 
 
 @app.command("validate")
 @_friendly
-def validate_cmd(dataset: str, params: ParamsOpt = Path("params.yaml")) -> None:
+def validate_cmd(
+    dataset: str, params: ParamsOpt = Path("params.yaml"), as_json: JsonOpt = False
+) -> None:
     """Pipeline stage: Great Expectations checks on DATASET's manifest."""
     from mammoflow.stages import validate_stage
 
-    _echo(validate_stage(_config(params), dataset))
+    res = validate_stage(_config(params), dataset)
+    facts = [
+        f"{res['expectations']} expectations on {res['images']} images",
+        f"{res['failed']} failed",
+    ]
+    finish(f"validate {dataset}", facts, res, as_json)
 
 
 @app.command("convert")
 @_friendly
-def convert_cmd(dataset: str, params: ParamsOpt = Path("params.yaml")) -> None:
+def convert_cmd(
+    dataset: str, params: ParamsOpt = Path("params.yaml"), as_json: JsonOpt = False
+) -> None:
     """Pipeline stage: raw images → padded PNGs in data/processed/DATASET."""
     from mammoflow.stages import convert_stage
 
-    _echo(convert_stage(_config(params), dataset, progress=sys.stderr.isatty()))
+    res = convert_stage(_config(params), dataset, progress=True)
+    facts = [f"{res['converted']} images converted", f"{res['skipped']} unchanged"]
+    finish(f"convert {dataset}", facts, res, as_json)
 
 
 @app.command("split")
 @_friendly
-def split_cmd(dataset: str, params: ParamsOpt = Path("params.yaml")) -> None:
+def split_cmd(
+    dataset: str, params: ParamsOpt = Path("params.yaml"), as_json: JsonOpt = False
+) -> None:
     """Pipeline stage: held-out test set + K folds grouped by patient → data/splits/DATASET."""
     from mammoflow.stages import split_stage
 
-    _echo(split_stage(_config(params), dataset))
+    res = split_stage(_config(params), dataset)
+    facts = [f"{part} {sum(n.values())}" for part, n in res["images"].items()]
+    finish(f"split {dataset}", facts, res, as_json)
 
 
 @app.command("train")
@@ -232,15 +270,25 @@ def train_cmd(
     backbone: Annotated[
         list[str] | None, typer.Option(help="Backbone(s); default: model.backbones.")
     ] = None,
+    weights: WeightsOpt = None,
+    set_: SetOpt = None,
     params: ParamsOpt = Path("params.yaml"),
+    as_json: JsonOpt = False,
 ) -> None:
-    """K-fold training + held-out test of each backbone, tracked in MLflow (resumable)."""
+    """K-fold training + held-out test of each backbone, tracked in MLflow (resumable).
+
+    With --json, one JSON object per backbone.
+    """
     from mammoflow.stages import train_stage
 
-    _interrupt_on_sigterm()
-    cfg = _config(params)
+    cfg = _options_config(params, dataset, weights, set_)
     for name in backbone or cfg.model.backbones:
-        _echo(train_stage(cfg, dataset, name, progress=True))
+        with heartbeat(f"train {dataset} {name}"):
+            res = train_stage(cfg, dataset, name, progress=True)
+        folds = f"folds trained {res['trained_folds']}, resumed {res['resumed_folds']}"
+        scores = f"CV F1 {_num(res['cv_f1_macro_mean'])}, test F1 {_num(res['test_f1_macro'])}"
+        took = res["seconds"].get("total")
+        finish(f"train {dataset} {name}", [folds, scores], res, as_json, seconds=took)
 
 
 @app.command("tune")
@@ -258,13 +306,22 @@ def tune_cmd(
         int | None,
         typer.Option(min=1, help="Worker processes sharing the study (>1 needs PostgreSQL)."),
     ] = None,
+    weights: WeightsOpt = None,
+    set_: SetOpt = None,
     params: ParamsOpt = Path("params.yaml"),
+    as_json: JsonOpt = False,
 ) -> None:
     """Optuna search over tune.space; best params → tuning/DATASET-BACKBONE.json (resumable)."""
     from mammoflow.stages import tune_stage
 
-    _interrupt_on_sigterm()
-    _echo(tune_stage(_config(params), dataset, backbone, n_trials=n_trials, workers=workers))
+    cfg = _options_config(params, dataset, weights, set_)
+    with heartbeat(f"tune {dataset} {backbone}"):
+        res = tune_stage(cfg, dataset, backbone, n_trials=n_trials, workers=workers)
+    facts = [
+        f"{res['new_trials']} new trials, {_counts(res['trials'])}",
+        f"best {_num(res['best_value'])} (trial {res['best_trial']}): {res['best_params']}",
+    ]
+    finish(f"tune {dataset} {backbone}", facts, res, as_json)
 
 
 @app.command("evaluate")
@@ -272,11 +329,17 @@ def tune_cmd(
 def evaluate_cmd(
     dataset: Annotated[str, typer.Option(help="Dataset name.")],
     params: ParamsOpt = Path("params.yaml"),
+    as_json: JsonOpt = False,
 ) -> None:
     """Rank the backbones by tracking.registry_metric (default: CV macro F1); promote the best."""
     from mammoflow.stages import evaluate_stage
 
-    _echo(evaluate_stage(_config(params), dataset))
+    res = evaluate_stage(_config(params), dataset)
+    scores = ", ".join(f"{b} {_num(v)}" for b, v in res["scores"].items())
+    facts = [f"champion {res['best']} by {res['metric']} ({scores})"]
+    if "registry" in res:
+        facts.append("registered")
+    finish(f"evaluate {dataset}", facts, res, as_json)
 
 
 @app.command("compare")
@@ -288,11 +351,16 @@ def compare_cmd(
     write: Annotated[bool, typer.Option(help="Write reports/comparison.md and .html.")] = True,
     table: Annotated[bool, typer.Option(help="Print the comparison table.")] = True,
     params: ParamsOpt = Path("params.yaml"),
+    as_json: JsonOpt = False,
 ) -> None:
     """Print the paper-style comparison (from MLflow) and write the reports."""
     from mammoflow.stages import compare_stage
 
-    _print_comparison(compare_stage(_config(params), dataset, write=write), table, write)
+    res = compare_stage(_config(params), dataset, write=write)
+    if as_json:
+        finish("compare", [f"{len(res['tables'])} dataset(s)"], res, as_json)
+    else:
+        _print_comparison(res, table, write)
 
 
 def _print_comparison(res: dict[str, Any], table: bool = True, write: bool = True) -> None:
@@ -308,7 +376,8 @@ def _print_comparison(res: dict[str, Any], table: bool = True, write: bool = Tru
             out.print("Study reports: " + ", ".join(res["studies"].values()))
     out.print(
         "MLflow UI: run `make ui`, then open "
-        "http://127.0.0.1:5000/#/experiments?workflowType=machine_learning"
+        "http://127.0.0.1:5000/#/experiments?workflowType=machine_learning",
+        soft_wrap=True,
     )
 
 
@@ -332,15 +401,20 @@ def audit_cmd(
     backbone: Annotated[
         str | None, typer.Option(help="Backbone; default: the first of model.backbones.")
     ] = None,
+    weights: WeightsOpt = None,
+    set_: SetOpt = None,
     params: ParamsOpt = Path("params.yaml"),
+    as_json: JsonOpt = False,
 ) -> None:
     """Leakage audit: the study split by image and by patient, the inflation, split checks."""
     from mammoflow.stages import audit_stage
 
-    _interrupt_on_sigterm()
-    res = audit_stage(_config(params), dataset, backbone)
-    typer.echo(res["summary"], nl=False)
-    typer.echo(f"Written: reports/{dataset}/audit.json and audit.md; MLflow run {res['run_id']}")
+    with heartbeat(f"audit {dataset}"):
+        res = audit_stage(_options_config(params, dataset, weights, set_), dataset, backbone)
+    if not as_json:
+        typer.echo(res["summary"], nl=False)
+    written = f"reports/{dataset}/audit.json and audit.md, MLflow run {res['run_id']}"
+    finish(f"audit {dataset} {res['backbone']}", [written], res, as_json)
 
 
 @app.command("study")
@@ -349,24 +423,13 @@ def study_cmd(
     dataset: Annotated[
         str, typer.Option(help="Dataset to study (a key of params.yaml datasets): mias, cmmd, …")
     ],
-    weights: Annotated[
-        str | None,
-        typer.Option(
-            help="imagenet | none | a weights file (default: the dataset's model.weights, "
-            "imagenet for the real datasets). 'none' is recorded and labelled as not transfer "
-            "learning."
-        ),
-    ] = None,
+    weights: WeightsOpt = None,
     backbone: Annotated[
         list[str] | None, typer.Option(help="Backbone(s) (default: model.backbones).")
     ] = None,
-    set_: Annotated[
-        list[str] | None,
-        typer.Option(
-            "--set", help="KEY=VALUE over params.yaml, e.g. --set train.epochs=1 (repeatable)."
-        ),
-    ] = None,
+    set_: SetOpt = None,
     params: ParamsOpt = Path("params.yaml"),
+    as_json: JsonOpt = False,
 ) -> None:
     """The real study of one dataset with the paper's settings, to the comparison table.
 
@@ -376,7 +439,6 @@ def study_cmd(
     from mammoflow.paths import Layout
     from mammoflow.stages import study_overrides, study_stage
 
-    _interrupt_on_sigterm()
     cfg = _study_config(params, dataset, weights, backbone or [], set_ or [])
     hint = (
         "To train without ImageNet weights on purpose (random initialisation: recorded as "
@@ -390,11 +452,23 @@ def study_cmd(
         dataset,
         Layout(root=params.parent),
         overrides=overrides,
-        on_line=lambda line: console.print(line, highlight=False, markup=False),
+        on_line=_narrate,
         hint=hint,
     )
-    console.print(f"DVC experiment: {res['experiment']} (`dvc exp show` lists it)")
-    _print_comparison(res)
+    say(f"DVC experiment: {res['experiment']} (`dvc exp show` lists it)")
+    compared = f"{len(res['tables'].get(dataset, [[]])) - 1} backbone(s) compared"  # less header
+    finish(f"study {dataset}", [f"experiment {res['experiment']}", compared], res, as_json)
+    if not as_json:
+        _print_comparison(res)
+
+
+def _narrate(line: str) -> None:
+    """A line of the study's DVC run, as a person watching it needs it (or nothing)."""
+    from mammoflow.dvc_runner import narrate
+
+    shown = narrate(line)
+    if shown is not None:
+        say(shown)
 
 
 @app.command("deploy")
@@ -402,6 +476,7 @@ def study_cmd(
 def deploy_cmd(
     pool: Annotated[str, typer.Option(help="Prefect process work pool.")] = "mammoflow-pool",
     params: ParamsOpt = Path("params.yaml"),
+    as_json: JsonOpt = False,
 ) -> None:
     """Register the scheduled Prefect deployments (nightly validation, weekly retrain).
 
@@ -417,7 +492,9 @@ def deploy_cmd(
     if done.returncode != 0:
         console.print(done.stderr, end="", highlight=False)
         raise typer.Exit(code=done.returncode)
-    _echo({"deployments": done.stdout.split()})
+    ids = done.stdout.split()
+    facts = [f"{len(ids)} deployments on pool {pool}: {', '.join(ids)}"]
+    finish("deploy", facts, {"deployments": ids}, as_json)
 
 
 @storage_app.command("check")
@@ -426,16 +503,19 @@ def storage_check_cmd(
     bucket: Annotated[str, typer.Option(help="Bucket to check.")],
     prefix: Annotated[str, typer.Option(help="Key prefix for the round-trip object.")] = "",
     endpoint: Annotated[str | None, typer.Option(help="S3 endpoint (default: from env).")] = None,
+    as_json: JsonOpt = False,
 ) -> None:
     """Check credentials, bucket and a write/read/delete round trip before a long run."""
     from mammoflow.storage import check_storage
 
     report = check_storage(bucket, prefix, endpoint_url=endpoint)
-    _echo(report.to_dict())
+    say(report.summary())
+    finish("storage check", ["OK" if report.ok else "FAILED"], report.to_dict(), as_json)
     report.raise_for_error()
 
 
 @app.command("predict")
+@_friendly
 def predict_cmd(
     paths: Annotated[
         list[Path], typer.Argument(help="DICOM/PGM/PNG files or folders (recursive).")
@@ -460,21 +540,17 @@ def predict_cmd(
     """Score new mammograms with the dataset's champion (or --model); exit 1 if any file failed."""
     from mammoflow.serving.predict import predict_files
 
-    try:
-        res = predict_files(
-            paths,
-            _config(params),
-            dataset,
-            model_uri=model,
-            out=out_file,
-            explain_dir=explain,
-            batch_size=batch_size,
-            target_layer=target_layer,
-            raw=raw,
-        )
-    except (ConfigError, ValueError, FileNotFoundError) as exc:
-        console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
-        raise typer.Exit(code=2) from None
+    res = predict_files(
+        paths,
+        _config(params),
+        dataset,
+        model_uri=model,
+        out=out_file,
+        explain_dir=explain,
+        batch_size=batch_size,
+        target_layer=target_layer,
+        raw=raw,
+    )
     console.print(
         f"{len(res.rows)} images scored in {res.seconds:.1f} s ({res.images_per_s:.1f} images/s)"
         f" → {out_file}" + (f"; explanations in {explain}" if explain else ""),
@@ -495,11 +571,18 @@ def external_cmd(
     ],
     dataset: Annotated[str, typer.Option(help="Labelled dataset the model never trained on.")],
     params: ParamsOpt = Path("params.yaml"),
+    as_json: JsonOpt = False,
 ) -> None:
     """External validation: score DATASET with MODEL; metrics, calibration, shift; log, report."""
     from mammoflow.evaluation.external import run_external
 
-    _echo(run_external(_config(params), model, dataset))
+    res = run_external(_config(params), model, dataset)
+    facts = [
+        f"{res['images']} images",
+        f"F1 {_num(res['f1_macro'])} (shift {_num(res['shift_f1_macro'])})",
+        f"report {res['report']}",
+    ]
+    finish(f"external {dataset}", facts, res, as_json)
 
 
 @app.command("explain-check")
@@ -510,11 +593,17 @@ def explain_check_cmd(
         str | None, typer.Option(help="Grad-CAM layer; default the last convolution.")
     ] = None,
     params: ParamsOpt = Path("params.yaml"),
+    as_json: JsonOpt = False,
 ) -> None:
     """Pointing game: share of abnormal test images whose Grad-CAM peak is inside a lesion."""
     from mammoflow.explain.explain_check import explain_check
 
-    _echo(explain_check(_config(params), dataset, target_layer=target_layer))
+    res = explain_check(_config(params), dataset, target_layer=target_layer)
+    facts = [
+        f"{b} hit rate {_num(r['hit_rate'])} on {int(r['n'])} images, chance {_num(r['chance'])}"
+        for b, r in res["backbones"].items()
+    ]
+    finish(f"explain-check {dataset}", facts or [f"skipped: {res.get('skipped')}"], res, as_json)
 
 
 @app.command("serve")
@@ -595,6 +684,7 @@ def serve_request_cmd(
     else:
         body = file_body(paths)
     atomic_write_text(out_file, json.dumps(body))
+    say(f"serve-request: {len(paths)} file(s) ({fmt}) → {out_file}")
 
 
 @app.command("config")
@@ -605,6 +695,7 @@ def config_cmd(params: ParamsOpt = Path("params.yaml")) -> None:
 
 
 @app.command("reproduce")
+@_friendly
 def reproduce_cmd(
     model_uri: Annotated[
         str, typer.Argument(help="models:/mammoflow-<ds>@champion, models:/<name>/<n>, runs:/<id>")

@@ -38,6 +38,14 @@ _RESTORED = re.compile(r"^Stage '(?P<stage>[^']+)' is cached - skipping run")
 _FAILED_CMD = re.compile(r"failed to run: .*, exited with (?P<code>-?\d+)")
 _PUSHED = re.compile(r"(?P<n>\d+) files? pushed")
 
+# DVC's bookkeeping between a study's stages, which the stages' own step lines make redundant:
+# the command echo, lock-file updates, "Running stage" headers, hash-info warnings about outputs
+# an experiment has not made yet.
+_BOOKKEEPING = re.compile(
+    r"^(> |Running stage '|Updating lock file '|Generating lock file '"
+    r"|WARNING: No file hash info found for )"
+)
+
 LineSink = Callable[[str], None]
 
 
@@ -95,8 +103,14 @@ def _run(
     *,
     env: Mapping[str, str] | None = None,
     on_line: LineSink | None = None,
+    own_group: bool = False,
 ) -> tuple[int, list[str]]:
-    """Run ``dvc --wait-for-lock ARGS`` in ``root``; stream and return its output lines."""
+    """Run ``dvc --wait-for-lock ARGS`` in ``root``; stream and return its output lines.
+
+    With ``own_group`` DVC runs in its own process group, and an interrupt of ours (SIGTERM
+    turned into KeyboardInterrupt by the entry wrapper, or Ctrl-C) stops DVC and the stage it
+    runs (SIGTERM, then SIGKILL after a grace period) instead of waiting for them to finish.
+    """
     cmd = [*dvc_command(), "--wait-for-lock", *args]
     full_env = {**os.environ, **(env or {})}
     # the stages' `bin/mammoflow` finds this environment's CLI first, as under `make`
@@ -112,13 +126,21 @@ def _run(
         stderr=subprocess.STDOUT,
         text=True,
         errors="replace",
+        start_new_session=own_group,
     ) as proc:
         assert proc.stdout is not None
-        for raw in proc.stdout:
-            line = raw.rstrip("\n")
-            lines.append(line)
-            if on_line is not None and line.strip():
-                on_line(line)
+        try:
+            for raw in proc.stdout:
+                line = raw.rstrip("\n")
+                lines.append(line)
+                if on_line is not None and line.strip():
+                    on_line(line)
+        except BaseException:
+            if own_group:
+                from mammoflow.procs import stop_group
+
+                stop_group(proc)
+            raise
     return proc.returncode, lines
 
 
@@ -183,6 +205,19 @@ def repro(
             raise TransientStageError(message)
         raise DvcError(message, exit_code=status)
     return StageRun(stage, outcome(stage, lines), seconds, tuple(lines))
+
+
+def narrate(line: str) -> str | None:
+    """What a person watching a stage run needs of one line DVC printed: the stages' own
+    lines and DVC's errors as they are, a skipped or restored stage said once, DVC's
+    bookkeeping dropped (``None``)."""
+    if _BOOKKEEPING.match(line):
+        return None
+    if match := _SKIPPED.match(line):
+        return f"{match['stage']}: unchanged, skipped"
+    if match := _RESTORED.match(line):
+        return f"{match['stage']}: restored from the run cache"
+    return line
 
 
 def outcome(stage: str, lines: Sequence[str]) -> str:
@@ -304,7 +339,7 @@ def exp_run(
             if (root / name).is_file()
         }
         try:
-            code, lines = _run(args, root, on_line=on_line)
+            code, lines = _run(args, root, on_line=on_line, own_group=True)
         finally:
             _restore(root, kept)
     if code != 0:

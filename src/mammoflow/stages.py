@@ -415,22 +415,30 @@ def check_weights(cfg: Config, dataset: str, hint: str | None = None) -> dict[st
     return sources
 
 
+def option_keys(dataset: str, weights: str | None, sets: Mapping[str, Any]) -> dict[str, Any]:
+    """The command line's ``--weights`` and ``--set`` as params.yaml keys for ``dataset``:
+    ``model.*`` and ``train.*`` go to the dataset's own section (they win over the global ones
+    there, as on the command line); ``model.backbones`` and other sections stay global."""
+    out: dict[str, Any] = {}
+    if weights is not None:
+        out[f"datasets.{dataset}.model.weights"] = weights
+    for key, value in sets.items():
+        own = key.startswith(("model.", "train.")) and key != "model.backbones"
+        out[f"datasets.{dataset}.{key}" if own else key] = value
+    return out
+
+
 def study_overrides(
     dataset: str, weights: str | None, backbones: Sequence[str], sets: Mapping[str, Any]
 ) -> list[str]:
     """The `dvc exp run -S` overrides of a study: only ``dataset`` in the pipeline, and the
-    command line's options as params.yaml keys. ``model.*`` and ``train.*`` go to the dataset's
-    own section (they win over the global ones there, as on the command line)."""
+    command line's options as params.yaml keys (:func:`option_keys`)."""
     from mammoflow.dvc_runner import override
 
     out = [override("pipeline.datasets", [dataset])]
     if backbones:
         out.append(override("model.backbones", list(backbones)))
-    if weights is not None:
-        out.append(override(f"datasets.{dataset}.model.weights", weights))
-    for key, value in sets.items():
-        own = key.startswith(("model.", "train.")) and key != "model.backbones"
-        out.append(override(f"datasets.{dataset}.{key}" if own else key, value))
+    out += [override(k, v) for k, v in option_keys(dataset, weights, sets).items()]
     return out
 
 

@@ -490,6 +490,51 @@ def test_transient_io_error_is_retried(server: Server, tmp_path: Path) -> None:
     assert runs["convert@sample_mias"].state.is_completed()
 
 
+def test_every_retrying_task_retries_only_transient_errors() -> None:
+    """The flows' tasks that retry share one decorator, so one rule (errors.is_transient)."""
+    from flows.pipeline import push, run_stage, run_training_stage, transient_io_error
+
+    for task in (run_stage, run_training_stage, push):
+        assert task.retries >= 1 and task.retry_condition_fn is transient_io_error, task.name
+
+
+@pytest.mark.slow  # the module's Prefect server; the flow itself takes a few seconds
+def test_a_missing_prerequisite_fails_at_once_a_transient_error_is_retried(
+    server: Server, tmp_path: Path
+) -> None:
+    """On a real Prefect server, with the flows' own retry decorator: FileNotFoundError (a
+    missing prerequisite) fails on its first run with its message; ESTALE (a stale NFS handle)
+    is retried and the task completes."""
+    import errno
+
+    from flows.pipeline import retrying_task
+    from prefect import flow
+
+    calls: list[str] = []
+    missing = tmp_path / "data" / "raw" / "site"
+
+    @retrying_task(task_run_name="{kind}", delays=0)
+    def touch_files(kind: str) -> str:
+        calls.append(kind)
+        if kind == "missing":
+            raise FileNotFoundError(f"{missing}: raw data missing; run `mammoflow acquire` first")
+        if calls.count(kind) == 1:
+            raise OSError(errno.ESTALE, "Stale file handle", str(missing))
+        return "read"
+
+    @flow(name="retry-rule")
+    def retry_rule() -> tuple[str, Any]:
+        return touch_files("stale"), touch_files("missing", return_state=True)
+
+    state = retry_rule(return_state=True)
+    stale, failed = state.result()
+    assert stale == "read"
+    assert failed.is_failed() and "raw data missing" in str(failed.message)
+    assert calls == ["stale", "stale", "missing"]
+    runs = _task_runs(state.state_details.flow_run_id)
+    assert (runs["stale"].run_count, runs["missing"].run_count) == (2, 1)
+
+
 def test_a_backbone_subset_is_refused_with_the_experiment_to_run(tmp_path: Path) -> None:
     """Flow parameters mean the same in every stage: a backbone subset would train two and
     report four, so it is refused, naming the DVC experiment that runs it."""

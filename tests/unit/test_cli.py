@@ -56,7 +56,7 @@ def test_data_stages_end_to_end(project: Path) -> None:
     pngs = sorted((project / "data/processed/sample_mias/images").glob("*.png"))
     assert len(pngs) == 16
     # a rerun converts nothing again
-    result = runner.invoke(app, ["convert", "sample_mias"])
+    result = runner.invoke(app, ["convert", "sample_mias", "--json"])
     assert json.loads(result.stdout)["skipped"] == 16
 
 

@@ -17,8 +17,15 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[2]
 SRC = ROOT / "src"
-#: modules that cannot change a stage's results (start-up, dispatch)
-NEUTRAL = {"mammoflow", "mammoflow.quiet", "mammoflow.cli", "mammoflow.__main__"}
+#: modules that cannot change a stage's results (start-up, dispatch, what the commands print);
+#: their own imports are not followed (console's are for exit codes)
+NEUTRAL = {
+    "mammoflow",
+    "mammoflow.quiet",
+    "mammoflow.cli",
+    "mammoflow.__main__",
+    "mammoflow.console",
+}
 
 
 def _module_file(name: str) -> Path | None:
@@ -51,7 +58,7 @@ def _closure(start: set[str]) -> set[str]:
         # importing a.b.c runs a/__init__.py and a/b/__init__.py first
         todo.extend(".".join(name.split(".")[:i]) for i in range(2, name.count(".") + 1))
         path = _module_file(name)
-        if path is not None:
+        if path is not None and name not in NEUTRAL - {"mammoflow"}:
             todo.extend(_imports(ast.parse(path.read_text(encoding="utf-8")), name))
     return seen - NEUTRAL
 

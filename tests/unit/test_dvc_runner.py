@@ -98,3 +98,23 @@ def test_check_project_names_what_is_missing(tmp_path: Path) -> None:
 )
 def test_only_transient_io_is_worth_a_retry(exc: BaseException, transient: bool) -> None:
     assert is_transient(exc) is transient
+
+
+def test_narrate_keeps_the_stages_lines_and_drops_dvc_bookkeeping() -> None:
+    """What `mammoflow study` shows of its DVC run: the stages' own step lines and errors."""
+    from mammoflow.dvc_runner import narrate
+
+    for line in (
+        "Running stage 'convert@mias':",
+        "> bin/mammoflow convert mias",
+        "Updating lock file 'dvc.lock'",
+        "Generating lock file 'dvc.lock'",
+        "WARNING: No file hash info found for '/p/data/raw/mias'. It won't be created.",
+    ):
+        assert narrate(line) is None, line
+    kept = "convert mias: 322 images converted, 0 unchanged (1m02s)"
+    assert narrate(kept) == kept
+    assert narrate("ERROR: failed to reproduce 'train@mias-vgg16'") is not None
+    assert narrate("Stage 'split@mias' didn't change, skipping") == "split@mias: unchanged, skipped"
+    restored = "Stage 'split@mias' is cached - skipping run, checking out outputs"
+    assert narrate(restored) == "split@mias: restored from the run cache"

@@ -38,6 +38,7 @@ from numpy.typing import NDArray
 from PIL import Image
 
 from mammoflow.config import ConvertConfig
+from mammoflow.console import progress as shown
 from mammoflow.data import images
 from mammoflow.data.manifest import MANIFEST_NAME, check, read_manifest, write_manifest
 from mammoflow.files import atomic_write_bytes, atomic_write_json, sha256_bytes, sha256_file
@@ -244,36 +245,6 @@ def _load_state(path: Path) -> dict[str, dict[str, Any]]:
         return {}
 
 
-@contextmanager
-def progress_bar(
-    total: int, enabled: bool, label: str = "convert"
-) -> Iterator[Callable[..., None]]:
-    """A rich progress bar over ``total`` images, advanced by ``advance(n=1)``; a no-op when
-    disabled (also serves ``mammoflow predict``)."""
-    if not enabled:
-        yield lambda n=1: None
-        return
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
-
-    with Progress(
-        TextColumn(f"[bold]{label}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        TimeRemainingColumn(),
-        transient=False,
-    ) as bar:
-        task_id = bar.add_task(label, total=total)
-        yield lambda n=1: bar.advance(task_id, n)
-
-
 def _pool_context() -> BaseContext:
     """``fork`` while this process is single-threaded (fast start), else ``spawn``.
 
@@ -285,20 +256,22 @@ def _pool_context() -> BaseContext:
     return get_context("spawn")
 
 
-def _run(tasks: list[_Task], workers: int, loader: Loader | None, progress: bool) -> list[_Outcome]:
+def _run(
+    tasks: list[_Task], workers: int, loader: Loader | None, progress: bool, label: str
+) -> list[_Outcome]:
     outcomes: list[_Outcome] = []
     if workers <= 1 or len(tasks) <= 1:
-        with progress_bar(len(tasks), progress) as advance:
+        with shown(label, len(tasks), enabled=progress) as bar:
             for task in tasks:
                 outcomes.append(_convert_one(task, loader))
-                advance()
+                bar.advance()
         return outcomes
     # The pool starts before the progress bar's refresh thread, so it may fork.
     with ProcessPoolExecutor(max_workers=workers, mp_context=_pool_context()) as pool:
         futures: dict[Future[_Outcome], _Task] = {
             pool.submit(_convert_one, t, loader): t for t in tasks
         }
-        with progress_bar(len(tasks), progress) as advance:
+        with shown(label, len(tasks), enabled=progress) as bar:
             for fut in as_completed(futures):
                 try:
                     outcomes.append(fut.result())
@@ -308,7 +281,7 @@ def _run(tasks: list[_Task], workers: int, loader: Loader | None, progress: bool
                         "re-run, or set convert.workers: 1 to convert in-process"
                     )
                     outcomes.append(_Outcome(futures[fut].image_id, "failed", reason=reason))
-                advance()
+                bar.advance()
     return outcomes
 
 
@@ -332,7 +305,7 @@ def convert_dataset(
         manifest: a manifest parquet path (or its directory) or a manifest DataFrame.
         out_dir: output directory (``images/``, ``convert_state.json``, ``manifest.parquet``).
         cfg: size, bit depth, breast crop and worker count.
-        progress: show a rich progress bar.
+        progress: show progress (a bar in a terminal, a line every 30 s in a log).
         loader: ``path -> 2-D float [0, 1]`` decoder; a picklable top-level function.
             Defaults to :func:`mammoflow.data.readers.load_raw`.
         raw_files: manifest ``raw_path`` → file on disk, for pseudonymous raw paths; a path
@@ -377,7 +350,7 @@ def convert_dataset(
         )
 
     workers = resolve_workers(cfg.workers, len(tasks))
-    outcomes = {o.image_id: o for o in _run(tasks, workers, loader, progress)}
+    outcomes = {o.image_id: o for o in _run(tasks, workers, loader, progress, f"convert {out_dir.name}")}
 
     failures: list[ConvertFailure] = []
     for task in tasks:

@@ -23,7 +23,6 @@ Keras / TensorFlow are imported lazily.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import logging
@@ -284,26 +283,6 @@ def extract_features(
         out[done : done + len(feats)] = feats
         done += len(feats)
     return out
-
-
-@contextlib.contextmanager
-def rich_progress(description: str) -> Iterator[BatchProgress]:
-    """A rich progress bar as a :data:`BatchProgress` callback."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
-
-    with Progress(
-        "[progress.description]{task.description}",
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeRemainingColumn(),
-        transient=True,
-    ) as bar:
-        task = bar.add_task(description, total=None)
-
-        def update(done: int, total: int) -> None:
-            bar.update(task, completed=done, total=total)
-
-        yield update
 
 
 # ----------------------------------------------------------------------------- the cache

@@ -211,7 +211,7 @@ def predict_files(
         ValueError: a bad ``batch_size`` or ``out`` suffix, or a model whose outputs do not
             match the dataset's classes.
     """
-    from mammoflow.data.convert import progress_bar
+    from mammoflow.console import progress as shown
     from mammoflow.data.pseudonym import pseudonymizer
     from mammoflow.tracking import Tracker
 
@@ -230,7 +230,7 @@ def predict_files(
     rules = acceptance(cfg, dataset)
     result = PredictResult(rows=[], failures=failures, seconds=0.0, out=out)
     start = time.perf_counter()
-    with progress_bar(len(files), progress, label="predict") as advance:
+    with shown("predict", len(files), enabled=progress) as bar:
         for ready, failed in batches(files, cfg, rules, key, batch_size):
             result.failures.extend(failed)
             if ready:
@@ -243,7 +243,7 @@ def predict_files(
                     result.explained.extend(
                         explain_batch(model.model, ready, probs, explain_dir, target_layer)
                     )
-            advance(len(ready) + len(failed))
+            bar.advance(len(ready) + len(failed))
     result.seconds = time.perf_counter() - start
     if out is not None:
         write_rows(result.rows, out)

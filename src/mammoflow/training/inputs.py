@@ -6,8 +6,6 @@ the same identity (config hash) and the same feature cache entry.
 
 from __future__ import annotations
 
-import contextlib
-from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -21,7 +19,7 @@ from mammoflow.quiet import load_keras
 
 if TYPE_CHECKING:
     from mammoflow.models.build import BackboneModel
-    from mammoflow.models.features import BatchProgress, FeatureSet, ImageSet
+    from mammoflow.models.features import FeatureSet, ImageSet
 
 
 class InputsError(ValueError):
@@ -137,8 +135,9 @@ def load_features(
     """
     keras = load_keras()
 
+    from mammoflow.console import progress as shown
     from mammoflow.models.build import load_backbone
-    from mammoflow.models.features import prepare_inputs, rich_progress
+    from mammoflow.models.features import prepare_inputs
 
     layout = layout or Layout()
     cfg = inp.cfg
@@ -154,12 +153,7 @@ def load_features(
         input_size=cfg.model.input_size,
         precision=inp.precision,
     )
-    bar: AbstractContextManager[BatchProgress | None] = (
-        rich_progress(f"{inp.dataset}/{inp.backbone} features")
-        if progress
-        else contextlib.nullcontext(None)
-    )
-    with bar as on_batch:
+    with shown(f"{inp.dataset}/{inp.backbone} features", enabled=progress) as ticker:
         data = prepare_inputs(
             inp.frame,
             bb,
@@ -168,7 +162,7 @@ def load_features(
             augment=cfg.train.augment,
             cache_dir=layout.features(),
             batch_size=cfg.train.batch_size,
-            progress=on_batch,
+            progress=ticker.update if progress else None,
             dtype=cfg.train.feature_dtype,
         )
     return bb, data

@@ -36,6 +36,7 @@ import numpy as np
 import pandas as pd
 
 from mammoflow.config import Config
+from mammoflow.console import duration, say
 from mammoflow.files import atomic_write_bytes, atomic_write_json, atomic_write_text, finite_json
 from mammoflow.lineage import data_lineage, dataset_source
 from mammoflow.paths import Layout
@@ -606,10 +607,9 @@ class _Eta:
         val = event.logs.get("val_accuracy")
         name = "refit" if event.fold == 0 else f"fold {event.fold}"
         extra = f" val_acc {val:.3f}" if val is not None else ""
-        print(
+        say(
             f"  {self.backbone} {name} epoch {event.epoch}/{event.epochs} loss {loss:.4f}{extra}"
-            f"  ETA {int(left // 60)}m{int(left % 60):02d}s",
-            flush=True,
+            f"  ETA {duration(left)}"
         )
 
 

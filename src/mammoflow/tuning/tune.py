@@ -527,12 +527,9 @@ def _worker_main(job: _Job) -> None:
     SIGTERM (the coordinator stopping it) becomes KeyboardInterrupt, so the running trial is
     marked FAIL in Optuna and FAILED in MLflow on the way out.
     """
-    import signal
+    from mammoflow.console import interrupt_on_sigterm
 
-    def interrupt(signum: int, frame: Any) -> None:
-        raise KeyboardInterrupt(f"signal {signum}")
-
-    signal.signal(signal.SIGTERM, interrupt)
+    interrupt_on_sigterm()  # for the process's whole life: nothing to put back
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     logging.basicConfig(level=logging.INFO, format=f"[worker {job.worker}] %(message)s")
     _optimize(job)
