@@ -26,7 +26,7 @@ from mammoflow import stages
 from mammoflow.config import Config, parse_config
 from mammoflow.paths import Layout
 from mammoflow.tuning import params as tuned
-from mammoflow.tuning import tune
+from mammoflow.tuning import runner as tune
 from tests.helpers import mlflow_client, prepare_data, project_dir, tiny_params
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]

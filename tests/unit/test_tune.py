@@ -14,7 +14,7 @@ from pydantic import ValidationError
 from mammoflow.config import Config, ConfigError, TuneConfig, TuneSpace, load_config, parse_config
 from mammoflow.paths import Layout
 from mammoflow.tuning import params as tuned
-from mammoflow.tuning import tune
+from mammoflow.tuning import runner as tune
 
 ROOT = Path(__file__).resolve().parents[2]
 BEST = {
