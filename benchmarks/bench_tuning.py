@@ -113,7 +113,7 @@ def naive_trial(root: Path, raw: dict[str, Any], params: dict[str, Any]) -> floa
 
     from mammoflow.config import parse_config
     from mammoflow.paths import Layout
-    from mammoflow.tuning.runner import Objective
+    from mammoflow.tuning.objective import Objective
 
     naive = dict(raw)
     naive["train"] = {**raw["train"], "feature_cache": False}
@@ -137,7 +137,8 @@ def main() -> None:
 
     from mammoflow.config import parse_config
     from mammoflow.paths import Layout
-    from mammoflow.tuning.runner import STORAGE_ENV, resolve_storage, run_tuning
+    from mammoflow.tuning.runner import run_tuning
+    from mammoflow.tuning.storage import STORAGE_ENV, resolve_storage
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     for key in ("MLFLOW_TRACKING_URI", STORAGE_ENV):  # everything stays in the temp project

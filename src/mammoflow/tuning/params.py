@@ -1,6 +1,6 @@
 """Tuned parameters: a trial's or the best-params file's values written over a Config.
 
-Kept apart from :mod:`mammoflow.tuning.runner` (Optuna, MLflow) so that the study's inputs can apply
+Kept apart from the tuner (:mod:`mammoflow.tuning.runner`: Optuna, MLflow) so that the study's inputs can apply
 ``tune.use_best`` without importing the tuner.
 """
 
