@@ -385,6 +385,12 @@ def _calibration(data: ReportData) -> list[list[str]]:
     return rows
 
 
+def _subgroup_header() -> list[str]:
+    from mammoflow.evaluation.subgroups import METRICS
+
+    return ["Factor", "Value", "n", "Patients", *(_LABELS.get(m, m) for m in METRICS)]
+
+
 def _subgroup_tables(
     tables: Mapping[str, Sequence[Mapping[str, Any]]],
 ) -> list[tuple[str, list[list[str]]]]:
@@ -567,7 +573,6 @@ def _figures(data: ReportData) -> dict[str, list[tuple[str, str]]]:
 
 def render(data: ReportData, base: Mapping[str, Any]) -> str:
     """The report page (figures embedded) from :func:`collect`'s data and the baseline."""
-    from mammoflow.evaluation.subgroups import METRICS
     from mammoflow.templates import render as render_template
 
     return render_template(
@@ -582,7 +587,7 @@ def render(data: ReportData, base: Mapping[str, Any]) -> str:
         figures=_figures(data),
         calibration_rows=_calibration(data),
         t_bound=f"{T_BOUNDS[1]:g}",
-        subgroup_header=["Factor", "Value", "n", "Patients", *(_LABELS.get(m, m) for m in METRICS)],
+        subgroup_header=_subgroup_header(),
         subgroups=_subgroups(data),
         audit=_audit(data.audit),
         pointing=_pointing(data.explain),
