@@ -217,16 +217,7 @@ def run_tuning(
     before = _counts(study)
     tracker = tracker or Tracker(root=layout.root)
     job, resumed = _open_parent(cfg, req, study, tracker, layout)
-    log.info(
-        "study %s (%s) on %s: %d complete, %d pruned; target %d trials, %d worker(s)",
-        req.study,
-        "resumed" if resumed else "new",
-        redact_url(req.storage),
-        before["complete"],
-        before["pruned"],
-        req.n_trials,
-        req.workers,
-    )
+    _log_start(req, before, resumed)
     with tracker.run_guard(job.parent_id):
         t_opt = time.perf_counter()
         if req.workers == 1:
@@ -277,6 +268,19 @@ class _Request:
     storage: str
     study: str
     hashes: dict[str, str]
+
+
+def _log_start(req: _Request, before: Mapping[str, int], resumed: bool) -> None:
+    log.info(
+        "study %s (%s) on %s: %d complete, %d pruned; target %d trials, %d worker(s)",
+        req.study,
+        "resumed" if resumed else "new",
+        redact_url(req.storage),
+        before["complete"],
+        before["pruned"],
+        req.n_trials,
+        req.workers,
+    )
 
 
 def _request(
