@@ -3,7 +3,7 @@
 Builds the embedded sample dataset (``sample_mias`` with params.yaml's sample / convert / split /
 model / train settings) in a temporary project, then runs an Optuna study of ``--n-trials``
 trials with params.yaml's ``tune`` section (seeded TPE, median pruner, SQLite storage, MLflow
-into the temporary project) through :func:`mammoflow.tuning.tune.run_tuning`.
+into the temporary project) through :func:`mammoflow.tuning.runner.run_tuning`.
 
 * ``trials_per_min``: finished (complete + pruned) trials per minute of the whole optimisation,
   feature extraction for each new trainable-layers N included.
@@ -113,7 +113,7 @@ def naive_trial(root: Path, raw: dict[str, Any], params: dict[str, Any]) -> floa
 
     from mammoflow.config import parse_config
     from mammoflow.paths import Layout
-    from mammoflow.tuning.tune import Objective
+    from mammoflow.tuning.objective import Objective
 
     naive = dict(raw)
     naive["train"] = {**raw["train"], "feature_cache": False}
@@ -137,7 +137,8 @@ def main() -> None:
 
     from mammoflow.config import parse_config
     from mammoflow.paths import Layout
-    from mammoflow.tuning.tune import STORAGE_ENV, resolve_storage, run_tuning
+    from mammoflow.tuning.runner import run_tuning
+    from mammoflow.tuning.storage import STORAGE_ENV, resolve_storage
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     for key in ("MLFLOW_TRACKING_URI", STORAGE_ENV):  # everything stays in the temp project

@@ -377,7 +377,7 @@ def tune_stage(
     workers: int | None = None,
 ) -> dict[str, Any]:
     """Optuna study of ``backbone`` on ``dataset``; best params → tuning/<dataset>-<backbone>.json."""
-    from mammoflow.tuning.tune import run_tuning
+    from mammoflow.tuning.runner import run_tuning
 
     cfg = cfg.for_dataset(dataset)  # its own model / train keys, as the train stage uses them
     return run_tuning(cfg, dataset, backbone, n_trials, workers, layout or Layout())

@@ -167,7 +167,7 @@ def test_external_validation_on_another_vendors_films(project: tuple[Path, Confi
     assert champion.tags[f"mammoflow.external.{ext}"] == run.info.run_id
     assert "## External validation" in champion.description and f"`{ext}`" in champion.description
     page = (root / "reports" / ext / "report.html").read_text()
-    assert "Shift from the model&#x27;s own test" in page and "External validation" in page
+    assert "Shift from the model's own test" in page and "External validation" in page
     with pytest.raises(ExternalError, match=r"label spaces differ: model .* predicts \['normal'"):
         run_external(cfg, uri, "sample_cmmd", Layout())
     with pytest.raises(ExternalError, match="was trained on sample_mias"):

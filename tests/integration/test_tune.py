@@ -22,11 +22,10 @@ import pytest
 from infra.local import stack as stack_mod
 from optuna.trial import TrialState
 
-from mammoflow import stages
+from mammoflow import stages, tuning
 from mammoflow.config import Config, parse_config
 from mammoflow.paths import Layout
 from mammoflow.tuning import params as tuned
-from mammoflow.tuning import tune
 from tests.helpers import mlflow_client, prepare_data, project_dir, tiny_params
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -78,7 +77,7 @@ def _params() -> dict[str, Any]:
 @pytest.fixture(scope="module")
 def project(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, Config]]:
     root = tmp_path_factory.mktemp("tune")
-    with project_dir(root, _params(), unset=("MLFLOW_TRACKING_URI", tune.STORAGE_ENV)) as cfg:
+    with project_dir(root, _params(), unset=("MLFLOW_TRACKING_URI", tuning.STORAGE_ENV)) as cfg:
         prepare_data(cfg, DATASET)
         yield root, cfg
 
@@ -97,7 +96,7 @@ def _study_runs(root: Path, parent_id: str) -> tuple[Any, list[Any]]:
 
 def test_tiny_study_completes_and_records_best(project: tuple[Path, Config]) -> None:
     root, cfg = project
-    res = tune.run_tuning(cfg, DATASET, BACKBONE, n_trials=4)
+    res = tuning.run_tuning(cfg, DATASET, BACKBONE, n_trials=4)
     trials = res["trials"]
     assert trials["complete"] + trials["pruned"] == 4 and trials["fail"] == 0
     assert trials["complete"] >= 2  # the pruner waits for 2 complete trials
@@ -112,7 +111,7 @@ def test_tiny_study_completes_and_records_best(project: tuple[Path, Config]) -> 
     assert best["best_value"] == pytest.approx(study.best_value)
     assert best["best_trial"] == study.best_trial.number == res["best_trial"]
     assert best["params"] == study.best_params
-    assert set(best["params"]) == set(tune.PARAM_NAMES)
+    assert set(best["params"]) == set(tuning.PARAM_NAMES)
     assert best["params"]["head_units"] in SPACE["head_units"]
     assert 1e-4 <= best["params"]["learning_rate"] <= 0.1
     assert best["metric"] == "f1_macro" and best["direction"] == "maximize"
@@ -147,7 +146,7 @@ def test_tiny_study_completes_and_records_best(project: tuple[Path, Config]) -> 
             assert run.data.tags["mammoflow.trial_state"] == "pruned"
 
     # the same configuration again: the study is reopened and already has its trials
-    again = tune.run_tuning(cfg, DATASET, BACKBONE, n_trials=4)
+    again = tuning.run_tuning(cfg, DATASET, BACKBONE, n_trials=4)
     assert again["resumed"] and again["new_trials"] == 0
     assert again["study_name"] == res["study_name"]
     assert again["parent_run_id"] == res["parent_run_id"]
@@ -203,13 +202,13 @@ def test_pruning_stops_a_trial_in_a_bad_region(learnable: tuple[Path, Config]) -
     seeded weights an untrained head can already separate three grey levels.)"""
     root, cfg = learnable
     layout = Layout(root)
-    name, storage, _ = tune.study_identity(cfg, DATASET, BACKBONE, layout)
+    name, storage, _ = tuning.study_identity(cfg, DATASET, BACKBONE, layout)
     assert storage == f"sqlite:///{root.resolve()}/optuna.db"
-    study = tune.open_study(cfg, name, storage)
+    study = tuning.open_study(cfg, name, storage)
     study.enqueue_trial({**GOOD, "learning_rate": 0.05})
     study.enqueue_trial({**GOOD, "learning_rate": 0.02})
     study.enqueue_trial({**GOOD, "learning_rate": 1.0, "momentum": 0.99})
-    res = tune.run_tuning(cfg, DATASET, BACKBONE, n_trials=3, layout=layout)
+    res = tuning.run_tuning(cfg, DATASET, BACKBONE, n_trials=3, layout=layout)
     assert res["study_name"] == name
 
     study = optuna.load_study(study_name=name, storage=storage)
@@ -266,14 +265,14 @@ def test_postgres_study_shared_by_two_worker_processes(
 ) -> None:
     root, cfg = project
     password = postgres_url.split(":")[2].split("@")[0]
-    monkeypatch.setenv(tune.STORAGE_ENV, postgres_url)
-    res = tune.run_tuning(cfg, DATASET, BACKBONE, n_trials=4, workers=2)
+    monkeypatch.setenv(tuning.STORAGE_ENV, postgres_url)
+    res = tuning.run_tuning(cfg, DATASET, BACKBONE, n_trials=4, workers=2)
     assert res["workers"] == 2
     assert res["storage"].startswith("postgresql+psycopg://") and password not in res["storage"]
     best = (root / "tuning" / f"{DATASET}-{BACKBONE}.json").read_text()
     assert password not in best
 
-    storage = tune.resolve_storage(cfg.tune.storage)  # the env URL, with the psycopg 3 driver
+    storage = tuning.resolve_storage(cfg.tune.storage)  # the env URL, with the psycopg 3 driver
     study = optuna.load_study(study_name=res["study_name"], storage=storage)
     finished = [t for t in study.trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
     assert 4 <= len(finished) <= 5  # the quota counts running trials of the other worker

@@ -49,3 +49,29 @@ def test_vendor_sample_is_seeded_12_bit_and_unlike_the_standard_one(tmp_path: Pa
     assert vendor.maxval == 4095 and standard.maxval == 255
     background = vendor.pixels[:4, :4] / 4095  # the raised detector floor of vendor_b
     assert background.mean() > 2 * (standard.pixels[:4, :4] / 255).mean()
+
+
+def test_the_page_escapes_hostile_names() -> None:
+    import pandas as pd
+
+    from mammoflow.evaluation.external import evidence, render
+
+    ext, own = _scored(3, 24, skill=1.0), _scored(4, 24, skill=1.0)
+    factors = pd.DataFrame({"view": ["CC", "MLO"] * 12}, index=pd.Index(ext.ids, name="image_id"))
+    ev = evidence(ext, own, CLASSES, factors, n=20, ci=0.95, seed=0)
+    hostile = "<script>alert(1)</script>"
+    ev |= {
+        "dataset": hostile,
+        "model_uri": "models:/m@champion",
+        "model": f"m{hostile}",
+        "source_dataset": "sample_mias",
+        "temperature": None,
+        "own_test_grouping": "patient bootstrap",
+        "class_names": list(CLASSES),
+        "ci_level": 0.95,
+        "mlflow_run_id": "r1",
+    }
+    page = render(ev, ext)
+    assert "<script" not in page
+    assert "<h1>External validation: &lt;script&gt;alert(1)&lt;/script&gt;</h1>" in page
+    assert "(T = –)" in page and "<h4>external</h4>" in page

@@ -79,7 +79,7 @@ def test_page_is_self_contained_with_every_section() -> None:
     page = render(data, base)
     for title in (
         "majority-class baseline",
-        "paper&#x27;s reported figures",
+        "paper&#39;s reported figures",  # markupsafe's spelling of '
         "ROC and precision–recall",
         "Confusion matrices",
         "Calibration",
@@ -150,3 +150,42 @@ def test_learning_curves_mark_the_final_model_after_recalibration() -> None:
     expected = nll(np.asarray(rec["y_true"]), np.asarray(rec["prob"]))
     assert stars[0].get_ydata()[0] == pytest.approx(expected)
     assert stars[0].get_label() == "val, final model (after BN recalibration)"
+
+
+def test_hostile_labels_are_shown_as_text_not_run() -> None:
+    """A dataset, backbone or validation label with markup is escaped by the template."""
+    hostile = "<script>alert(1)</script>"
+    data = _data("cv_f1_macro_mean")
+    data.dataset = hostile
+    data.backbones[0].name = f"vgg16{hostile}"
+    data.validation = {
+        "results": [
+            {"success": False, "check": hostile, "expectation": "e", "unexpected_count": 1}
+        ],
+        "rows": 30,
+        "success": False,
+    }
+    page = render(data, baseline(data, n=20))
+    assert "<script" not in page
+    escaped = "&lt;script&gt;alert(1)&lt;/script&gt;"
+    assert f"<title>MammoFlow study: {escaped}</title>" in page
+    assert f"<td>vgg16{escaped}</td>" in page and f"<td>{escaped}</td>" in page
+
+
+def test_the_comparison_page_escapes_and_the_markdown_does_not() -> None:
+    from mammoflow.reporting.figures import html_report, markdown
+
+    tables = {"<b>ds</b>": [["Backbone", "F1"], ["<i>vgg</i>", "50.0"]]}
+    page = html_report(tables, {}, ["a <note>"], {"<b>ds</b>": "weights <w>"})
+    assert "<b>" not in page and "<i>" not in page and "<note>" not in page
+    assert "<h2>&lt;b&gt;ds&lt;/b&gt;</h2>" in page and "<td>&lt;i&gt;vgg&lt;/i&gt;</td>" in page
+    assert "| <i>vgg</i> | 50.0 |" in markdown(tables)  # markdown is not HTML-escaped
+
+
+def test_a_field_the_template_names_but_nobody_passed_fails_loudly() -> None:
+    import jinja2
+
+    from mammoflow.templates import render as render_template
+
+    with pytest.raises(jinja2.UndefinedError, match="min_n"):
+        render_template("subgroups.md.j2", tables={}, metrics=(), level="95%")

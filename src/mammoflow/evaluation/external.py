@@ -15,7 +15,6 @@ reports); calibration shows raw and calibrated (what the registered model serves
 
 from __future__ import annotations
 
-import html
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -309,23 +308,22 @@ def run_external(
 
 
 def render(ev: Mapping[str, Any], ext: Scored) -> str:
-    """``reports/<D>/report.html`` of an external validation (figures embedded)."""
+    """``reports/<D>/report.html`` of an external validation (``templates/external.html.j2``)."""
     from mammoflow.evaluation.calibration import reliability_figure
     from mammoflow.reporting import figures as report
     from mammoflow.reporting.report import (
-        _CSS,
         _LABELS,
         _ci_cell,
         _fmt,
-        _grid,
-        _subgroup_html,
-        _table,
+        _png,
+        _subgroup_header,
+        _subgroup_tables,
     )
+    from mammoflow.templates import render as render_template
 
     names = ev["class_names"]
-    pct = f"{ev['ci_level']:.0%}"
     rows = [
-        [_LABELS[k], _ci_cell(ev["metrics"].get(k), ev["ci"].get(k))]
+        [_LABELS[k], _ci_cell(ev["metrics"].get(k), ev["ci"].get(k)) + " %"]
         for k in ("accuracy", "balanced_accuracy", "f1_macro", "roc_auc")
     ]
     shift = [
@@ -338,51 +336,25 @@ def render(ev: Mapping[str, Any], ext: Scored) -> str:
         for kind in ("raw", "calibrated")
         if kind in cal
     ]
-    t = ev.get("temperature")
-    figures = _grid(
-        [
-            ("confusion (raw arg-max)", report.confusion_figure(ext.y, ext.raw, names)),
-            ("reliability", reliability_figure(cal["reliability"], f"T = {_fmt(t, False)}")),
-        ]
-    )
-    sections = [
-        (
-            "What was validated",
-            f"<p>Model <code>{html.escape(str(ev['model']))}</code> (<code>"
-            f"{html.escape(str(ev['model_uri']))}</code>), trained on "
-            f"<code>{html.escape(str(ev['source_dataset']))}</code>, on "
-            f"<code>{html.escape(str(ev['dataset']))}</code>: {ev['n_images']} images of "
-            f"{ev['n_patients']} patients it never saw, read, accepted and converted by the "
-            f"training's own code. MLflow run <code>{html.escape(str(ev.get('mlflow_run_id')))}"
-            "</code>.</p>",
-        ),
-        (
-            "Metrics",
-            _table(["Metric", f"External [{pct} CI]"], [[r[0], r[1] + " %"] for r in rows])
-            + f"<p class='note'>{pct} patient-bootstrap CIs; raw probabilities.</p>",
-        ),
-        (
-            "Shift from the model's own test",
-            _table(["Metric", "Own test", "External", f"Δ [{pct} CI]"], shift)
-            + f"<p class='note'>Values in %. Own test: {ev.get('own_n_images', '?')} images, "
-            f"{html.escape(str(ev.get('own_test_grouping')))}; Δ CI: two independent "
-            "bootstraps. A negative Δ whose CI excludes 0 is a real drop.</p>",
-        ),
-        (
-            "Calibration",
-            _table(["Probabilities", f"ECE [{pct} CI]"], cal_rows)
-            + f"<p class='note'>Calibrated: the model's own temperature (T = "
-            f"{_fmt(t, False)}), fitted on its training data's out-of-fold predictions.</p>",
-        ),
-        ("Figures", figures),
-        ("Subgroups", _subgroup_html({"external": ev["subgroups"]})),
+    t = _fmt(ev.get("temperature"), False)
+    figures = [
+        ("confusion (raw arg-max)", _png(report.confusion_figure(ext.y, ext.raw, names))),
+        ("reliability", _png(reliability_figure(cal["reliability"], f"T = {t}"))),
     ]
-    body = "".join(f"<h2>{html.escape(h)}</h2>{c}" for h, c in sections)
-    return (
-        "<!doctype html><html><head><meta charset='utf-8'>"
-        f"<title>External validation: {html.escape(str(ev['dataset']))}</title>"
-        f"<style>{_CSS}</style></head><body>"
-        f"<h1>External validation: {html.escape(str(ev['dataset']))}</h1>"
-        "<p class='warn'>Research only — not for diagnosis.</p>"
-        f"{body}</body></html>"
+    return render_template(
+        "external.html.j2",
+        **{k: str(ev[k]) for k in ("dataset", "model", "model_uri", "source_dataset")},
+        n_images=ev["n_images"],
+        n_patients=ev["n_patients"],
+        run_id=str(ev.get("mlflow_run_id")),
+        level=f"{ev['ci_level']:.0%}",
+        metric_rows=rows,
+        shift_rows=shift,
+        own_n_images=ev.get("own_n_images", "?"),
+        own_grouping=str(ev.get("own_test_grouping")),
+        calibration_rows=cal_rows,
+        temperature=t,
+        figures=figures,
+        subgroups=_subgroup_tables({"external": ev["subgroups"]}),
+        subgroup_header=_subgroup_header(),
     )

@@ -119,25 +119,10 @@ def subgroup_markdown(
     tables: Mapping[str, Sequence[Mapping[str, Any]]], min_n: int = MIN_N, ci: float = 0.95
 ) -> str:
     """Markdown tables, one per split (``test``, ``out-of-fold``), with a note on small groups."""
-    lines: list[str] = []
-    for split, rows in tables.items():
-        lines += [
-            f"### {split}",
-            "",
-            "| factor | value | n | patients | " + " | ".join(METRICS) + " |",
-            "|---|---|---:|---:|" + "---|" * len(METRICS),
-        ]
-        for r in rows:
-            flag = " ⚠" if r["small"] else ""
-            cells = " | ".join(_cell(r["metrics"][m]) for m in METRICS)
-            lines.append(
-                f"| {r['factor']} | {r['value']}{flag} | {r['n']} | {r['patients']} | {cells} |"
-            )
-        lines.append("")
-    lines.append(
-        f"⚠ fewer than {min_n} images: too few to read much into. "
-        f"Brackets: {ci:.0%} patient-bootstrap CI. In a subgroup of one class (e.g. one "
-        "abnormality) ROC AUC is undefined (–) and macro F1 averages in the absent classes' "
-        "zeros: read accuracy there."
-    )
-    return "\n".join(lines) + "\n"
+    from mammoflow.templates import render
+
+    view = {
+        split: [{**r, "cells": [_cell(r["metrics"][m]) for m in METRICS]} for r in rows]
+        for split, rows in tables.items()
+    }
+    return render("subgroups.md.j2", tables=view, metrics=METRICS, min_n=min_n, level=f"{ci:.0%}")

@@ -7,7 +7,6 @@ per-backbone summaries (the train stage's metrics JSON or MLflow parent runs).
 from __future__ import annotations
 
 import base64
-import html
 import io
 import math
 from collections.abc import Mapping, Sequence
@@ -221,22 +220,9 @@ def markdown(
     settings: Mapping[str, str] | None = None,
 ) -> str:
     """The comparison as markdown, one table per dataset, each under its settings line."""
-    lines = ["# MammoFlow comparison", ""]
-    for dataset, table in tables.items():
-        lines += [f"## {dataset}", ""]
-        if settings and dataset in settings:
-            lines += [f"Settings used: {settings[dataset]}.", ""]
-        lines += ["| " + " | ".join(table[0]) + " |"]
-        lines.append("|" + "---|" * len(table[0]))
-        lines += ["| " + " | ".join(r) + " |" for r in table[1:]]
-        lines.append("")
-    lines += [
-        "Values in %: validation mean ± std over the K folds; test = held-out patients, "
-        "95 % CI by patient-level bootstrap.",
-        *notes,
-        "",
-    ]
-    return "\n".join(lines)
+    from mammoflow.templates import render
+
+    return render("comparison.md.j2", tables=tables, notes=notes, settings=settings or {})
 
 
 def figure_png(fig: Any) -> bytes:
@@ -255,30 +241,15 @@ def html_report(
     settings: Mapping[str, str] | None = None,
 ) -> str:
     """A self-contained HTML page with the tables (each under its settings) and the figures."""
-    parts = [
-        "<!doctype html><html><head><meta charset='utf-8'><title>MammoFlow comparison</title>",
-        "<style>body{font-family:sans-serif;margin:2em}table{border-collapse:collapse}"
-        "td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}"
-        "td:first-child{text-align:left}</style></head><body><h1>MammoFlow comparison</h1>",
-    ]
-    for dataset, table in tables.items():
-        parts.append(f"<h2>{html.escape(dataset)}</h2>")
-        if settings and dataset in settings:
-            parts.append(f"<p>Settings used: {html.escape(settings[dataset])}.</p>")
-        parts.append("<table><tr>")
-        parts += [f"<th>{html.escape(c)}</th>" for c in table[0]]
-        parts.append("</tr>")
-        for row in table[1:]:
-            parts.append("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>")
-        parts.append("</table>")
-        if dataset in figures:
-            b64 = base64.b64encode(figures[dataset]).decode()
-            parts.append(
-                f"<p><img alt='{html.escape(dataset)}' src='data:image/png;base64,{b64}'></p>"
-            )
-    parts += [f"<p>{html.escape(n)}</p>" for n in notes]
-    parts.append("</body></html>")
-    return "\n".join(parts)
+    from mammoflow.templates import render
+
+    return render(
+        "comparison.html.j2",
+        tables=tables,
+        figures={name: base64.b64encode(png).decode() for name, png in figures.items()},
+        notes=notes,
+        settings=settings or {},
+    )
 
 
 def console_table(dataset: str, table: list[list[str]], settings: str | None = None) -> Any:

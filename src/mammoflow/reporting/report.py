@@ -3,14 +3,14 @@
 :func:`collect` reads what the pipeline already wrote — the train stage's metrics JSON,
 predictions, histories, calibration and subgroup files per backbone, the evaluate stage's
 champion, the data-validation summary, the audit when one ran — plus the provenance tags of the
-MLflow parent runs; :func:`render` turns that plain data into HTML with every figure embedded
-(base64 PNG). Nothing in the report is typed by hand: each number comes from those files.
+MLflow parent runs; :func:`render` turns that plain data into formatted values and figures
+(base64 PNG), laid out by the template ``templates/report.html.j2``. Nothing in the report is
+typed by hand: each number comes from those files.
 """
 
 from __future__ import annotations
 
 import base64
-import html
 import json
 import logging
 import math
@@ -291,20 +291,14 @@ def fold_metrics(b: BackboneData, class_names: Sequence[str]) -> dict[int, dict[
     return out
 
 
-def _img(fig: Any, alt: str) -> str:
-    b64 = base64.b64encode(report.figure_png(fig)).decode()
-    return f"<img alt='{html.escape(alt)}' src='data:image/png;base64,{b64}'>"
+def _png(fig: Any) -> str:
+    """A figure as base64 PNG text (for a ``data:`` URL)."""
+    return base64.b64encode(report.figure_png(fig)).decode()
 
 
-# ----------------------------------------------------------------------------- HTML
-
-
-def _table(header: Sequence[str], rows: Sequence[Sequence[str]], cls: str = "") -> str:
-    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
-    body = "".join(
-        "<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in row) + "</tr>" for row in rows
-    )
-    return f"<table class='{cls}'><tr>{head}</tr>{body}</table>"
+# ----------------------------------------------------------------------------- page data
+# Each function below turns part of ReportData into plain, formatted values; the template
+# templates/report.html.j2 lays them out (and escapes them).
 
 
 def _test_size(b: BackboneData) -> str:
@@ -312,7 +306,7 @@ def _test_size(b: BackboneData) -> str:
     return f"{len(rec.get('y_true', []))} images"
 
 
-def _comparison(data: ReportData, base: Mapping[str, Any]) -> str:
+def _comparison(data: ReportData, base: Mapping[str, Any]) -> dict[str, Any]:
     header = ["Model", *(f"Test {_LABELS[k]} [CI]" for k in _KEYS), "CV F1 mean ± std"]
     rows = []
     for b in data.backbones:
@@ -329,64 +323,47 @@ def _comparison(data: ReportData, base: Mapping[str, Any]) -> str:
             "–",
         ]
     )
-    note = (
-        f"<p class='note'>Values in %. Test: held-out {data.group_by}-level split, "
-        f"{base['n']} images; brackets: {data.ci:.0%} patient-bootstrap CI. CV: out-of-fold "
-        f"validation over the folds. ROC AUC: malignant vs rest with two classes, else the "
-        "one-vs-rest macro mean. ★ champion (see the selection rule above). The baseline "
-        "predicts the CV rows' most frequent class for every test image (CI: patient "
-        "bootstrap, as the models').</p>"
-    )
-    return _selection(data) + _table(header, rows) + note
+    return {"header": header, "rows": rows, "n": base["n"]}
 
 
-def _code(text: str) -> str:
-    """Escape ``text`` for HTML, markdown `code` spans as <code>."""
-    import re
-
-    return re.sub(r"`([^`]+)`", r"<code>\1</code>", html.escape(text))
-
-
-def _selection(data: ReportData) -> str:
+def _selection(data: ReportData) -> dict[str, Any]:
     """The selection rule, the winner's-curse warning if it peeks, the champion's test estimate."""
     from mammoflow.evaluation import champion
 
     metric = str(data.champion.get("metric") or "")
     if not metric:
-        return "<p>No champion chosen yet (run <code>mammoflow evaluate</code>).</p>"
-    parts = [f"<p>{_code(champion.rule_text(metric))}</p>"]
+        return {"metric": ""}
     warning = champion.warning_text(metric)
-    if warning:
-        parts.append(f"<p class='warn'>{_code(warning)}</p>")
+    out: dict[str, Any] = {
+        "metric": metric,
+        "rule": champion.rule_text(metric),
+        "warning": warning,
+        "champion": None,
+    }
     best = {b.name: b for b in data.backbones}.get(str(data.champion.get("best")))
     if best is not None:
         s = best.summary
-        f1 = _ci_cell(s["test"].get("f1_macro"), s.get("test_ci", {}).get("f1_macro"))
-        acc = _ci_cell(s["test"].get("accuracy"), s.get("test_ci", {}).get("accuracy"))
-        kind = "optimistic" if warning else "unbiased"
-        parts.append(
-            f"<p><b>Champion {html.escape(best.name)}</b> — held-out test ({kind} estimate, "
-            f"{_test_size(best)}): F1 (macro) {f1} %, accuracy {acc} %; selection score "
-            f"{html.escape(metric)} = {_fmt(data.champion.get('scores', {}).get(best.name))} %."
-            "</p>"
-        )
-    return "".join(parts)
+        out["champion"] = {
+            "name": best.name,
+            "kind": "optimistic" if warning else "unbiased",
+            "test_size": _test_size(best),
+            "f1": _ci_cell(s["test"].get("f1_macro"), s.get("test_ci", {}).get("f1_macro")),
+            "acc": _ci_cell(s["test"].get("accuracy"), s.get("test_ci", {}).get("accuracy")),
+            "score": _fmt(data.champion.get("scores", {}).get(best.name)),
+        }
+    return out
 
 
-def _paper(data: ReportData) -> str:
+def _paper(data: ReportData) -> list[list[str]]:
     rows = [["Paper (as reported)", PAPER_CLAIM.split(",")[0], "image-level", "as in the paper"]]
     for b in data.backbones:
         s = b.summary
         acc = _ci_cell(s["test"].get("accuracy"), s.get("test_ci", {}).get("accuracy"))
         rows.append([f"Ours: {b.name}", f"{acc} %", f"{data.group_by}-level", _test_size(b)])
-    note = (
-        "<p class='note'>An image-level split lets images of one woman sit in training and "
-        "test; ours keeps each patient on one side. The two are different experiments.</p>"
-    )
-    return _table(["Source", "Accuracy", "Split", "Test set"], rows) + note
+    return rows
 
 
-def _calibration(data: ReportData) -> str:
+def _calibration(data: ReportData) -> list[list[str]]:
     rows = []
     for b in data.backbones:
         c = b.calibration
@@ -405,32 +382,25 @@ def _calibration(data: ReportData) -> str:
                 str(c.get("n_fit", "?")),
             ]
         )
-    header = [
-        "Backbone",
-        "ECE raw [CI]",
-        "ECE calibrated [CI]",
-        "Classwise ECE raw",
-        "Classwise ECE calibrated",
-        "T",
-        "fitted on (OOF images)",
-    ]
-    return _table(header, rows) + (
-        "<p class='note'>Top-label ECE, 15 equal-width bins (Guo et al. 2017); temperature "
-        "fitted on the out-of-fold validation predictions (single fold models), applied to "
-        "each fold model's test probabilities before the ensemble mean — exactly what the "
-        "registered model serves (<code>mammoflow predict --raw</code> for the raw ones). T at the "
-        f"search bound ({T_BOUNDS[1]:g}) means the validation predictions carried almost no "
-        "information: scaling flattens them towards uniform.</p>"
-    )
+    return rows
 
 
-def _subgroup_html(tables: Mapping[str, Sequence[Mapping[str, Any]]]) -> str:
+def _subgroup_header() -> list[str]:
     from mammoflow.evaluation.subgroups import METRICS
 
-    parts = []
+    return ["Factor", "Value", "n", "Patients", *(_LABELS.get(m, m) for m in METRICS)]
+
+
+def _subgroup_tables(
+    tables: Mapping[str, Sequence[Mapping[str, Any]]],
+) -> list[tuple[str, list[list[str]]]]:
+    """(split, rows) per split: test, out-of-fold, then any other in name order."""
+    from mammoflow.evaluation.subgroups import METRICS
+
     order = [k for k in ("test", "out-of-fold") if k in tables]
-    for split, rows in ((k, tables[k]) for k in order + sorted(set(tables) - set(order))):
-        body = [
+    out = []
+    for split in order + sorted(set(tables) - set(order)):
+        rows = [
             [
                 r["factor"],
                 r["value"] + (" ⚠" if r["small"] else ""),
@@ -438,23 +408,30 @@ def _subgroup_html(tables: Mapping[str, Sequence[Mapping[str, Any]]]) -> str:
                 str(r["patients"]),
                 *(_ci_cell(r["metrics"][m]["point"], r["metrics"][m], pct=False) for m in METRICS),
             ]
-            for r in rows
+            for r in tables[split]
         ]
-        header = ["Factor", "Value", "n", "Patients", *(_LABELS.get(m, m) for m in METRICS)]
-        parts.append(f"<h4>{html.escape(split)}</h4>" + _table(header, body))
-    return "".join(parts) + (
-        "<p class='note'>⚠ fewer than 10 images: too few to read much into. In a subgroup of "
-        "one class ROC AUC is undefined (–) and macro F1 averages in the absent classes' zeros: "
-        "read accuracy there.</p>"
-    )
+        out.append((split, rows))
+    return out
 
 
-def _audit(audit: Mapping[str, Any] | None) -> str:
+def _subgroups(data: ReportData) -> dict[str, Any]:
+    """The champion's subgroup tables first (the first backbone without one), the others after."""
+    by = {b.name: b for b in data.backbones}
+    best = by.get(str(data.champion.get("best")), data.backbones[0])
+    return {
+        "title": f"Subgroups ({best.name}; others below)",
+        "champion": _subgroup_tables(best.subgroups),
+        "others": [
+            (b.name, _subgroup_tables(b.subgroups))
+            for b in data.backbones
+            if b is not best and b.subgroups
+        ],
+    }
+
+
+def _audit(audit: Mapping[str, Any] | None) -> dict[str, Any] | None:
     if not audit:
-        return (
-            "<p>No audit yet: <code>mammoflow audit --dataset …</code> writes it to "
-            "<code>reports/&lt;dataset&gt;/audit.json</code>.</p>"
-        )
+        return None
     rows = [
         [
             m,
@@ -464,12 +441,6 @@ def _audit(audit: Mapping[str, Any] | None) -> str:
         ]
         for m, v in audit.get("inflation", {}).items()
     ]
-    head = (
-        f"<p>{html.escape(str(audit.get('backbone')))}, seed {audit.get('seed')}, "
-        f"{audit.get('k_folds')} folds, {audit.get('epochs')} epochs; inflation = image-level "
-        f"− patient-level on each split's held-out test, {audit.get('ci', 0.95):.0%} "
-        "patient-bootstrap CI.</p>"
-    )
     keys = (
         "patients_in_test_and_cv",
         "patients_in_several_folds",
@@ -477,47 +448,48 @@ def _audit(audit: Mapping[str, Any] | None) -> str:
         "near_duplicates_across",
     )
     checks = audit.get("checks", {})
-    check_rows = [[k, *(str(c.get(k)) for c in checks.values())] for k in keys]
-    return (
-        head
-        + _table(["Metric", "image-level", "patient-level", "inflation [CI]"], rows)
-        + _table(["Split check", *(f"split by {g}" for g in checks)], check_rows)
-        + _near_pairs(checks)
-    )
+    return {
+        "backbone": str(audit.get("backbone")),
+        "seed": audit.get("seed"),
+        "k_folds": audit.get("k_folds"),
+        "epochs": audit.get("epochs"),
+        "ci_level": f"{audit.get('ci', 0.95):.0%}",
+        "inflation": rows,
+        "groups": [f"split by {g}" for g in checks],
+        "checks": [[k, *(str(c.get(k)) for c in checks.values())] for k in keys],
+        **_near_pairs(checks),
+    }
 
 
-def _near_pairs(checks: Mapping[str, Any]) -> str:
+def _near_pairs(checks: Mapping[str, Any]) -> dict[str, Any]:
     """The near-duplicate rule and its measured false-positive rate, then every flagged pair
     side by side (thumbnails) for a person to judge."""
     cal = next((c.get("near_duplicate_calibration") for c in checks.values() if c), None)
-    note = ""
+    near = None
     if cal:
-        note = (
-            f"<p class='note'>Near duplicates: {html.escape(str(cal['descriptor']))}, within "
-            f"{cal['threshold_bits']} bits. Calibrated on {html.escape(str(cal['data']))}: "
-            f"{cal['true_positive_rate']:.1%} of {cal['positives']} known copies (re-encoded, "
-            f"resized, re-windowed, cropped) found; {cal['false_positives']} of "
-            f"{cal['negatives']} pairs of different women flagged (false-positive rate "
-            f"{cal['false_positive_rate']:.1e}).</p>"
-        )
-    figures = []
-    for group, c in checks.items():
-        for pair in c.get("near_pairs", []):
-            cells = "".join(
-                f"<figure>{_thumb(pair[f'path_{s}'])}<figcaption>{html.escape(pair[s])}"
-                "</figcaption></figure>"
+        near = {
+            **{k: cal[k] for k in ("descriptor", "threshold_bits", "data", "positives")},
+            **{k: cal[k] for k in ("false_positives", "negatives")},
+            "tpr": f"{cal['true_positive_rate']:.1%}",
+            "fpr": f"{cal['false_positive_rate']:.1e}",
+        }
+    pairs = [
+        {
+            "group": group,
+            "bits": pair["bits"],
+            "sides": [
+                {"name": pair[s], "path": pair[f"path_{s}"], "thumb": _thumb(pair[f"path_{s}"])}
                 for s in ("a", "b")
-            )
-            figures.append(
-                f"<div><p class='note'>split by {html.escape(group)}: {pair['bits']} bits</p>"
-                f"<div class='grid'>{cells}</div></div>"
-            )
-    pairs = "<div class='grid'>" + "".join(figures) + "</div>" if figures else ""
-    return note + (pairs or "<p>No near-duplicate pair flagged.</p>")
+            ],
+        }
+        for group, c in checks.items()
+        for pair in c.get("near_pairs", [])
+    ]
+    return {"near": near, "pairs": pairs}
 
 
-def _thumb(path: str, side: int = 160) -> str:
-    """A small embedded PNG of a converted image (or a note when the file is not here)."""
+def _thumb(path: str, side: int = 160) -> str | None:
+    """A small PNG of a converted image as base64 text (None when the file is not here)."""
     import io
 
     from PIL import Image
@@ -528,15 +500,15 @@ def _thumb(path: str, side: int = 160) -> str:
             buf = io.BytesIO()
             im.convert("L").save(buf, "PNG")
     except OSError:
-        return f"<p class='note'>({html.escape(path)} not here)</p>"
-    return f"<img alt='' src='data:image/png;base64,{base64.b64encode(buf.getvalue()).decode()}'>"
+        return None
+    return base64.b64encode(buf.getvalue()).decode()
 
 
-def _pointing(explain: Mapping[str, Any] | None, ci: float) -> str:
+def _pointing(explain: Mapping[str, Any] | None) -> dict[str, Any] | None:
     if not explain:
-        return "<p>Not run (<code>mammoflow explain-check --dataset …</code>).</p>"
+        return None
     if explain.get("skipped"):
-        return f"<p>Skipped: {html.escape(str(explain['skipped']))}.</p>"
+        return {"skipped": str(explain["skipped"])}
     rows = [
         [
             b,
@@ -547,72 +519,38 @@ def _pointing(explain: Mapping[str, Any] | None, ci: float) -> str:
         ]
         for b, r in explain.get("backbones", {}).items()
     ]
-    header = ["Backbone", "Hit rate % [CI]", "Chance %", "Peak outside the breast %", "Images"]
-    return _table(header, rows) + (
-        "<p class='note'>Grad-CAM pointing game: share of abnormal test images whose Grad-CAM "
-        f"peak falls inside an annotated lesion circle; {ci:.0%} patient-bootstrap CI. Chance: "
-        "the mean share of the breast (Otsu mask) inside the circles — what a uniformly random "
-        "peak in the breast would score. Peak outside the breast: maps pointing at the film "
-        "edge, padding or labels — a shortcut signal, whatever the hit rate.</p>"
-    )
+    return {"skipped": "", "backbones": rows}
 
 
-def _validation(v: Mapping[str, Any]) -> str:
+def _validation(v: Mapping[str, Any]) -> dict[str, Any] | None:
     if not v:
-        return "<p>No validation results (run <code>mammoflow validate</code>).</p>"
+        return None
     results = v.get("results", [])
     failed = [r for r in results if not r.get("success")]
-    stats = v.get("statistics", {})
-    head = (
-        f"<p>Great Expectations: {len(results) - len(failed)} of {len(results)} checks "
-        f"passed on {v.get('rows', '?')} images ({'success' if v.get('success') else 'FAILED'})."
-        "</p>"
-    )
-    rows = [
-        [r.get("check", ""), r.get("expectation", ""), str(r.get("unexpected_count"))]
-        for r in failed
-    ]
-    extra = _table(["Failed check", "Expectation", "Unexpected"], rows) if rows else ""
-    stat = _table(["Statistic", "Value"], [[k, str(x)] for k, x in stats.items()]) if stats else ""
-    return head + extra + stat
+    return {
+        "passed": len(results) - len(failed),
+        "checks": len(results),
+        "images": v.get("rows", "?"),
+        "status": "success" if v.get("success") else "FAILED",
+        "failed": [
+            [r.get("check", ""), r.get("expectation", ""), str(r.get("unexpected_count"))]
+            for r in failed
+        ],
+        "statistics": [[k, str(x)] for k, x in v.get("statistics", {}).items()],
+    }
 
 
-def _provenance(data: ReportData) -> str:
+def _provenance(data: ReportData) -> dict[str, Any]:
     header = ["", *(b.name for b in data.backbones)]
     rows = [
         ["MLflow parent run", *(b.summary.get("mlflow_parent_run_id", "?") for b in data.backbones)]
     ]
     rows += [[t, *(b.tags.get(t, "?") for b in data.backbones)] for t in PROVENANCE_TAGS]
-    return _table(header, rows, "small")
+    return {"header": header, "rows": rows}
 
 
-def _grid(items: Sequence[tuple[str, Any]]) -> str:
-    return (
-        "<div class='grid'>"
-        + "".join(
-            f"<figure>{_img(fig, alt)}<figcaption>{html.escape(alt)}</figcaption></figure>"
-            for alt, fig in items
-        )
-        + "</div>"
-    )
-
-
-_CSS = (
-    "body{font-family:sans-serif;margin:2em;max-width:1300px}"
-    "table{border-collapse:collapse;margin:0.5em 0}"
-    "td,th{border:1px solid #ccc;padding:3px 7px;text-align:right;font-size:13px}"
-    "td:first-child,th:first-child{text-align:left}th{background:#f3f3f3}"
-    "table.small{table-layout:fixed;width:100%}"
-    "table.small td{font-size:11px;font-family:monospace;word-break:break-all}"
-    ".grid{display:flex;flex-wrap:wrap;gap:12px}figure{margin:0}"
-    "figcaption{font-size:12px;color:#555}.note{font-size:12px;color:#555}"
-    ".warn{background:#fff4d6;padding:6px 10px;border-left:4px solid #e0a800}"
-    "pre{white-space:pre-wrap;font-size:12px;background:#f8f8f8;padding:8px}"
-)
-
-
-def _figures(data: ReportData) -> dict[str, str]:
-    """The per-backbone figure grids, by section title."""
+def _figures(data: ReportData) -> dict[str, list[tuple[str, str]]]:
+    """The figures as (caption, base64 PNG), by kind: one ROC/PR figure, then per backbone."""
     from mammoflow.evaluation.calibration import reliability_figure
 
     names, bbs = data.class_names, data.backbones
@@ -625,57 +563,37 @@ def _figures(data: ReportData) -> dict[str, str]:
         return reliability_figure(b.calibration.get("reliability", {}), f"{b.name} (T = {t})")
 
     return {
-        "ROC and precision–recall curves": _grid([("all backbones", curves_figure(data))]),
-        "Confusion matrices (test)": _grid([(b.name, confusion(b)) for b in bbs]),
-        "Calibration": _calibration(data)
-        + _grid([(b.name, reliability(b)) for b in bbs if b.calibration]),
-        "Learning curves": _grid([(b.name, learning_figure(b, len(names))) for b in bbs])
-        + "<p class='note'>Per-epoch losses are Keras' during training, computed before the "
-        "BatchNorm statistics are recalibrated for the final model; ★ = each fold's final "
-        "model as used (its out-of-fold validation NLL, unweighted).</p>",
-        "Fold spread (validation)": _grid(
-            [(b.name, report.folds_figure(fold_metrics(b, names), b.name)) for b in bbs]
-        ),
+        "curves": [("all backbones", _png(curves_figure(data)))],
+        "confusion": [(b.name, _png(confusion(b))) for b in bbs],
+        "reliability": [(b.name, _png(reliability(b))) for b in bbs if b.calibration],
+        "learning": [(b.name, _png(learning_figure(b, len(names)))) for b in bbs],
+        "folds": [(b.name, _png(report.folds_figure(fold_metrics(b, names), b.name))) for b in bbs],
     }
-
-
-def _subgroup_section(data: ReportData) -> tuple[str, str]:
-    by = {b.name: b for b in data.backbones}
-    best = by.get(str(data.champion.get("best")), data.backbones[0])
-    others = "".join(
-        f"<details><summary>{html.escape(b.name)}</summary>{_subgroup_html(b.subgroups)}</details>"
-        for b in data.backbones
-        if b is not best and b.subgroups
-    )
-    return f"Subgroups ({best.name}; others below)", _subgroup_html(best.subgroups) + others
 
 
 def render(data: ReportData, base: Mapping[str, Any]) -> str:
     """The report page (figures embedded) from :func:`collect`'s data and the baseline."""
-    sections = [
-        ("Comparison beside a majority-class baseline", _comparison(data, base)),
-        ("The paper's reported figures beside ours", _paper(data)),
-        *_figures(data).items(),
-        _subgroup_section(data),
-        ("Leakage audit", _audit(data.audit)),
-        ("Grad-CAM pointing game", _pointing(data.explain, data.ci)),
-        ("Data validation", _validation(data.validation)),
-        ("Provenance", _provenance(data)),
-    ]
-    if data.card:
-        card = f"<details><summary>show</summary><pre>{html.escape(data.card)}</pre></details>"
-        sections.append(("Model card of the champion", card))
-    toc = "".join(
-        f"<li><a href='#s{i}'>{html.escape(t)}</a></li>" for i, (t, _) in enumerate(sections)
-    )
-    body = "".join(f"<h2 id='s{i}'>{html.escape(t)}</h2>{h}" for i, (t, h) in enumerate(sections))
-    return (
-        "<!doctype html><html><head><meta charset='utf-8'>"
-        f"<title>MammoFlow study: {html.escape(data.dataset)}</title><style>{_CSS}</style>"
-        f"</head><body><h1>MammoFlow study: {html.escape(data.dataset)}</h1>"
-        f"<p>Settings used: {html.escape(data.settings or 'unknown')}.</p>"
-        "<p class='warn'>Research only — not for diagnosis.</p>"
-        f"<ul>{toc}</ul>{body}</body></html>"
+    from mammoflow.templates import render as render_template
+
+    return render_template(
+        "report.html.j2",
+        dataset=data.dataset,
+        settings=data.settings,
+        group_by=data.group_by,
+        ci_level=f"{data.ci:.0%}",
+        comparison=_comparison(data, base),
+        selection=_selection(data),
+        paper_rows=_paper(data),
+        figures=_figures(data),
+        calibration_rows=_calibration(data),
+        t_bound=f"{T_BOUNDS[1]:g}",
+        subgroup_header=_subgroup_header(),
+        subgroups=_subgroups(data),
+        audit=_audit(data.audit),
+        pointing=_pointing(data.explain),
+        validation=_validation(data.validation),
+        provenance=_provenance(data),
+        card=data.card,
     )
 
 

@@ -1,7 +1,7 @@
 """Tuned parameters: a trial's or the best-params file's values written over a Config.
 
-Kept apart from :mod:`mammoflow.tuning.tune` (Optuna, MLflow) so that the study's inputs can apply
-``tune.use_best`` without importing the tuner.
+Kept apart from the tuner (:mod:`mammoflow.tuning.runner`: Optuna, MLflow) so that the
+study's inputs can apply ``tune.use_best`` without importing the tuner.
 """
 
 from __future__ import annotations
