@@ -25,7 +25,7 @@ venv: $(VENV)/.installed ## create .venv from uv.lock
 
 run: venv ## the whole pipeline on the embedded sample data (dvc repro)
 	$(VENV)/bin/dvc repro
-	$(VENV)/bin/mammoflow compare --no-write
+	$(VENV)/bin/mammoflow report --no-write
 
 study: venv ## the real study of one dataset, paper's settings: make study DATASET=mias [WEIGHTS=none] [ARGS=...]
 	@if [ -z "$(DATASET)" ]; then echo "usage: make study DATASET=mias [WEIGHTS=none] [ARGS='--backbone vgg16']"; exit 2; fi

@@ -35,8 +35,11 @@ def main() -> None:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     os.environ.pop("MLFLOW_TRACKING_URI", None)
 
-    from mammoflow import stages
     from mammoflow.config import parse_config
+    from mammoflow.data.acquire import acquire_stage
+    from mammoflow.data.convert import convert_stage
+    from mammoflow.data.ingest import ingest_stage
+    from mammoflow.data.split import split_stage
     from mammoflow.paths import Layout
     from mammoflow.tracking import Tracker
     from mammoflow.training.train import run_study
@@ -49,10 +52,10 @@ def main() -> None:
     runs = []
     with tempfile.TemporaryDirectory() as tmp:
         layout = Layout(Path(tmp))
-        stages.acquire_stage(cfg, args.dataset, layout)
-        stages.ingest_stage(cfg, args.dataset, layout)
-        stages.convert_stage(cfg, args.dataset, layout, progress=False)
-        stages.split_stage(cfg, args.dataset, layout)
+        acquire_stage(cfg, args.dataset, layout)
+        ingest_stage(cfg, args.dataset, layout)
+        convert_stage(cfg, args.dataset, layout, progress=False)
+        split_stage(cfg, args.dataset, layout)
         t0 = time.perf_counter()
         Tracker(root=layout.root).experiment_id(args.dataset)  # creates the SQLite store once
         store_init = time.perf_counter() - t0

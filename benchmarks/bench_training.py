@@ -39,9 +39,11 @@ import pandas as pd
 import yaml
 from PIL import Image
 
-from mammoflow import stages
 from mammoflow.config import Config, ModelConfig, TrainConfig, load_config
-from mammoflow.data.split import make_splits
+from mammoflow.data.acquire import acquire_stage
+from mammoflow.data.convert import convert_stage
+from mammoflow.data.ingest import ingest_stage
+from mammoflow.data.split import make_splits, split_stage
 from mammoflow.evaluation.metrics import compute_metrics
 from mammoflow.files import sha256_file
 from mammoflow.models import build
@@ -55,6 +57,7 @@ from mammoflow.models.features import (
 )
 from mammoflow.paths import Layout
 from mammoflow.training.fit import FoldTrainer, fold_rows, train_folds
+from mammoflow.training.train import train_stage
 
 ROOT = Path(__file__).resolve().parents[1]
 MIAS_ARCHIVE = ROOT / ".." / "shared" / "data" / "mias" / "all-mias.tar.gz"
@@ -200,10 +203,10 @@ def _project(work: Path, overrides: dict[str, Any], dataset: str = "mias") -> Co
 
 def _data_stages(cfg: Config, layout: Layout, dataset: str = "mias") -> float:
     t0 = time.perf_counter()
-    stages.acquire_stage(cfg, dataset, layout)
-    stages.ingest_stage(cfg, dataset, layout)
-    stages.convert_stage(cfg, dataset, layout, progress=False)
-    stages.split_stage(cfg, dataset, layout)
+    acquire_stage(cfg, dataset, layout)
+    ingest_stage(cfg, dataset, layout)
+    convert_stage(cfg, dataset, layout, progress=False)
+    split_stage(cfg, dataset, layout)
     return time.perf_counter() - t0
 
 
@@ -235,7 +238,7 @@ def sample_test_models(work: Path) -> dict[str, Any]:
         _data_stages(cfg, Layout(), "sample_mias")
         out: dict[str, Any] = {}
         for name in ("vgg16", "resnet50"):
-            stages.train_stage(cfg, "sample_mias", name, Layout())
+            train_stage(cfg, "sample_mias", name, Layout())
             out[name] = _ensemble_vs_refit(Layout(), name, "sample_mias")
     finally:
         os.chdir(old)
@@ -266,7 +269,7 @@ def full_mias(work: Path, test_model: str) -> dict[str, Any]:
         t1 = time.perf_counter()
         for name in PAPER_BACKBONES:
             tb = time.perf_counter()
-            out = stages.train_stage(cfg, "mias", name, layout)
+            out = train_stage(cfg, "mias", name, layout)
             per_backbone[name] = {
                 "seconds": round(time.perf_counter() - tb, 1),
                 "features_s": out["seconds"]["features"],

@@ -56,17 +56,20 @@ def project_params(backbone: str, quick: bool) -> dict[str, Any]:
 
 def build(root: Path, raw: dict[str, Any]) -> float:
     """Acquire → ingest → convert → split the sample into ``root``; seconds."""
-    from mammoflow import stages
     from mammoflow.config import parse_config
+    from mammoflow.data.acquire import acquire_stage
+    from mammoflow.data.convert import convert_stage
+    from mammoflow.data.ingest import ingest_stage
+    from mammoflow.data.split import split_stage
     from mammoflow.paths import Layout
 
     cfg = parse_config(raw)
     layout = Layout(root)
     t0 = time.perf_counter()
-    stages.acquire_stage(cfg, DATASET, layout)
-    stages.ingest_stage(cfg, DATASET, layout)
-    stages.convert_stage(cfg, DATASET, layout, progress=False)
-    stages.split_stage(cfg, DATASET, layout)
+    acquire_stage(cfg, DATASET, layout)
+    ingest_stage(cfg, DATASET, layout)
+    convert_stage(cfg, DATASET, layout, progress=False)
+    split_stage(cfg, DATASET, layout)
     return time.perf_counter() - t0
 
 

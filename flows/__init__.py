@@ -1,1 +1,1 @@
-"""Prefect flows: thin sequences of tasks that call mammoflow.stages."""
+"""Prefect flows: thin sequences of tasks; DVC runs the stages (each stage's module: data/, training/, …)."""

@@ -18,9 +18,14 @@ from typing import Any
 
 import yaml
 
-from mammoflow import stages
 from mammoflow.config import Config, parse_config
+from mammoflow.data.acquire import acquire_stage
+from mammoflow.data.convert import convert_stage
+from mammoflow.data.ingest import ingest_stage
+from mammoflow.data.split import split_stage
+from mammoflow.evaluation.evaluate import evaluate_stage
 from mammoflow.paths import Layout
+from mammoflow.training.train import train_stage
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -85,10 +90,10 @@ def tiny_params(
 def prepare_data(cfg: Config, dataset: str) -> None:
     """Run acquire → ingest → convert → split of ``dataset`` in the working directory."""
     for stage in (
-        stages.acquire_stage,
-        stages.ingest_stage,
-        stages.convert_stage,
-        stages.split_stage,
+        acquire_stage,
+        ingest_stage,
+        convert_stage,
+        split_stage,
     ):
         stage(cfg, dataset, Layout())
 
@@ -101,8 +106,8 @@ def trained_project(root: Path, raw: dict[str, Any], dataset: str) -> Iterator[C
         try:
             prepare_data(cfg, dataset)
             for backbone in cfg.model.backbones:
-                stages.train_stage(cfg, dataset, backbone, Layout())
-            stages.evaluate_stage(cfg, dataset, Layout())
+                train_stage(cfg, dataset, backbone, Layout())
+            evaluate_stage(cfg, dataset, Layout())
             yield cfg
         finally:
             delete_mlflow_models_and_experiments(root)

@@ -54,12 +54,6 @@ Pseudonymize = Literal["none", "hmac"]
 ServeFormat = Literal["file", "tensor"]
 
 
-# Every command runs in the one entry wrapper (mammoflow.console.entry): SIGTERM becomes
-# KeyboardInterrupt (open MLflow runs end FAILED, not RUNNING), and expected errors become one
-# readable message and an exit code: 2 bad input, 75 (EX_TEMPFAIL) transient I/O, 1 other I/O.
-_friendly = entry
-
-
 def _config(params: Path) -> Config:
     return load_config(params)
 
@@ -82,8 +76,8 @@ def _options_config(
     params: Path, dataset: str, weights: str | None, sets: list[str] | None
 ) -> Config:
     """params.yaml with the command line's ``--weights`` / ``--set`` applied as a study applies
-    them (:func:`mammoflow.stages.option_keys`); params.yaml itself without options."""
-    from mammoflow.stages import option_keys
+    them (:func:`mammoflow.study.option_keys`); params.yaml itself without options."""
+    from mammoflow.study import option_keys
 
     keys = option_keys(dataset, weights, parse_assignments(sets or []))
     cfg = _config(params)
@@ -91,7 +85,7 @@ def _options_config(
 
 
 @app.command()
-@_friendly
+@entry
 def sample(
     out_dir: Annotated[Path, typer.Option("--out", help="Folder to write the sample into.")],
     seed: Annotated[int | None, typer.Option(help="Seed (default: params sample.seed).")] = None,
@@ -114,7 +108,7 @@ def sample(
 
 
 @ingest_app.command("mias")
-@_friendly
+@entry
 def ingest_mias_cmd(
     source: Annotated[Path, typer.Argument(help="all-mias.tar.gz or an extracted folder.")],
     out_dir: Annotated[Path, typer.Option("--out", help="Output folder for manifest.parquet.")],
@@ -132,7 +126,7 @@ def ingest_mias_cmd(
 
 
 @ingest_app.command("cmmd")
-@_friendly
+@entry
 def ingest_cmmd_cmd(
     source: Annotated[
         Path, typer.Argument(help="TCIA tree: CMMD/<patient>/<study>/<series>/*.dcm")
@@ -180,12 +174,12 @@ def ingest_cmmd_cmd(
 
 
 @ingest_app.command("dataset")
-@_friendly
+@entry
 def ingest_dataset_cmd(
     dataset: str, params: ParamsOpt = Path("params.yaml"), as_json: JsonOpt = False
 ) -> None:
     """Pipeline stage: ingest data/raw/DATASET into data/interim/DATASET."""
-    from mammoflow.stages import ingest_stage
+    from mammoflow.data.ingest import ingest_stage
 
     res = ingest_stage(_config(params), dataset)
     facts = [
@@ -196,12 +190,12 @@ def ingest_dataset_cmd(
 
 
 @app.command("source")
-@_friendly
+@entry
 def source_cmd(
     dataset: str, params: ParamsOpt = Path("params.yaml"), as_json: JsonOpt = False
 ) -> None:
     """Pipeline stage: record DATASET's source files (names, sizes, times) for DVC."""
-    from mammoflow.stages import source_stage
+    from mammoflow.data.acquire import source_stage
 
     res = source_stage(_config(params), dataset)
     facts = [f"{res['files']} source files" if res["acquire"] == "local" else "generated sample"]
@@ -209,12 +203,12 @@ def source_cmd(
 
 
 @app.command("acquire")
-@_friendly
+@entry
 def acquire_cmd(
     dataset: str, params: ParamsOpt = Path("params.yaml"), as_json: JsonOpt = False
 ) -> None:
     """Pipeline stage: bring DATASET's raw files to data/raw/DATASET."""
-    from mammoflow.stages import acquire_stage
+    from mammoflow.data.acquire import acquire_stage
 
     res = acquire_stage(_config(params), dataset)
     facts = [f"{res['files']} files in {res['raw_dir']}"]
@@ -222,12 +216,12 @@ def acquire_cmd(
 
 
 @app.command("validate")
-@_friendly
+@entry
 def validate_cmd(
     dataset: str, params: ParamsOpt = Path("params.yaml"), as_json: JsonOpt = False
 ) -> None:
     """Pipeline stage: Great Expectations checks on DATASET's manifest."""
-    from mammoflow.stages import validate_stage
+    from mammoflow.data.validate import validate_stage
 
     res = validate_stage(_config(params), dataset)
     facts = [
@@ -238,12 +232,12 @@ def validate_cmd(
 
 
 @app.command("convert")
-@_friendly
+@entry
 def convert_cmd(
     dataset: str, params: ParamsOpt = Path("params.yaml"), as_json: JsonOpt = False
 ) -> None:
     """Pipeline stage: raw images → padded PNGs in data/processed/DATASET."""
-    from mammoflow.stages import convert_stage
+    from mammoflow.data.convert import convert_stage
 
     res = convert_stage(_config(params), dataset, progress=True)
     facts = [f"{res['converted']} images converted", f"{res['skipped']} unchanged"]
@@ -251,12 +245,12 @@ def convert_cmd(
 
 
 @app.command("split")
-@_friendly
+@entry
 def split_cmd(
     dataset: str, params: ParamsOpt = Path("params.yaml"), as_json: JsonOpt = False
 ) -> None:
     """Pipeline stage: held-out test set + K folds grouped by patient → data/splits/DATASET."""
-    from mammoflow.stages import split_stage
+    from mammoflow.data.split import split_stage
 
     res = split_stage(_config(params), dataset)
     facts = [f"{part} {sum(n.values())}" for part, n in res["images"].items()]
@@ -264,7 +258,7 @@ def split_cmd(
 
 
 @app.command("train")
-@_friendly
+@entry
 def train_cmd(
     dataset: Annotated[str, typer.Option(help="Dataset name (params.yaml datasets).")],
     backbone: Annotated[
@@ -279,7 +273,7 @@ def train_cmd(
 
     With --json, one JSON object per backbone.
     """
-    from mammoflow.stages import train_stage
+    from mammoflow.training.train import train_stage
 
     cfg = _options_config(params, dataset, weights, set_)
     for name in backbone or cfg.model.backbones:
@@ -292,7 +286,7 @@ def train_cmd(
 
 
 @app.command("tune")
-@_friendly
+@entry
 def tune_cmd(
     dataset: Annotated[str, typer.Option(help="Dataset name (params.yaml datasets).")],
     backbone: Annotated[str, typer.Option(help="Backbone to tune (any registered one).")],
@@ -312,7 +306,7 @@ def tune_cmd(
     as_json: JsonOpt = False,
 ) -> None:
     """Optuna search over tune.space; best params → tuning/DATASET-BACKBONE.json (resumable)."""
-    from mammoflow.stages import tune_stage
+    from mammoflow.tuning.tune import tune_stage
 
     cfg = _options_config(params, dataset, weights, set_)
     with heartbeat(f"tune {dataset} {backbone}"):
@@ -325,14 +319,14 @@ def tune_cmd(
 
 
 @app.command("evaluate")
-@_friendly
+@entry
 def evaluate_cmd(
     dataset: Annotated[str, typer.Option(help="Dataset name.")],
     params: ParamsOpt = Path("params.yaml"),
     as_json: JsonOpt = False,
 ) -> None:
     """Rank the backbones by tracking.registry_metric (default: CV macro F1); promote the best."""
-    from mammoflow.stages import evaluate_stage
+    from mammoflow.evaluation.evaluate import evaluate_stage
 
     res = evaluate_stage(_config(params), dataset)
     scores = ", ".join(f"{b} {_num(v)}" for b, v in res["scores"].items())
@@ -342,9 +336,10 @@ def evaluate_cmd(
     finish(f"evaluate {dataset}", facts, res, as_json)
 
 
-@app.command("compare")
-@_friendly
-def compare_cmd(
+@app.command("report")
+@app.command("compare", hidden=True, deprecated=True)  # the report stage's command before
+@entry
+def report_cmd(
     dataset: Annotated[
         list[str] | None, typer.Option(help="Dataset(s); default: pipeline.datasets.")
     ] = None,
@@ -353,12 +348,13 @@ def compare_cmd(
     params: ParamsOpt = Path("params.yaml"),
     as_json: JsonOpt = False,
 ) -> None:
-    """Print the paper-style comparison (from MLflow) and write the reports."""
-    from mammoflow.stages import compare_stage
+    """The report stage: print the paper-style comparison (from MLflow) and write the reports
+    (reports/comparison.md and .html, each dataset's study report)."""
+    from mammoflow.reporting.report import report_stage
 
-    res = compare_stage(_config(params), dataset, write=write)
+    res = report_stage(_config(params), dataset, write=write)
     if as_json:
-        finish("compare", [f"{len(res['tables'])} dataset(s)"], res, as_json)
+        finish("report", [f"{len(res['tables'])} dataset(s)"], res, as_json)
     else:
         _print_comparison(res, table, write)
 
@@ -395,7 +391,7 @@ def _study_config(
 
 
 @app.command("audit")
-@_friendly
+@entry
 def audit_cmd(
     dataset: Annotated[str, typer.Option(help="Dataset name (params.yaml datasets).")],
     backbone: Annotated[
@@ -407,7 +403,7 @@ def audit_cmd(
     as_json: JsonOpt = False,
 ) -> None:
     """Leakage audit: the study split by image and by patient, the inflation, split checks."""
-    from mammoflow.stages import audit_stage
+    from mammoflow.evaluation.audit import audit_stage
 
     with heartbeat(f"audit {dataset}"):
         res = audit_stage(_options_config(params, dataset, weights, set_), dataset, backbone)
@@ -418,7 +414,7 @@ def audit_cmd(
 
 
 @app.command("study")
-@_friendly
+@entry
 def study_cmd(
     dataset: Annotated[
         str, typer.Option(help="Dataset to study (a key of params.yaml datasets): mias, cmmd, …")
@@ -437,7 +433,7 @@ def study_cmd(
     the weights are checked first, so a missing ImageNet file stops it before any work.
     """
     from mammoflow.paths import Layout
-    from mammoflow.stages import study_overrides, study_stage
+    from mammoflow.study import study_overrides, study_stage
 
     cfg = _study_config(params, dataset, weights, backbone or [], set_ or [])
     hint = (
@@ -472,7 +468,7 @@ def _narrate(line: str) -> None:
 
 
 @app.command("deploy")
-@_friendly
+@entry
 def deploy_cmd(
     pool: Annotated[str, typer.Option(help="Prefect process work pool.")] = "mammoflow-pool",
     params: ParamsOpt = Path("params.yaml"),
@@ -498,7 +494,7 @@ def deploy_cmd(
 
 
 @storage_app.command("check")
-@_friendly
+@entry
 def storage_check_cmd(
     bucket: Annotated[str, typer.Option(help="Bucket to check.")],
     prefix: Annotated[str, typer.Option(help="Key prefix for the round-trip object.")] = "",
@@ -515,7 +511,7 @@ def storage_check_cmd(
 
 
 @app.command("predict")
-@_friendly
+@entry
 def predict_cmd(
     paths: Annotated[
         list[Path], typer.Argument(help="DICOM/PGM/PNG files or folders (recursive).")
@@ -564,7 +560,7 @@ def predict_cmd(
 
 
 @app.command("external")
-@_friendly
+@entry
 def external_cmd(
     model: Annotated[
         str, typer.Option(help="MLflow model URI, e.g. models:/mammoflow-D@champion.")
@@ -586,7 +582,7 @@ def external_cmd(
 
 
 @app.command("explain-check")
-@_friendly
+@entry
 def explain_check_cmd(
     dataset: Annotated[str, typer.Option(help="Dataset name (MIAS-shaped: lesion circles).")],
     target_layer: Annotated[
@@ -607,7 +603,7 @@ def explain_check_cmd(
 
 
 @app.command("serve")
-@_friendly
+@entry
 def serve_cmd(
     dataset: Annotated[str, typer.Option(help="Serve this dataset's champion.")],
     port: Annotated[int, typer.Option(help="Port on 127.0.0.1.")] = 5001,
@@ -653,7 +649,7 @@ def serve_cmd(
 
 
 @app.command("serve-request")
-@_friendly
+@entry
 def serve_request_cmd(
     paths: Annotated[list[Path], typer.Argument(help="Image files (DICOM/PGM/PNG).")],
     out_file: Annotated[Path, typer.Option("--out", help="JSON request body to write.")],
@@ -688,14 +684,14 @@ def serve_request_cmd(
 
 
 @app.command("config")
-@_friendly
+@entry
 def config_cmd(params: ParamsOpt = Path("params.yaml")) -> None:
     """Validate params.yaml and print the resolved configuration."""
     _echo(_config(params).model_dump(mode="json", by_alias=True))
 
 
 @app.command("reproduce")
-@_friendly
+@entry
 def reproduce_cmd(
     model_uri: Annotated[
         str, typer.Argument(help="models:/mammoflow-<ds>@champion, models:/<name>/<n>, runs:/<id>")

@@ -10,11 +10,12 @@ from typing import Any
 import numpy as np
 import pytest
 
-from mammoflow import stages
 from mammoflow.config import Config
 from mammoflow.evaluation.calibration import apply_temperature
 from mammoflow.paths import Layout
+from mammoflow.reporting.report import report_stage
 from mammoflow.tracking import CALIBRATION_FILE, TAG_TEMPERATURE
+from mammoflow.training.train import train_stage
 from tests.helpers import (
     mlflow_client,
     tiny_params,
@@ -148,7 +149,7 @@ def test_registered_version_has_its_model_card(project: tuple[Path, Config]) -> 
 
 def test_compare_writes_the_study_report_and_logs_it(project: tuple[Path, Config]) -> None:
     root, cfg = project
-    res = stages.compare_stage(cfg, [DATASET], Layout())
+    res = report_stage(cfg, [DATASET], Layout())
     page = (root / "reports" / DATASET / "report.html").read_text()
     assert res["studies"] == {DATASET: f"reports/{DATASET}/report.html"}
     assert "ECE raw" in page and "majority class" in page and "98–99 %" in page
@@ -178,7 +179,7 @@ def test_audit_prints_the_inflation_and_logs_one_run(project: tuple[Path, Config
     assert {"audit.json", "audit.txt"} <= {a.path for a in client.list_artifacts(run.info.run_id)}
     exp = client.get_experiment(run.info.experiment_id)
     assert exp.name == f"mammoflow-{DATASET}-audit"
-    stages.compare_stage(cfg, [DATASET], Layout())
+    report_stage(cfg, [DATASET], Layout())
     assert "inflation [CI]" in (root / "reports" / DATASET / "report.html").read_text()
 
 
@@ -230,7 +231,7 @@ def test_refit_test_model(project: tuple[Path, Config]) -> None:
     refit = cfg.model_copy(
         update={"evaluate": cfg.evaluate.model_copy(update={"test_model": "refit"})}
     )
-    out = stages.train_stage(refit, DATASET, BACKBONE, Layout())
+    out = train_stage(refit, DATASET, BACKBONE, Layout())
     assert out["test_model"] == "refit" and out["trained_folds"] == [1, 2]
     models = root / "models" / DATASET / BACKBONE
     assert "0" in json.loads((models / "history.json").read_text())  # the refit's curves

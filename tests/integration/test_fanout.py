@@ -17,8 +17,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from mammoflow import stages
 from mammoflow.paths import Layout
+from mammoflow.training.train import train_stage
 from tests.helpers import prepare_data, project_dir, tiny_params
 
 pytestmark = pytest.mark.integration
@@ -80,7 +80,7 @@ def test_train_stage_fans_folds_out_on_dask_with_serial_numbers(tmp_path: Path) 
     assert len(caches) == 1, caches  # extracted once, in the stage; the workers read it
 
     with project_dir(serial_root, raw) as cfg:
-        serial = stages.train_stage(cfg, "sample_mias", "vgg16", layout=Layout())
+        serial = train_stage(cfg, "sample_mias", "vgg16", layout=Layout())
     fanned = json.loads((fanned_root / "metrics" / "sample_mias" / "vgg16.json").read_text())
     expected = json.loads((serial_root / "metrics" / "sample_mias" / "vgg16.json").read_text())
     assert serial["trained_folds"] == [1, 2, 3]

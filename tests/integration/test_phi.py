@@ -5,7 +5,7 @@ The export carries medical-record-number PatientIDs, names, birth dates, accessi
 institution and study dates in its headers, and the MRN, name, accession number and date in its
 folder and file names, as PACS exports do. It has a flat-field QC image (quarantined) and a side
 without a clinical row (unlabelled), so ``quarantine.json`` and ``unlabelled.json`` are not
-empty. The hmac run goes on through train → evaluate → compare, and the MLflow store (SQLite
+empty. The hmac run goes on through train → evaluate → report, and the MLflow store (SQLite
 and artifacts) is scanned with everything else.
 
 ``data/raw/<dataset>`` is the acquired copy of the export itself (hard links to the very
@@ -161,7 +161,7 @@ def _pipeline(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, mode: str) -> tup
     raw["ingest"].update({"on_bad_file": "fail", "pseudonymize": mode})
     raw["convert"].update({"size": 64, "workers": 1})
     raw["split"].update({"k_folds": 3, "test_size": 0.2})
-    # tiny training for the hmac run's train → evaluate → compare (the MLflow store is scanned)
+    # tiny training for the hmac run's train → evaluate → report (the MLflow store is scanned)
     raw["model"].update({"backbones": ["vgg16"], "weights": "none", "input_size": 32})
     raw["train"].update({"epochs": 1, "batch_size": 8})
     raw["evaluate"]["bootstrap"] = 20
@@ -229,7 +229,7 @@ def _scan(project: Path, texts: list[str]) -> tuple[dict[str, list[str]], int]:
 def test_no_phi_anywhere_after_the_whole_pipeline_with_hmac(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """… → split → train → evaluate → compare: data/, models/, metrics/, plots/, reports/,
+    """… → split → train → evaluate → report: data/, models/, metrics/, plots/, reports/,
     dvc-free run stores (mlflow.db and mlartifacts/, params, tags, metric names, artifacts)."""
     caplog.set_level(logging.DEBUG)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
@@ -238,7 +238,7 @@ def test_no_phi_anywhere_after_the_whole_pipeline_with_hmac(
     for args in (
         ["train", "--dataset", "hospital", "--backbone", "vgg16"],
         ["evaluate", "--dataset", "hospital"],
-        ["compare", "--dataset", "hospital"],
+        ["report", "--dataset", "hospital"],
     ):
         result = runner.invoke(app, args)
         outputs.append(result.output)

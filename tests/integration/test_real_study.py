@@ -15,8 +15,11 @@ import numpy as np
 import pytest
 import yaml
 
-from mammoflow import stages
 from mammoflow.config import Config, load_config
+from mammoflow.data.acquire import acquire_stage
+from mammoflow.data.convert import convert_stage
+from mammoflow.data.ingest import ingest_stage
+from mammoflow.data.split import split_stage
 from mammoflow.paths import Layout
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -40,10 +43,10 @@ def mias_project(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Pat
     old = Path.cwd()
     os.chdir(root)
     try:
-        for stage in (stages.acquire_stage, stages.ingest_stage):
+        for stage in (acquire_stage, ingest_stage):
             stage(cfg, "mias", Layout())
-        stages.convert_stage(cfg, "mias", Layout(), progress=False)
-        stages.split_stage(cfg, "mias", Layout())
+        convert_stage(cfg, "mias", Layout(), progress=False)
+        split_stage(cfg, "mias", Layout())
         yield root, cfg
     finally:
         os.chdir(old)

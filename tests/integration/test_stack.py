@@ -434,10 +434,15 @@ def test_sample_pipeline_on_the_stack(
     """The project's own stages, unchanged, tracked on the stack: only the environment differs."""
     from mlflow import MlflowClient
 
-    from mammoflow import stages
     from mammoflow.config import parse_config
+    from mammoflow.data.acquire import acquire_stage
+    from mammoflow.data.convert import convert_stage
+    from mammoflow.data.ingest import ingest_stage
+    from mammoflow.data.split import split_stage
+    from mammoflow.evaluation.evaluate import evaluate_stage
     from mammoflow.paths import Layout
     from mammoflow.tracking import registered_model_name
+    from mammoflow.training.train import train_stage
 
     uri = stack_env["MLFLOW_TRACKING_URI"]
     assert os.environ["MLFLOW_TRACKING_URI"] == uri  # stack_env applied it (and restores it)
@@ -446,11 +451,11 @@ def test_sample_pipeline_on_the_stack(
     cfg = parse_config(raw)
     monkeypatch.chdir(tmp_path)
     layout = Layout(tmp_path)
-    for stage in (stages.acquire_stage, stages.ingest_stage, stages.convert_stage):
+    for stage in (acquire_stage, ingest_stage, convert_stage):
         stage(cfg, SAMPLE, layout)
-    stages.split_stage(cfg, SAMPLE, layout)
-    trained = stages.train_stage(cfg, SAMPLE, "vgg16", layout)
-    champion = stages.evaluate_stage(cfg, SAMPLE, layout)
+    split_stage(cfg, SAMPLE, layout)
+    trained = train_stage(cfg, SAMPLE, "vgg16", layout)
+    champion = evaluate_stage(cfg, SAMPLE, layout)
     parent_id = trained["parent_run_id"]
     assert trained["trained_folds"] == [1, 2, 3]
     # nothing went to the embedded store

@@ -16,10 +16,11 @@ import numpy as np
 import pytest
 import yaml
 
-from mammoflow import stages
 from mammoflow.config import Config
 from mammoflow.data.sample import FAKE_PHI
 from mammoflow.paths import Layout
+from mammoflow.reporting.report import report_stage
+from mammoflow.training.train import train_stage
 from tests.helpers import (
     free_port,
     mlflow_client,
@@ -132,7 +133,7 @@ def test_dvc_metrics_match_mlflow(project: tuple[Path, Config]) -> None:
 def test_rerun_skips_finished_folds(project: tuple[Path, Config]) -> None:
     root, cfg = project
     n_before = len(_runs(root))
-    res = stages.train_stage(cfg, DATASET, "vgg16", Layout(root))
+    res = train_stage(cfg, DATASET, "vgg16", Layout(root))
     assert res["resumed_folds"] == [1, 2, 3]
     assert res["trained_folds"] == []
     assert len(_runs(root)) == n_before
@@ -276,7 +277,7 @@ def test_http_tracking_server(project: tuple[Path, Config], tmp_path: Path) -> N
         lean = cfg.model_copy(
             update={"tracking": cfg.tracking.model_copy(update={"log_models": "final"})}
         )
-        res = stages.train_stage(lean, DATASET, "vgg16", Layout(root))
+        res = train_stage(lean, DATASET, "vgg16", Layout(root))
         from mlflow import MlflowClient
 
         client = MlflowClient(tracking_uri=uri)
@@ -292,10 +293,10 @@ def test_http_tracking_server(project: tuple[Path, Config], tmp_path: Path) -> N
 
 def test_compare_reads_mlflow_and_writes_only_when_asked(project: tuple[Path, Config]) -> None:
     root, cfg = project
-    res = stages.compare_stage(cfg, [DATASET], Layout(root), write=False)
+    res = report_stage(cfg, [DATASET], Layout(root), write=False)
     assert [row[0] for row in res["tables"][DATASET][1:]] == BACKBONES
     assert not (root / "reports" / "comparison.md").exists()
-    stages.compare_stage(cfg, [DATASET], Layout(root), write=True)
+    report_stage(cfg, [DATASET], Layout(root), write=True)
     assert f"## {DATASET}" in (root / "reports" / "comparison.md").read_text()
     assert "data:image/png;base64," in (root / "reports" / "comparison.html").read_text()
 
@@ -318,7 +319,7 @@ def test_a_fold_trained_again_for_the_served_model_says_so(project: tuple[Path, 
     for cached in (root / ".cache" / "folds").glob("vgg16-*-fold-2.npz"):
         cached.unlink()  # … and fold 2's are gone
     with pytest.warns(RetrainedFoldWarning, match=r"fold 2's weights .* match the logged run's"):
-        res = stages.train_stage(cfg, DATASET, "vgg16", Layout(root))
+        res = train_stage(cfg, DATASET, "vgg16", Layout(root))
     assert res["resumed_folds"] == [1, 2, 3]
     parent = client.get_run(test_runs[0].data.tags["mlflow.parentRunId"])
     assert parent.data.tags[f"{TAG_RETRAINED}2"].startswith("its validation predictions match")

@@ -42,8 +42,11 @@ FOLDS = 3
 @pytest.fixture(scope="module")
 def project(stack: stack_mod.Stack, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     """A project folder with sample_mias acquired, ingested, converted and split."""
-    from mammoflow import stages
     from mammoflow.config import parse_config
+    from mammoflow.data.acquire import acquire_stage
+    from mammoflow.data.convert import convert_stage
+    from mammoflow.data.ingest import ingest_stage
+    from mammoflow.data.split import split_stage
     from mammoflow.paths import Layout
 
     root = tmp_path_factory.mktemp("outage-project")
@@ -60,9 +63,9 @@ def project(stack: stack_mod.Stack, tmp_path_factory: pytest.TempPathFactory) ->
     cwd = Path.cwd()
     os.chdir(root)
     try:
-        for stage in (stages.acquire_stage, stages.ingest_stage, stages.convert_stage):
+        for stage in (acquire_stage, ingest_stage, convert_stage):
             stage(cfg, DATASET, layout)
-        stages.split_stage(cfg, DATASET, layout)
+        split_stage(cfg, DATASET, layout)
     finally:
         os.chdir(cwd)
     yield root

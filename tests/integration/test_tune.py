@@ -22,8 +22,12 @@ import pytest
 from infra.local import stack as stack_mod
 from optuna.trial import TrialState
 
-from mammoflow import stages, tuning
+from mammoflow import tuning
 from mammoflow.config import Config, parse_config
+from mammoflow.data.acquire import acquire_stage
+from mammoflow.data.convert import convert_stage
+from mammoflow.data.ingest import ingest_stage
+from mammoflow.data.split import split_stage
 from mammoflow.paths import Layout
 from mammoflow.tuning import params as tuned
 from tests.helpers import mlflow_client, prepare_data, project_dir, tiny_params
@@ -180,7 +184,7 @@ def learnable(
     raw["tune"]["sampler_startup_trials"] = 10
     cfg = parse_config(raw)
     layout = Layout(root)
-    for stage in (stages.acquire_stage, stages.ingest_stage, stages.convert_stage):
+    for stage in (acquire_stage, ingest_stage, convert_stage):
         stage(cfg, DATASET, layout)
     frame = read_manifest(layout.processed(DATASET))
     rng = np.random.default_rng(0)
@@ -191,7 +195,7 @@ def learnable(
         Image.fromarray(grey.astype(np.uint8)).save(path)
     frame["converted_sha256"] = [sha256_file(Path(p)) for p in frame["converted_path"]]
     write_manifest(frame, layout.processed(DATASET) / "manifest.parquet")
-    stages.split_stage(cfg, DATASET, layout)
+    split_stage(cfg, DATASET, layout)
     return root, cfg
 
 

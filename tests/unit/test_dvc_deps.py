@@ -1,7 +1,7 @@
 """dvc.yaml's code deps follow the imports: a stage reruns when any module it runs changes.
 
 For each stage, the CLI command its `cmd` calls is found in cli.py; the modules that command
-imports (and, through stages.py, the stage function's own imports) are followed transitively
+imports (the stage function's module, e.g. data/convert.py for `convert`) are followed transitively
 over every `import mammoflow…` in each module (module level and inside functions). Each module
 reached must be covered by a dep of the stage: the file itself or a folder above it.
 """
@@ -93,15 +93,6 @@ def _stage_modules(cmd: str) -> set[str]:
     words = cmd.split("#")[0].split()[1:]  # drop bin/mammoflow
     func = _command_function(words)
     start = _imports(func, "mammoflow.cli")
-    for sub in ast.walk(func):
-        if isinstance(sub, ast.ImportFrom) and sub.module == "mammoflow.stages":
-            for alias in sub.names:
-                start |= _imports(_function("mammoflow.stages", alias.name), "mammoflow.stages")
-            stages_tree = ast.parse((SRC / "mammoflow" / "stages.py").read_text())
-            top = [n for n in stages_tree.body if isinstance(n, ast.Import | ast.ImportFrom)]
-            for node in top:
-                start |= _imports(node, "mammoflow.stages")
-            start.discard("mammoflow.stages")
     return _closure(start)
 
 

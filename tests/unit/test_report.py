@@ -11,7 +11,6 @@ from mammoflow.config import load_config
 from mammoflow.provenance import dvc_data_hash, study_params
 from mammoflow.reporting import figures as report
 from mammoflow.tracking import config_hash, experiment_name, registered_model_name
-from mammoflow.training.train import _finite
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -130,14 +129,6 @@ def test_dvc_data_hash_is_dvcs_own(tmp_path: Path) -> None:
     (folder / "images" / "a.png").write_bytes(b"png-a, changed")
     second = dvc_data_hash("x", tmp_path)
     assert second != first and second == dvc_add()
-
-
-def test_finite_makes_strict_json() -> None:
-    assert _finite({"a": math.nan, "b": [1.0, math.inf], "c": "s"}) == {
-        "a": None,
-        "b": [1.0, None],
-        "c": "s",
-    }
 
 
 @pytest.mark.parametrize("bad", [math.nan])

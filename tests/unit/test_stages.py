@@ -1,4 +1,4 @@
-"""stages.py: the stage functions on a tiny embedded sample in a scratch layout."""
+"""The stage functions (each in its stage's module) on a tiny embedded sample in a scratch layout."""
 
 from __future__ import annotations
 
@@ -12,14 +12,19 @@ import pandas as pd
 import pytest
 import yaml
 
-from mammoflow import stages
 from mammoflow.config import Config, ConfigError, TrackingConfig, parse_config
 from mammoflow.data import raw
+from mammoflow.data.acquire import acquire_stage
+from mammoflow.data.convert import convert_stage
+from mammoflow.data.ingest import ingest_stage
 from mammoflow.data.manifest import read_manifest
 from mammoflow.data.sample import image_shape
-from mammoflow.data.validate import ConvertedImagesInvalid, ValidationFailed
-from mammoflow.models.weights import WeightsError
+from mammoflow.data.split import split_stage
+from mammoflow.data.validate import ConvertedImagesInvalid, ValidationFailed, validate_stage
+from mammoflow.evaluation.evaluate import evaluate_stage
+from mammoflow.models.weights import WeightsError, check_weights
 from mammoflow.paths import Layout
+from mammoflow.training.train import train_stage
 
 ROOT = Path(__file__).resolve().parents[2]
 MIAS, CMMD = "sample_mias", "sample_cmmd"
@@ -39,33 +44,33 @@ def ingested(tmp_path_factory: pytest.TempPathFactory) -> tuple[Config, Layout]:
     """Both sample datasets acquired and ingested into a scratch layout (read-only for tests)."""
     cfg, layout = _config(), Layout(tmp_path_factory.mktemp("project"))
     for dataset in (MIAS, CMMD):
-        stages.acquire_stage(cfg, dataset, layout)
-        stages.ingest_stage(cfg, dataset, layout)
+        acquire_stage(cfg, dataset, layout)
+        ingest_stage(cfg, dataset, layout)
     return cfg, layout
 
 
 def _mias(cfg: Config, root: Path) -> Layout:
     """A private MIAS sample, acquired and ingested, for a test that changes it."""
     layout = Layout(root)
-    stages.acquire_stage(cfg, MIAS, layout)
-    stages.ingest_stage(cfg, MIAS, layout)
+    acquire_stage(cfg, MIAS, layout)
+    ingest_stage(cfg, MIAS, layout)
     return layout
 
 
 def test_data_stages_write_their_outputs(ingested: tuple[Config, Layout], tmp_path: Path) -> None:
     cfg, _ = ingested
     layout = _mias(cfg, tmp_path)
-    summary = stages.validate_stage(cfg, MIAS, layout)
+    summary = validate_stage(cfg, MIAS, layout)
     assert summary["success"] is True and summary["failed"] == 0 and summary["images"] == 20
     assert json.loads(layout.validation_metrics(MIAS).read_text()) == summary
     assert (layout.validation(MIAS) / "data_docs" / "index.html").is_file()
-    converted = stages.convert_stage(cfg, MIAS, layout, progress=False)
+    converted = convert_stage(cfg, MIAS, layout, progress=False)
     assert (converted["converted"], converted["skipped"]) == (20, 0)
-    again = stages.convert_stage(cfg, MIAS, layout, progress=False)
+    again = convert_stage(cfg, MIAS, layout, progress=False)
     assert (again["converted"], again["skipped"]) == (0, 20)
     frame = read_manifest(layout.processed(MIAS))
     assert frame["converted_path"].notna().all()
-    split = stages.split_stage(cfg, MIAS, layout)
+    split = split_stage(cfg, MIAS, layout)
     assert len(split["split_hash"]) == 64
     assert sorted(split["images"]) == ["fold1", "fold2", "test"]
     splits = pd.read_parquet(layout.splits(MIAS))
@@ -74,9 +79,9 @@ def test_data_stages_write_their_outputs(ingested: tuple[Config, Layout], tmp_pa
 
 def test_acquire_and_ingest_summaries(ingested: tuple[Config, Layout]) -> None:
     cfg, layout = ingested
-    acquired = stages.acquire_stage(cfg, MIAS, layout)  # idempotent
+    acquired = acquire_stage(cfg, MIAS, layout)  # idempotent
     assert acquired == {"dataset": MIAS, "raw_dir": str(layout.raw(MIAS)), "files": 21}
-    summary = stages.ingest_stage(cfg, CMMD, layout)
+    summary = ingest_stage(cfg, CMMD, layout)
     assert summary["dataset"] == CMMD and summary["bad_files"] == 0
     assert summary["images"] == len(read_manifest(layout.interim(CMMD)))
     assert sum(summary["labels"].values()) == summary["images"]
@@ -101,11 +106,11 @@ def test_missing_inputs_are_clear_errors(tmp_path: Path) -> None:
     with pytest.raises(
         FileNotFoundError, match=r"raw data missing; run `mammoflow acquire sample_mias`"
     ):
-        stages.ingest_stage(cfg, MIAS, layout)
+        ingest_stage(cfg, MIAS, layout)
     with pytest.raises(ConfigError, match=r"unknown dataset 'nope'; params.yaml defines"):
-        stages.convert_stage(cfg, "nope", layout)
+        convert_stage(cfg, "nope", layout)
     with pytest.raises(FileNotFoundError, match=r"metrics/sample_mias/vgg16.json: missing; run"):
-        stages.evaluate_stage(cfg, MIAS, layout)
+        evaluate_stage(cfg, MIAS, layout)
 
 
 def test_validate_stage_failure_is_recorded(
@@ -116,7 +121,7 @@ def test_validate_stage_failure_is_recorded(
     frame = read_manifest(layout.interim(MIAS))
     Path(frame.loc[frame["image_id"] == "mdb003", "raw_path"].item()).unlink()
     with pytest.raises(ValidationFailed, match=r"raw file present and readable") as err:
-        stages.validate_stage(cfg, MIAS, layout)
+        validate_stage(cfg, MIAS, layout)
     assert "mdb003" in str(err.value)
     assert json.loads(layout.validation_metrics(MIAS).read_text()) == {
         "dataset": MIAS,
@@ -144,7 +149,7 @@ def test_convert_stage_checks_every_png(
 
     monkeypatch.setattr(convert, "convert_dataset", then_truncate)
     with pytest.raises(ConvertedImagesInvalid) as err:
-        stages.convert_stage(cfg, MIAS, layout, progress=False)
+        convert_stage(cfg, MIAS, layout, progress=False)
     text = str(err.value)
     assert text.startswith(f"converted images of dataset '{MIAS}' failed")
     assert "converted PNG present and readable" in text and "['mdb002']" in text
@@ -154,7 +159,7 @@ def test_model_stages_refuse_an_unlisted_backbone(tmp_path: Path) -> None:
     cfg, layout = _config(), Layout(tmp_path)
     message = r"backbone 'alexnet' is not in model.backbones \['vgg16', 'resnet50'\]; add it there"
     with pytest.raises(ValueError, match=message):
-        stages.train_stage(cfg, MIAS, "alexnet", layout)
+        train_stage(cfg, MIAS, "alexnet", layout)
 
 
 def _metrics(
@@ -175,7 +180,7 @@ def test_evaluate_stage_ranks_by_the_registry_metric(tmp_path: Path) -> None:
     _metrics(layout, "vgg16", 0.4, "r1", cv=0.9)
     _metrics(layout, "resnet50", None, "r2")  # a metric that could not be computed ranks last
     _metrics(layout, "inception_v3", 0.6, "r3", cv=0.5)
-    out = stages.evaluate_stage(cfg, MIAS, layout)
+    out = evaluate_stage(cfg, MIAS, layout)
     assert out["best"] == "inception_v3" and out["metric"] == "test_f1_macro"
     assert out["scores"]["vgg16"] == 0.4 and math.isnan(out["scores"]["resnet50"])
     assert "registry" not in out and out["peeks_at_test"]
@@ -193,7 +198,7 @@ def test_the_default_champion_rule_uses_cv_only(tmp_path: Path) -> None:
     assert TrackingConfig().registry_metric == "cv_f1_macro_mean"  # the config's own default
     _metrics(layout, "vgg16", 1.0, "r1", cv=0.6)  # best on the test, worse on CV
     _metrics(layout, "resnet50", 0.5, "r2", cv=0.7)
-    out = stages.evaluate_stage(cfg, MIAS, layout)
+    out = evaluate_stage(cfg, MIAS, layout)
     assert out["best"] == "resnet50" and out["scores"] == {"vgg16": 0.6, "resnet50": 0.7}
     assert not out["peeks_at_test"] and "warning" not in out
     raw["tracking"]["registry_metric"] = "f1_macro"
@@ -202,10 +207,10 @@ def test_the_default_champion_rule_uses_cv_only(tmp_path: Path) -> None:
 
 
 def test_check_weights_names_every_missing_file(tmp_path: Path) -> None:
-    assert stages.check_weights(_config(), MIAS) == {"vgg16": "none", "resnet50": "none"}
+    assert check_weights(_config(), MIAS) == {"vgg16": "none", "resnet50": "none"}
     cfg = _config(weights=str(tmp_path / "absent.h5"))
     with pytest.raises(WeightsError) as err:
-        stages.check_weights(cfg, "mias", hint="or run with --weights none")
+        check_weights(cfg, "mias", hint="or run with --weights none")
     text = str(err.value)
     assert text.startswith("mias: weights missing:\n  - ")
     assert text.count("\n  - ") == 2 and text.endswith("\nor run with --weights none")

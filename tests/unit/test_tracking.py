@@ -440,18 +440,18 @@ def test_cli_exits_75_when_the_server_is_down_and_2_when_it_is_misconfigured(
     params = ["--params", str(Path(__file__).resolve().parents[2] / "params.yaml")]
     down = _refusing_uri()
     monkeypatch.setenv("MLFLOW_TRACKING_URI", down)
-    result = runner.invoke(app, ["compare", *params])
+    result = runner.invoke(app, ["report", *params])
     assert result.exit_code == 75, result.output
     assert f"cannot reach the MLflow tracking server {down}" in " ".join(result.output.split())
     other = _NotMlflow()
     try:
         monkeypatch.setenv("MLFLOW_TRACKING_URI", other.uri)
-        result = runner.invoke(app, ["compare", *params])
+        result = runner.invoke(app, ["report", *params])
     finally:
         other.close()
     assert result.exit_code == 2, result.output
     assert f"is {other.uri} an MLflow tracking server?" in " ".join(result.output.split())
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "htp://127.0.0.1:5000")  # a typo in the scheme
-    result = runner.invoke(app, ["compare", *params])
+    result = runner.invoke(app, ["report", *params])
     assert result.exit_code == 2, result.output
     assert "MLFLOW_TRACKING_URI='htp://127.0.0.1:5000'" in " ".join(result.output.split())

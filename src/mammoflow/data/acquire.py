@@ -10,6 +10,12 @@ leaves a half-written raw folder behind.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+from mammoflow.config import Config
+from mammoflow.paths import Layout
+
 import os
 import shutil
 import tarfile
@@ -216,3 +222,26 @@ def find_clinical(raw_dir: Path) -> Path:
             f"found {[p.name for p in found]!r}"
         )
     return found[0]
+
+
+def source_stage(cfg: Config, dataset: str, layout: Layout | None = None) -> dict[str, Any]:
+    """Record what ``dataset``'s source holds now (data/sources/<dataset>.json): the acquire
+    stage depends on it, so DVC re-acquires when a film of a local source is replaced."""
+    from mammoflow.data.acquire import source_fingerprint
+    from mammoflow.files import atomic_write_json
+
+    layout = layout or Layout()
+    record = {"dataset": dataset, **source_fingerprint(cfg.dataset(dataset))}
+    atomic_write_json(layout.source(dataset), record)
+    return {k: v for k, v in record.items() if k != "entries"}
+
+
+def acquire_stage(cfg: Config, dataset: str, layout: Layout | None = None) -> dict[str, Any]:
+    """Bring the raw files of ``dataset`` to ``data/raw/<dataset>``."""
+    from mammoflow.data.acquire import acquire
+
+    layout = layout or Layout()
+    ds = cfg.dataset(dataset)
+    target = acquire(ds, cfg.sample, layout.raw(dataset))
+    n_files = sum(1 for p in target.rglob("*") if p.is_file())
+    return {"dataset": dataset, "raw_dir": str(target), "files": n_files}

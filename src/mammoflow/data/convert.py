@@ -17,6 +17,12 @@ never the file's real location.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+from mammoflow.config import Config
+from mammoflow.paths import Layout
+
 import io
 import json
 import os
@@ -383,3 +389,35 @@ def convert_dataset(
         seconds=time.perf_counter() - start,
         params=params,
     )
+
+
+def convert_stage(
+    cfg: Config, dataset: str, layout: Layout | None = None, progress: bool = True
+) -> dict[str, Any]:
+    """Convert every ingested image to a padded PNG under ``data/processed/<dataset>``.
+
+    Then checks every PNG against the converted manifest (present, readable, square, one
+    size, sha256 as recorded): :func:`~mammoflow.data.validate.validate_converted` raises
+    ``ConvertedImagesInvalid`` naming the images that fail.
+    """
+    from mammoflow.data.convert import convert_dataset
+    from mammoflow.data.manifest import read_manifest
+    from mammoflow.data.raw import raw_files
+    from mammoflow.data.validate import validate_converted
+
+    kind = cfg.dataset(dataset).kind
+    layout = layout or Layout()
+    result = convert_dataset(
+        layout.interim(dataset) / "manifest.parquet",
+        layout.processed(dataset),
+        cfg.convert,
+        progress=progress,
+        raw_files=raw_files(cfg, dataset, layout),
+    )
+    validate_converted(read_manifest(result.manifest_path), kind, dataset)
+    return {
+        "dataset": dataset,
+        "converted": len(result.converted),
+        "skipped": len(result.skipped),
+        "seconds": round(result.seconds, 2),
+    }

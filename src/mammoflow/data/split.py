@@ -13,6 +13,12 @@ the fold (1..k) in which the row is *validation*, and -1 for test rows.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+from mammoflow.config import Config
+from mammoflow.paths import Layout
+
 import io
 from collections.abc import Mapping
 from pathlib import Path
@@ -210,3 +216,22 @@ def fold_summary(splits: pd.DataFrame) -> dict[str, dict[int, int]]:
             int(str(k)): int(v) for k, v in part["label_index"].value_counts().sort_index().items()
         }
     return out
+
+
+def split_stage(cfg: Config, dataset: str, layout: Layout | None = None) -> dict[str, Any]:
+    """Held-out test set + stratified K folds, grouped by patient; written to data/splits."""
+    from mammoflow.data.manifest import read_manifest
+    from mammoflow.data.split import fold_summary, make_splits, write_splits
+
+    cfg.dataset(dataset)
+    layout = layout or Layout()
+    frame = read_manifest(layout.processed(dataset))
+    splits = make_splits(
+        frame,
+        test_size=cfg.split.test_size,
+        k_folds=cfg.split.k_folds,
+        group_by=cfg.split.group_by,
+        seed=cfg.split.seed,
+    )
+    digest = write_splits(splits, layout.splits(dataset))
+    return {"dataset": dataset, "split_hash": digest, "images": fold_summary(splits)}

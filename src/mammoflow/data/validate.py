@@ -12,6 +12,12 @@ is written under
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+from mammoflow.config import Config
+from mammoflow.paths import Layout
+
 import json
 import os
 import re
@@ -714,3 +720,41 @@ def validate_converted(
         else ""
     )
     raise ConvertedImagesInvalid(dataset, [o for o in outcomes if not o.success], detail)
+
+
+def validate_stage(cfg: Config, dataset: str, layout: Layout | None = None) -> dict[str, Any]:
+    """Run the Great Expectations suite on the ingested manifest.
+
+    Writes the GE JSON result and data docs under ``reports/validation/<dataset>`` and a small
+    DVC metrics file; raises :class:`ValidationFailed` listing the failed expectations.
+    """
+    from mammoflow.data.manifest import read_manifest
+    from mammoflow.data.raw import min_size, raw_files
+    from mammoflow.data.validate import ValidationFailed, validate_manifest
+    from mammoflow.files import atomic_write_json
+
+    kind = cfg.dataset(dataset).kind
+    layout = layout or Layout()
+    frame = read_manifest(layout.interim(dataset))
+    summary: dict[str, Any] = {"dataset": dataset, "images": len(frame)}
+    try:
+        report = validate_manifest(
+            frame,
+            kind=kind,
+            reports_dir=layout.validation(dataset),
+            dataset=dataset,
+            fail_on_error=cfg.validate_.fail_on_error,
+            min_size=min_size(cfg, dataset),
+            raw_files=raw_files(cfg, dataset, layout),
+        )
+    except ValidationFailed as exc:
+        summary |= {"success": False, "failed": len(exc.report.failures)}
+        atomic_write_json(layout.validation_metrics(dataset), summary)
+        raise
+    summary |= {
+        "success": report.success,
+        "expectations": len(report.outcomes),
+        "failed": len(report.failures),
+    }
+    atomic_write_json(layout.validation_metrics(dataset), summary)
+    return summary

@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
+from mammoflow.config import Config
 from mammoflow.evaluation.metrics import compute_metrics, patient_rows, percentile_interval
 from mammoflow.paths import Layout
 
@@ -384,3 +385,23 @@ def _write(layout: Layout, dataset: str, audit: Mapping[str, Any], text: str) ->
     folder = layout.reports() / dataset
     atomic_write_json(folder / "audit.json", finite_json(dict(audit)))
     atomic_write_text(folder / "audit.md", f"```\n{text}```\n")
+
+
+def audit_stage(
+    cfg: Config, dataset: str, backbone: str | None = None, layout: Layout | None = None
+) -> dict[str, Any]:
+    """Leakage audit of ``dataset``: image- vs patient-level study, inflation, split checks.
+
+    Returns:
+        ``{"dataset", "backbone", "inflation", "checks", "run_id", "summary"}`` (the summary is
+        the printed text); the whole audit is in reports/<dataset>/audit.json.
+    """
+    from mammoflow.evaluation.audit import run_audit, summary_text
+
+    res = run_audit(cfg, dataset, backbone, layout or Layout())
+    keys = ("dataset", "backbone", "inflation", "checks")
+    return {
+        **{k: res[k] for k in keys},
+        "run_id": res["mlflow_run_id"],
+        "summary": summary_text(res),
+    }

@@ -192,12 +192,15 @@ def score(model: Any, paths: Sequence[str], size: int, batch: int = 16) -> np.nd
 
 def _prepare(cfg: Config, dataset: str, layout: Layout) -> Any:
     """Acquire → ingest → validate → convert ``dataset``: the training's readers and rules."""
-    from mammoflow import stages
+    from mammoflow.data.acquire import acquire_stage
+    from mammoflow.data.convert import convert_stage
+    from mammoflow.data.ingest import ingest_stage
     from mammoflow.data.manifest import read_manifest
+    from mammoflow.data.validate import validate_stage
 
-    for step in (stages.acquire_stage, stages.ingest_stage, stages.validate_stage):
+    for step in (acquire_stage, ingest_stage, validate_stage):
         step(cfg, dataset, layout)
-    stages.convert_stage(cfg, dataset, layout, progress=False)
+    convert_stage(cfg, dataset, layout, progress=False)
     return read_manifest(layout.processed(dataset))
 
 

@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Literal
 
+from mammoflow.config import Config
 from mammoflow.files import sha256_file
 from mammoflow.models.backbones import KERAS_CACHE_SUBDIR, get_spec
 from mammoflow.quiet import load_keras
@@ -134,3 +135,35 @@ def resolve_weights(
             "give the path of a .h5 / .weights.h5 file for this backbone, or use 'imagenet' or 'none'."
         )
     return WeightsInfo(source="file", path=str(path.resolve()), sha256=sha256_file(path))
+
+
+def check_weights(cfg: Config, dataset: str, hint: str | None = None) -> dict[str, str]:
+    """Resolve ``model.weights`` of ``dataset`` for every backbone now, before any long work.
+
+    Args:
+        cfg: the configuration (the dataset's own model keys are applied here).
+        dataset: the dataset about to be studied.
+        hint: how to run without ImageNet weights on purpose, for the error message.
+
+    Returns:
+        backbone → weights source (``imagenet``, ``file`` or ``none``).
+
+    Raises:
+        WeightsError: listing every missing file and the folder it belongs in, plus ``hint``.
+    """
+    from mammoflow.models.weights import WeightsError, resolve_weights
+
+    cfg = cfg.for_dataset(dataset)
+    sources: dict[str, str] = {}
+    missing: list[str] = []
+    for backbone in cfg.model.backbones:
+        try:
+            sources[backbone] = resolve_weights(backbone, cfg.model.weights).source
+        except WeightsError as exc:
+            missing.append(str(exc))
+    if missing:
+        lines = "\n  - ".join(missing)
+        raise WeightsError(
+            f"{dataset}: weights missing:\n  - {lines}" + (f"\n{hint}" if hint else "")
+        )
+    return sources

@@ -21,7 +21,9 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from mammoflow.config import Config
 from mammoflow.evaluation.calibration import T_BOUNDS
+from mammoflow.paths import Layout
 from mammoflow.reporting import figures as report
 from mammoflow.reporting.card import PAPER_CLAIM
 
@@ -632,3 +634,83 @@ def _log_page(tracker: Tracker, run_id: str, page: str) -> str | None:
         return None
     tracker.log_text(run_id, page, "report.html")
     return run_id
+
+
+def _settings(cfg: Config, dataset: str, rows: list[dict[str, Any]], runs: list[Any]) -> str:
+    """The settings line of ``dataset``: its rows' MLflow run params (else the resolved config)."""
+    from mammoflow.reporting import figures as report
+
+    by_id = {run.info.run_id: dict(run.data.params) for run in runs}
+    fallback = cfg.for_dataset(dataset).flat()
+    params: dict[str, dict[str, Any]] = {}
+    missing = False
+    for row in rows:
+        logged = row.get("params") or by_id.get(row["run_id"])
+        missing = missing or not logged
+        params[row["backbone"]] = {k: (logged or fallback).get(k) for k in report.SETTING_KEYS}
+    line = report.settings_line(params)
+    return f"{line} (params.yaml; run params not found)" if missing else line
+
+
+def report_stage(
+    cfg: Config,
+    datasets: list[str] | None = None,
+    layout: Layout | None = None,
+    *,
+    write: bool = True,
+    name: str = "comparison",
+) -> dict[str, Any]:
+    """The paper-style comparison from MLflow: reports/<name>.md and .html.
+
+    Each dataset's table is headed by the settings its runs used (weights, input size, epochs).
+    """
+    import json
+
+    from mammoflow.files import atomic_write_text
+    from mammoflow.reporting import figures as report
+    from mammoflow.tracking import Tracker
+
+    layout = layout or Layout()
+    tracker = Tracker(root=layout.root)
+    names = datasets or list(cfg.pipeline.datasets)
+    tables: dict[str, list[list[str]]] = {}
+    settings: dict[str, str] = {}
+    figures: dict[str, bytes] = {}
+    for dataset in names:
+        cfg.dataset(dataset)
+        wanted: dict[str, str | None] = {}
+        for backbone in cfg.model.backbones:
+            path = layout.metrics(dataset, backbone)
+            run_id = None
+            if path.is_file():
+                run_id = json.loads(path.read_text(encoding="utf-8")).get("mlflow_parent_run_id")
+            wanted[backbone] = run_id
+        rows = tracker.study_rows(dataset, wanted)
+        if not rows:
+            continue
+        tables[dataset] = report.comparison_table(rows)
+        settings[dataset] = _settings(cfg, dataset, rows, tracker.parents(dataset))
+        if write:
+            figures[dataset] = report.figure_png(report.comparison_figure(rows, dataset))
+    if not tables:
+        raise ValueError(f"no finished MLflow runs for {names!r}; run the training first")
+    notes = [
+        f"Split: {cfg.split.group_by}-level, test {cfg.split.test_size:.0%}, "
+        f"{cfg.split.k_folds} folds."
+    ]
+    md, page = layout.reports() / f"{name}.md", layout.reports() / f"{name}.html"
+    studies: dict[str, str] = {}
+    if write:
+        atomic_write_text(md, report.markdown(tables, notes, settings))
+        atomic_write_text(page, report.html_report(tables, figures, notes, settings))
+        from mammoflow.reporting.report import write_report
+
+        for dataset in tables:  # reports/<dataset>/report.html, the whole study's evidence
+            studies[dataset] = write_report(cfg, dataset, layout, tracker)["html"]
+    return {
+        "tables": tables,
+        "settings": settings,
+        "markdown": str(md),
+        "html": str(page),
+        "studies": studies,
+    }

@@ -715,3 +715,49 @@ def _models_readme(result: StudyResult) -> str:
         "subgroups.json / .md: test and out-of-fold metrics per subgroup with counts and CIs\n"
         f"MLflow parent run: {result.parent_run_id} (full serving models are in MLflow)\n"
     )
+
+
+def _check_backbone(cfg: Config, dataset: str, backbone: str) -> None:
+    cfg.dataset(dataset)
+    if backbone not in cfg.model.backbones:
+        raise ValueError(
+            f"backbone {backbone!r} is not in model.backbones {cfg.model.backbones!r}; add it there"
+        )
+
+
+def train_stage(
+    cfg: Config,
+    dataset: str,
+    backbone: str,
+    layout: Layout | None = None,
+    progress: bool = False,
+    dask_address: str | None = None,
+) -> dict[str, Any]:
+    """K-fold training of one backbone on one dataset, tracked in MLflow (resumable).
+
+    With ``dask_address`` or ``$MAMMOFLOW_DASK_ADDRESS`` set, the features are extracted here
+    once and the fold tasks run on that Dask cluster, one task per fold (same numbers).
+    """
+    from mammoflow.training.train import run_study
+
+    _check_backbone(cfg, dataset, backbone)
+    result = run_study(
+        cfg,
+        dataset,
+        backbone,
+        layout=layout,
+        progress=progress,
+        dask=dask_address,
+    )
+    return {
+        "dataset": dataset,
+        "backbone": backbone,
+        "trained_folds": result.trained_folds,
+        "resumed_folds": result.resumed_folds,
+        "test_model": result.test_model,
+        "cv_f1_macro_mean": result.cv.get("f1_macro_mean"),
+        "test_f1_macro": result.test.get("f1_macro"),
+        "fold_metrics": result.fold_metrics,
+        "parent_run_id": result.parent_run_id,
+        "seconds": {k: round(v, 1) for k, v in result.seconds.items()},
+    }
