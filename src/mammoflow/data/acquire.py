@@ -227,7 +227,6 @@ def find_clinical(raw_dir: Path) -> Path:
 def source_stage(cfg: Config, dataset: str, layout: Layout | None = None) -> dict[str, Any]:
     """Record what ``dataset``'s source holds now (data/sources/<dataset>.json): the acquire
     stage depends on it, so DVC re-acquires when a film of a local source is replaced."""
-    from mammoflow.data.acquire import source_fingerprint
     from mammoflow.files import atomic_write_json
 
     layout = layout or Layout()
@@ -238,7 +237,6 @@ def source_stage(cfg: Config, dataset: str, layout: Layout | None = None) -> dic
 
 def acquire_stage(cfg: Config, dataset: str, layout: Layout | None = None) -> dict[str, Any]:
     """Bring the raw files of ``dataset`` to ``data/raw/<dataset>``."""
-    from mammoflow.data.acquire import acquire
 
     layout = layout or Layout()
     ds = cfg.dataset(dataset)

@@ -400,7 +400,6 @@ def convert_stage(
     size, sha256 as recorded): :func:`~mammoflow.data.validate.validate_converted` raises
     ``ConvertedImagesInvalid`` naming the images that fail.
     """
-    from mammoflow.data.convert import convert_dataset
     from mammoflow.data.manifest import read_manifest
     from mammoflow.data.raw import raw_files
     from mammoflow.data.validate import validate_converted

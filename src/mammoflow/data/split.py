@@ -16,7 +16,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from mammoflow.config import Config
+from mammoflow.config import Config, SplitConfig
 from mammoflow.paths import Layout
 
 import io
@@ -163,6 +163,17 @@ def make_splits(
     return out[list(COLUMNS)]
 
 
+def splits_for(frame: pd.DataFrame, split: SplitConfig) -> pd.DataFrame:
+    """:func:`make_splits` with the ``split:`` section of params.yaml."""
+    return make_splits(
+        frame,
+        test_size=split.test_size,
+        k_folds=split.k_folds,
+        group_by=split.group_by,
+        seed=split.seed,
+    )
+
+
 def canonical_csv(splits: pd.DataFrame) -> bytes:
     """The splits as canonical CSV bytes (columns in :data:`COLUMNS` order, rows by image_id)."""
     frame = splits[list(COLUMNS)].sort_values("image_id", kind="stable")
@@ -221,17 +232,10 @@ def fold_summary(splits: pd.DataFrame) -> dict[str, dict[int, int]]:
 def split_stage(cfg: Config, dataset: str, layout: Layout | None = None) -> dict[str, Any]:
     """Held-out test set + stratified K folds, grouped by patient; written to data/splits."""
     from mammoflow.data.manifest import read_manifest
-    from mammoflow.data.split import fold_summary, make_splits, write_splits
 
     cfg.dataset(dataset)
     layout = layout or Layout()
     frame = read_manifest(layout.processed(dataset))
-    splits = make_splits(
-        frame,
-        test_size=cfg.split.test_size,
-        k_folds=cfg.split.k_folds,
-        group_by=cfg.split.group_by,
-        seed=cfg.split.seed,
-    )
+    splits = splits_for(frame, cfg.split)
     digest = write_splits(splits, layout.splits(dataset))
     return {"dataset": dataset, "split_hash": digest, "images": fold_summary(splits)}

@@ -730,7 +730,6 @@ def validate_stage(cfg: Config, dataset: str, layout: Layout | None = None) -> d
     """
     from mammoflow.data.manifest import read_manifest
     from mammoflow.data.raw import min_size, raw_files
-    from mammoflow.data.validate import ValidationFailed, validate_manifest
     from mammoflow.files import atomic_write_json
 
     kind = cfg.dataset(dataset).kind

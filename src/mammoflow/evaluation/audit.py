@@ -271,19 +271,13 @@ def _study(
 ) -> tuple[dict[str, Any], dict[str, Any], pd.DataFrame]:
     """One grouping: its split written under the audit layout, the study, its predictions."""
     from mammoflow.data.manifest import read_manifest
-    from mammoflow.data.split import make_splits, write_splits
+    from mammoflow.data.split import splits_for, write_splits
     from mammoflow.training.train import run_study
 
     cfg = cfg.with_overrides({"split.group_by": group_by}, source="audit")
     al = AuditLayout(root=layout.root, out=layout.audit_work(dataset, group_by))
     frame = read_manifest(layout.processed(dataset))
-    splits = make_splits(
-        frame,
-        test_size=cfg.split.test_size,
-        k_folds=cfg.split.k_folds,
-        group_by=cfg.split.group_by,
-        seed=cfg.split.seed,
-    )
+    splits = splits_for(frame, cfg.split)
     split_hash = write_splits(splits, al.splits(dataset))
     result = run_study(cfg, dataset, backbone, layout=al, tracker=tracker)
     preds = json.loads((al.models(dataset, backbone) / "predictions.json").read_text("utf-8"))
@@ -396,7 +390,6 @@ def audit_stage(
         ``{"dataset", "backbone", "inflation", "checks", "run_id", "summary"}`` (the summary is
         the printed text); the whole audit is in reports/<dataset>/audit.json.
     """
-    from mammoflow.evaluation.audit import run_audit, summary_text
 
     res = run_audit(cfg, dataset, backbone, layout or Layout())
     keys = ("dataset", "backbone", "inflation", "checks")

@@ -151,7 +151,6 @@ def check_weights(cfg: Config, dataset: str, hint: str | None = None) -> dict[st
     Raises:
         WeightsError: listing every missing file and the folder it belongs in, plus ``hint``.
     """
-    from mammoflow.models.weights import WeightsError, resolve_weights
 
     cfg = cfg.for_dataset(dataset)
     sources: dict[str, str] = {}

@@ -703,7 +703,6 @@ def report_stage(
     if write:
         atomic_write_text(md, report.markdown(tables, notes, settings))
         atomic_write_text(page, report.html_report(tables, figures, notes, settings))
-        from mammoflow.reporting.report import write_report
 
         for dataset in tables:  # reports/<dataset>/report.html, the whole study's evidence
             studies[dataset] = write_report(cfg, dataset, layout, tracker)["html"]

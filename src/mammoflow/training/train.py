@@ -738,7 +738,6 @@ def train_stage(
     With ``dask_address`` or ``$MAMMOFLOW_DASK_ADDRESS`` set, the features are extracted here
     once and the fold tasks run on that Dask cluster, one task per fold (same numbers).
     """
-    from mammoflow.training.train import run_study
 
     _check_backbone(cfg, dataset, backbone)
     result = run_study(
