@@ -17,21 +17,14 @@ never the file's real location.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
-from typing import Any
-
-from mammoflow.config import Config
-from mammoflow.paths import Layout
-
 import io
 import json
 import os
 import re
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor, as_completed
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from multiprocessing import get_context
 from multiprocessing.context import BaseContext
@@ -43,11 +36,12 @@ import pandas as pd
 from numpy.typing import NDArray
 from PIL import Image
 
-from mammoflow.config import ConvertConfig
+from mammoflow.config import Config, ConvertConfig
 from mammoflow.console import progress as shown
 from mammoflow.data import images
 from mammoflow.data.manifest import MANIFEST_NAME, check, read_manifest, write_manifest
 from mammoflow.files import atomic_write_bytes, atomic_write_json, sha256_bytes, sha256_file
+from mammoflow.paths import Layout
 
 STATE_NAME = "convert_state.json"
 IMAGES_DIR = "images"
@@ -335,40 +329,13 @@ def convert_dataset(
     params = convert_params(cfg)
     p_hash = params_hash(params)
 
-    png_paths: dict[str, str] = {}
-    tasks: list[_Task] = []
-    for row in frame.itertuples(index=False):
-        image_id = str(row.image_id)
-        png_paths[image_id] = (images_dir / f"{image_id}.png").as_posix()
-        sha = row.raw_sha256
-        shown = str(row.raw_path)
-        tasks.append(
-            _Task(
-                image_id=image_id,
-                raw_path=str((raw_files or {}).get(shown, shown)),
-                shown_path=shown,
-                manifest_sha256=str(sha) if isinstance(sha, str) and sha else None,
-                png_path=png_paths[image_id],
-                params=params,
-                params_hash=p_hash,
-                previous=state.get(image_id),
-            )
-        )
+    tasks = _tasks(frame, images_dir, params, p_hash, state, raw_files)
+    png_paths = {t.image_id: t.png_path for t in tasks}
 
     workers = resolve_workers(cfg.workers, len(tasks))
     outcomes = {o.image_id: o for o in _run(tasks, workers, loader, progress, f"convert {out_dir.name}")}
 
-    failures: list[ConvertFailure] = []
-    for task in tasks:
-        out = outcomes[task.image_id]
-        if out.status == "failed":
-            failures.append(ConvertFailure(task.image_id, task.shown_path, out.reason))
-            continue  # keep the earlier state entry (its PNG was not touched)
-        state[task.image_id] = {
-            "raw_sha256": out.raw_sha256,
-            "params_hash": p_hash,
-            "png_sha256": out.png_sha256,
-        }
+    failures = _record(tasks, outcomes, state, p_hash)
     atomic_write_json(state_path, {"version": 1, "params": params, "images": state})
     if failures:
         raise ConvertError(failures, total=len(tasks))
@@ -389,6 +356,56 @@ def convert_dataset(
         seconds=time.perf_counter() - start,
         params=params,
     )
+
+
+def _tasks(
+    frame: pd.DataFrame,
+    images_dir: Path,
+    params: dict[str, Any],
+    p_hash: str,
+    state: Mapping[str, dict[str, Any]],
+    raw_files: Mapping[str, Path] | None,
+) -> list[_Task]:
+    """One conversion task per manifest row, with the state recorded for it last time."""
+    tasks: list[_Task] = []
+    for row in frame.itertuples(index=False):
+        image_id = str(row.image_id)
+        sha = row.raw_sha256
+        shown = str(row.raw_path)
+        tasks.append(
+            _Task(
+                image_id=image_id,
+                raw_path=str((raw_files or {}).get(shown, shown)),
+                shown_path=shown,
+                manifest_sha256=str(sha) if isinstance(sha, str) and sha else None,
+                png_path=(images_dir / f"{image_id}.png").as_posix(),
+                params=params,
+                params_hash=p_hash,
+                previous=state.get(image_id),
+            )
+        )
+    return tasks
+
+
+def _record(
+    tasks: Sequence[_Task],
+    outcomes: Mapping[str, _Outcome],
+    state: dict[str, dict[str, Any]],
+    p_hash: str,
+) -> list[ConvertFailure]:
+    """Record each converted/skipped image in ``state``; the failures (their entries kept)."""
+    failures: list[ConvertFailure] = []
+    for task in tasks:
+        out = outcomes[task.image_id]
+        if out.status == "failed":
+            failures.append(ConvertFailure(task.image_id, task.shown_path, out.reason))
+            continue  # keep the earlier state entry (its PNG was not touched)
+        state[task.image_id] = {
+            "raw_sha256": out.raw_sha256,
+            "params_hash": p_hash,
+            "png_sha256": out.png_sha256,
+        }
+    return failures
 
 
 def convert_stage(

@@ -25,6 +25,8 @@ from mammoflow.config import Config
 from mammoflow.paths import Layout
 
 if TYPE_CHECKING:
+    import pandas as pd
+
     from mammoflow.tracking import ModelSource
 
 SHIFT_METRICS = ("accuracy", "balanced_accuracy", "f1_macro", "roc_auc")
@@ -224,6 +226,25 @@ def _own_test(source: ModelSource, layout: Layout, tracker: Any) -> tuple[Scored
     return Scored(ids, groups, y, prob), note
 
 
+def _score_frame(model: Any, frame: pd.DataFrame, size: int) -> tuple[Scored, float | None]:
+    """The served model's probabilities on the dataset's converted images (and, for a
+    temperature-scaled model, the uncalibrated ones as ``raw``); the temperature."""
+    from mammoflow.models.build import model_temperature, with_temperature
+
+    paths = [str(p) for p in frame["converted_path"]]
+    t = model_temperature(model)
+    served = score(model, paths, size)
+    raw = score(with_temperature(model, 1.0), paths, size) if t else served
+    scored = Scored(
+        [str(i) for i in frame["image_id"]],
+        [str(p) for p in frame["patient_id"]],
+        frame["label_index"].to_numpy(np.int64),
+        raw,
+        served if t else None,
+    )
+    return scored, t
+
+
 def run_external(
     cfg: Config, model_uri: str, dataset: str, layout: Layout | None = None
 ) -> dict[str, Any]:
@@ -236,7 +257,6 @@ def run_external(
     from mammoflow.data.manifest import CLASSES
     from mammoflow.evaluation.subgroups import factor_frame
     from mammoflow.files import atomic_write_json, atomic_write_text, finite_json
-    from mammoflow.models.build import model_temperature, with_temperature
     from mammoflow.tracking import Tracker
 
     layout = layout or Layout()
@@ -252,17 +272,7 @@ def run_external(
     check_labels(CLASSES[cfg.dataset(source.dataset).kind], classes, model_uri, dataset)
     frame = _prepare(cfg, dataset, layout)
     model = tracker.load_serving_model(model_uri).model
-    paths = [str(p) for p in frame["converted_path"]]
-    t = model_temperature(model)
-    served = score(model, paths, cfg.convert.size)
-    raw = score(with_temperature(model, 1.0), paths, cfg.convert.size) if t else served
-    ext = Scored(
-        [str(i) for i in frame["image_id"]],
-        [str(p) for p in frame["patient_id"]],
-        frame["label_index"].to_numpy(np.int64),
-        raw,
-        served if t else None,
-    )
+    ext, t = _score_frame(model, frame, cfg.convert.size)
     own, own_note = _own_test(source, layout, tracker)
     ev = evidence(
         ext,
