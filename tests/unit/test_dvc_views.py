@@ -100,7 +100,8 @@ def test_dvc_metrics_show_prints_only_the_summary() -> None:
         for d in params["pipeline"]["datasets"]
         for b in params["model"]["backbones"]
     }
-    shown = _dvc_json("metrics", "show")["workspace"]["data"]
+    (workspace,) = _dvc_json("metrics", "show").values()  # one revision: the workspace
+    shown = workspace["data"]
     assert set(shown) == expected, "only the summaries are DVC metrics (the detail files are outs)"
     columns: set[str] = set()
     for path, entry in shown.items():

@@ -6,7 +6,7 @@
   stays in ``metrics/<dataset>/<backbone>.json``, a plain DVC out.
 - ``dvc plots show`` / ``dvc plots diff`` overlay the backbones of a dataset (dvc.yaml's
   top-level ``plots``) from the curve data of each backbone in ``plots/<dataset>/<backbone>/``
-  (:func:`write_plot_data`).
+  (:func:`plot_data`).
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import numpy as np
 
 log = logging.getLogger(__name__)
 
-#: the summary's keys (DVC's columns), in the order a person reads them
+#: the summary's keys: DVC's columns (which it sorts by name)
 SUMMARY_KEYS = (
     "cv_f1",  # CV macro-F1, mean over the folds
     "cv_f1_std",  # … its standard deviation over the folds
