@@ -10,7 +10,7 @@ export TF_CPP_MIN_LOG_LEVEL := 2
 export GX_ANALYTICS_ENABLED := false
 export MLFLOW_ENABLE_ASYNC_LOGGING ?= false
 
-.PHONY: help venv run study test lint typecheck unit integration bench ui serve stack-up stack-down stack-status clean-venv
+.PHONY: help venv run plots study test lint typecheck unit integration bench ui serve stack-up stack-down stack-status clean-venv
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -26,6 +26,9 @@ venv: $(VENV)/.installed ## create .venv from uv.lock
 run: venv ## the whole pipeline on the embedded sample data (dvc repro)
 	$(VENV)/bin/dvc repro
 	$(VENV)/bin/mammoflow report --no-write
+
+plots: venv ## the backbones' curves overlaid, rendered offline: dvc plots show → dvc_plots/index.html
+	$(VENV)/bin/dvc plots show
 
 study: venv ## the real study of one dataset, paper's settings: make study DATASET=mias [WEIGHTS=none] [ARGS=...]
 	@if [ -z "$(DATASET)" ]; then echo "usage: make study DATASET=mias [WEIGHTS=none] [ARGS='--backbone vgg16']"; exit 2; fi

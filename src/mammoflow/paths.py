@@ -48,12 +48,17 @@ class Layout:
         """DVC metrics JSON of one backbone."""
         return self.root / "metrics" / dataset / f"{backbone}.json"
 
+    def summary(self, dataset: str, backbone: str) -> Path:
+        """The short DVC metrics of one backbone (``dvc metrics show``'s row; the detail is
+        :meth:`metrics`)."""
+        return self.root / "metrics" / "summary" / dataset / f"{backbone}.json"
+
     def champion(self, dataset: str) -> Path:
         """Which backbone won on ``dataset`` (DVC metrics of `evaluate`)."""
         return self.root / "metrics" / "champion" / f"{dataset}.json"
 
     def plots(self, dataset: str, backbone: str) -> Path:
-        """DVC plots data (confusion matrix, ROC) of one backbone."""
+        """DVC plots data (confusion matrix, ROC, PR, reliability, learning curves) of one backbone."""
         return self.root / "plots" / dataset / backbone
 
     def features(self) -> Path:

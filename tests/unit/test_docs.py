@@ -123,12 +123,12 @@ def test_the_checks_see_a_broken_link_and_a_renamed_module(tmp_path: Path) -> No
     page = tmp_path / "page.md"
     page.write_text(
         "# Title\n[ok](other.md#real-heading) [self](#title) [web](https://example.org)\n"
-        "[gone](missing.md) [bad anchor](other.md#nope) `src/mammoflow/study.py`\n"
+        "[gone](missing.md) [bad anchor](other.md#nope) `src/mammoflow/stages.py`\n"
         "```\n[in code](nowhere.md)\n```\n- item\n\n  ```bash\n  [indented](nowhere.md)\n  ```\n"
     )
     problems = broken_links(page)
     assert len(problems) == 2
     assert "missing.md" in problems[0] and "#nope" in problems[1]
     assert stale_source_paths(page) == [
-        "page.md: `src/mammoflow/study.py` names no file (renamed? update the page)"
+        "page.md: `src/mammoflow/stages.py` names no file (renamed? update the page)"
     ]

@@ -119,3 +119,13 @@ def test_binary_auc_equals_the_tie_loop_bit_for_bit(seed: int) -> None:
         y[:2] = [0, 1]
         s = np.round(rng.uniform(size=n), int(rng.integers(1, 4)))  # many ties
         assert mm.binary_roc_auc(y, s) == _auc_by_tie_loop(y, s)
+
+
+def test_pr_points_equal_sklearn() -> None:
+    y, p = _data(60, 3, 3)
+    rows = mm.pr_points(y, p)
+    prec, rec, thr = skm.precision_recall_curve(y == 2, p[:, 2])
+    # sklearn: thresholds ascending, then its (recall 0, precision 1) end point; ours: descending
+    assert [r["precision"] for r in rows] == pytest.approx(list(prec[:-1][::-1]))
+    assert [r["recall"] for r in rows] == pytest.approx(list(rec[:-1][::-1]))
+    assert [r["threshold"] for r in rows] == pytest.approx(list(thr[::-1]))

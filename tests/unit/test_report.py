@@ -112,7 +112,8 @@ def test_dvc_data_hash_is_dvcs_own(tmp_path: Path) -> None:
     import subprocess
     import sys
 
-    assert dvc_data_hash("x", tmp_path) == "unknown"
+    with pytest.raises(FileNotFoundError, match="run `mammoflow convert x`"):
+        dvc_data_hash("x", tmp_path)  # no data: an error naming the fix, not an 'unknown' tag
     folder = tmp_path / "data" / "processed" / "x"
     (folder / "images").mkdir(parents=True)
     (folder / "images" / "a.png").write_bytes(b"png-a")

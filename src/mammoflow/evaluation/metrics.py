@@ -284,6 +284,22 @@ def roc_points(
     One point per distinct score (like ``sklearn.metrics.roc_curve(drop_intermediate=False)``);
     the first point (0, 0) has threshold None (nothing predicted positive).
     """
+    tps, fps, thresholds, n_pos, n_neg = _ranked_counts(y_true, y_prob, positive)
+    tpr = tps / n_pos if n_pos else np.full_like(tps, math.nan)
+    fpr = fps / n_neg if n_neg else np.full_like(fps, math.nan)
+    rows: list[dict[str, float | None]] = [{"fpr": 0.0, "tpr": 0.0, "threshold": None}]
+    rows.extend(
+        {"fpr": float(f), "tpr": float(r), "threshold": float(th)}
+        for f, r, th in zip(fpr, tpr, thresholds, strict=True)
+    )
+    return rows
+
+
+def _ranked_counts(
+    y_true: np.ndarray, y_prob: np.ndarray, positive: int | None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, float, float]:
+    """True / false positives at each distinct score of ``positive`` (highest first), those
+    scores, and the numbers of positives and negatives: what ROC and PR curves are drawn from."""
     y, p = _check(y_true, y_prob)
     pos = p.shape[1] - 1 if positive is None else positive
     truth = y == pos
@@ -293,15 +309,25 @@ def roc_points(
     last_of_run = np.r_[np.flatnonzero(np.diff(s)), len(s) - 1]
     tps = np.cumsum(t)[last_of_run].astype(float)
     fps = (last_of_run + 1 - tps).astype(float)
-    n_pos, n_neg = float(truth.sum()), float((~truth).sum())
-    tpr = tps / n_pos if n_pos else np.full_like(tps, math.nan)
-    fpr = fps / n_neg if n_neg else np.full_like(fps, math.nan)
-    rows: list[dict[str, float | None]] = [{"fpr": 0.0, "tpr": 0.0, "threshold": None}]
-    rows.extend(
-        {"fpr": float(f), "tpr": float(r), "threshold": float(th)}
-        for f, r, th in zip(fpr, tpr, s[last_of_run], strict=True)
-    )
-    return rows
+    return tps, fps, s[last_of_run], float(truth.sum()), float((~truth).sum())
+
+
+def pr_points(
+    y_true: np.ndarray, y_prob: np.ndarray, positive: int | None = None
+) -> list[dict[str, float | None]]:
+    """Precision-recall curve of ``positive`` vs rest as DVC-plots rows
+    ``{"recall", "precision", "threshold"}``, one point per distinct score (highest first, like
+    ``sklearn.metrics.precision_recall_curve`` read backwards, without its (0, 1) end point);
+    recall is None when no sample is positive."""
+    tps, fps, thresholds, n_pos, _ = _ranked_counts(y_true, y_prob, positive)
+    return [
+        {
+            "recall": float(tp / n_pos) if n_pos else None,
+            "precision": float(tp / (tp + fp)),  # tp + fp >= 1: each run holds a sample
+            "threshold": float(th),
+        }
+        for tp, fp, th in zip(tps, fps, thresholds, strict=True)
+    ]
 
 
 def confusion_rows(

@@ -667,15 +667,21 @@ def write_outputs(
 ) -> None:
     """DVC outputs of the train stage: metrics JSON, plots data, predictions, histories."""
     from mammoflow.evaluation import metrics as mt
+    from mammoflow.reporting import dvc_views
 
     ds, bbn = result.dataset, result.backbone
-    atomic_write_json(layout.metrics(ds, bbn), finite_json(result.summary()))
+    detail = finite_json(result.summary())
+    atomic_write_json(layout.metrics(ds, bbn), detail)
+    atomic_write_json(layout.summary(ds, bbn), dvc_views.summary_row(detail))
     _, y, prob = _from_record(test_rec, len(result.class_names))
     plots = layout.plots(ds, bbn)
     atomic_write_json(
         plots / "confusion.json", mt.confusion_rows(y, prob.argmax(axis=1), result.class_names)
     )
     atomic_write_json(plots / "roc.json", finite_json(mt.roc_points(y, prob)))
+    curves = dvc_views.plot_data(y, prob, result.calibration or {}, histories)
+    for name, rows in curves.items():
+        atomic_write_json(plots / name, finite_json(rows))
     models = layout.models(ds, bbn)
     atomic_write_json(
         models / "predictions.json",
