@@ -92,7 +92,8 @@ def main() -> None:
 
     from mammoflow.config import load_config
     from mammoflow.serving.serve import ensure_wrapper
-    from mammoflow.tracking import Tracker, _use_store
+    from mammoflow.tracking import Tracker
+    from mammoflow.tracking.store import _use_store
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--tracking", default=None, help="MLflow tracking URI (default ./mlflow.db)")

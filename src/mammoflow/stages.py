@@ -262,7 +262,7 @@ def evaluate_stage(cfg: Config, dataset: str, layout: Layout | None = None) -> d
 
     from mammoflow.evaluation import champion
     from mammoflow.files import atomic_write_json
-    from mammoflow.tracking import Tracker
+    from mammoflow.tracking import Tracker, metrics_run_id
 
     cfg.dataset(dataset)
     layout = layout or Layout()
@@ -277,7 +277,7 @@ def evaluate_stage(cfg: Config, dataset: str, layout: Layout | None = None) -> d
             )
         summary = json.loads(path.read_text(encoding="utf-8"))
         scores[backbone] = champion.value(summary, metric)
-        runs[backbone] = summary["mlflow_test_run_id"]
+        runs[backbone] = metrics_run_id(layout, dataset, backbone)
     best = champion.rank(scores)[0]
     out: dict[str, Any] = {
         "dataset": dataset,
@@ -329,11 +329,10 @@ def compare_stage(
 
     Each dataset's table is headed by the settings its runs used (weights, input size, epochs).
     """
-    import json
 
     from mammoflow.files import atomic_write_text
     from mammoflow.reporting import figures as report
-    from mammoflow.tracking import Tracker
+    from mammoflow.tracking import Tracker, metrics_run_id
 
     layout = layout or Layout()
     tracker = Tracker(root=layout.root)
@@ -345,12 +344,12 @@ def compare_stage(
         cfg.dataset(dataset)
         wanted: dict[str, str | None] = {}
         for backbone in cfg.model.backbones:
-            path = layout.metrics(dataset, backbone)
-            run_id = None
-            if path.is_file():
-                run_id = json.loads(path.read_text(encoding="utf-8")).get("mlflow_parent_run_id")
-            wanted[backbone] = run_id
-        rows = tracker.study_rows(dataset, wanted)
+            try:
+                wanted[backbone] = metrics_run_id(layout, dataset, backbone, "parent")
+            except (FileNotFoundError, ValueError):  # study_rows warns and names the file
+                wanted[backbone] = None
+        sources = {b: str(layout.metrics(dataset, b)) for b in wanted}
+        rows = tracker.study_rows(dataset, wanted, sources)
         if not rows:
             continue
         tables[dataset] = report.comparison_table(rows)

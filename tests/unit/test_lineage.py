@@ -120,7 +120,7 @@ def test_git_dirty_means_code_or_params_changed(tmp_path: Path) -> None:
 
 
 def test_logged_params_rebuild_the_config_the_run_used() -> None:
-    from mammoflow.tracking import _param_value
+    from mammoflow.tracking.record import _param_value
 
     raw = tiny_params(["sample_mias"], train={"epochs": 3})
     raw["datasets"]["sample_mias"]["train"] = {"epochs": 2}  # the dataset's own key wins

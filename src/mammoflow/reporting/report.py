@@ -705,12 +705,11 @@ def write_report(
 def _log_page(tracker: Tracker, run_id: str, page: str) -> str | None:
     """Log the report on the champion's parent run; None (with a warning) when that run is not
     in this tracking store (the metrics file came from another store, e.g. a team server)."""
-    from mlflow.exceptions import MlflowException
-
-    try:
-        tracker.client.get_run(run_id)
-    except (MlflowException, OSError) as exc:
-        log.warning("report.html not logged: run %s is not in %s (%s)", run_id, tracker.uri, exc)
+    missing = tracker.missing_run(run_id)
+    if missing is not None:
+        log.warning(
+            "report.html not logged: run %s is not in %s (%s)", run_id, tracker.uri, missing
+        )
         return None
     tracker.log_text(run_id, page, "report.html")
     return run_id

@@ -25,8 +25,8 @@ from pathlib import Path
 from typing import Any
 
 from mammoflow.dvcdata import IN_REMOTE, LOCAL_ONLY, UNKNOWN, dvc_hash, dvc_setup, locate
-from mammoflow.tracking import TAG_DATA, TAG_LOCATION, TAG_REMOTE, TAG_SPLIT
-from mammoflow.tracking import TAG_LINEAGE_WARNING as TAG_WARNING
+from mammoflow.tracking.tags import TAG_DATA, TAG_LOCATION, TAG_REMOTE, TAG_SPLIT
+from mammoflow.tracking.tags import TAG_LINEAGE_WARNING as TAG_WARNING
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +75,7 @@ def dataset_source(tags: Mapping[str, str]) -> str:
 def mark_pushed(root: Path = Path(), tracker: Any | None = None) -> list[str]:
     """After ``dvc push``: tag the parent runs (and registered versions) whose data the default
     remote now holds ``dvc_data_location: remote``. Returns the run ids updated."""
-    from mammoflow.tracking import Tracker
+    from mammoflow.tracking.tracker import Tracker
 
     tracker = tracker or Tracker(root=root)
     client = tracker.client
