@@ -105,6 +105,8 @@ def mark_pushed(root: Path = Path(), tracker: Any | None = None) -> list[str]:
 
 def _mark_versions(client: Any, updated: Mapping[str, Mapping[str, str]]) -> None:
     """Copy the new tags onto registered versions made from the updated parents' test runs."""
+    from mlflow.exceptions import MlflowException
+
     if not updated:
         return
     for model in client.search_registered_models():
@@ -114,7 +116,14 @@ def _mark_versions(client: Any, updated: Mapping[str, Mapping[str, str]]) -> Non
             run_id = mv.tags.get("run_id") or mv.run_id
             try:
                 parent = client.get_run(run_id).data.tags.get("mlflow.parentRunId", run_id)
-            except Exception:
+            except MlflowException as exc:  # its run was deleted: nothing to copy from
+                log.warning(
+                    "%s v%s: its run %s is not in the store (%s); its lineage tags stay as they are",
+                    model.name,
+                    mv.version,
+                    run_id,
+                    exc.error_code,
+                )
                 continue
             if parent not in updated:
                 continue
