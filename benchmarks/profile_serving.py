@@ -65,6 +65,7 @@ def phases(model: Any, body: bytes, repeats: int) -> dict[str, float]:
     model_ms, _ = timed(lambda: impl.predict(enforced), repeats)
     inner: dict[str, float] = {}
     wrapper = getattr(impl, "python_model", None)
+    wrapper = getattr(wrapper, "scorer", wrapper)  # tracking.pyfunc.PyfuncScorer's scorer
     if hasattr(wrapper, "pixels"):  # the file wrapper: reading + conversion, then the network
         rows = list(enforced["image"])
         inner["decode_convert_ms"], pixels = timed(lambda: wrapper.pixels(rows), repeats)
