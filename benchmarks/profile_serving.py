@@ -65,6 +65,7 @@ def phases(model: Any, body: bytes, repeats: int) -> dict[str, float]:
     model_ms, _ = timed(lambda: impl.predict(enforced), repeats)
     inner: dict[str, float] = {}
     wrapper = getattr(impl, "python_model", None)
+    wrapper = getattr(wrapper, "scorer", wrapper)  # tracking.pyfunc.PyfuncScorer's scorer
     if hasattr(wrapper, "pixels"):  # the file wrapper: reading + conversion, then the network
         rows = list(enforced["image"])
         inner["decode_convert_ms"], pixels = timed(lambda: wrapper.pixels(rows), repeats)
@@ -92,7 +93,8 @@ def main() -> None:
 
     from mammoflow.config import load_config
     from mammoflow.serving.serve import ensure_wrapper
-    from mammoflow.tracking import Tracker, _use_store
+    from mammoflow.tracking import Tracker
+    from mammoflow.tracking.store import _use_store
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--tracking", default=None, help="MLflow tracking URI (default ./mlflow.db)")

@@ -186,7 +186,7 @@ def evaluate_flow(params_path: str = "params.yaml", datasets: list[str] | None =
 @retrying_task(task_run_name="push", delays=10)
 def push(params_path: str) -> Summary:
     """Send the data and run cache to the project's default DVC remote; say what was sent."""
-    from mammoflow.lineage import mark_pushed
+    from mammoflow.tracking.lineage import mark_pushed
 
     _, root = _load(params_path)
     res = dvc_runner.push(root, on_line=get_run_logger().info)

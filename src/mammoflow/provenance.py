@@ -6,11 +6,14 @@ Shared by the study, tuning and reports; imports nothing heavy at module level.
 from __future__ import annotations
 
 import fnmatch
+import hashlib
+import json
 import platform
 import posixpath
 import re
 import subprocess
 import warnings
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +44,16 @@ def study_params(cfg: Config, dataset: str) -> dict[str, Any]:
     out["dataset.name"] = dataset
     out["dataset.kind"] = ds.kind
     return out
+
+
+def config_hash(params: Mapping[str, Any], data_hash: str, split_hash: str) -> str:
+    """sha256 over the resolved params, the data hash and the split hash (resume key)."""
+    text = json.dumps(
+        {"params": dict(params), "data": data_hash, "split": split_hash},
+        sort_keys=True,
+        default=str,
+    )
+    return hashlib.sha256(text.encode()).hexdigest()
 
 
 def dvc_data_hash(dataset: str, root: Path = Path()) -> str:

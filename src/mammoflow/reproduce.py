@@ -31,8 +31,8 @@ from typing import Any
 import yaml
 
 from mammoflow.dvcdata import IN_REMOTE, LOCAL_ONLY, DvcSetup, dvc_hash, dvc_setup, locate
-from mammoflow.lineage import TAG_DATA, TAG_SPLIT
 from mammoflow.provenance import STUDY_PARAM_PREFIXES, packages
+from mammoflow.tracking.tags import TAG_DATA, TAG_SPLIT
 
 #: the experiment of reproductions: ``mammoflow-<dataset>-reproduce``
 SUFFIX = "-reproduce"
@@ -198,29 +198,13 @@ def resolve_target(tracker: Any, uri: str) -> Target:
     Raises:
         ReproduceError: the URI names nothing in the store, or its run lacks the lineage tags.
     """
-    from mlflow.exceptions import MlflowException
+    from mammoflow.tracking import TAG_BACKBONE, TAG_DATASET
 
-    from mammoflow.tracking import TAG_BACKBONE, TAG_DATASET, _registry_version
-
-    client = tracker.client
     try:
-        if uri.startswith("models:/"):
-            name, version = _registry_version(client, uri)
-            mv = client.get_model_version(name, version)
-            run_id = mv.tags.get("run_id") or mv.run_id
-        elif uri.startswith("runs:/"):
-            run_id = uri.removeprefix("runs:/").split("/")[0]
-        else:
-            raise ReproduceError(
-                f"{uri!r}: expected models:/<name>@<alias>, models:/<name>/<n> or runs:/<id>"
-            )
-        run = client.get_run(run_id)
-        parent_id = run.data.tags.get("mlflow.parentRunId", run_id)
-        parent = client.get_run(parent_id)
-    except MlflowException as exc:
-        raise ReproduceError(
-            f"{uri!r} is not in the MLflow store {tracker.uri}: {exc.message}"
-        ) from None
+        parent = tracker.study_parent(uri)
+    except ValueError as exc:
+        raise ReproduceError(str(exc)) from None
+    parent_id = parent.info.run_id
     tags = dict(parent.data.tags)
     missing = [
         k
@@ -248,14 +232,9 @@ def resolve_target(tracker: Any, uri: str) -> Target:
 def retire_earlier(tracker: Any, dataset: str, key: str) -> None:
     """Earlier reproductions of configuration ``key`` stop being resumable (their tag is renamed),
     so this one trains every fold again instead of reusing theirs."""
-    from mammoflow.tracking import TAG_KEY, experiment_name
+    from mammoflow.tracking import experiment_name
 
-    exp = tracker.client.get_experiment_by_name(experiment_name(dataset) + SUFFIX)
-    if exp is None:
-        return
-    for run in tracker.client.search_runs([exp.experiment_id], f"tags.`{TAG_KEY}` = '{key}'"):
-        tracker.set_tags(run.info.run_id, {"mammoflow.retired_config_hash": key})
-        tracker.client.delete_tag(run.info.run_id, TAG_KEY)
+    tracker.retire_config(experiment_name(dataset) + SUFFIX, key)
 
 
 # ------------------------------------------------------------------------------ git and DVC
@@ -385,7 +364,7 @@ def reproduce(
             print(f"scratch folder kept: {scratch}", flush=True)
         else:
             shutil.rmtree(scratch, ignore_errors=True)
-    rep = tracker.client.get_run(run_id)
+    rep = tracker.run(run_id)
     same_machine = rep.data.tags.get("device") == target.tags.get("device")
     drift = package_drift(target.tags, packages())
     if tolerance is None:
@@ -411,8 +390,9 @@ def _prepare(project: Path, scratch: Path, setup: DvcSetup, target: Target) -> P
     from mammoflow.dvcdata import write_local_config
     from mammoflow.tracking import EXPERIMENT_SUFFIX_ENV
 
-    tracking = project / "src" / "mammoflow" / "tracking.py"
-    if not tracking.is_file() or EXPERIMENT_SUFFIX_ENV not in tracking.read_text(encoding="utf-8"):
+    package = project / "src" / "mammoflow"
+    tracking = [package / "tracking.py", *sorted((package / "tracking").glob("*.py"))]
+    if not any(p.is_file() and EXPERIMENT_SUFFIX_ENV in p.read_text("utf-8") for p in tracking):
         raise ReproduceError(
             f"commit {target.commit} predates `mammoflow reproduce` (its train stage cannot log "
             "to a separate experiment); check it out and rerun it by hand"
@@ -451,7 +431,7 @@ def _train(project: Path, params: Path, target: Target, uri: str) -> str:
         res = subprocess.run([*base, *step, "--params", str(params)], cwd=project, env=env)
         if res.returncode != 0:
             raise ReproduceError(f"`mammoflow {' '.join(step)}` at commit {target.commit} failed")
-    summary = json.loads(
-        (project / "metrics" / target.dataset / f"{target.backbone}.json").read_text("utf-8")
-    )
-    return str(summary["mlflow_parent_run_id"])
+    from mammoflow.paths import Layout
+    from mammoflow.tracking import metrics_run_id
+
+    return metrics_run_id(Layout(project), target.dataset, target.backbone, "parent")

@@ -83,7 +83,8 @@ def test_the_registered_model_serves_the_calibrated_probabilities(
     from mammoflow.evaluation.calibration import calibrated_probabilities, ece
     from mammoflow.models.build import model_temperature, with_temperature
     from mammoflow.models.features import load_images
-    from mammoflow.tracking import Tracker, _use_store
+    from mammoflow.tracking import Tracker
+    from mammoflow.tracking.store import _use_store
 
     root, _ = project
     preds = json.loads((root / "models" / DATASET / BACKBONE / "predictions.json").read_text())

@@ -46,8 +46,8 @@ MARKED: dict[str, list[str]] = {}  # run ids mark_pushed updated after each push
 
 def _push(project: Path, after: str) -> None:
     """`dvc push`, then what a flow does after it: mark the runs whose data is now pushed."""
-    from mammoflow.lineage import mark_pushed
     from mammoflow.tracking import Tracker
+    from mammoflow.tracking.lineage import mark_pushed
 
     _run(["dvc", "push"], project)
     tracker = Tracker(root=project, uri=f"sqlite:///{project / 'mlflow.db'}")

@@ -97,6 +97,15 @@ def test_layout_parents_folds_and_test(project: tuple[Path, Config]) -> None:
         assert "epoch_loss" in fold.data.metrics
         history = mlflow_client(root).get_metric_history(fold.info.run_id, "epoch_loss")
         assert len(history) == 1  # one epoch
+        # the figures train.py draws and hands to tracking, under their names
+        evaluation = {"classification_report.txt", "confusion_matrix.png", "roc_curve.png"}
+        for kid, extra in ((fold, {"training_curves.png"}), (_test_run(kids), set())):
+            listed = {a.path for a in mlflow_client(root).list_artifacts(kid.info.run_id)}
+            assert evaluation | extra | {"predictions.json"} <= listed, kid.info.run_name
+
+
+def _test_run(kids: list[Any]) -> Any:
+    return next(k for k in kids if k.info.run_name == "test")
 
 
 def test_fold_model_predicts_on_raw_grey_image(project: tuple[Path, Config]) -> None:

@@ -129,7 +129,7 @@ def test_provenance_that_cannot_be_recorded_is_said(tmp_path: Path) -> None:
 
 
 def test_logged_params_rebuild_the_config_the_run_used() -> None:
-    from mammoflow.tracking import _param_value
+    from mammoflow.tracking.record import _param_value
 
     raw = tiny_params(["sample_mias"], train={"epochs": 3})
     raw["datasets"]["sample_mias"]["train"] = {"epochs": 2}  # the dataset's own key wins
@@ -202,3 +202,21 @@ def test_a_commit_not_in_the_repository_is_named(tmp_path: Path) -> None:
         worktree(plain, missing, tmp_path / "t"),
     ):
         pass
+
+
+def test_a_version_whose_run_is_gone_keeps_its_tags_with_a_warning(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from mammoflow.tracking import Tracker
+    from mammoflow.tracking.lineage import _mark_versions
+
+    tracker = Tracker(root=tmp_path, uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    client = tracker.client
+    client.create_registered_model("mammoflow-gone")
+    gone = "0" * 32
+    client.create_model_version("mammoflow-gone", (tmp_path / "m").as_uri(), tags={"run_id": gone})
+    with caplog.at_level("WARNING", logger="mammoflow.tracking.lineage"):
+        _mark_versions(client, {"some-parent": {"dvc_data_location": "remote"}})
+    [message] = [r.getMessage() for r in caplog.records]
+    assert message.startswith(f"mammoflow-gone v1: its run {gone} is not in the store")
+    assert "dvc_data_location" not in client.get_model_version("mammoflow-gone", "1").tags

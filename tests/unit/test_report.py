@@ -8,9 +8,9 @@ import pytest
 import yaml
 
 from mammoflow.config import load_config
-from mammoflow.provenance import dvc_data_hash, study_params
+from mammoflow.provenance import config_hash, dvc_data_hash, study_params
 from mammoflow.reporting import figures as report
-from mammoflow.tracking import config_hash, experiment_name, registered_model_name
+from mammoflow.tracking import experiment_name, registered_model_name
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -118,9 +118,11 @@ def test_file_body_is_base64_of_the_files(tmp_path: Path) -> None:
 
 
 def test_wrapper_refuses_bad_rows_together_and_scores_none(tmp_path: Path) -> None:
+    import pandas as pd
     from mlflow.exceptions import MlflowException
 
-    from mammoflow.serving.serve import ImageClassifier
+    from mammoflow.serving.serve import IMAGE_COLUMN, ImageClassifier, RefusedInputError
+    from mammoflow.tracking.pyfunc import PyfuncScorer
 
     files = _files(tmp_path)
     wrapper = ImageClassifier()
@@ -129,15 +131,21 @@ def test_wrapper_refuses_bad_rows_together_and_scores_none(tmp_path: Path) -> No
     good = wrapper.pixels([files["png"].read_bytes(), files["dicom"].read_bytes()])
     assert [p.shape for p in good] == [(48, 48), (48, 48)]
     assert float(good[1].min()) >= 0 and float(good[1].max()) <= 255
-    with pytest.raises(MlflowException) as bad:
+    with pytest.raises(RefusedInputError) as bad:
         wrapper.pixels([files["png"].read_bytes(), b"GIF89a...", b""])
-    assert bad.value.get_http_status_code() == 400
-    text = bad.value.message
+    text = str(bad.value)
     assert text.startswith("2 of 3 image(s) refused, none scored")
     assert "image row 1: not a DICOM" in text and "image row 2: empty" in text
     assert "image row 0" not in text
-    with pytest.raises(MlflowException, match="no rows"):
+    with pytest.raises(RefusedInputError, match="no rows"):
         wrapper.pixels([])
+    # served (MLflow's pyfunc around it): the refusal is an HTTP 400 with the same message
+    wrapper.call = lambda batch: batch  # never reached: nothing is scored
+    frame = pd.DataFrame({IMAGE_COLUMN: [files["png"].read_bytes(), b"GIF89a..."]})
+    with pytest.raises(MlflowException) as served:
+        PyfuncScorer(wrapper).predict(None, frame)
+    assert served.value.get_http_status_code() == 400
+    assert served.value.message.startswith("1 of 2 image(s) refused, none scored")
 
 
 def test_cache_folder_follows_store_version_and_settings(tmp_path: Path) -> None:

@@ -1,4 +1,4 @@
-"""tracking.py against a real temporary SQLite MLflow store (no mocks, no server)."""
+"""The tracking package against a real temporary SQLite MLflow store (no mocks, no server)."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ import pytest
 
 from mammoflow import tracking
 from mammoflow.tracking import Tracker, TrackingUnavailable
+from mammoflow.tracking import retry as retry_mod
 
 
 @pytest.fixture(scope="module")
@@ -46,12 +47,16 @@ def test_names_and_the_embedded_store(tmp_path: Path, monkeypatch: pytest.Monkey
 
 
 def test_config_hash_is_stable_and_sensitive() -> None:
-    base = tracking.config_hash({"b": 1, "a": [1, 2]}, "data1", "split1")
-    assert base == tracking.config_hash({"a": [1, 2], "b": 1}, "data1", "split1")
+    from mammoflow.provenance import config_hash
+
+    base = config_hash({"b": 1, "a": [1, 2]}, "data1", "split1")
+    # the value tracking.config_hash gave before it moved to provenance: resume keys unchanged
+    assert base == "ff851ce4a3e88f10c4dc3c296f7b6ff81c8e5c2c25cb3f7df2864abe8b98b3f2"
+    assert base == config_hash({"a": [1, 2], "b": 1}, "data1", "split1")
     assert len(base) == 64
-    assert base != tracking.config_hash({"b": 2, "a": [1, 2]}, "data1", "split1")
-    assert base != tracking.config_hash({"b": 1, "a": [1, 2]}, "data2", "split1")
-    assert base != tracking.config_hash({"b": 1, "a": [1, 2]}, "data1", "split2")
+    assert base != config_hash({"b": 2, "a": [1, 2]}, "data1", "split1")
+    assert base != config_hash({"b": 1, "a": [1, 2]}, "data2", "split1")
+    assert base != config_hash({"b": 1, "a": [1, 2]}, "data1", "split2")
 
 
 def test_experiments_are_reused_and_restored(tracker: Tracker) -> None:
@@ -159,6 +164,50 @@ def test_parents_and_study_rows(tracker: Tracker) -> None:
     assert [(r["backbone"], r["run_id"]) for r in chosen] == [("vgg16", old), ("resnet50", running)]
     gone = tracker.study_rows("rows_ds", {"vgg16": "0" * 32})  # another store's run: the latest
     assert [r["run_id"] for r in gone] == [new]
+
+
+def test_a_metrics_files_missing_run_is_substituted_visibly(
+    tracker: Tracker, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The comparison shows the latest parent in place of the run a metrics file names only
+    with a warning naming the file, the missing run and the substitute."""
+    exp = tracker.experiment_id("sub_ds")
+    latest, _ = tracker.open_parent(exp, "vgg16", "k", {}, {})
+    tracker.end(latest)
+    sources = {"vgg16": "metrics/sub_ds/vgg16.json", "resnet50": "metrics/sub_ds/resnet50.json"}
+    with caplog.at_level("WARNING", logger="mammoflow.tracking.readback"):
+        rows = tracker.study_rows("sub_ds", {"vgg16": "0" * 32, "resnet50": None}, sources)
+    assert [(r["backbone"], r["run_id"]) for r in rows] == [("vgg16", latest)]
+    vgg, resnet = (r.getMessage() for r in caplog.records)
+    assert vgg.startswith("metrics/sub_ds/vgg16.json: MLflow parent run " + "0" * 32)
+    assert f"shows the latest FINISHED parent {latest} instead" in vgg
+    assert resnet.startswith("metrics/sub_ds/resnet50.json: no MLflow parent run of resnet50")
+    assert "resnet50 is left out of the comparison" in resnet
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="mammoflow.tracking.readback"):
+        tracker.study_rows("sub_ds", {"vgg16": latest, "resnet50": None})  # asked: no warning
+    assert caplog.records == []
+
+
+def test_metrics_run_id_reads_the_train_stages_file(tmp_path: Path) -> None:
+    import json
+
+    from mammoflow.paths import Layout
+    from mammoflow.tracking import metrics_run_id
+
+    layout = Layout(tmp_path)
+    with pytest.raises(FileNotFoundError, match="run `mammoflow train --dataset d --backbone b`"):
+        metrics_run_id(layout, "d", "b")
+    path = layout.metrics("d", "b")
+    path.parent.mkdir(parents=True)
+    path.write_text(json.dumps({"mlflow_parent_run_id": "p1", "mlflow_test_run_id": "t1"}))
+    assert metrics_run_id(layout, "d", "b") == "t1"
+    assert metrics_run_id(layout, "d", "b", "parent") == "p1"
+    path.write_text(json.dumps({"mlflow_parent_run_id": "p1"}))
+    with pytest.raises(
+        ValueError, match=r"b\.json: no 'mlflow_test_run_id'; rerun `mammoflow train"
+    ):
+        metrics_run_id(layout, "d", "b")
 
 
 def test_study_parent_is_reopened_only_in_its_experiment(tracker: Tracker) -> None:
@@ -294,6 +343,8 @@ def test_model_cards_for_champion_and_challenger(tracker: Tracker) -> None:
         test_id = study._child("test", "test", {}, {"model.weights": "none"})
         tracker.log_metrics(study.parent_id, {"test_f1_macro": f1, "f1_macro_mean": f1})
         _fake_model(tracker, test_id)
+        if backbone == "vgg16":
+            study.log_subgroups({}, "### Test\n\n| group | n |\n|---|---|\n| fatty | 7 |\n")
         tracker.promote("card_ds", test_id, "f1", f1)
     assert tracker.client.get_experiment(exp).tags["mlflow.experimentKind"] == (
         "custom_model_development"
@@ -307,6 +358,42 @@ def test_model_cards_for_champion_and_challenger(tracker: Tracker) -> None:
         assert "model_card.md" in arts
 
 
+def test_a_card_says_why_its_subgroup_table_is_missing(
+    tracker: Tracker, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The champion's subgroups.md is read from the tracker's store (not MLflow's default one);
+    the challenger's parent has none: its card says so, and a warning names the run."""
+    from mammoflow.reporting.card import model_card
+
+    champion = tracker.card_facts("card_ds", "champion")
+    assert champion is not None and "| fatty | 7 |" in model_card(champion)
+    with caplog.at_level("WARNING", logger="mammoflow.tracking.cards"):
+        challenger = tracker.card_facts("card_ds", "challenger")
+    assert challenger is not None
+    card = model_card(challenger)
+    line = f"_No subgroup table: `subgroups.md` of the parent run {challenger.parent_run_id}"
+    assert line in card
+    [message] = [r.getMessage() for r in caplog.records]
+    assert message.startswith(
+        "model card without its subgroup table: subgroups.md of parent run "
+        f"{challenger.parent_run_id} could not be read ("
+    )
+
+
+def test_an_uninstalled_package_is_named_not_silently_unpinned(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    from importlib.metadata import version
+
+    from mammoflow.tracking.models import pinned_requirements
+
+    with caplog.at_level("WARNING", logger="mammoflow.tracking.models"):
+        reqs = pinned_requirements(("numpy", "no-such-package-mammoflow"))
+    assert reqs == [f"numpy=={version('numpy')}"]
+    [message] = [r.getMessage() for r in caplog.records]
+    assert message.startswith("no-such-package-mammoflow is not installed here: the served model")
+
+
 def test_logging_a_model_leaves_the_environment_alone(tmp_path: Path) -> None:
     """MLflow's set_tracking_uri writes MLFLOW_TRACKING_URI; a Tracker must not leak its store
     into later Trackers of the same process."""
@@ -314,7 +401,7 @@ def test_logging_a_model_leaves_the_environment_alone(tmp_path: Path) -> None:
 
     import mlflow
 
-    from mammoflow.tracking import _use_store
+    from mammoflow.tracking.store import _use_store
 
     before = (os.environ.get("MLFLOW_TRACKING_URI"), mlflow.get_tracking_uri())
     other = f"sqlite:///{tmp_path / 'other.db'}"
@@ -350,8 +437,8 @@ def test_calls_retry_with_backoff_then_give_up_as_transient(
         pauses.append(seconds)
         time.sleep(seconds)
 
-    retry = tracking._Retry(uri, budget_s=4.0, sleep=sleep)
-    client = tracking._RetryingClient(MlflowClient(uri), retry)
+    retry = retry_mod._Retry(uri, budget_s=4.0, sleep=sleep)
+    client = retry_mod._RetryingClient(MlflowClient(uri), retry)
     started = time.monotonic()
     with pytest.raises(tracking.TrackingUnreachable) as err:
         client.get_experiment_by_name("mammoflow-x")
@@ -383,7 +470,7 @@ def test_errors_other_than_an_absent_server_are_not_retried(tracker: Tracker) ->
 
     from mlflow.exceptions import MlflowException
 
-    retry = tracking._Retry("http://127.0.0.1:9", budget_s=60.0)
+    retry = retry_mod._Retry("http://127.0.0.1:9", budget_s=60.0)
     started = time.monotonic()
     with pytest.raises(MlflowException) as err:
         retry.call("get_run", lambda: tracker.client.get_run("0" * 32))

@@ -18,7 +18,7 @@ def evaluate_stage(cfg: Config, dataset: str, layout: Layout | None = None) -> d
 
     from mammoflow.evaluation import champion
     from mammoflow.files import atomic_write_json
-    from mammoflow.tracking import Tracker
+    from mammoflow.tracking import Tracker, metrics_run_id
 
     cfg.dataset(dataset)
     layout = layout or Layout()
@@ -33,7 +33,7 @@ def evaluate_stage(cfg: Config, dataset: str, layout: Layout | None = None) -> d
             )
         summary = json.loads(path.read_text(encoding="utf-8"))
         scores[backbone] = champion.value(summary, metric)
-        runs[backbone] = summary["mlflow_test_run_id"]
+        runs[backbone] = metrics_run_id(layout, dataset, backbone)
     best = champion.rank(scores)[0]
     out: dict[str, Any] = {
         "dataset": dataset,

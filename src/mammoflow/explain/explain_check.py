@@ -155,7 +155,7 @@ def explain_check(
     """
     from mammoflow.files import atomic_write_json
     from mammoflow.paths import Layout
-    from mammoflow.tracking import Tracker
+    from mammoflow.tracking import Tracker, metrics_run_id
 
     layout = layout or Layout()
     cfg = cfg.for_dataset(dataset)
@@ -171,7 +171,7 @@ def explain_check(
     else:
         tracker = Tracker(root=layout.root)
         for backbone in cfg.model.backbones:
-            run_id = _test_run_id(layout, dataset, backbone)
+            run_id = metrics_run_id(layout, dataset, backbone)
             model = tracker.load_serving_model(tracker.model_uri_of(run_id)).model
             rows = pointing_game(model, items, cfg, dataset, target_layer)
             rate = bootstrap_rate(
@@ -188,14 +188,3 @@ def explain_check(
             out["backbones"][backbone] = {**rate, "mlflow_test_run_id": run_id}
     atomic_write_json(layout.explain_metrics(dataset), out)
     return out
-
-
-def _test_run_id(layout: Layout, dataset: str, backbone: str) -> str:
-    import json
-
-    path = layout.metrics(dataset, backbone)
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"{path}: missing; run `mammoflow train --dataset {dataset} --backbone {backbone}`"
-        )
-    return str(json.loads(path.read_text(encoding="utf-8"))["mlflow_test_run_id"])

@@ -625,12 +625,11 @@ def write_report(
 def _log_page(tracker: Tracker, run_id: str, page: str) -> str | None:
     """Log the report on the champion's parent run; None (with a warning) when that run is not
     in this tracking store (the metrics file came from another store, e.g. a team server)."""
-    from mlflow.exceptions import MlflowException
-
-    try:
-        tracker.client.get_run(run_id)
-    except (MlflowException, OSError) as exc:
-        log.warning("report.html not logged: run %s is not in %s (%s)", run_id, tracker.uri, exc)
+    missing = tracker.missing_run(run_id)
+    if missing is not None:
+        log.warning(
+            "report.html not logged: run %s is not in %s (%s)", run_id, tracker.uri, missing
+        )
         return None
     tracker.log_text(run_id, page, "report.html")
     return run_id
@@ -664,11 +663,10 @@ def report_stage(
 
     Each dataset's table is headed by the settings its runs used (weights, input size, epochs).
     """
-    import json
 
     from mammoflow.files import atomic_write_text
     from mammoflow.reporting import figures as report
-    from mammoflow.tracking import Tracker
+    from mammoflow.tracking import Tracker, metrics_run_id
 
     layout = layout or Layout()
     tracker = Tracker(root=layout.root)
@@ -680,12 +678,12 @@ def report_stage(
         cfg.dataset(dataset)
         wanted: dict[str, str | None] = {}
         for backbone in cfg.model.backbones:
-            path = layout.metrics(dataset, backbone)
-            run_id = None
-            if path.is_file():
-                run_id = json.loads(path.read_text(encoding="utf-8")).get("mlflow_parent_run_id")
-            wanted[backbone] = run_id
-        rows = tracker.study_rows(dataset, wanted)
+            try:
+                wanted[backbone] = metrics_run_id(layout, dataset, backbone, "parent")
+            except (FileNotFoundError, ValueError):  # study_rows warns and names the file
+                wanted[backbone] = None
+        sources = {b: str(layout.metrics(dataset, b)) for b in wanted}
+        rows = tracker.study_rows(dataset, wanted, sources)
         if not rows:
             continue
         tables[dataset] = report.comparison_table(rows)

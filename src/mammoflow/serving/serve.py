@@ -8,7 +8,8 @@ instead (base64 in a ``dataframe_split`` column, ~1.4× the file), decodes them 
 told by its magic bytes), converts them with ``convert.prepare_image`` and calls the same Keras
 champion (calibrated), so a served probability is ``mammoflow predict``'s for the same file.
 
-The wrapper is an ``mlflow.pyfunc`` model saved into ``.cache/serving/`` under a key of the
+The wrapper is an ``mlflow.pyfunc`` model (:mod:`mammoflow.tracking.pyfunc` around the
+MLflow-free :class:`ImageClassifier`) saved into ``.cache/serving/`` under a key of the
 tracking store, the pinned model version (``@champion`` resolved), the settings it applies and
 :data:`WRAPPER_VERSION`; it holds a copy of the champion's files, so serving it needs neither
 the tracking store nor a rebuild until the champion (or the settings) change. It is built in a
@@ -25,14 +26,13 @@ import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import pandas as pd  # at run time: MLflow reads predict's type hints (a DataFrame: no inference)
-from mlflow.pyfunc.model import PythonModel
+import pandas as pd
 
 from mammoflow.config import Config
 from mammoflow.quiet import load_tensorflow
@@ -43,7 +43,8 @@ if TYPE_CHECKING:
 #: The request's column holding each image file's bytes (base64 in JSON).
 IMAGE_COLUMN = "image"
 #: Bump when the wrapper's saved form or behaviour changes: it is part of the cache key.
-WRAPPER_VERSION = "1"
+#: 2: the pickled model is tracking.pyfunc.PyfuncScorer around a plain ImageClassifier.
+WRAPPER_VERSION = "2"
 #: ``file``: the wrapper, the image files' bytes; ``tensor``: the Keras champion as registered.
 FORMATS = ("file", "tensor")
 
@@ -66,17 +67,7 @@ def pin(tracker: Tracker, uri: str) -> Pinned:
     Raises:
         ValueError: the alias or model names nothing in the store.
     """
-    from mlflow.exceptions import MlflowException
-
-    from mammoflow.tracking import _registry_version
-
-    try:
-        name, version = _registry_version(tracker.client, uri)
-    except MlflowException as exc:
-        raise ValueError(
-            f"cannot resolve model {uri!r} in {tracker.uri}: {exc.message.splitlines()[0]}; "
-            "train and evaluate the dataset first (`make run`), or pass --model"
-        ) from None
+    name, version = tracker.resolve_version(uri)
     aliased = uri.startswith("models:/") and "@" in uri
     return Pinned(uri, f"models:/{name}/{version}" if aliased else uri, name, version)
 
@@ -157,29 +148,12 @@ def ensure_wrapper(
 
 def _build(tracker: Tracker, config: dict[str, Any], scratch: Path) -> None:
     """Download the pinned champion, check it, save the pyfunc wrapper to ``scratch/wrapper``."""
-    import mlflow.keras
-    import mlflow.pyfunc
-    from mlflow.artifacts import download_artifacts
-    from mlflow.exceptions import MlflowException
-
     from mammoflow.models.build import model_temperature
     from mammoflow.serving.predict import check_outputs
+    from mammoflow.tracking.pyfunc import save_scorer
 
     model = config["model"]
-    try:
-        local = download_artifacts(
-            artifact_uri=model["pinned"],
-            dst_path=str(scratch / "champion"),
-            tracking_uri=tracker.uri,
-            registry_uri=tracker.uri,
-        )
-        keras_model = mlflow.keras.load_model(local)
-    except (MlflowException, OSError) as exc:
-        reason = exc.message if isinstance(exc, MlflowException) else str(exc)
-        raise ValueError(
-            f"cannot load model {model['uri']!r} from {tracker.uri}: {reason.splitlines()[0]}; "
-            "train and evaluate the dataset first (`make run`), or pass --model"
-        ) from None
+    local, keras_model = tracker.download_keras(model["pinned"], scratch / "champion", model["uri"])
     check_outputs(keras_model, len(config["classes"]), model["uri"])
     if model_temperature(keras_model) is None:
         log.warning(
@@ -187,37 +161,32 @@ def _build(tracker: Tracker, config: dict[str, Any], scratch: Path) -> None:
             "(retrain to serve calibrated ones)",
             model["uri"],
         )
-    mlflow.pyfunc.save_model(
-        path=str(scratch / "wrapper"),
-        python_model=ImageClassifier(),
-        artifacts={"champion": local},
-        model_config=config,
-        signature=signature(config["classes"]),
-        pip_requirements=_requirements(),
+    save_scorer(
+        scratch / "wrapper",
+        ImageClassifier(),
+        {"champion": local},
+        config,
+        signature(config["classes"]),
+        _requirements(),
     )
 
 
-def signature(classes: Sequence[str]) -> Any:
-    """Input: one binary column of file bytes; output: a probability per class and the class."""
-    from mlflow.models.signature import ModelSignature
-    from mlflow.types.schema import ColSpec, Schema, TensorSpec
-
-    outputs: list[ColSpec | TensorSpec] = [ColSpec("double", f"p_{c}") for c in classes]
-    outputs += [ColSpec("string", n) for n in ("predicted", "model_name", "model_version")]
-    return ModelSignature(inputs=Schema([ColSpec("binary", IMAGE_COLUMN)]), outputs=Schema(outputs))
+def signature(classes: Sequence[str]) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
+    """Input: one binary column of file bytes; output: a probability per class and the class
+    (``(inputs, outputs)``, each ``[(column, MLflow type)]``)."""
+    outputs = [(f"p_{c}", "double") for c in classes]
+    outputs += [(n, "string") for n in ("predicted", "model_name", "model_version")]
+    return [(IMAGE_COLUMN, "binary")], outputs
 
 
 def _requirements() -> list[str]:
-    """Pinned versions of what the wrapper imports (``--env-manager local`` runs this venv)."""
-    from importlib.metadata import PackageNotFoundError, version
+    """Pinned versions of what the wrapper imports (``--env-manager local`` runs this venv);
+    one not installed is left out with a warning naming it."""
+    from mammoflow.tracking.models import pinned_requirements
 
-    reqs = []
-    for pkg in ("mlflow", "tensorflow", "keras", "numpy", "pandas", "pydicom", "pillow"):
-        try:
-            reqs.append(f"{pkg}=={version(pkg)}")
-        except PackageNotFoundError:
-            continue
-    return reqs
+    return pinned_requirements(
+        ("mlflow", "tensorflow", "keras", "numpy", "pandas", "pydicom", "pillow")
+    )
 
 
 def compiled(model: Any, size: int) -> Callable[[np.ndarray], np.ndarray]:
@@ -240,22 +209,27 @@ def compiled(model: Any, size: int) -> Callable[[np.ndarray], np.ndarray]:
     return run
 
 
-class ImageClassifier(PythonModel):
+class RefusedInputError(ValueError):
+    """A request's rows refused (not DICOM/PNG/PGM, refused by the DICOM rules, corrupt, none):
+    the scoring server answers HTTP 400 with the message (see mammoflow.tracking.pyfunc)."""
+
+
+class ImageClassifier:
     """The champion on image files: bytes in (column ``image``), one row of probabilities out.
 
     A request with a bad row (not DICOM/PNG/PGM, refused by the DICOM rules, corrupt) scores
-    nothing and gets HTTP 400 whose message names every bad row and why.
+    nothing and gets HTTP 400 whose message names every bad row and why. Served as a pyfunc
+    model through :class:`mammoflow.tracking.pyfunc.PyfuncScorer`.
     """
 
-    def load_context(self, context: Any) -> None:
-        """Load the champion's copy and the settings; one warm-up pass (traces the graph)."""
-        import mlflow.keras
+    refused: type[Exception] = RefusedInputError
 
+    def load(self, config: Mapping[str, Any], models: Mapping[str, Any]) -> None:
+        """Take the settings and the champion's copy (loaded); one warm-up pass (traces it)."""
         from mammoflow.config import ConvertConfig
         from mammoflow.data.dicom import Acceptance
         from mammoflow.serving.predict import check_outputs
 
-        config = context.model_config
         self.classes: list[str] = list(config["classes"])
         conv = config["convert"]
         self.convert = ConvertConfig(
@@ -264,15 +238,13 @@ class ImageClassifier(PythonModel):
         self.rules = Acceptance(**config["acceptance"])
         self.model_name = str(config["model"]["name"] or config["model"]["uri"])
         self.model_version = str(config["model"]["version"])
-        self.keras = mlflow.keras.load_model(context.artifacts["champion"])
+        self.keras = models["champion"]
         check_outputs(self.keras, len(self.classes), config["model"]["uri"])
         self.call = compiled(self.keras, self.convert.size)
         self.call(np.zeros((1, self.convert.size, self.convert.size), np.float32))  # trace
 
-    def predict(
-        self, context: Any, model_input: pd.DataFrame, params: dict[str, Any] | None = None
-    ) -> pd.DataFrame:
-        """Score each row's file bytes; a bad row is an HTTP 400 naming it."""
+    def predict(self, model_input: pd.DataFrame) -> pd.DataFrame:
+        """Score each row's file bytes; a bad row is a :class:`RefusedInputError` naming it."""
         probs = self.call(np.stack(self.pixels(list(model_input[IMAGE_COLUMN]))))
         frame = pd.DataFrame(
             {f"p_{c}": probs[:, i].astype(np.float64) for i, c in enumerate(self.classes)}
@@ -286,11 +258,8 @@ class ImageClassifier(PythonModel):
         """Each row decoded and converted as ``mammoflow predict`` does.
 
         Raises:
-            MlflowException: (INVALID_PARAMETER_VALUE, HTTP 400) naming every bad row.
+            RefusedInputError: naming every bad row (HTTP 400 when served).
         """
-        from mlflow.exceptions import MlflowException
-        from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
-
         from mammoflow.data.prepare import model_input
         from mammoflow.data.readers import load_bytes
 
@@ -307,10 +276,9 @@ class ImageClassifier(PythonModel):
         if not rows:
             problems.append(f"no rows: send one base64 image file per row of {IMAGE_COLUMN!r}")
         if problems:
-            raise MlflowException(
+            raise RefusedInputError(
                 f"{len(problems)} of {len(rows)} image(s) refused, none scored:\n"
-                + "\n".join(problems),
-                error_code=INVALID_PARAMETER_VALUE,
+                + "\n".join(problems)
             )
         return ready
 

@@ -77,7 +77,7 @@ def load_inputs(
     """
     from mammoflow.data.split import read_splits, split_hash
     from mammoflow.models.features import resolve_precision
-    from mammoflow.tracking import config_hash
+    from mammoflow.provenance import config_hash
 
     layout = layout or Layout()
     cfg = cfg.for_dataset(dataset)  # datasets.<name>.model / .train over the global sections

@@ -38,9 +38,9 @@ import pandas as pd
 from mammoflow.config import Config
 from mammoflow.console import duration, say
 from mammoflow.files import atomic_write_bytes, atomic_write_json, atomic_write_text, finite_json
-from mammoflow.lineage import data_lineage, dataset_source
 from mammoflow.paths import Layout
 from mammoflow.provenance import device, git_state, packages, versions
+from mammoflow.tracking.lineage import data_lineage, dataset_source
 from mammoflow.training.inputs import StudyInputs, load_features, load_inputs
 
 if TYPE_CHECKING:
@@ -339,10 +339,32 @@ def _cv_fold(ctx: _Context, fold: int, done: Any | None) -> FoldOutcome:
     if ctx.inp.cfg.tracking.log_models == "all":
         model = ctx.serving(ctx.heads([res.weights]))
     ctx.run.tracker.log_dict(run_id, test.record(), "test_predictions.json")
-    ctx.run.log_fold(fold, val, res.history, res.timing, model, ctx.example, run_id=run_id)
+    figures = _figures(val, res.history)
+    ctx.run.log_fold(
+        fold, val, res.history, res.timing, model, ctx.example, run_id=run_id, artifacts=figures
+    )
     return FoldOutcome(
         fold, dict(val.metrics), val.record(), test.record(), res.weights, res.history
     )
+
+
+def _figures(
+    ev: Evaluation, history: Mapping[str, Sequence[float]] | None = None
+) -> dict[str, Any]:
+    """An evaluation's artifacts for its run, in logging order: the classification report,
+    confusion matrix and ROC curve (and a fold's training curves)."""
+    from mammoflow.reporting import figures as fg
+
+    out: dict[str, Any] = {
+        "classification_report.txt": fg.classification_report_text(
+            ev.y_true, ev.prob, ev.class_names
+        ),
+        "confusion_matrix.png": fg.confusion_figure(ev.y_true, ev.prob, ev.class_names),
+        "roc_curve.png": fg.roc_figure(ev.y_true, ev.prob, ev.class_names),
+    }
+    if history is not None:
+        out["training_curves.png"] = fg.curves_figure(history)
+    return out
 
 
 def _failed_on_error(ctx: _Context, run_id: str, train: Callable[[], FoldResult]) -> FoldResult:
@@ -382,7 +404,10 @@ def _test(
         ev = ctx.evaluation(res.test_ids, res.test_true, res.test_prob)
         heads = ctx.heads([res.weights])  # one rebuild serves the logged model and head.keras
         model = ctx.serving(heads, temperature) if log_model else None
-        ctx.run.log_test(ev, mode, res.history, model, ctx.example, run_id=run_id)
+        figures = _figures(ev)
+        ctx.run.log_test(
+            ev, mode, res.history, model, ctx.example, run_id=run_id, artifacts=figures
+        )
         _save_head(ctx, heads)
         return run_id, ev.record(), {0: res.history}
     first = folds[min(folds)].test
@@ -390,7 +415,7 @@ def _test(
     ev = ctx.evaluation(first["image_id"], np.asarray(first["y_true"], np.int64), prob)
     heads = ctx.heads([_fold_weights(ctx, o) for o in folds.values()]) if log_model else []
     model = ctx.serving(heads, temperature) if heads else None
-    run_id = ctx.run.log_test(ev, mode, None, model, ctx.example)
+    run_id = ctx.run.log_test(ev, mode, None, model, ctx.example, artifacts=_figures(ev))
     if heads:
         _save_head(ctx, heads)
     return run_id, ev.record(), {}

@@ -60,7 +60,7 @@ def key_params(cfg: Config, dataset: str) -> dict[str, Any]:
 
 def study_name(cfg: Config, dataset: str, backbone: str, data_hash: str, split_hash: str) -> str:
     """``<dataset>-<backbone>-<first 12 hex of the study key>``."""
-    from mammoflow.tracking import config_hash
+    from mammoflow.provenance import config_hash
 
     key = config_hash({**key_params(cfg, dataset), "backbone": backbone}, data_hash, split_hash)
     return f"{dataset}-{backbone}-{key[:12]}"

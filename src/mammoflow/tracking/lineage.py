@@ -26,8 +26,8 @@ from typing import Any
 
 from mammoflow.dvcdata import IN_REMOTE, LOCAL_ONLY, UNKNOWN, dvc_hash, dvc_setup, locate
 from mammoflow.paths import Layout
-from mammoflow.tracking import TAG_DATA, TAG_LOCATION, TAG_REMOTE, TAG_SPLIT
-from mammoflow.tracking import TAG_LINEAGE_WARNING as TAG_WARNING
+from mammoflow.tracking.tags import TAG_DATA, TAG_LOCATION, TAG_REMOTE, TAG_SPLIT
+from mammoflow.tracking.tags import TAG_LINEAGE_WARNING as TAG_WARNING
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +77,7 @@ def dataset_source(tags: Mapping[str, str]) -> str:
 def mark_pushed(root: Path = Path(), tracker: Any | None = None) -> list[str]:
     """After ``dvc push``: tag the parent runs (and registered versions) whose data the default
     remote now holds ``dvc_data_location: remote``. Returns the run ids updated."""
-    from mammoflow.tracking import Tracker
+    from mammoflow.tracking.tracker import Tracker
 
     tracker = tracker or Tracker(root=root)
     client = tracker.client
@@ -107,6 +107,8 @@ def mark_pushed(root: Path = Path(), tracker: Any | None = None) -> list[str]:
 
 def _mark_versions(client: Any, updated: Mapping[str, Mapping[str, str]]) -> None:
     """Copy the new tags onto registered versions made from the updated parents' test runs."""
+    from mlflow.exceptions import MlflowException
+
     if not updated:
         return
     for model in client.search_registered_models():
@@ -116,7 +118,14 @@ def _mark_versions(client: Any, updated: Mapping[str, Mapping[str, str]]) -> Non
             run_id = mv.tags.get("run_id") or mv.run_id
             try:
                 parent = client.get_run(run_id).data.tags.get("mlflow.parentRunId", run_id)
-            except Exception:
+            except MlflowException as exc:  # its run was deleted: nothing to copy from
+                log.warning(
+                    "%s v%s: its run %s is not in the store (%s); its lineage tags stay as they are",
+                    model.name,
+                    mv.version,
+                    run_id,
+                    exc.error_code,
+                )
                 continue
             if parent not in updated:
                 continue
