@@ -8,6 +8,7 @@
   package (``from mammoflow.tracking import X`` inside ``tracking/``) depends on that
   package's ``__init__``: an edge like any other.
 * Only ``mammoflow.tracking`` imports MLflow: every other module asks tracking.
+* No function over 80 lines.
 """
 
 from __future__ import annotations
@@ -198,3 +199,29 @@ def test_the_checks_catch_what_they_guard() -> None:
     del fake["mammoflow.pkg.d"]
     assert cycles(import_graph(fake)) == []
     assert mlflow_imports(fake) == ["mammoflow.e:2 from mlflow.exceptions import MlflowException"]
+
+
+MAX_FUNCTION_LINES = 80
+
+
+def long_functions(
+    sources: Mapping[str, tuple[str, bool]], limit: int = MAX_FUNCTION_LINES
+) -> list[str]:
+    """``module.function (N lines)`` for every function longer than ``limit`` lines
+    (decorators and docstring included)."""
+    out = []
+    for module, (text, _) in sorted(sources.items()):
+        for node in ast.walk(ast.parse(text)):
+            if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+                first = min([node.lineno, *(d.lineno for d in node.decorator_list)])
+                n = (node.end_lineno or node.lineno) - first + 1
+                if n > limit:
+                    out.append(f"{module}.{node.name} ({n} lines)")
+    return out
+
+
+def test_no_function_over_80_lines() -> None:
+    found = long_functions(_sources())
+    assert not found, "split these into functions of one step each:\n" + "\n".join(found)
+    body = "\n".join(f"    x{i} = {i}" for i in range(MAX_FUNCTION_LINES))
+    assert long_functions({"m": (f"def f():\n{body}\n", False)}) == ["m.f (81 lines)"]

@@ -24,9 +24,9 @@ from mammoflow.data.cmmd import (
     parse_clinical,
     read_clinical,
 )
-from mammoflow.data.ingest import IngestError, IngestResult
 from mammoflow.data.manifest import COLUMNS, read_manifest
 from mammoflow.data.pseudonym import Pseudonymizer, locate_raw
+from mammoflow.data.quarantine import IngestError, IngestResult
 from mammoflow.data.sample import FAKE_PHI, SampleResult, make_sample, mammogram_dicom
 
 FAIL_HEAD = (

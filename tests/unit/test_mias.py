@@ -13,7 +13,6 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from mammoflow.data.ingest import IngestError
 from mammoflow.data.manifest import COLUMNS, read_manifest
 from mammoflow.data.mias import (
     ingest_mias,
@@ -21,6 +20,7 @@ from mammoflow.data.mias import (
     patient_of,
 )
 from mammoflow.data.pgm import encode_pgm, write_pgm
+from mammoflow.data.quarantine import IngestError
 from mammoflow.data.readers import load_raw, raw_stats
 from mammoflow.files import sha256_file
 

@@ -32,7 +32,7 @@ from typing import Any
 import pandas as pd
 
 from mammoflow.data.dicom import DEFAULT_MIN_SIZE, Acceptance, DicomError, read_dicom
-from mammoflow.data.ingest import (
+from mammoflow.data.quarantine import (
     BadFiles,
     IngestError,
     IngestResult,

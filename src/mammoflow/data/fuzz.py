@@ -41,7 +41,7 @@ from pydicom.uid import JPEG2000Lossless
 from mammoflow.config import ConvertConfig
 from mammoflow.data.cmmd import ingest_cmmd
 from mammoflow.data.convert import ConvertError, convert_dataset
-from mammoflow.data.ingest import IngestError
+from mammoflow.data.quarantine import IngestError
 from mammoflow.data.manifest import MANIFEST_NAME
 from mammoflow.data.mias import ingest_mias
 from mammoflow.data.pgm import parse_header

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from mammoflow.data.ingest import (
+from mammoflow.data.quarantine import (
     BadFiles,
     IngestError,
     IngestResult,
