@@ -142,10 +142,16 @@ def test_dvc_metrics_match_mlflow(project: tuple[Path, Config]) -> None:
 def test_rerun_skips_finished_folds(project: tuple[Path, Config]) -> None:
     root, cfg = project
     n_before = len(_runs(root))
+    history = Layout(root).models(DATASET, "vgg16") / "history.json"
+    trained = json.loads(history.read_text())
     res = train_stage(cfg, DATASET, "vgg16", Layout(root))
     assert res["resumed_folds"] == [1, 2, 3]
     assert res["trained_folds"] == []
     assert len(_runs(root)) == n_before
+    # the learning curves of resumed folds are read back from MLflow, not lost
+    resumed = json.loads(history.read_text())
+    assert set(resumed) == {"1", "2", "3"} and set(trained) >= set(resumed)
+    assert all(resumed[f] == trained[f] for f in resumed)
 
 
 def _wait_for_running_fold(root: Path, proc: subprocess.Popen, timeout: float = 240) -> None:  # type: ignore[type-arg]

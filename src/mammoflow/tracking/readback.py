@@ -5,8 +5,10 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import tempfile
 from collections.abc import Mapping
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -38,6 +40,22 @@ class ReadBack(TrackerBase):
                 ),
             )
             return Path(local).read_text(encoding="utf-8")
+
+    def load_history(self, run: Any) -> dict[str, list[float]]:
+        """A fold run's per-epoch curves as :meth:`~mammoflow.tracking.record.Record.log_history`
+        logged them (``epoch_<name>`` stepped metrics); an epoch not logged (non-finite) is NaN."""
+        out: dict[str, list[float]] = {}
+        run_id = str(run.info.run_id)
+        for key in sorted(k for k in run.data.metrics if k.startswith("epoch_")):
+            with self.timed():
+                points = self._call(f"history of {key}", partial(self._metric_history, run_id, key))
+            by_step = {int(m.step): float(m.value) for m in points}
+            steps = range(max(by_step) + 1) if by_step else range(0)
+            out[key.removeprefix("epoch_")] = [by_step.get(i, math.nan) for i in steps]
+        return out
+
+    def _metric_history(self, run_id: str, key: str) -> list[Any]:
+        return list(self._client.get_metric_history(run_id, key))
 
     def parents(self, dataset: str) -> list[Any]:
         """Latest FINISHED parent run per backbone of ``dataset``."""

@@ -330,7 +330,8 @@ def _cv_fold(ctx: _Context, fold: int, done: Any | None) -> FoldOutcome:
     if done is not None:
         metrics, val_rec = ctx.run.reused_fold(done)
         test_rec = ctx.run.tracker.load_json_artifact(done.info.run_id, "test_predictions.json")
-        return FoldOutcome(fold, metrics, val_rec, test_rec, reused=True)
+        history = ctx.run.tracker.load_history(done)  # the learning curves, as logged
+        return FoldOutcome(fold, metrics, val_rec, test_rec, history=history, reused=True)
     run_id = ctx.run.start_fold(fold)  # RUNNING in the UI while it trains; FAILED on a crash
     res = _failed_on_error(ctx, run_id, lambda: ctx.result(fold))
     val = ctx.evaluation(res.val_ids, res.val_true, res.val_prob)
