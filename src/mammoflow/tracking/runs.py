@@ -83,18 +83,24 @@ class Runs(Record):
                 max_results=1,
             )
             if runs:
-                run_id = str(runs[0].info.run_id)
-                self._client.update_run(run_id, status="RUNNING")
-                self._log_tags(run_id, tags)
-                return run_id, True
-            run = self._client.create_run(
-                experiment_id,
-                run_name=backbone,
-                tags={TAG_ROLE: "parent", TAG_KEY: config_hash, TAG_BACKBONE: backbone, **tags},
-            )
-            run_id = str(run.info.run_id)
-            self._log_params(run_id, params)
-            return run_id, False
+                return self._reopen(str(runs[0].info.run_id), tags), True
+            tags = {TAG_ROLE: "parent", TAG_KEY: config_hash, TAG_BACKBONE: backbone, **tags}
+            return self._create(experiment_id, backbone, tags, params), False
+
+    def _reopen(self, run_id: str, tags: Mapping[str, str]) -> str:
+        """A parent run RUNNING again, its tags updated."""
+        self._client.update_run(run_id, status="RUNNING")
+        self._log_tags(run_id, tags)
+        return run_id
+
+    def _create(
+        self, experiment_id: str, name: str, tags: Mapping[str, str], params: Mapping[str, Any]
+    ) -> str:
+        """A new parent run with its tags and params."""
+        run = self._client.create_run(experiment_id, run_name=name, tags=dict(tags))
+        run_id = str(run.info.run_id)
+        self._log_params(run_id, params)
+        return run_id
 
     def children(self, experiment_id: str, parent_id: str) -> dict[str, Any]:
         """The parent's child runs by name (``fold-1`` … ``test``), newest first wins."""
@@ -201,14 +207,6 @@ class Runs(Record):
                     and run.info.lifecycle_stage == "active"
                     and run.info.experiment_id == experiment_id
                 ):
-                    self._client.update_run(run_id, status="RUNNING")
-                    self._log_tags(run_id, tags)
-                    return run_id, True
-            run = self._client.create_run(
-                experiment_id,
-                run_name=study_name,
-                tags={TAG_ROLE: "study", TAG_STUDY: study_name, **tags},
-            )
-            new_id = str(run.info.run_id)
-            self._log_params(new_id, params)
-            return new_id, False
+                    return self._reopen(run_id, tags), True
+            tags = {TAG_ROLE: "study", TAG_STUDY: study_name, **tags}
+            return self._create(experiment_id, study_name, tags, params), False
