@@ -6,9 +6,9 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from mammoflow.files import finite_json
 from mammoflow.tracking.models import ModelSource
 from mammoflow.tracking.readback import ReadBack
-from mammoflow.tracking.record import _finite_json
 from mammoflow.tracking.runs import Runs
 from mammoflow.tracking.tags import TAG_DATASET, TAG_EXTERNAL_PREFIX, TAG_MODEL_URI, TAG_ROLE
 
@@ -50,7 +50,7 @@ class Evaluations(Runs, ReadBack):
         """
         with self.run_guard(run_id):
             self.log_metrics(run_id, {k: v for k, v in metrics.items() if math.isfinite(v)})
-            self.log_dict(run_id, _finite_json(evidence), "external.json")
+            self.log_dict(run_id, finite_json(evidence), "external.json")
             self.log_text(run_id, page, "report.html")
             model_uri = self.run_tags_params(source.test_run_id)[0].get(TAG_MODEL_URI, "")
             self.link_model(run_id, model_uri)

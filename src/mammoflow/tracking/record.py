@@ -143,17 +143,6 @@ class Record(TrackerBase):
             self._client.log_outputs(run_id, [LoggedModelOutput(model_uri.split("/")[1], 0)])
 
 
-def _finite_json(obj: Any) -> Any:
-    """NaN / inf → None, so a logged JSON artifact is strict JSON."""
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, Mapping):
-        return {k: _finite_json(v) for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
-        return [_finite_json(v) for v in obj]
-    return obj
-
-
 def _param_value(value: Any) -> str:
     text = json.dumps(value, sort_keys=True) if isinstance(value, list | dict) else str(value)
     return text[:6000]

@@ -9,7 +9,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from mammoflow.tracking.record import _finite_json
+from mammoflow.files import finite_json
 from mammoflow.tracking.tags import (
     CALIBRATION_FILE,
     SOURCE_PREFIX,
@@ -269,10 +269,10 @@ class StudyRun:
         for run_id in (self.parent_id, test_run_id):
             t.log_metrics(run_id, metrics)
             t.set_tags(run_id, {TAG_TEMPERATURE: temperature})
-        t.log_dict(test_run_id, _finite_json(sidecar), CALIBRATION_FILE)
+        t.log_dict(test_run_id, finite_json(sidecar), CALIBRATION_FILE)
         t.log_figure(self.parent_id, figure, "reliability_diagram.png")
 
     def log_subgroups(self, tables: Mapping[str, Any], markdown: str) -> None:
         """Metrics per subgroup on the parent: ``subgroups.json`` and ``subgroups.md``."""
-        self.tracker.log_dict(self.parent_id, _finite_json(tables), "subgroups.json")
+        self.tracker.log_dict(self.parent_id, finite_json(tables), "subgroups.json")
         self.tracker.log_text(self.parent_id, markdown, "subgroups.md")

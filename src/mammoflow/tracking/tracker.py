@@ -6,10 +6,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from mammoflow.files import finite_json
 from mammoflow.tracking.cards import Cards
 from mammoflow.tracking.evaluations import Evaluations
 from mammoflow.tracking.models import Models
-from mammoflow.tracking.record import _finite_json
 from mammoflow.tracking.registry import Registry
 from mammoflow.tracking.tags import TAG_BACKBONE, TAG_DATASET, TAG_ROLE, audit_experiment_name
 
@@ -62,6 +62,6 @@ class AuditTracker(Tracker):
                     if isinstance(v, int | float) and k != "near_duplicate_bits"
                 }
             self.log_metrics(run_id, metrics)
-            self.log_dict(run_id, _finite_json(dict(audit)), "audit.json")
+            self.log_dict(run_id, finite_json(dict(audit)), "audit.json")
             self.log_text(run_id, text, "audit.txt")
         return run_id
