@@ -13,6 +13,7 @@ a team server.
 from __future__ import annotations
 
 import argparse
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -158,6 +159,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--params", default="params.yaml", help="params_path of the flows")
     parser.add_argument("--timezone", default=None, help="IANA zone of the schedules")
     parser.add_argument("--paused", action="store_true", help="create the schedules paused")
+    parser.add_argument("--json", action="store_true", help="print {name: id} as one JSON line")
     args = parser.parse_args(argv)
     ids = deploy_all(
         args.pool,
@@ -166,6 +168,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         timezone=args.timezone,
         paused=args.paused,
     )
+    if args.json:  # the last line of stdout (`mammoflow deploy` reads it)
+        print(json.dumps({name: str(uid) for name, uid in ids.items()}))
+        return
     for name in ids:
         print(name)
 

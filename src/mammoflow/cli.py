@@ -483,12 +483,12 @@ def deploy_cmd(
         raise typer.BadParameter(
             f"no flows/deploy.py under {Path.cwd()}: run `mammoflow deploy` from the project root"
         )
-    cmd = [sys.executable, "-m", "flows.deploy", "--pool", pool, "--params", str(params)]
+    cmd = [sys.executable, "-m", "flows.deploy", "--pool", pool, "--params", str(params), "--json"]
     done = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if done.returncode != 0:
         console.print(done.stderr, end="", highlight=False)
         raise typer.Exit(code=done.returncode)
-    ids = done.stdout.split()
+    ids = json.loads(done.stdout.strip().splitlines()[-1])
     facts = [f"{len(ids)} deployments on pool {pool}: {', '.join(ids)}"]
     finish("deploy", facts, {"deployments": ids}, as_json)
 

@@ -214,6 +214,24 @@ def test_deployments_have_their_cron_schedules(server: Server, deployed: dict[st
 
 
 @pytest.mark.slow
+def test_the_deploy_command_registers_them_from_the_checkout(
+    server: Server, deployed: dict[str, UUID]
+) -> None:
+    """`mammoflow deploy` (flows/ is the checkout's, run as `python -m flows.deploy`)."""
+    res = subprocess.run(
+        [sys.executable, "-m", "mammoflow", "deploy", "--pool", POOL, "--json"],
+        cwd=ROOT,
+        env={**server.env, "PREFECT_API_URL": server.api_url},
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert res.returncode == 0, res.stderr
+    out = json.loads(res.stdout.strip().splitlines()[-1])
+    assert out["deployments"] == {name: str(uid) for name, uid in deployed.items()}
+
+
 def test_scheduler_creates_scheduled_runs(server: Server, deployed: dict[str, UUID]) -> None:
     from prefect.client.schemas.filters import (
         DeploymentFilter,
