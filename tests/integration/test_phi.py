@@ -178,7 +178,7 @@ def _pipeline(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, mode: str) -> tup
         result = runner.invoke(app, list(args))
         outputs.append(result.output)
         assert result.exit_code == code, result.output
-        return result.output
+        return result.output if code else result.stdout  # an error's message; else the result
 
     run("acquire", "hospital")
     if mode == "hmac":  # without the key: a clear error, nothing written
@@ -190,7 +190,7 @@ def _pipeline(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, mode: str) -> tup
     assert "quality-control or calibration image (ViewPosition 'FLATFIELD')" in refused
     assert "set ingest.on_bad_file: quarantine in params.yaml" in refused
     params.write_text(params.read_text().replace("on_bad_file: fail", "on_bad_file: quarantine"))
-    ingested = json.loads(run("ingest", "dataset", "hospital"))
+    ingested = json.loads(run("ingest", "dataset", "hospital", "--json"))
     assert ingested["bad_files"] == 1 and ingested["images"] == 4 * PATIENTS - 2
     assert ingested["patients"] == PATIENTS
     for stage in ("validate", "convert", "split"):
