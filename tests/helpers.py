@@ -32,6 +32,16 @@ ROOT = Path(__file__).resolve().parents[1]
 # ------------------------------------------------------------------------------ tiny projects
 
 
+def scratch_params(root: Path, **sections: Mapping[str, Any]) -> Path:
+    """The project's params.yaml with ``sections``' keys written over, saved in ``root``."""
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    for name, keys in sections.items():
+        raw[name].update(keys)
+    path = root / "params.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
 @contextlib.contextmanager
 def project_dir(
     root: Path, raw: dict[str, Any], unset: Sequence[str] = ("MLFLOW_TRACKING_URI",)

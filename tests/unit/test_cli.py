@@ -4,22 +4,20 @@ import json
 from pathlib import Path
 
 import pytest
-import yaml
 from typer.testing import CliRunner
 
 from mammoflow.cli import app
+from tests.helpers import scratch_params
 
-ROOT = Path(__file__).resolve().parents[2]
 runner = CliRunner()
 
 
 @pytest.fixture
 def project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """A scratch project dir with a small params.yaml."""
-    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
-    raw["sample"].update({"mias_patients": 8, "cmmd_patients": 6, "size": 64})
-    raw["convert"]["size"] = 64
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
+    scratch_params(
+        tmp_path, sample={"mias_patients": 8, "cmmd_patients": 6, "size": 64}, convert={"size": 64}
+    )
     monkeypatch.chdir(tmp_path)
     return tmp_path
 

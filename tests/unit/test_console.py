@@ -12,24 +12,24 @@ from pathlib import Path
 
 import pytest
 import typer
-import yaml
 from typer.testing import CliRunner
 
 from mammoflow import console
 from mammoflow.cli import app
+from tests.helpers import scratch_params
 
-ROOT = Path(__file__).resolve().parents[2]
 runner = CliRunner()
 
 
 @pytest.fixture
 def project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """A scratch project with the sample at 64 px (acquire → split take seconds)."""
-    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
-    raw["sample"].update({"mias_patients": 16, "cmmd_patients": 6, "size": 64})
-    raw["convert"].update({"size": 64, "workers": 1})
-    raw["split"]["k_folds"] = 2
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
+    scratch_params(
+        tmp_path,
+        sample={"mias_patients": 16, "cmmd_patients": 6, "size": 64},
+        convert={"size": 64, "workers": 1},
+        split={"k_folds": 2},
+    )
     monkeypatch.chdir(tmp_path)
     return tmp_path
 
