@@ -855,13 +855,51 @@ class Stack:
         )
 
     def _s3_ready(self) -> bool:
+        """S3 answers, the master knows every volume on disk, and an object round-trips.
+
+        The S3 port opens (and bucket listings work) seconds before the master has the volume
+        server's heartbeat; a GET in that window is a 500 InternalError. Seen right after a
+        restart in the S3 outage test, so readiness means reads work, not that the port is up.
+        """
         if not port_open(self.config.host, self.config.s3_port):
             return False
         try:
-            self._s3_client().list_buckets()
+            client = self._s3_client()
+            buckets = {b["Name"] for b in client.list_buckets().get("Buckets", [])}
         except Exception:
             return False
-        return True
+        if self._weed_volumes_known() < len(list((self.state / "seaweedfs").rglob("*.dat"))):
+            return False
+        bucket = next((name for name in BUCKETS if name in buckets), None)
+        return bucket is None or self._s3_round_trip(client, bucket)
+
+    def _weed_volumes_known(self) -> int:
+        """How many volumes the SeaweedFS master has from its volume servers' heartbeats."""
+        status, body = http_get(
+            f"http://{self.config.host}:{self.config.weed_master_port}/dir/status"
+        )
+        if status != 200:
+            return 0
+        topology = json.loads(body).get("Topology", {})
+        return sum(
+            int(node.get("Volumes", 0))
+            for dc in topology.get("DataCenters") or []
+            for rack in dc.get("Racks") or []
+            for node in rack.get("DataNodes") or []
+        )
+
+    @staticmethod
+    def _s3_round_trip(client: Any, bucket: str) -> bool:
+        """Write, read back and delete a probe object (no trace is left in the bucket)."""
+        key, body = f".mammoflow-stack-probe-{secrets.token_hex(4)}", secrets.token_bytes(64)
+        try:
+            client.put_object(Bucket=bucket, Key=key, Body=body)
+            try:
+                return bool(client.get_object(Bucket=bucket, Key=key)["Body"].read() == body)
+            finally:
+                client.delete_object(Bucket=bucket, Key=key)
+        except Exception:
+            return False
 
     def ensure_buckets(self) -> list[str]:
         from mammoflow.storage import StorageError, ensure_bucket
