@@ -855,12 +855,15 @@ class Stack:
         )
 
     def _s3_ready(self) -> bool:
-        """S3 answers, the master knows every volume on disk, and an object round-trips.
+        """S3 answers, the master knows every volume on disk, and an object round-trips
+        (``check_storage``: written, read back, deleted).
 
         The S3 port opens (and bucket listings work) seconds before the master has the volume
         server's heartbeat; a GET in that window is a 500 InternalError. Seen right after a
         restart in the S3 outage test, so readiness means reads work, not that the port is up.
         """
+        from mammoflow.storage import check_storage
+
         if not port_open(self.config.host, self.config.s3_port):
             return False
         try:
@@ -871,7 +874,7 @@ class Stack:
         if self._weed_volumes_known() < len(list((self.state / "seaweedfs").rglob("*.dat"))):
             return False
         bucket = next((name for name in BUCKETS if name in buckets), None)
-        return bucket is None or self._s3_round_trip(client, bucket)
+        return bucket is None or check_storage(bucket, client=client).ok
 
     def _weed_volumes_known(self) -> int:
         """How many volumes the SeaweedFS master has from its volume servers' heartbeats."""
@@ -887,19 +890,6 @@ class Stack:
             for rack in dc.get("Racks") or []
             for node in rack.get("DataNodes") or []
         )
-
-    @staticmethod
-    def _s3_round_trip(client: Any, bucket: str) -> bool:
-        """Write, read back and delete a probe object (no trace is left in the bucket)."""
-        key, body = f".mammoflow-stack-probe-{secrets.token_hex(4)}", secrets.token_bytes(64)
-        try:
-            client.put_object(Bucket=bucket, Key=key, Body=body)
-            try:
-                return bool(client.get_object(Bucket=bucket, Key=key)["Body"].read() == body)
-            finally:
-                client.delete_object(Bucket=bucket, Key=key)
-        except Exception:
-            return False
 
     def ensure_buckets(self) -> list[str]:
         from mammoflow.storage import StorageError, ensure_bucket
